@@ -1,0 +1,324 @@
+"""PGD adversarial training on CIFAR-10/100 with SOVR and its baselines.
+
+    python train.py --loss sovr --arch wrn34           # downloads CIFAR-10, trains to the end
+    python train.py --dataset ../shared/data/cifar10_subset.npz --arch wrn16 --width 1 --epochs 5
+    python train.py --smoke                            # a few seconds on CPU, synthetic data
+    torchrun --nproc_per_node=4 train.py ...           # DistributedDataParallel, --batch is global
+
+Writes <out>/last.pt (resumable), <out>/best.pt (best validation PGD-20), <out>/log.jsonl.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import models
+from losses import OBJECTIVES, pgd
+from sovr import DEFAULT_RATIO
+
+# Flags that may change between a run and its --resume without changing the result.
+RESUMABLE = {"resume", "stop_after", "device", "compile", "data_dir", "out"}
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--loss", default="sovr", choices=sorted(OBJECTIVES), help="training objective (default: sovr, the paper's method)")
+    a("--ratio", type=float, default=DEFAULT_RATIO, help=f"SOVR: fraction of the batch that uses OVR (default {DEFAULT_RATIO}, our choice)")
+    a("--arch", default="resnet18", choices=sorted(models.ARCHS), help="network (default resnet18, the paper's main model)")
+    a("--width", type=int, default=None, help="ResNet base channels / WRN widen factor (default: the arch's standard)")
+    a("--dataset", default="cifar10", help="cifar10 | cifar100 | synthetic | path to an .npz with x_train, y_train, x_test, y_test")
+    a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
+    a("--val", type=int, default=1000, help="training images held out for model selection (default 1000)")
+    a("--train-limit", type=int, default=0, help="use only the first N training images, 0 = all (for quick checks)")
+    a("--epochs", type=int, default=110, help="default 110 with lr x0.1 at 100 and 105 (MART/MAIL-style schedule, our choice)")
+    a("--milestones", default="100,105", help="epochs at which lr is multiplied by 0.1 (default 100,105)")
+    a("--lr", type=float, default=0.1, help="SGD learning rate for the global batch (default 0.1)")
+    a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    a("--wd", type=float, default=5e-4, help="weight decay (default 5e-4)")
+    a("--batch", type=int, default=128, help="global batch size (default 128)")
+    a("--eps", type=int, default=8, help="L-inf radius in 1/255 units (default 8, i.e. 8/255)")
+    a("--step", type=int, default=2, help="PGD step in 1/255 units (default 2)")
+    a("--steps", type=int, default=10, help="PGD steps in training (default 10)")
+    a("--eval-steps", type=int, default=20, help="PGD steps for validation and test (default 20)")
+    a("--attack-bn", default="eval", choices=["eval", "train"], help="BatchNorm mode while attacking (default eval)")
+    a("--beta", type=float, default=6.0, help="TRADES / MART regularization weight (default 6, their papers)")
+    a("--seed", type=int, default=0, help="random seed (default 0)")
+    a("--out", default=None, help="output directory (default runs/<dataset>-<arch>-<loss>-s<seed>)")
+    a("--resume", action="store_true", help="continue from <out>/last.pt")
+    a("--stop-after", type=int, default=0, help="train at most N epochs in this invocation, then exit (0 = all)")
+    a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on for CUDA)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (default on)")
+    a("--compile", action="store_true", help="torch.compile the model (off by default)")
+    a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (off by default)")
+    a("--smoke", action="store_true", help="tiny synthetic run for CI: 2 epochs, 256 images, width 8")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.dataset, args.train_limit, args.val, args.epochs, args.width = "synthetic", 256, 64, 2, args.width or 8
+        args.milestones, args.batch, args.steps, args.eval_steps = "1", 64, 2, 2
+    for name in ("epochs", "batch", "steps", "eval_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.ratio <= 1:
+        p.error("--ratio must lie in [0, 1]")
+    try:
+        args.milestones = [int(m) for m in str(args.milestones).replace(" ", "").split(",") if m]
+    except ValueError:
+        p.error(f"--milestones must be comma-separated integers, got {args.milestones!r}")
+    name = os.path.splitext(os.path.basename(args.dataset))[0]
+    args.out = args.out or os.path.join("runs", f"{name}-{args.arch}-{args.loss}-s{args.seed}")
+    return args
+
+
+def load_data(name: str, data_dir: str) -> dict:
+    """uint8 NCHW images and int64 labels; ValueError with a readable message on bad input."""
+    if name == "synthetic":  # learnable: the class sets the mean colour of the image
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 10, (1200,), generator=g)
+        x = (torch.rand(1200, 3, 32, 32, generator=g) * 128 + y.view(-1, 1, 1, 1) * torch.tensor([12, 5, 2]).view(1, 3, 1, 1))
+        d = dict(x_train=x[:1000], y_train=y[:1000], x_test=x[1000:], y_test=y[1000:])
+        d = {k: v.to(torch.uint8) if k[0] == "x" else v for k, v in d.items()}
+    elif name in ("cifar10", "cifar100"):
+        import torchvision  # only needed on this path
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        d = {}
+        for split, train in (("train", True), ("test", False)):
+            ds = cls(data_dir, train=train, download=True)
+            d[f"x_{split}"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            d[f"y_{split}"] = torch.tensor(ds.targets)
+    elif name.endswith(".npz"):
+        d = _read_npz(name)
+    else:
+        raise ValueError(f"unknown dataset {name!r}: use cifar10, cifar100, synthetic or a .npz file")
+    d["num_classes"] = 100 if name == "cifar100" else int(max(d["y_train"].max(), d["y_test"].max())) + 1
+    if name in models.STATS:
+        d["mean"], d["std"] = models.STATS[name]
+    else:
+        pix = d["x_train"].float().div(255).transpose(0, 1).reshape(3, -1)
+        d["mean"], d["std"] = tuple(pix.mean(1).tolist()), tuple(pix.std(1).tolist())
+    return d
+
+
+def _read_npz(path: str) -> dict:
+    try:
+        raw = np.load(path)
+        d = {k: torch.from_numpy(np.ascontiguousarray(raw[k])) for k in ("x_train", "y_train", "x_test", "y_test")}
+    except FileNotFoundError:
+        raise ValueError(f"no such dataset file: {path}")
+    except KeyError as e:
+        raise ValueError(f"{path} lacks array {e}; it needs x_train, y_train, x_test, y_test")
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__})")
+    for s in ("train", "test"):
+        x, y = d[f"x_{s}"], d[f"y_{s}"]
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3 or len(x) != len(y) or y.dim() != 1:
+            raise ValueError(f"{path}: x_{s} must be uint8 [N, 3, H, W] and y_{s} [N] labels of the same length")
+        d[f"y_{s}"] = y.long()
+        if len(y) == 0 or y.min() < 0:
+            raise ValueError(f"{path}: y_{s} must hold labels 0..K-1")
+    return d
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding and horizontal flip, as batched tensor ops; uint8 -> [0, 1]."""
+    b, _, h, w = x.shape
+    pad = F.pad(x.float().div_(255), (4, 4, 4, 4))
+    i, j = torch.randint(0, 9, (2, b, 1), device=x.device, generator=g)
+    rows = (i + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+    cols = (j + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+    out = pad[torch.arange(b, device=x.device).view(b, 1, 1, 1), torch.arange(3, device=x.device).view(1, 3, 1, 1), rows, cols]
+    flip = torch.rand(b, device=x.device, generator=g) < 0.5
+    return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+
+
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, amp: bool, bs: int = 500) -> tuple[float, float]:
+    """Clean and PGD accuracy (eval-mode BN, --eval-steps); counts are summed over ranks."""
+    model.eval()
+    if dist.is_initialized():  # each rank evaluates its shard
+        x, y = x[dist.get_rank()::dist.get_world_size()], y[dist.get_rank()::dist.get_world_size()]
+    counts = torch.zeros(2, device=x.device)
+    for k in range(0, len(x), bs):
+        xb, yb = x[k:k + bs].float() / 255, y[k:k + bs]
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            x_adv, _ = pgd(model, xb, yb, args.eps / 255, args.step / 255, args.eval_steps)
+            with torch.no_grad():
+                counts += torch.stack([(model(xb).argmax(1) == yb).sum(), (model(x_adv).argmax(1) == yb).sum()])
+    n = torch.tensor(float(len(x)), device=x.device)
+    if dist.is_initialized():
+        dist.all_reduce(counts), dist.all_reduce(n)
+    return tuple((counts / n).tolist())
+
+
+def save(obj: dict, path: str) -> None:
+    """Atomic: a crash during the write leaves the previous file intact."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint(model, args, data: dict, epoch: int, metrics: dict) -> dict:
+    return dict(model=model.state_dict(), arch=args.arch, width=args.width, num_classes=data["num_classes"],
+                dataset=args.dataset, mean=list(data["mean"]), std=list(data["std"]), eps=args.eps,
+                epoch=epoch, metrics=metrics, args=vars(args))
+
+
+def setup(args) -> tuple[torch.device, int, int]:
+    """Device, rank and world size; under torchrun one process per GPU (or CPU process with gloo)."""
+    if "RANK" not in os.environ:
+        return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), 0, 1
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.batch % world:
+        raise ValueError(f"--batch {args.batch} must be divisible by the {world} processes")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return device, rank, world
+
+
+def resume_state(args, path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        old = state["args"]
+    except FileNotFoundError:
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    except Exception as e:
+        raise ValueError(f"--resume: {path} is not a train.py checkpoint ({type(e).__name__})")
+    diff = [k for k, v in vars(args).items() if k not in RESUMABLE and old.get(k) != v]
+    if diff:
+        k = diff[0]
+        raise ValueError(f"--resume: {path} was trained with --{k.replace('_', '-')} {old.get(k)}, not {getattr(args, k)}")
+    return state
+
+
+def train(args) -> dict:
+    device, rank, world = setup(args)
+    amp = device.type == "cuda" if args.amp is None else args.amp
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    data = load_data(args.dataset, args.data_dir)
+    n_train = len(data["x_train"])
+    if not 0 < args.val < n_train:
+        raise ValueError(f"--val must lie in [1, {n_train - 1}] for {n_train} training images, got {args.val}")
+    split = torch.randperm(n_train, generator=torch.Generator().manual_seed(0))  # same val set for every seed
+    val_idx, tr_idx = split[:args.val], split[args.val:]
+    if args.train_limit:
+        tr_idx = tr_idx[:args.train_limit]
+    x_tr, y_tr = data["x_train"][tr_idx].to(device), data["y_train"][tr_idx].to(device)
+    x_val, y_val = data["x_train"][val_idx].to(device), data["y_train"][val_idx].to(device)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise ValueError(f"output directory {args.out} is not writable")
+
+    model = models.build(args.arch, data["num_classes"], data["mean"], data["std"], args.width).to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    if world > 1 and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, 0.1)
+    start, best = 0, -1.0
+    if args.resume:
+        state = resume_state(args, os.path.join(args.out, "last.pt"))
+        model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, best = state["epoch"], state["best"]
+    atk = torch.compile(model) if args.compile else model  # attack on the plain (unwrapped) model
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else atk
+    objective, per_rank = OBJECTIVES[args.loss], args.batch // world
+    steps = len(x_tr) // args.batch
+    if steps == 0:
+        raise ValueError(f"--batch {args.batch} is larger than the {len(x_tr)} training images")
+    log(f"{args.loss} {args.arch} on {args.dataset}: {len(x_tr)} train / {len(x_val)} val images, {steps} steps/epoch, "
+        f"global batch {args.batch} = {world} x {per_rank}, lr {args.lr}, eps {args.eps}/255, device {device}, amp {amp}")
+
+    end = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after)
+    t_run = time.time()
+    for epoch in range(start, end):
+        t0 = time.time()
+        torch.manual_seed(args.seed * 100_003 + epoch)  # per-epoch seeding makes --resume exact
+        g = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch)
+        perm = torch.randperm(len(x_tr), device=device, generator=g)
+        model.train()
+        stats = torch.zeros(steps, 2, device=device)  # loss, adversarial accuracy; read once per epoch
+        for s in range(steps):
+            idx = perm[s * args.batch:(s + 1) * args.batch][rank * per_rank:(rank + 1) * per_rank]
+            x = augment(x_tr[idx], g).contiguous(memory_format=fmt)
+            y = y_tr[idx]
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                loss, z = objective(net, atk, x, y, args, epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            stats[s] = torch.stack([loss.detach().float(), (z.argmax(1) == y).float().mean()])
+        if not torch.isfinite(stats[:, 0]).all():
+            bad = int((~torch.isfinite(stats[:, 0])).nonzero()[0])
+            kept = f"{args.out}/last.pt keeps epoch {epoch}" if epoch else "no checkpoint was written"
+            raise FloatingPointError(f"loss is {stats[bad, 0].item()} at epoch {epoch + 1}, step {bad + 1}; {kept}")
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        clean, rob = evaluate(atk, x_val, y_val, args, amp)
+        tr_loss, tr_acc = stats.mean(0).tolist()
+        rec = dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, train_loss=tr_loss, train_adv_acc=tr_acc,
+                   val_clean=clean, val_pgd=rob)
+        eta = (time.time() - t_run) / (epoch + 1 - start) * (args.epochs - epoch - 1)
+        log(f"epoch {epoch + 1:3d}/{args.epochs} lr {lr:.4f} {rec['time']:6.1f}s eta {eta / 60:6.1f}m | "
+            f"train loss {tr_loss:.4f} adv {tr_acc:6.2%} | val clean {clean:6.2%} pgd{args.eval_steps} {rob:6.2%}")
+        if rank == 0:
+            if rob > best:
+                best = rob
+                save(checkpoint(model, args, data, epoch + 1, rec), os.path.join(args.out, "best.pt"))
+            last = checkpoint(model, args, data, epoch + 1, rec)
+            save({**last, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best},
+                 os.path.join(args.out, "last.pt"))
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    if end < args.epochs:
+        log(f"stopped after epoch {end} (--stop-after); continue with --resume")
+        return {}
+    if world > 1:
+        dist.barrier()  # rank 0 has written best.pt and last.pt
+    return final_report(args, model, atk, data, device, amp, log, rank)
+
+
+def final_report(args, model, atk, data: dict, device, amp: bool, log, rank: int) -> dict:
+    """Test accuracy of best.pt (chosen on validation) and last.pt; the test set never selects a model."""
+    x, y = data["x_test"].to(device), data["y_test"].to(device)
+    out = {}
+    for name in ("best", "last"):
+        state = torch.load(os.path.join(args.out, f"{name}.pt"), map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        clean, rob = evaluate(atk, x, y, args, amp)
+        out[name] = dict(epoch=state["epoch"], test_clean=clean, test_pgd=rob)
+        log(f"test {name}.pt (epoch {state['epoch']}): clean {clean:.2%} pgd{args.eval_steps} {rob:.2%}")
+    if rank == 0:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"final": out}) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv)
+    try:
+        train(args)
+    except (ValueError, FloatingPointError, OSError) as e:
+        sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("train.py: interrupted; the last finished epoch is in last.pt (continue with --resume)")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
