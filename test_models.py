@@ -1,0 +1,75 @@
+"""Model shapes, parameter counts against the literature, normalization inside, PGD behaviour."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from losses import bn_mode, pgd
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("resnet18", 11_173_962),  # CIFAR ResNet-18 as in MART/MAIL code: 11.17M
+    ("preact18", 11_172_170),  # PreAct ResNet-18 (Rice et al.)
+    ("wrn34", 46_160_474),     # WRN-34-10 (Madry/TRADES): 46.16M
+])
+def test_parameter_counts(arch: str, expected: int) -> None:
+    assert n_params(models.build(arch, 10)) == expected
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preact18", "wrn16"])
+@pytest.mark.parametrize("classes", [10, 100])
+def test_shapes(arch: str, classes: int) -> None:
+    m = models.build(arch, classes, width=4 if arch != "wrn16" else 1).eval()
+    assert m(torch.rand(3, 3, 32, 32)).shape == (3, classes)
+
+
+def test_unknown_arch() -> None:
+    with pytest.raises(ValueError, match="unknown arch"):
+        models.build("vgg", 10)
+
+
+def test_normalization_is_inside_the_model() -> None:
+    m = models.build("wrn16", 10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), width=1).eval()
+    assert {"mean", "std"} <= {k.split(".")[-1] for k in m.state_dict()}
+    x = torch.rand(2, 3, 32, 32)
+    expected = m.net((x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1))
+    torch.testing.assert_close(m(x), expected)
+    assert models.build("resnet18", 10).mean.flatten().tolist() == pytest.approx(models.STATS["cifar10"][0])
+    assert models.build("resnet18", 10).std.flatten().tolist() == pytest.approx([0.2470, 0.2435, 0.2616])
+
+
+def tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return models.build("preact18", 10, width=4)
+
+
+def test_pgd_stays_in_ball_and_image_range_and_raises_loss() -> None:
+    m = tiny().eval()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    eps = 8 / 255
+    x_adv, kappa = pgd(m, x, y, eps, 2 / 255, 10)
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert kappa.min() >= 0 and kappa.max() <= 10
+    with torch.no_grad():
+        assert F.cross_entropy(m(x_adv), y) > F.cross_entropy(m(x), y)
+
+
+def test_pgd_restores_bn_mode_keeps_running_stats_and_skips_weight_grads() -> None:
+    m = tiny().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    pgd(m, torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)), 8 / 255, 2 / 255, 3, bn="eval")
+    assert m.training and all(mod.training for mod in m.modules())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_bn_mode_restores_mixed_modes() -> None:
+    m = tiny().train()
+    m.net[1][0].bn1.eval()
+    with bn_mode(m, "train"):
+        assert m.net[1][0].bn1.training
+    assert not m.net[1][0].bn1.training and m.net[1][0].bn2.training
