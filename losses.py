@@ -4,7 +4,14 @@ Every objective has the signature (net, atk, x, y, args, epoch) -> (loss, advers
 `net` is the model used for the training forward pass (DDP-wrapped or compiled),
 `atk` the plain model the attack runs on, `args` train.py's flags. It crafts its own
 adversarial examples, so the training loop is the same for all of them.
+
+Objectives are declared with @objective(name): the body returns (loss, z_adv, x_adv) and the
+registered wrapper adds --emr's regularizer at x_adv when args.emr > 0, then returns (loss, z_adv);
+so EMR combines with every loss and the loop never changes. The formulas live in pure functions
+of logits that return one value per sample ([B], float32, float64 if given), testable on
+hand-made logits. Defaults not verified from a paper or its official code say "our choice".
 """
+import functools
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -60,22 +67,209 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     return x_adv.detach(), kappa
 
 
+# ---- per-sample formulas: logits [B, K] in, [B] out ----
+
+def _fp(z: torch.Tensor) -> torch.Tensor:
+    return z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> float32, float64 stays
+
+
+def _others(z: torch.Tensor, y: torch.Tensor, fill: float) -> torch.Tensor:
+    """z with the true class's entry replaced by `fill`."""
+    return z.scatter(1, y[:, None], fill)
+
+
+def kl_rows(z_p: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """KL(softmax z_p || softmax z_q) = sum_k p_k (log p_k - log q_k), per sample."""
+    lp, lq = F.log_softmax(_fp(z_p), 1), F.log_softmax(_fp(z_q), 1)
+    return (lp.exp() * (lp - lq)).sum(1)
+
+
+def trades_loss(z_clean, z_adv, y, beta: float) -> torch.Tensor:
+    """TRADES: CE(f(x), y) + beta * KL(p(x) || p(x')); its mean is the paper's batchmean form."""
+    return F.cross_entropy(_fp(z_clean), y, reduction="none") + beta * kl_rows(z_clean, z_adv)
+
+
+def trades_sovr_loss(z_clean, z_adv, y, beta: float, ratio: float) -> torch.Tensor:
+    """This project's combination: SOVR(f(x'), y) + beta * KL(p(x) || p(x'))."""
+    return sovr_loss(_fp(z_adv), y, ratio, reduction="none") + beta * kl_rows(z_clean, z_adv)
+
+
+def mart_loss(z_clean, z_adv, y, beta: float) -> torch.Tensor:
+    """MART: BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x)), with
+    BCE = -log p_y(x') - log(1 - max_{k != y} p_k(x')); log(1 - p_k) is the log-sum-exp of the
+    other log-probabilities, finite even where p_k rounds to 1 (the official code adds 1e-12)."""
+    la = F.log_softmax(_fp(z_adv), 1)
+    k = _others(la, y, float("-inf")).argmax(1, keepdim=True)
+    log_1m_pk = la.scatter(1, k, float("-inf")).logsumexp(1)
+    bce = -la.gather(1, y[:, None]).squeeze(1) - log_1m_pk
+    p_y = F.softmax(_fp(z_clean), 1).gather(1, y[:, None]).squeeze(1)
+    return bce + beta * kl_rows(z_clean, z_adv) * (1 - p_y)
+
+
+def prob_margin(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MAIL's PM = p_y - max_{k != y} p_k, in [-1, 1]."""
+    p = F.softmax(_fp(z), 1)
+    return p.gather(1, y[:, None]).squeeze(1) - _others(p, y, -1.0).amax(1)
+
+
+def _mean_one(w: torch.Tensor) -> torch.Tensor:
+    return w / w.mean()
+
+
+def mail_weights(z_adv, y, slope: float, bias: float) -> torch.Tensor:
+    """MAIL: w = sigmoid(-slope * (PM(x') - bias)), no gradient, rescaled to mean 1 over the batch."""
+    return _mean_one(torch.sigmoid(-slope * (prob_margin(z_adv.detach(), y) - bias)))
+
+
+def gair_weights(kappa: torch.Tensor, steps: int, lam: float) -> torch.Tensor:
+    """GAIRAT: w = (1 + tanh(lam + 5 (1 - 2 kappa / K))) / 2, K = PGD steps, rescaled to mean 1.
+    Computed as sigmoid(2 (...)), the same function without float32 cancellation near tanh = -1."""
+    return _mean_one(torch.sigmoid(2 * (lam + 5 * (1 - 2 * kappa.float() / steps))))
+
+
+def comp_sum_loss(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    """Comp-sum Phi_tau(u), u = sum_{k != y} exp(z_k - z_y): log(1 + u) (CE) for tau = 1, else
+    ((1 + u)^(1 - tau) - 1) / (1 - tau): u at tau 0, generalized CE in (1, 2), 1 - 1/(1 + u) at 2."""
+    if tau < 0:
+        raise ValueError(f"--tau must be >= 0, got {tau}")
+    log1pu = F.cross_entropy(_fp(z), y, reduction="none")  # log(1 + u) = logsumexp(z - z_y)
+    return log1pu if tau == 1 else torch.expm1((1 - tau) * log1pu) / (1 - tau)
+
+
+def logit_diff_distance(z_adv, z_clean, y) -> torch.Tensor:
+    """|| Delta(x') - Delta(x) ||_2 with Delta_k = z_k - z_y over k != y (the y entry is 0 in both)."""
+    za, zc = _fp(z_adv), _fp(z_clean)
+    d = (za - za.gather(1, y[:, None])) - (zc - zc.gather(1, y[:, None]))
+    return torch.linalg.vector_norm(d, dim=1)
+
+
+def emr_penalty(model: nn.Module, x_adv: torch.Tensor, temp: float) -> torch.Tensor:
+    """EMR: || grad_x s(x') ||_2^2 per sample, s = sum_k stopgrad(softmax(z / temp))_k z_k,
+    eval-mode BN, graph kept (create_graph) so that the penalty trains the weights."""
+    if temp <= 0:
+        raise ValueError(f"--emr-temp must be > 0, got {temp}")
+    x_adv = x_adv.detach().requires_grad_(True)
+    with bn_mode(model, "eval"):
+        z = _fp(model(x_adv))
+    s = (F.softmax(z.detach() / temp, 1) * z).sum()  # samples are independent in eval mode
+    (g,) = torch.autograd.grad(s, x_adv, create_graph=True)
+    return g.flatten(1).pow(2).sum(1)
+
+
+# ---- objectives ----
+
+OBJECTIVES: dict[str, Callable] = {}
+
+
+def objective(name: str) -> Callable:
+    """Registers body(net, atk, x, y, args, epoch) -> (loss, z_adv, x_adv) as OBJECTIVES[name],
+    adding args.emr * mean EMR penalty at x_adv (on the uncompiled attack model) when args.emr > 0."""
+    def register(body: Callable) -> Callable:
+        @functools.wraps(body)
+        def fn(net, atk, x, y, args, epoch):
+            loss, z_adv, x_adv = body(net, atk, x, y, args, epoch)
+            if getattr(args, "emr", 0) > 0:
+                plain = getattr(atk, "_orig_mod", atk)  # torch.compile has no double backward
+                loss = loss + args.emr * emr_penalty(plain, x_adv, args.emr_temp).mean()
+            return loss, z_adv
+        fn.body = body
+        OBJECTIVES[name] = fn
+        return fn
+    return register
+
+
 def _attack(atk: nn.Module, x: torch.Tensor, y: torch.Tensor, args, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     return pgd(atk, x, y, args.eps / 255, args.step / 255, args.steps, bn=args.attack_bn, **kw)
 
 
+def _attack_from_clean(atk, x, y, args, distance: Callable, start: str) -> torch.Tensor:
+    """PGD ascent on sum_i distance(z_adv_i, z_clean_i), z_clean = atk(x) in the attack's BN mode."""
+    with torch.no_grad(), bn_mode(atk, args.attack_bn):
+        z_clean = atk(x)
+    return _attack(atk, x, y, args, objective=lambda za, y_, zc: distance(za, zc, y_).sum(),
+                   start=start, z_clean=z_clean)[0]
+
+
+def _trades_attack(atk, x, y, args) -> torch.Tensor:
+    return _attack_from_clean(atk, x, y, args, lambda za, zc, _: kl_rows(zc, za), start="normal")
+
+
+@objective("ce")
 def ce(net, atk, x, y, args, epoch):
-    """Madry et al. 2018, PGD-AT: CE(f(x'), y)."""
+    """Madry et al. 2018, PGD-AT: CE(f(x'), y), x' from PGD on CE."""
     x_adv, _ = _attack(atk, x, y, args)
     z = net(x_adv)
-    return F.cross_entropy(z.float(), y), z
+    return F.cross_entropy(z.float(), y), z, x_adv
 
 
+@objective("sovr")
 def sovr(net, atk, x, y, args, epoch):
     """Kanai et al. 2023: OVR for the round(ratio * B) smallest-margin x', CE for the rest (--ratio)."""
     x_adv, _ = _attack(atk, x, y, args)
     z = net(x_adv)
-    return sovr_loss(z, y, args.ratio), z
+    return sovr_loss(z, y, args.ratio), z, x_adv
 
 
-OBJECTIVES = {"ce": ce, "sovr": sovr}
+@objective("trades")
+def trades(net, atk, x, y, args, epoch):
+    """Zhang et al. 2019, TRADES: mean over the batch of CE(f(x), y) + beta * KL(p(x) || p(x')) (--beta 6),
+    i.e. the official code's batchmean KL; x' from PGD on the KL from 0.001 * N(0, 1), as there."""
+    x_adv = _trades_attack(atk, x, y, args)
+    z_nat, z_adv = net(x), net(x_adv)
+    return trades_loss(z_nat, z_adv, y, args.beta).mean(), z_adv, x_adv
+
+
+@objective("trades-sovr")
+def trades_sovr(net, atk, x, y, args, epoch):
+    """This project's combination (the paper's exact form is unknown to us): TRADES with its CE
+    term replaced by SOVR on the adversarial logits, SOVR(f(x'), y) + beta * KL(p(x) || p(x'))."""
+    x_adv = _trades_attack(atk, x, y, args)
+    z_nat, z_adv = net(x), net(x_adv)
+    return trades_sovr_loss(z_nat, z_adv, y, args.beta, args.ratio).mean(), z_adv, x_adv
+
+
+@objective("mart")
+def mart(net, atk, x, y, args, epoch):
+    """Wang et al. 2020, MART: mean BCE(f(x'), y) + beta * KL(p(x) || p(x')) (1 - p_y(x)) (--beta 6).
+    x' from PGD on CE from 0.001 * N(0, 1), as in the official code."""
+    x_adv, _ = _attack(atk, x, y, args, start="normal")
+    z_nat, z_adv = net(x), net(x_adv)
+    return mart_loss(z_nat, z_adv, y, args.beta).mean(), z_adv, x_adv
+
+
+def _reweighted_ce(net, atk, x, y, args, epoch, weights: Callable):
+    """mean w * CE(f(x'), y) with w = weights(z_adv, kappa); plain PGD-AT for epochs < --burn-in."""
+    x_adv, kappa = _attack(atk, x, y, args)
+    z = net(x_adv)
+    loss = F.cross_entropy(z.float(), y, reduction="none")
+    if epoch >= args.burn_in:
+        loss = loss * weights(z, kappa)
+    return loss.mean(), z, x_adv
+
+
+@objective("mail")
+def mail(net, atk, x, y, args, epoch):
+    """Wang, Liu et al. 2021, MAIL-AT: mean w * CE(f(x'), y), w = sigmoid(-slope (PM(x') - bias)) rescaled
+    to mean 1 (the official code multiplies by 3 instead), x' as for ce (--mail-slope 1, --mail-bias -1.5,
+    --burn-in: the official code's values, written there as sigmoid(slope (-PM + bias)))."""
+    return _reweighted_ce(net, atk, x, y, args, epoch,
+                          lambda z, _: mail_weights(z, y, args.mail_slope, args.mail_bias))
+
+
+@objective("gairat")
+def gairat(net, atk, x, y, args, epoch):
+    """Zhang et al. 2021, GAIRAT: mean w * CE(f(x'), y), w = (1 + tanh(lambda + 5 (1 - 2 kappa / K))) / 2
+    rescaled to mean 1, kappa = PGD steps (of K = --steps) that began correctly classified, as in the
+    official GA_PGD (--gairat-lambda -1 with the official 'fixed' schedule, --burn-in 60)."""
+    return _reweighted_ce(net, atk, x, y, args, epoch,
+                          lambda _, kappa: gair_weights(kappa, args.steps, args.gairat_lambda))
+
+
+@objective("comp-sum")
+def comp_sum(net, atk, x, y, args, epoch):
+    """Mao, Mohri, Zhong 2023, smooth adversarial comp-sum: mean Phi_tau(f(x), y) + nu ||Delta(x') - Delta(x)||_2,
+    x' from PGD on that distance, uniform start (--tau 1, --nu 1: our choices)."""
+    x_adv = _attack_from_clean(atk, x, y, args, logit_diff_distance, start="uniform")
+    z_nat, z_adv = net(x), net(x_adv)
+    loss = comp_sum_loss(z_nat, y, args.tau) + args.nu * logit_diff_distance(z_adv, z_nat, y)
+    return loss.mean(), z_adv, x_adv

@@ -25,6 +25,7 @@ from sovr import DEFAULT_RATIO
 
 # Flags that may change between a run and its --resume without changing the result.
 RESUMABLE = {"resume", "stop_after", "device", "compile", "data_dir", "out"}
+SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, milestones="1", batch=64, steps=2, eval_steps=2, width=8)
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +35,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--ratio", type=float, default=DEFAULT_RATIO, help=f"SOVR: fraction of the batch that uses OVR (default {DEFAULT_RATIO}, our choice)")
     a("--arch", default="resnet18", choices=sorted(models.ARCHS), help="network (default resnet18, the paper's main model)")
     a("--width", type=int, default=None, help="ResNet base channels / WRN widen factor (default: the arch's standard)")
-    a("--dataset", default="cifar10", help="cifar10 | cifar100 | synthetic | path to an .npz with x_train, y_train, x_test, y_test")
+    a("--dataset", default="cifar10", help="cifar10 (default) | cifar100 | synthetic | .npz with x_train, y_train, x_test, y_test")
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--val", type=int, default=1000, help="training images held out for model selection (default 1000)")
     a("--train-limit", type=int, default=0, help="use only the first N training images, 0 = all (for quick checks)")
@@ -49,7 +50,20 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--steps", type=int, default=10, help="PGD steps in training (default 10)")
     a("--eval-steps", type=int, default=20, help="PGD steps for validation and test (default 20)")
     a("--attack-bn", default="eval", choices=["eval", "train"], help="BatchNorm mode while attacking (default eval)")
-    a("--beta", type=float, default=6.0, help="TRADES / MART regularization weight (default 6, their papers)")
+    a("--beta", type=float, default=6.0, help="TRADES / trades-sovr / MART regularization weight (default 6: TRADES' "
+      "CIFAR value and MART's WRN-34 script; MART's ResNet-18 script uses 5)")
+    a("--burn-in", type=int, default=60, help="MAIL / GAIRAT: unweighted PGD-AT for the first N epochs (default 60, "
+      "GAIRAT's begin_epoch of 120 epochs; MAIL's code starts at epoch 75 of 120)")
+    a("--mail-slope", type=float, default=1.0, help="MAIL weight sigmoid(-slope * (PM - bias)) (default 1, official MAIL code)")
+    a("--mail-bias", type=float, default=-1.5, help="MAIL weight bias (default -1.5, official MAIL code)")
+    a("--gairat-lambda", type=float, default=-1.0, help="GAIRAT tanh shift lambda, constant after --burn-in "
+      "(default -1, GAIRAT's 'fixed' schedule)")
+    a("--tau", type=float, default=1.0, help="comp-sum tau >= 0: 0 sum-exp, 1 CE, (1, 2) generalized CE, 2 MAE "
+      "(default 1, our choice)")
+    a("--nu", type=float, default=1.0, help="comp-sum weight of the logit-difference distance (default 1, our choice)")
+    a("--emr", type=float, default=0.0, help="effective margin regularization weight, added to any --loss (default 0 = off; "
+      "its double backward runs on the uncompiled model under --compile)")
+    a("--emr-temp", type=float, default=1.0, help="EMR softmax temperature (default 1, our choice)")
     a("--seed", type=int, default=0, help="random seed (default 0)")
     a("--out", default=None, help="output directory (default runs/<dataset>-<arch>-<loss>-s<seed>)")
     a("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -59,11 +73,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (default on)")
     a("--compile", action="store_true", help="torch.compile the model (off by default)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (off by default)")
-    a("--smoke", action="store_true", help="tiny synthetic run for CI: 2 epochs, 256 images, width 8")
+    a("--smoke", action="store_true", help=f"defaults for a seconds-long CPU check: {SMOKE}")
+    if "--smoke" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**SMOKE)  # explicit flags still win
     args = p.parse_args(argv)
-    if args.smoke:
-        args.dataset, args.train_limit, args.val, args.epochs, args.width = "synthetic", 256, 64, 2, args.width or 8
-        args.milestones, args.batch, args.steps, args.eval_steps = "1", 64, 2, 2
     for name in ("epochs", "batch", "steps", "eval_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -205,7 +218,11 @@ def train(args) -> dict:
     amp = device.type == "cuda" if args.amp is None else args.amp
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    if rank > 0:
+        dist.barrier()  # rank 0 downloads first
     data = load_data(args.dataset, args.data_dir)
+    if rank == 0 and world > 1:
+        dist.barrier()
     n_train = len(data["x_train"])
     if not 0 < args.val < n_train:
         raise ValueError(f"--val must lie in [1, {n_train - 1}] for {n_train} training images, got {args.val}")
@@ -233,8 +250,11 @@ def train(args) -> dict:
         model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, best = state["epoch"], state["best"]
-    atk = torch.compile(model) if args.compile else model  # attack on the plain (unwrapped) model
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else atk
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    atk = model  # the attack runs on the plain model: no DDP gradient hooks in attack steps
+    if args.compile:
+        atk = torch.compile(model)
+        net = torch.compile(net) if world > 1 else atk
     objective, per_rank = OBJECTIVES[args.loss], args.batch // world
     steps = len(x_tr) // args.batch
     if steps == 0:
@@ -246,15 +266,15 @@ def train(args) -> dict:
     t_run = time.time()
     for epoch in range(start, end):
         t0 = time.time()
-        torch.manual_seed(args.seed * 100_003 + epoch)  # per-epoch seeding makes --resume exact
+        torch.manual_seed((args.seed * 100_003 + epoch) * 1009 + rank)  # per epoch: --resume is exact
         g = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch)
         perm = torch.randperm(len(x_tr), device=device, generator=g)
         model.train()
         stats = torch.zeros(steps, 2, device=device)  # loss, adversarial accuracy; read once per epoch
         for s in range(steps):
-            idx = perm[s * args.batch:(s + 1) * args.batch][rank * per_rank:(rank + 1) * per_rank]
-            x = augment(x_tr[idx], g).contiguous(memory_format=fmt)
-            y = y_tr[idx]
+            idx = perm[s * args.batch:(s + 1) * args.batch]  # global batch: crops as in a 1-process run
+            x = augment(x_tr[idx], g)[rank * per_rank:(rank + 1) * per_rank].contiguous(memory_format=fmt)
+            y = y_tr[idx][rank * per_rank:(rank + 1) * per_rank]
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 loss, z = objective(net, atk, x, y, args, epoch)
             opt.zero_grad(set_to_none=True)
@@ -267,6 +287,9 @@ def train(args) -> dict:
             raise FloatingPointError(f"loss is {stats[bad, 0].item()} at epoch {epoch + 1}, step {bad + 1}; {kept}")
         lr = opt.param_groups[0]["lr"]
         sched.step()
+        if world > 1:  # BN running statistics drift apart per rank: evaluate and save rank 0's everywhere
+            for b in model.buffers():
+                dist.broadcast(b, 0)
         clean, rob = evaluate(atk, x_val, y_val, args, amp)
         tr_loss, tr_acc = stats.mean(0).tolist()
         rec = dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, train_loss=tr_loss, train_adv_acc=tr_acc,

@@ -1,0 +1,222 @@
+"""AutoAttack evaluation of a train.py checkpoint, and the logit-margin diagnostic.
+
+    python attack.py runs/cifar10-resnet18-sovr-s0/best.pt          # standard AA, the training eps, full test set
+    python attack.py best.pt --n 200 --attacks apgd-ce              # quick check with a subset of attacks
+    python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins # margin histograms of PGD-20 examples
+
+Results go to <checkpoint>.<settings>.json beside each checkpoint. AutoAttack runs in fp32, in eval
+mode, one attack after another on the points still robust (as the package does internally), and
+records each finished attack, so an interrupted run continues where it stopped.
+"""
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+
+import torch
+
+import models
+from losses import pgd
+from train import load_data, save
+
+VERSIONS = ("standard", "plus", "rand")
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("checkpoints", nargs="+", help="train.py checkpoints (best.pt or last.pt)")
+    a("--n", type=int, default=0, help="evaluate the first N test points (default 0 = the whole test set)")
+    a("--bs", type=int, default=500, help="batch size (default 500)")
+    a("--eps", type=float, default=None, help="radius in 1/255 units (default: the training eps for Linf; "
+      "L2 needs it, e.g. 127.5 for RobustBench's 0.5)")
+    a("--norm", default="Linf", choices=["Linf", "L2"], help="threat model (default Linf)")
+    a("--version", default="standard", choices=VERSIONS, help="AutoAttack version (default standard, as RobustBench)")
+    a("--attacks", default=None, help="comma-separated custom subset, e.g. apgd-ce,apgd-t (overrides --version)")
+    a("--seed", type=int, default=0, help="AutoAttack seed (default 0)")
+    a("--dataset", default=None, help="test data (default: the checkpoint's dataset); cifar10 | cifar100 | .npz")
+    a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
+    a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
+    a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
+    a("--plot", default=None, help="histogram PNG for --margins (default margins.png beside the first checkpoint)")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.n < 0 or args.bs < 1:
+        p.error("--n must be >= 0 and --bs >= 1")
+    if args.norm == "L2" and args.eps is None:
+        p.error("--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)")
+    return args
+
+
+def load_model(path: str, device: str) -> tuple[torch.nn.Module, dict]:
+    """Rebuilds the model from the checkpoint alone; ValueError with a readable message otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no such checkpoint: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
+                             "it is not a train.py checkpoint (load it only if you trust its source)")
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__})")
+    keys = ("model", "arch", "num_classes", "mean", "std", "eps", "dataset")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(keys)})")
+    model = models.build(ckpt["arch"], ckpt["num_classes"], ckpt["mean"], ckpt["std"], ckpt.get("width"))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise ValueError(f"{path}: its weights do not fit arch {ckpt['arch']} with {ckpt['num_classes']} classes")
+    return model.to(device).eval(), ckpt
+
+
+def test_points(ckpt: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
+    name = args.dataset or ckpt["dataset"]
+    npz = name.endswith(".npz") or ckpt["dataset"].endswith(".npz")  # e.g. the offline CIFAR-10 subset
+    data = load_data(name, args.data_dir) if name == ckpt["dataset"] or npz else None
+    if data is None or data["num_classes"] != ckpt["num_classes"]:
+        raise ValueError(f"the checkpoint was trained on {ckpt['dataset']} ({ckpt['num_classes']} classes), not {name}")
+    n = args.n or len(data["y_test"])
+    if n > len(data["y_test"]):
+        raise ValueError(f"--n {n} is larger than the {len(data['y_test'])} test points of {name}")
+    return data["x_test"][:n].float() / 255, data["y_test"][:n]
+
+
+def predict(model, x: torch.Tensor, bs: int, device: str) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[k:k + bs].to(device)).argmax(1).cpu() for k in range(0, len(x), bs)])
+
+
+def make_autoattack(model, eps: float, args):
+    """The package's own AutoAttack: pyautoattack (requirements.txt) or upstream `autoattack` if installed."""
+    try:
+        from pyautoattack import AutoAttack
+        aa = AutoAttack(model, eps=eps, norm=args.norm, version=args.version, device=args.device, seed=args.seed)
+        return aa, lambda x, y: aa.run_standard_evaluation(x, y, batch_size=args.bs), "pyautoattack"
+    except ImportError:
+        from autoattack import AutoAttack
+        aa = AutoAttack(model, norm=args.norm, eps=eps, version=args.version, device=args.device, seed=args.seed)
+        return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True), "autoattack"
+
+
+def autoattack(model, x: torch.Tensor, y: torch.Tensor, eps: float, args, state_path: str) -> torch.Tensor:
+    """Per-point robust flags. Attacks run in the version's order (or --attacks, with the version's
+    settings), each on the points still robust; flags are saved after each, so a rerun skips those done."""
+    aa, run, _ = make_autoattack(model, eps, args)
+    order = args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)
+    robust, done = predict(model, x, args.bs, args.device) == y, []
+    if os.path.exists(state_path):
+        with open(state_path) as f:
+            st = json.load(f)
+        robust, done = torch.tensor(st["robust"], dtype=torch.bool), st["done"]
+        print(f"resuming from {state_path}: {', '.join(done)} already run", flush=True)
+    for name in [a for a in order if a not in done]:
+        idx = robust.nonzero().flatten()
+        if len(idx):
+            aa.attacks_to_run = [name]  # keeps the version's settings for that attack
+            _, y_adv = run(x[idx], y[idx])
+            robust[idx] = y_adv.cpu() == y[idx]
+        done.append(name)
+        print(f"after {name}: robust accuracy {robust.float().mean():.2%}", flush=True)
+        with open(state_path + ".tmp", "w") as f:
+            json.dump(dict(robust=robust.tolist(), done=done), f)
+        os.replace(state_path + ".tmp", state_path)
+    return robust
+
+
+def margins(model, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int, device: str) -> torch.Tensor:
+    """z_y - max_{k != y} z_k on PGD-20 (step eps/4, CE) adversarial examples."""
+    from sovr import logit_margin
+    out = []
+    for k in range(0, len(x), bs):
+        xb, yb = x[k:k + bs].to(device), y[k:k + bs].to(device)
+        x_adv, _ = pgd(model, xb, yb, eps, eps / 4, 20)
+        with torch.no_grad():
+            out.append(logit_margin(model(x_adv), yb).cpu())
+    return torch.cat(out)
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("pyautoattack", "autoattack"):
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def evaluate(path: str, args) -> dict:
+    model, ckpt = load_model(path, args.device)
+    x, y = test_points(ckpt, args)
+    eps_int = ckpt["eps"] if args.eps is None else args.eps
+    eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
+    eps = eps_int / 255
+    mode = "margins" if args.margins else (args.attacks.replace(",", "+") if args.attacks else args.version)
+    settings = dict(checkpoint=os.path.abspath(path), loss=ckpt["args"].get("loss"), dataset=args.dataset or ckpt["dataset"],
+                    n=len(y), eps=f"{eps_int}/255", norm=args.norm, mode=mode, bs=args.bs, seed=args.seed)
+    out_path = f"{os.path.splitext(path)[0]}.{mode}-{args.norm}-eps{eps_int}-n{len(y)}-seed{args.seed}.json"
+    t0 = time.time()
+    clean = predict(model, x, args.bs, args.device) == y
+    res = dict(settings=settings, versions=versions(), clean_acc=clean.float().mean().item(), clean=clean.int().tolist())
+    if args.margins:
+        m = margins(model, x, y, eps, args.bs, args.device)
+        small = m.sort().values[:max(1, round(0.3 * len(m)))]
+        res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
+        print(f"{path}: clean {res['clean_acc']:.2%}, mean margin {res['mean_margin']:.3f}, "
+              f"mean of the 30% smallest {res['mean_margin_smallest30']:.3f}")
+    else:
+        robust = autoattack(model, x, y, eps, args, out_path + ".state")
+        res.update(robust_acc=robust.float().mean().item(), robust=robust.int().tolist())
+        print(f"{path}: clean {res['clean_acc']:.2%}, AutoAttack ({mode}, {args.norm} {eps_int}/255, n={len(y)}) "
+              f"{res['robust_acc']:.2%}, {time.time() - t0:.0f}s")
+    res["time_s"] = time.time() - t0
+    with open(out_path + ".tmp", "w") as f:
+        json.dump(res, f)
+    os.replace(out_path + ".tmp", out_path)
+    if os.path.exists(out_path + ".state"):
+        os.remove(out_path + ".state")
+    print(f"wrote {out_path}")
+    return res
+
+
+def plot(results: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--margins draws with matplotlib: pip install matplotlib (the margins are in the JSON files)")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lo = min(min(r["margins"]) for r in results)
+    hi = max(max(r["margins"]) for r in results)
+    for r in results:
+        s = r["settings"]
+        ax.hist(r["margins"], bins=60, range=(lo, hi), histtype="step", linewidth=1.5,
+                label=f"{s['loss']} ({os.path.basename(os.path.dirname(s['checkpoint']))})")
+    ax.axvline(0, color="gray", linewidth=0.8)
+    ax.set(xlabel="logit margin $z_y - \\max_{k \\neq y} z_k$ on PGD-20 examples", ylabel="test points")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # the package's progress lines
+    try:
+        results = [evaluate(p, args) for p in args.checkpoints]
+        if args.margins:
+            plot(results, args.plot or os.path.join(os.path.dirname(args.checkpoints[0]) or ".", "margins.png"))
+    except (ValueError, OSError) as e:
+        sys.exit(f"attack.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

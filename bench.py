@@ -1,0 +1,322 @@
+"""Speed of this project's PGD adversarial training against the same work written the textbook way.
+
+    python bench.py                                        # CPU-sized defaults: a few minutes at most on 2 cores
+    python bench.py --device cuda --batch 512 --repeats 10 # the standard-width model on a GPU
+
+Measured in one run on one device, by the same code for CPU and CUDA. Times are medians of --repeats timed
+repeats after --warmup untimed ones; the model is untrained, which does not change its speed.
+  train      one step of train.py's loop: augment() + losses.OBJECTIVES[--loss] (PGD-10 taking only input
+             gradients, then the training forward) + backward + SGD; channels_last, bf16 autocast on CUDA
+  textbook   the same step as most public repos write it: a DataLoader with PIL transforms, fp32, NCHW, and
+             PGD steps that call loss.backward() (parameter gradients too) and model.zero_grad()
+  loss cost  sovr_loss against F.cross_entropy, forward + backward, on float32 logits [512, 10] and [512, 100]
+  eval       PGD-20 (losses.pgd as train.evaluate() runs it) and AutoAttack APGD-CE (fp32, 100 iterations,
+             1 restart as in standard AutoAttack; one timed run, its input checks and clean pass included)
+             on the same model. AutoAttack attacks only correctly classified images, so the labels for both
+             attacks are the model's own predictions.
+  CUDA only  peak memory, achieved TFLOP/s of the train step against the device's bf16 dense peak, and
+             hours of a 110-epoch CIFAR-10 run at this batch size (49,000 images per epoch, no evaluation).
+Prints a table and writes the figures to --out (JSON, written atomically).
+"""
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import models
+import train
+from losses import OBJECTIVES, pgd
+from sovr import sovr_loss
+
+# bf16 dense tensor-core peak in TFLOP/s, matched in this order against torch.cuda.get_device_name().
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312),
+                    ("L40S", 362), ("L4", 121)]
+EPOCH_IMAGES, EPOCHS = 50_000 - 1_000, 110  # CIFAR-10 less train.py's validation images; train.py's epochs
+
+
+def get_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--arch", default="preact18", choices=sorted(models.ARCHS), help="network (default preact18)")
+    a("--width", type=int, default=None, help="ResNet base channels / WRN widen factor (default: the arch's "
+      "standard on CUDA, 16 on CPU, which keeps the default CPU run short)")
+    a("--loss", default="sovr", choices=["ce", "sovr"], help="training objective (default sovr)")
+    a("--batch", type=int, default=32, help="training batch size (default 32)")
+    a("--eval-batch", type=int, default=None, help="batch size of the evaluation attacks (default: --batch)")
+    a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available, else cpu)")
+    a("--repeats", type=int, default=3, help="timed repeats of each figure; the median is reported (default 3)")
+    a("--warmup", type=int, default=1, help="untimed training steps of each loop before timing (default 1)")
+    a("--workers", type=int, default=2, help="DataLoader workers of the textbook loop (default 2, as most repos)")
+    a("--threads", type=int, default=1, help="CPU threads for torch (default 1: steady figures on a machine shared "
+      "with other jobs, where two threads can run 10x slower; 0 = torch's default)")
+    a("--quick", action="store_true", help="tiny counts for tests (APGD 2 iterations, 3 loss calls); no benchmark")
+    a("--out", default="bench.json", help="JSON file for the figures (default bench.json)")
+    args = p.parse_args(argv)
+    for name in ("batch", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    for name in ("eval_batch", "warmup", "workers", "threads"):
+        if (getattr(args, name) or 0) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    return args
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """Seconds of one call of fn, and on CUDA the peak bytes allocated during it (all live tensors counted)."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    n = torch.get_num_threads()
+    return f"{name} ({n} thread{'s' * (n != 1)})"
+
+
+# ---- the project's training step, as train.py's loop runs it
+
+def project_step(model, opt, targs: argparse.Namespace, x_pool, y_pool, g: torch.Generator, amp: bool):
+    objective = OBJECTIVES[targs.loss]
+
+    def step() -> None:
+        idx = torch.randperm(len(x_pool), device=x_pool.device, generator=g)[:targs.batch]
+        x = train.augment(x_pool[idx], g).contiguous(memory_format=torch.channels_last)
+        y = y_pool[idx]
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            loss, z = objective(model, model, x, y, targs, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        torch.stack([loss.detach().float(), (z.argmax(1) == y).float().mean()])  # train.py's per-step stats
+    return step
+
+
+# ---- the textbook training step
+
+class PILDataset(torch.utils.data.Dataset):
+    """uint8 HWC images handed out as PIL images through transforms, as torchvision.datasets.CIFAR10 does."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def textbook_pgd(model, x, y, eps: float, step: float, steps: int) -> torch.Tensor:
+    model.eval()  # as train.py's default --attack-bn eval
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).detach()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y)
+        loss.backward()  # fills every parameter's .grad as well as x_adv.grad
+        x_adv = x_adv.detach() + step * x_adv.grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+        model.zero_grad()
+    model.train()
+    return x_adv.detach()
+
+
+def textbook_step(model, opt, batches, targs: argparse.Namespace, device: torch.device):
+    loss_fn = F.cross_entropy if targs.loss == "ce" else (lambda z, y: sovr_loss(z, y, targs.ratio))
+
+    def step() -> None:
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x_adv = textbook_pgd(model, x, y, targs.eps / 255, targs.step / 255, targs.steps)
+        loss = loss_fn(model(x_adv), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+# ---- the other figures
+
+def loss_calls(fn: Callable, logits: torch.Tensor, y: torch.Tensor, calls: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(calls):
+            fn(logits.detach().requires_grad_(True), y).backward()
+    return run
+
+
+class _GlobalOnly(contextlib.nullcontext):
+    """Stands in for FlopCounterMode's module tracker, whose hooks reject torch.autograd.grad on a leaf (PGD's)."""
+    parents = ("Global",)
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = amp = device.type == "cuda"  # train.py's default: bf16 autocast on CUDA only
+    width = args.width or (None if cuda else 16)
+    eval_batch = args.eval_batch or args.batch
+    targs = train.get_args(["--loss", args.loss, "--arch", args.arch, "--batch", str(args.batch)])  # its defaults
+    n_loss_calls, apgd_iters = (3, 2) if args.quick else (100, 100)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    # Synthetic CIFAR-sized uint8 images: on the device for the project, PIL-ready HWC arrays for the textbook.
+    n_pool, n_steps = 4 * max(args.batch, eval_batch), args.warmup + args.repeats
+    x_pool = torch.randint(0, 256, (n_pool, 3, 32, 32), dtype=torch.uint8).to(device)
+    y_pool = torch.randint(0, 10, (n_pool,)).to(device)
+    rng = np.random.default_rng(0)
+    dataset = PILDataset(rng.integers(0, 256, (args.batch * n_steps, 32, 32, 3), dtype=np.uint8),
+                         rng.integers(0, 10, args.batch * n_steps),
+                         T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, pin_memory=cuda)
+
+    def sgd(m: torch.nn.Module) -> torch.optim.SGD:
+        return torch.optim.SGD(m.parameters(), lr=targs.lr, momentum=targs.momentum, weight_decay=targs.wd)
+
+    model = models.build(args.arch, 10, width=width).to(device).to(memory_format=torch.channels_last).train()
+    ours = project_step(model, sgd(model), targs, x_pool, y_pool, torch.Generator(device).manual_seed(0), amp)
+    tb_model = models.build(args.arch, 10, width=width).to(device).train()  # fp32, NCHW
+    batches = iter(loader)
+    theirs = textbook_step(tb_model, sgd(tb_model), batches, targs, device)
+
+    # Training steps: warm both up, then alternate them, so that a change of load on a shared machine hits both.
+    for _ in range(args.warmup):
+        ours(), theirs()
+    t_ours, t_theirs, mem_ours, mem_theirs = [], [], 0, 0
+    for _ in range(args.repeats):
+        (t, m), (u, n) = timed(ours, device), timed(theirs, device)
+        t_ours.append(t), t_theirs.append(u)
+        mem_ours, mem_theirs = max(mem_ours, m), max(mem_theirs, n)
+    del batches  # ends the DataLoader workers
+    step_s, tb_step_s = statistics.median(t_ours), statistics.median(t_theirs)
+    result = dict(train=dict(img_s=args.batch / step_s, step_s=t_ours),
+                  textbook=dict(img_s=args.batch / tb_step_s, step_s=t_theirs),
+                  speedup=tb_step_s / step_s, loss_cost={})
+
+    # Loss cost: blocks of sovr_loss and F.cross_entropy calls, forward + backward, alternating.
+    for k in (10, 100):
+        logits, y = torch.randn(512, k, device=device), torch.randint(0, k, (512,), device=device)
+        ce = loss_calls(F.cross_entropy, logits, y, n_loss_calls)
+        sovr = loss_calls(lambda z, t: sovr_loss(z, t, targs.ratio), logits, y, n_loss_calls)
+        ce(), sovr()  # warm-up
+        t_ce, t_sovr = [], []
+        for _ in range(args.repeats):
+            t_ce.append(timed(ce, device)[0] / n_loss_calls), t_sovr.append(timed(sovr, device)[0] / n_loss_calls)
+        ce_us, sovr_us = 1e6 * statistics.median(t_ce), 1e6 * statistics.median(t_sovr)
+        result["loss_cost"][f"512x{k}"] = dict(ce_us=ce_us, sovr_us=sovr_us, ratio=sovr_us / ce_us)
+
+    # Evaluation attacks on the trained-a-little model, in eval mode, with its own predictions as labels.
+    model.eval()
+    x_eval = x_pool[:eval_batch].float() / 255
+    with torch.no_grad():
+        y_eval = model(x_eval).argmax(1)
+
+    def pgd20() -> None:  # as train.evaluate() runs it
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            pgd(model, x_eval, y_eval, targs.eps / 255, targs.step / 255, targs.eval_steps)
+    t_pgd = statistics.median(timed(pgd20, device)[0] for _ in range(args.repeats))
+
+    from pyautoattack import AutoAttack  # imported here: slow to import, and only this figure needs it
+    logging.getLogger("auto-attack").setLevel(logging.ERROR)
+    adversary = AutoAttack(model, eps=targs.eps / 255, norm="Linf", version="custom", attacks=["apgd-ce"],
+                           device=device, seed=0)
+    adversary.apgd.n_restarts, adversary.apgd.n_iter = 1, apgd_iters  # "custom" keeps the class default of 5
+    t_aa, _ = timed(lambda: adversary.run_standard_evaluation(x_eval, y_eval, batch_size=eval_batch), device)
+    result["eval"] = dict(pgd20_img_s=eval_batch / t_pgd, apgd_ce_img_s=eval_batch / t_aa, apgd_iters=apgd_iters)
+
+    if cuda:
+        model.train()
+        flops = count_flops(ours)  # one more training step, counted
+        tflops = flops / step_s / 1e12
+        peak = next((v for k, v in BF16_PEAK_TFLOPS if k in device_name(device)), None)
+        result["cuda"] = dict(train_peak_mem_gib=mem_ours / 2**30, textbook_peak_mem_gib=mem_theirs / 2**30,
+                              train_flops_per_step=flops, train_tflops=tflops,
+                              **(dict(bf16_peak_tflops=peak, mfu=tflops / peak) if peak else {}),
+                              hours_110_epochs=EPOCH_IMAGES * EPOCHS / result["train"]["img_s"] / 3600)
+
+    report = dict(
+        device=str(device), device_name=device_name(device), torch=torch.__version__,
+        command=shlex.join(["python", "bench.py", *argv]),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        settings=dict(arch=args.arch, width=width or "standard", params=sum(p.numel() for p in model.parameters()),
+                      loss=args.loss, ratio=targs.ratio, batch=args.batch, eval_batch=eval_batch,
+                      repeats=args.repeats, warmup=args.warmup, workers=args.workers,
+                      threads=torch.get_num_threads(), amp_bf16=amp, eps=targs.eps, pgd_steps=targs.steps,
+                      eval_steps=targs.eval_steps, quick=args.quick),
+        **result)
+    print_table(report)
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, args.out)
+    return report
+
+
+def print_table(r: dict) -> None:
+    s, c = r["settings"], r.get("cuda")
+    rows = [
+        (f"train step, project (PGD-{s['pgd_steps']}, {s['loss']})", f"{r['train']['img_s']:10.2f} img/s",
+         f"{statistics.median(r['train']['step_s']):.3f} s/step"),
+        ("train step, textbook loop", f"{r['textbook']['img_s']:10.2f} img/s",
+         f"{statistics.median(r['textbook']['step_s']):.3f} s/step"),
+        ("speedup, project / textbook", f"{r['speedup']:10.2f} x", ""),
+        *[(f"sovr_loss / cross_entropy, {shape}", f"{v['ratio']:10.2f} x",
+           f"{v['sovr_us']:.0f} vs {v['ce_us']:.0f} us forward+backward") for shape, v in r["loss_cost"].items()],
+        (f"eval PGD-{s['eval_steps']}", f"{r['eval']['pgd20_img_s']:10.2f} img/s", ""),
+        (f"eval AutoAttack APGD-CE, {r['eval']['apgd_iters']} iterations",
+         f"{r['eval']['apgd_ce_img_s']:10.2f} img/s", ""),
+    ]
+    if c:
+        rows += [("peak memory, project (textbook)", f"{c['train_peak_mem_gib']:10.2f} GiB",
+                  f"({c['textbook_peak_mem_gib']:.2f} GiB)"),
+                 ("train step, achieved", f"{c['train_tflops']:10.1f} TFLOP/s",
+                  f"{c['mfu']:.1%} of the {c['bf16_peak_tflops']} bf16 peak" if "mfu" in c else "bf16 peak unknown"),
+                 ("110-epoch CIFAR-10 run", f"{c['hours_110_epochs']:10.2f} h", "training only")]
+    print(f"{r['device_name']} | torch {r['torch']} | {s['arch']} width {s['width']} ({s['params'] / 1e6:.2f}M "
+          f"params) | batch {s['batch']} | median of {s['repeats']}")
+    for name, value, note in rows:
+        print(f"  {name:<44} {value:<20} {note}")
+
+
+if __name__ == "__main__":
+    main()

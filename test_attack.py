@@ -1,0 +1,103 @@
+"""attack.py on a tiny model trained by train.py: results, equality with a direct AutoAttack call, errors."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attack
+import train
+
+HERE = Path(__file__).resolve().parent
+QUICK = ["--n", "24", "--bs", "12", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train.main(["--smoke", "--arch", "wrn16", "--width", "1", "--epochs", "3", "--milestones", "", "--lr", "0.05",
+                "--device", "cpu", "--out", str(out)])
+    return out / "last.pt"
+
+
+def run(*argv) -> None:
+    attack.main([str(a) for a in argv])
+
+
+def result_files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.parent.glob("last.*.json"))
+
+
+def test_custom_attacks_match_a_direct_package_call(ckpt: Path) -> None:
+    run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr", "--eps", 24)  # a radius that breaks some points
+    (path,) = [p for p in result_files(ckpt) if "apgd-ce+apgd-dlr" in p.name]
+    res = json.loads(path.read_text())
+    assert res["settings"]["n"] == 24 and res["settings"]["eps"] == "24/255" and "pyautoattack" in res["versions"]
+    assert 0 < res["robust_acc"] < res["clean_acc"]
+    assert all(r <= c for r, c in zip(res["robust"], res["clean"]))
+    assert not os.path.exists(str(path) + ".state")
+
+    from pyautoattack import AutoAttack
+    model, _ = attack.load_model(str(ckpt), "cpu")
+    data = train.load_data("synthetic", "")
+    x, y = data["x_test"][:24].float() / 255, data["y_test"][:24]
+    aa = AutoAttack(model, eps=24 / 255, norm="Linf", version="standard", device="cpu", seed=0)
+    aa.attacks_to_run = ["apgd-ce", "apgd-dlr"]
+    _, y_adv = aa.run_standard_evaluation(x, y, batch_size=12)
+    assert res["robust"] == (y_adv == y).int().tolist()
+
+
+def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys) -> None:
+    # A run of apgd-ce,apgd-dlr stopped after apgd-ce left this state: no point survived apgd-ce.
+    state = ckpt.parent / "last.apgd-ce+apgd-dlr-Linf-eps8-n24-seed0.json.state"
+    state.write_text(json.dumps(dict(robust=[False] * 24, done=["apgd-ce"])))
+    run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr")
+    assert "resuming from" in capsys.readouterr().out
+    res = json.loads(Path(str(state)[:-len(".state")]).read_text())
+    assert res["robust_acc"] == 0 and res["clean_acc"] > 0 and not state.exists()
+
+
+def test_margins_writes_json_and_png(ckpt: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    run(ckpt, ckpt.parent / "best.pt", *QUICK, "--margins", "--plot", tmp_path / "m.png")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    res = json.loads([p for p in result_files(ckpt) if ".margins-" in p.name][0].read_text())
+    assert len(res["margins"]) == 24 and res["mean_margin_smallest30"] <= res["mean_margin"]
+
+
+def expect_error(capsys, argv: list, match: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert e.value.code != 0 and match in msg, msg
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
+    expect_error(capsys, [tmp_path / "missing.pt"], "no such checkpoint")
+    (tmp_path / "text.pt").write_text("hello")
+    expect_error(capsys, [tmp_path / "text.pt"], "is not a PyTorch checkpoint")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    expect_error(capsys, [tmp_path / "other.pt"], "is not a train.py checkpoint")
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Evil()}))
+    expect_error(capsys, [tmp_path / "evil.pt"], "refuses to run")
+    good = torch.load(ckpt, weights_only=True)
+    torch.save({**good, "arch": "vgg"}, tmp_path / "arch.pt")
+    expect_error(capsys, [tmp_path / "arch.pt"], "unknown arch 'vgg'")
+    torch.save({**good, "arch": "preact18"}, tmp_path / "mismatch.pt")
+    expect_error(capsys, [tmp_path / "mismatch.pt"], "weights do not fit arch preact18")
+    expect_error(capsys, [ckpt, "--n", "100000", "--device", "cpu"], "--n 100000 is larger than the 200 test points")
+    expect_error(capsys, [ckpt, "--dataset", "cifar100", "--device", "cpu"], "trained on synthetic")
+
+
+def test_cli_error_is_one_line(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(HERE / "attack.py"), str(tmp_path / "nope.pt")], capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.strip() == f"attack.py: error: no such checkpoint: {tmp_path / 'nope.pt'}"

@@ -1,0 +1,134 @@
+"""train.py under torchrun (2 CPU processes, gloo): DDP equals a single-process run over the same global batch.
+
+Where the two runs cannot agree by design, the equivalence runs remove the cause rather than loosen the check:
+  - BatchNorm: SyncBatchNorm needs CUDA, so every BatchNorm normalizes with its running statistics (eval
+    mode; its weight and bias still train) and no per-rank batch can change it.
+  - PGD's random start is drawn on each rank from the same seed, not as a slice of the single-process draw,
+    so they use --eps 0: the attack still runs (forward and input gradient) but returns the clean images.
+  - SOVR picks its OVR samples within each rank's shard, so they use --loss ce, a mean over the global batch.
+A third run keeps the default model and loss and checks that all ranks end with the same weights and BatchNorm
+statistics. The runs go through a launcher that changes nothing in train.py's logic: it swaps the BatchNorm
+class when asked, and saves each rank's weights before final_report reloads best.pt.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parent
+
+LAUNCHER = '''
+import os, sys
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import train
+
+
+class EvalModeBN(torch.nn.BatchNorm2d):
+    """Normalizes with its running statistics in train mode too, so no batch can change its output."""
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+if os.environ["TEST_EVAL_BN"] == "1":
+    torch.nn.BatchNorm2d = EvalModeBN  # models.py looks the class up when it builds a model
+
+
+def final_report(args, model, *rest):
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(model.state_dict(), os.path.join(args.out, f"weights-rank{rank}.pt"))
+    return report(args, model, *rest)
+
+
+report, train.final_report = train.final_report, final_report
+train.main(sys.argv[1:])
+'''
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+def start(tmp: Path, name: str, nproc: int, eval_bn: bool, *flags: str) -> tuple[Path, subprocess.Popen]:
+    """Starts train.py (through the launcher) on nproc CPU processes; finish() waits for it."""
+    launcher, out = tmp / "launch.py", tmp / name
+    launcher.write_text(LAUNCHER)
+    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # in case pytest runs under torchrun
+    env = {k: v for k, v in os.environ.items() if k not in outer}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TEST_EVAL_BN="1" if eval_bn else "0")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (torchrun if nproc > 1 else [sys.executable]) + [str(launcher), "--smoke", "--device", "cpu",
+                                                           "--out", str(out), *flags]
+    return out, subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)  # its own process group, for stop()
+
+
+def finish(out: Path, proc: subprocess.Popen) -> Path:
+    output, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, f"{' '.join(proc.args)} failed:\n{output}"
+    return out
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Ends the job and the workers torchrun started for it, if it is still running."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def weights(out: Path, rank: int) -> dict:
+    return torch.load(out / f"weights-rank{rank}.pt", weights_only=True)
+
+
+def log(out: Path) -> list[dict]:
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return recs[:-1] + list(recs[-1]["final"].values())  # one record per epoch, then best.pt's and last.pt's test
+
+
+def assert_checkpoints(out: Path, trained: dict) -> None:
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / name, weights_only=True)["model"]
+        assert not [k for k in state if k.startswith("module.")], f"{name} keys carry DDP's module. prefix"
+        assert state.keys() == trained.keys()
+    for k, v in torch.load(out / "last.pt", weights_only=True)["model"].items():
+        assert torch.equal(v, trained[k]), f"last.pt differs from the trained weights at {k}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The three runs, side by side: DDP and one process with eval-mode BN, and DDP with the default model."""
+    tmp, eq = tmp_path_factory.mktemp("ddp"), ("--loss", "ce", "--eps", "0")
+    jobs = dict(ddp=start(tmp, "ddp", 2, True, *eq), single=start(tmp, "single", 1, True, *eq),
+                ddp_bn=start(tmp, "ddp_bn", 2, False, "--epochs", "1"))
+    try:
+        return {name: finish(*job) for name, job in jobs.items()}
+    finally:
+        for _, proc in jobs.values():
+            stop(proc)
+
+
+def test_ddp_equals_single_process_run(runs: dict[str, Path]) -> None:
+    ddp, single = runs["ddp"], runs["single"]
+    w0, w1, ref = weights(ddp, 0), weights(ddp, 1), weights(single, 0)
+    assert w0.keys() == w1.keys() == ref.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), f"ranks differ at {k}"
+        torch.testing.assert_close(w0[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert_checkpoints(ddp, w0)
+    for a, b in zip(log(ddp), log(single)):  # validation and test accuracy, sharded and summed over ranks
+        for k in ("val_clean", "val_pgd", "test_clean", "test_pgd"):
+            assert k not in a or abs(a[k] - b[k]) <= 0.02, (k, a, b)
+
+
+def test_ddp_ranks_agree_with_train_mode_batchnorm(runs: dict[str, Path]) -> None:
+    """Default model and loss: weights and BatchNorm statistics end the same on every rank."""
+    w0, w1 = weights(runs["ddp_bn"], 0), weights(runs["ddp_bn"], 1)
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), f"ranks differ at {k}"
+    assert_checkpoints(runs["ddp_bn"], w0)

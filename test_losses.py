@@ -1,0 +1,272 @@
+"""Tests of losses.py's objectives: per-sample formulas against plain Python loops on hand-made
+logits, the special cases that reduce to cross-entropy, the EMR wrapper, and short training runs."""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+from losses import (OBJECTIVES, _attack_from_clean, comp_sum_loss, emr_penalty, gair_weights, kl_rows, logit_diff_distance,
+                    mail_weights, mart_loss, prob_margin, trades_loss, trades_sovr_loss)
+from sovr import sovr_loss
+
+SHAPES = [(1, 2), (7, 10), (5, 100)]  # (batch, classes)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops gain nothing from threads, and on a busy 2-core machine 2 threads ran 50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def logits(b: int, k: int, seed: int = 0, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    zc, za = (scale * torch.randn(2, b, k, generator=g, dtype=torch.float64)).unbind(0)
+    return zc, za, torch.randint(0, k, (b,), generator=g)
+
+
+# ---- plain-Python references, one sample (a list of floats) at a time ----
+
+def softmax(row: list) -> list:
+    top = max(row)
+    e = [math.exp(v - top) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def ce(row: list, t: int) -> float:
+    top = max(row)
+    return top + math.log(sum(math.exp(v - top) for v in row)) - row[t]
+
+
+def kl(a: list, b: list) -> float:
+    p, q = softmax(a), softmax(b)
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+
+def pm(row: list, t: int) -> float:
+    p = softmax(row)
+    return p[t] - max(v for j, v in enumerate(p) if j != t)
+
+
+def close(got: torch.Tensor, want: list, rel: float = 1e-9) -> None:
+    assert got.shape == (len(want),)
+    for g, w in zip(got.tolist(), want):
+        assert g == pytest.approx(w, rel=rel, abs=1e-12)
+
+
+@pytest.mark.parametrize("b,k", SHAPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 6.0])
+def test_trades_matches_loop(b: int, k: int, beta: float) -> None:
+    zc, za, y = logits(b, k)
+    C, A, Y = zc.tolist(), za.tolist(), y.tolist()
+    close(kl_rows(zc, za), [kl(c, a) for c, a in zip(C, A)])
+    close(trades_loss(zc, za, y, beta), [ce(c, t) + beta * kl(c, a) for c, a, t in zip(C, A, Y)])
+    ratio = 0.4
+    close(trades_sovr_loss(zc, za, y, beta, ratio),
+          [s + beta * kl(c, a) for s, c, a in zip(sovr_loss(za, y, ratio, reduction="none").tolist(), C, A)])
+
+
+@pytest.mark.parametrize("b,k", SHAPES)
+@pytest.mark.parametrize("beta", [0.0, 6.0])
+def test_mart_matches_loop(b: int, k: int, beta: float) -> None:
+    zc, za, y = logits(b, k)
+    want = []
+    for c, a, t in zip(zc.tolist(), za.tolist(), y.tolist()):
+        p = softmax(a)
+        p_other = max(v for j, v in enumerate(p) if j != t)
+        want.append(-math.log(p[t]) - math.log(1 - p_other) + beta * kl(c, a) * (1 - softmax(c)[t]))
+    close(mart_loss(zc, za, y, beta), want, rel=1e-7)
+
+
+def test_mart_is_finite_when_a_wrong_class_takes_all_the_probability() -> None:
+    za = torch.tensor([[0.0, 80.0, -5.0]], dtype=torch.float32, requires_grad=True)
+    loss = mart_loss(torch.zeros(1, 3), za, torch.tensor([0]), 6.0)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(za.grad).all()
+    assert loss.item() > 80  # -log p_y alone is 80; the boosted term adds about 80 more
+
+
+@pytest.mark.parametrize("b,k", SHAPES)
+@pytest.mark.parametrize("slope,bias", [(1.0, -1.5), (10.0, -0.5), (0.0, 0.0)])
+def test_mail_weights_match_loop(b: int, k: int, slope: float, bias: float) -> None:
+    _, za, y = logits(b, k)
+    margins = [pm(a, t) for a, t in zip(za.tolist(), y.tolist())]
+    close(prob_margin(za, y), margins)
+    raw = [1 / (1 + math.exp(slope * (m - bias))) for m in margins]
+    close(mail_weights(za, y, slope, bias), [w * len(raw) / sum(raw) for w in raw])
+
+
+def test_mail_weights_favour_small_margins_and_take_no_gradient() -> None:
+    za = torch.tensor([[4.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 3.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 0])
+    w = mail_weights(za, y, 1.0, -1.5)
+    assert w[0] < w[1] < w[2] and w.mean().item() == pytest.approx(1.0) and not w.requires_grad
+    assert mail_weights(za, y, 0.0, -1.5).tolist() == [1.0, 1.0, 1.0]  # constant weights: plain CE
+
+
+@pytest.mark.parametrize("steps", [2, 5, 10])
+@pytest.mark.parametrize("lam", [-1.0, 0.0, 2.0])
+def test_gair_weights_match_loop_and_have_mean_one(steps: int, lam: float) -> None:
+    kappa = torch.arange(steps + 1).repeat(2)[:-1]  # every count, unbalanced batch
+    raw = [(1 + math.tanh(lam + 5 * (1 - 2 * kp / steps))) / 2 for kp in kappa.tolist()]
+    w = gair_weights(kappa, steps, lam)
+    close(w.double(), [v * len(raw) / sum(raw) for v in raw], rel=1e-5)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-6)
+    assert (w[:steps].diff() <= 0).all()  # more steps correctly classified: smaller weight
+    assert gair_weights(torch.full((4,), 3), steps, lam).tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize("b,k", SHAPES)
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+def test_comp_sum_matches_loop(b: int, k: int, tau: float) -> None:
+    _, z, y = logits(b, k, scale=2.0)
+    want = []
+    for row, t in zip(z.tolist(), y.tolist()):
+        u = sum(math.exp(v - row[t]) for j, v in enumerate(row) if j != t)
+        want.append(math.log1p(u) if tau == 1 else ((1 + u) ** (1 - tau) - 1) / (1 - tau))
+    close(comp_sum_loss(z, y, tau), want)
+
+
+def test_comp_sum_special_cases() -> None:
+    _, z, y = logits(6, 10)
+    u = (z - z.gather(1, y[:, None])).exp().sum(1) - 1
+    assert torch.allclose(comp_sum_loss(z, y, 1.0), F.cross_entropy(z, y, reduction="none"))
+    assert torch.allclose(comp_sum_loss(z, y, 0.0), u)
+    assert torch.allclose(comp_sum_loss(z, y, 2.0), 1 - 1 / (1 + u))
+    with pytest.raises(ValueError):
+        comp_sum_loss(z, y, -0.5)
+
+
+@pytest.mark.parametrize("b,k", SHAPES)
+def test_logit_diff_distance_matches_loop(b: int, k: int) -> None:
+    zc, za, y = logits(b, k)
+    want = [math.sqrt(sum(((a[j] - a[t]) - (c[j] - c[t])) ** 2 for j in range(k) if j != t))
+            for c, a, t in zip(zc.tolist(), za.tolist(), y.tolist())]
+    close(logit_diff_distance(za, zc, y), want)
+    assert logit_diff_distance(zc + 5.0, zc, y).abs().max() < 1e-12  # a shift of all logits changes no difference
+
+
+def test_trades_with_beta_zero_is_clean_ce() -> None:
+    zc, za, y = logits(8, 10)
+    assert torch.equal(trades_loss(zc, za, y, 0.0), F.cross_entropy(zc, y, reduction="none"))
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_emr_penalty_on_a_linear_model(temp: float) -> None:
+    """For z = W x + b the input gradient of sum_k p_k z_k (p held constant) is W^T p."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 5)
+    x = torch.rand(4, 12)
+    p = F.softmax(lin(x).detach() / temp, 1)
+    want = (p @ lin.weight).pow(2).sum(1)
+    got = emr_penalty(lin, x, temp)
+    assert torch.allclose(got, want, atol=1e-6)
+    got.sum().backward()  # the penalty reaches the weights through the double backward
+    assert lin.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        emr_penalty(lin, x, 0.0)
+
+
+# ---- objectives on a tiny BatchNorm conv net ----
+
+def tiny(classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, classes))
+
+
+def data(classes: int = 10, b: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(b, 3, 8, 8, generator=g), torch.randint(0, classes, (b,), generator=g)
+
+
+def args(*flags: str):
+    return train.get_args(["--device", "cpu", "--steps", "3", *flags])
+
+
+def run(name: str, a, model: nn.Module, x, y, epoch: int = 0, body: bool = False, seed: int = 0):
+    """One call of the objective on a copy of `model` (its BN statistics stay untouched) with a fixed seed."""
+    m = copy.deepcopy(model).train()
+    torch.manual_seed(seed)
+    fn = OBJECTIVES[name].body if body else OBJECTIVES[name]
+    return (*fn(m, m, x, y, a, epoch), m)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_emr_wrapper(name: str) -> None:
+    model, (x, y) = tiny(), data()
+    loss0, z0, x_adv, _ = run(name, args("--loss", name, "--burn-in", "0"), model, x, y, body=True)
+    loss, z, _ = run(name, args("--loss", name, "--burn-in", "0", "--emr", "0"), model, x, y)
+    assert torch.equal(loss, loss0) and torch.equal(z, z0) and z.shape == (8, 10)  # lambda 0: the base loss
+    loss, _, m = run(name, args("--loss", name, "--burn-in", "0", "--emr", "0.5"), model, x, y)
+    assert torch.allclose(loss - loss0, 0.5 * emr_penalty(m, x_adv, 1.0).mean(), rtol=1e-4, atol=1e-6)
+    assert all(mod.training for mod in m.modules())  # BN back in train mode after the attacks
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("mail", ["--mail-slope", "0", "--burn-in", "0"]),    # constant weights
+    ("mail", ["--burn-in", "1"]),                          # burn-in epoch
+    ("gairat", ["--gairat-lambda", "100", "--burn-in", "0"]),  # tanh saturates: all weights 1
+    ("gairat", ["--burn-in", "1"]),
+])
+def test_reweighting_reduces_to_pgd_at(name: str, flags: list) -> None:
+    model, (x, y) = tiny(), data()
+    want, z_want, _ = run("ce", args(), model, x, y)
+    got, z_got, _ = run(name, args(*flags), model, x, y)
+    assert torch.allclose(got, want, rtol=1e-6) and torch.equal(z_got, z_want)
+
+
+@pytest.mark.parametrize("distance", [lambda za, zc, _: kl_rows(zc, za), logit_diff_distance])
+def test_attacks_on_clean_logits_ascend(distance) -> None:
+    """TRADES' and comp-sum's PGD moves away from the clean logits: more than the start, in eval-mode BN."""
+    model, (x, y) = tiny().eval(), data()
+    x_adv = _attack_from_clean(model, x, y, args(), distance, start="uniform")
+    with torch.no_grad():
+        zc = model(x)
+        start = distance(model((x + torch.empty_like(x).uniform_(-8 / 255, 8 / 255)).clamp(0, 1)), zc, y).mean()
+        assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+        assert distance(model(x_adv), zc, y).mean() > 2 * start
+
+
+@pytest.mark.parametrize("name,flags", [("trades", ["--beta", "0"]), ("comp-sum", ["--tau", "1", "--nu", "0"])])
+def test_clean_ce_special_cases(name: str, flags: list) -> None:
+    model, (x, y) = tiny(), data()
+    got, _, m = run(name, args(*flags), model, x, y)
+    assert torch.allclose(got, F.cross_entropy(copy.deepcopy(model).train()(x), y), rtol=1e-6)
+
+
+# ---- a few training steps of every loss through train.main ----
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict:
+    root, out = tmp_path_factory.mktemp("data"), {}
+    rng = np.random.default_rng(0)
+    for k in (10, 100):
+        y = rng.permutation(np.arange(112) % k)  # every class occurs, so num_classes is k
+        x = (rng.random((112, 3, 8, 8)) * 128 + (y % 10)[:, None, None, None] * 12).astype(np.uint8)
+        out[k] = str(root / f"tiny{k}.npz")
+        np.savez(out[k], x_train=x[:96], y_train=y[:96], x_test=x[96:], y_test=y[96:])
+    return out
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_trains_without_nan_and_writes_checkpoints(name: str, classes: int, datasets: dict, tmp_path) -> None:
+    emr = ["--emr", "0.1"] if classes == 100 else []  # EMR rides along on the 100-class runs
+    train.main(["--dataset", datasets[classes], "--arch", "wrn16", "--width", "1", "--val", "16", "--epochs", "2",
+                "--milestones", "1", "--batch", "32", "--steps", "2", "--eval-steps", "1", "--burn-in", "1",
+                "--loss", name, "--device", "cpu", "--out", str(tmp_path), *emr])
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["epoch"] for r in log[:2]] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in log[:2])
+    for ckpt in ("best.pt", "last.pt"):
+        state = torch.load(tmp_path / ckpt, weights_only=True)
+        assert state["num_classes"] == classes and state["args"]["loss"] == name
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
