@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import attack
 import train
 from losses import (OBJECTIVES, _attack_from_clean, comp_sum_loss, emr_penalty, gair_weights, kl_rows, logit_diff_distance,
                     mail_weights, mart_loss, prob_margin, trades_loss, trades_sovr_loss)
@@ -270,3 +271,7 @@ def test_trains_without_nan_and_writes_checkpoints(name: str, classes: int, data
         state = torch.load(tmp_path / ckpt, weights_only=True)
         assert state["num_classes"] == classes and state["args"]["loss"] == name
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    attack.main([str(tmp_path / "best.pt"), "--n", "8", "--bs", "8", "--attacks", "apgd-ce", "--device", "cpu"])
+    (result,) = tmp_path.glob("best.apgd-ce-*.json")
+    res = json.loads(result.read_text())
+    assert 0 <= res["robust_acc"] <= res["clean_acc"] and res["settings"]["loss"] == name

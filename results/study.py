@@ -1,0 +1,149 @@
+"""The CPU study on the real CIFAR-10 subset: trains every loss, evaluates it, writes results/README tables.
+
+    python results/study.py                      # the whole study, resumable: finished runs are skipped
+    python results/study.py --losses ce,sovr --seeds 0 --epochs 4 --aa apgd-ce --tag pilot
+
+Each run is `train.py` on ../shared/data/cifar10_subset.npz (4,085 train / 1,000 validation / 1,017
+test images) followed by `attack.py` on its best-by-validation checkpoint: AutoAttack, and the
+logit-margin diagnostic. Runs go `--jobs` at a time, one CPU thread each.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
+
+
+def get_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--losses", default="ce,mail,gairat,trades,sovr,trades-sovr", help="comma-separated --loss values")
+    a("--seeds", default="0,1", help="comma-separated seeds for every loss (default 0,1)")
+    a("--ratios", default="0,0.2,0.6,0.8,1.0", help="extra SOVR --ratio values, seed 0 (the default ratio runs anyway)")
+    a("--epochs", type=int, default=15, help="epochs per run; lr x0.1 at 2/3 and 5/6 of them (default 15)")
+    a("--burn-in", type=int, default=None, help="MAIL/GAIRAT burn-in epochs (default: half the epochs, as 60 of 120)")
+    a("--arch", default="wrn16", help="architecture (default wrn16)")
+    a("--width", type=int, default=1, help="width (default 1: WRN-16-1, 0.18M parameters)")
+    a("--val", type=int, default=1000, help="validation images for model selection (default 1000)")
+    a("--aa", default="standard", help="AutoAttack version, or a comma-separated attack list (default standard)")
+    a("--n-aa", type=int, default=0, help="test points for AutoAttack (default 0 = all 1,017)")
+    a("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2, this machine's cores)")
+    a("--tag", default="study", help="name of the output folder under results/ (default study)")
+    return p.parse_args()
+
+
+def runs(args) -> list[dict]:
+    out = [dict(loss=l, seed=int(s), ratio=None) for l in args.losses.split(",") for s in args.seeds.split(",")]
+    if args.ratios and "sovr" in args.losses.split(","):
+        out += [dict(loss="sovr", seed=0, ratio=float(r)) for r in args.ratios.split(",")]
+    return out
+
+
+def name(r: dict) -> str:
+    return f"{r['loss']}-s{r['seed']}" + ("" if r["ratio"] is None else f"-ratio{r['ratio']:g}")
+
+
+def sh(cmd: list, log: Path) -> None:
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+
+
+def one(r: dict, args, root: Path) -> None:
+    out = root / name(r)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "console.log"
+    e = args.epochs
+    cmd = [sys.executable, "train.py", "--dataset", str(SUBSET), "--arch", args.arch, "--width", str(args.width),
+           "--loss", r["loss"], "--seed", str(r["seed"]), "--epochs", str(e), "--device", "cpu", "--out", str(out),
+           "--milestones", f"{round(e * 2 / 3)},{round(e * 5 / 6)}", "--val", str(args.val), "--burn-in", str(args.burn_in or e // 2)]
+    cmd += [] if r["ratio"] is None else ["--ratio", str(r["ratio"])]
+    t0 = time.time()
+    if not (out / "log.jsonl").exists() or "final" not in (out / "log.jsonl").read_text():
+        sh(cmd + (["--resume"] if (out / "last.pt").exists() else []), log)
+    aa = ["--attacks", args.aa] if "," in args.aa or args.aa.startswith("apgd") else ["--version", args.aa]
+    common = [str(out / "best.pt"), "--device", "cpu", "--bs", "500"]
+    sh([sys.executable, "attack.py", *common, *aa, "--n", str(args.n_aa)], log)
+    sh([sys.executable, "attack.py", *common, "--margins"], log)
+    print(f"{name(r)} done in {time.time() - t0:.0f}s", flush=True)
+
+
+def row(out: Path) -> dict:
+    final = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "final" in l][-1]["final"]["best"]
+    aa = [json.loads(p.read_text()) for p in out.glob("best.*.json") if ".margins-" not in p.name][0]
+    m = [json.loads(p.read_text()) for p in out.glob("best.margins-*.json")][0]
+    recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if '"epoch"' in l]
+    return dict(clean=final["test_clean"], pgd=final["test_pgd"], aa=aa["robust_acc"], n_aa=aa["settings"]["n"],
+                aa_mode=aa["settings"]["mode"], margin30=m["mean_margin_smallest30"], margin=m["mean_margin"],
+                epochs=len(recs), best_epoch=final["epoch"], hours=sum(r["time"] for r in recs) / 3600)
+
+
+def fmt(vals: list[float], n: int) -> str:
+    """mean +- std over seeds, and the binomial standard error of one run, in percent."""
+    mean = statistics.mean(vals)
+    se = math.sqrt(mean * (1 - mean) / n)
+    std = f" ± {100 * statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+    return f"{100 * mean:.1f}{std} (se {100 * se:.1f})"
+
+
+def table(root: Path, args) -> str:
+    groups: dict = {}
+    for r in runs(args):
+        if (root / name(r)).exists():
+            try:
+                groups.setdefault((r["loss"], r["ratio"]), []).append(row(root / name(r)))
+            except (IndexError, FileNotFoundError):
+                pass  # unfinished
+    lines = ["| loss | ratio | seeds | clean % | PGD-20 % | AutoAttack % | margin, 30% smallest | mean margin | epochs | CPU h |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (loss, ratio), rs in groups.items():
+        n_test = 1017
+        lines.append(f"| {loss} | {'default' if ratio is None else ratio} | {len(rs)} | "
+                     f"{fmt([r['clean'] for r in rs], n_test)} | {fmt([r['pgd'] for r in rs], n_test)} | "
+                     f"{fmt([r['aa'] for r in rs], rs[0]['n_aa'])} | {statistics.mean(r['margin30'] for r in rs):.2f} | "
+                     f"{statistics.mean(r['margin'] for r in rs):.2f} | {rs[0]['epochs']} | "
+                     f"{sum(r['hours'] for r in rs):.2f} |")
+    return "\n".join(lines) + f"\n\nAutoAttack: {rs[0]['aa_mode']} on {rs[0]['n_aa']} test points.\n" if groups else ""
+
+
+def overlay(root: Path, args) -> None:
+    """The paper's figure: margin histograms of CE, MAIL and SOVR (seed 0) in one picture."""
+    sys.path.insert(0, str(REPO))
+    import attack
+    found = [p for l in ("ce", "mail", "sovr") for p in (root / f"{l}-s0").glob("best.margins-*.json")]
+    if found:
+        attack.plot([json.loads(p.read_text()) for p in found], str(root / "margins.png"))
+
+
+def main() -> None:
+    args = get_args()
+    if not SUBSET.exists():
+        sys.exit(f"study.py: error: {SUBSET} not found")
+    root = HERE / args.tag
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for f in [pool.submit(one, r, args, root) for r in runs(args)]:
+            try:
+                f.result()
+            except subprocess.CalledProcessError as e:
+                print(f"failed: {' '.join(e.cmd)} (see its console.log)", flush=True)
+    print(f"study wall time {time.time() - t0:.0f}s")
+    (root / "table.md").write_text(table(root, args))
+    overlay(root, args)
+    print((root / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
