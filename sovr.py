@@ -8,6 +8,7 @@ logits: float tensor [B, K] (K >= 2, any float dtype); target: int64 tensor [B].
 Margins are taken without gradient from the logits you pass, i.e. the adversarial
 ones in training. ratio=0 is cross-entropy, ratio=1 is OVR. Computed in float32
 (float64 if given), also under autocast. `reduction` is as in F.cross_entropy: "mean", "sum", "none".
+Bad input (shapes, dtypes, ratio outside [0, 1], K < 2) raises ValueError.
 
 Drop-in for PGD adversarial training:
     from sovr import sovr_loss
