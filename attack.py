@@ -21,7 +21,7 @@ import torch
 
 import models
 from losses import pgd
-from train import load_data, save
+from train import load_data, pick_device
 
 VERSIONS = ("standard", "plus", "rand")
 
@@ -44,7 +44,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
     a("--plot", default=None, help="histogram PNG for --margins (default margins.png beside the first checkpoint)")
     args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.n < 0 or args.bs < 1:
         p.error("--n must be >= 0 and --bs >= 1")
     if args.norm == "L2" and args.eps is None:
@@ -211,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # the package's progress lines
     try:
+        args.device = str(pick_device(args.device))
         results = [evaluate(p, args) for p in args.checkpoints]
         if args.margins:
             plot(results, args.plot or os.path.join(os.path.dirname(args.checkpoints[0]) or ".", "margins.png"))

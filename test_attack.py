@@ -96,6 +96,7 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [tmp_path / "mismatch.pt"], "weights do not fit arch preact18")
     expect_error(capsys, [ckpt, "--n", "100000", "--device", "cpu"], "--n 100000 is larger than the 200 test points")
     expect_error(capsys, [ckpt, "--dataset", "cifar100", "--device", "cpu"], "trained on synthetic")
+    expect_error(capsys, [ckpt, "--device", "cuda:7"], "no such CUDA device")
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:

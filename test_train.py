@@ -82,6 +82,8 @@ def expect_error(capsys, argv: list, match: str) -> None:
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--val", "5000"], "--val must lie in"),
     (["--resume"], "no checkpoint at"),
+    (["--device", "gpu"], "--device 'gpu' is not a device name"),
+    (["--device", "cuda:7"], "no such CUDA device"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv: list, match: str) -> None:
     expect_error(capsys, [*SMOKE, "--out", tmp_path, *argv], match)

@@ -183,10 +183,21 @@ def checkpoint(model, args, data: dict, epoch: int, metrics: dict) -> dict:
                 epoch=epoch, metrics=metrics, args=vars(args))
 
 
+def pick_device(name: str | None) -> torch.device:
+    """--device, defaulting to CUDA when present; ValueError for a name torch or this machine lacks."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device on this machine")
+    return device
+
+
 def setup(args) -> tuple[torch.device, int, int]:
     """Device, rank and world size; under torchrun one process per GPU (or CPU process with gloo)."""
     if "RANK" not in os.environ:
-        return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), 0, 1
+        return pick_device(args.device), 0, 1
     cuda = torch.cuda.is_available() and args.device != "cpu"
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
