@@ -79,11 +79,12 @@ def one(r: dict, args, root: Path) -> None:
     print(f"{name(r)} done in {time.time() - t0:.0f}s", flush=True)
 
 
-def row(out: Path) -> dict:
-    final = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "final" in l][-1]["final"]["best"]
-    aa = [json.loads(p.read_text()) for p in out.glob("best.*.json") if ".margins-" not in p.name][0]
+def row(out: Path, aa_mode: str) -> dict:
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    final = [r["final"]["best"] for r in log if "final" in r][-1]
+    recs = [r for r in log if "final" not in r]
+    aa = [json.loads(p.read_text()) for p in out.glob(f"best.{aa_mode}-*.json")][0]
     m = [json.loads(p.read_text()) for p in out.glob("best.margins-*.json")][0]
-    recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if '"epoch"' in l]
     return dict(clean=final["test_clean"], pgd=final["test_pgd"], aa=aa["robust_acc"], n_aa=aa["settings"]["n"],
                 aa_mode=aa["settings"]["mode"], margin30=m["mean_margin_smallest30"], margin=m["mean_margin"],
                 epochs=len(recs), best_epoch=final["epoch"], hours=sum(r["time"] for r in recs) / 3600)
@@ -102,10 +103,12 @@ def table(root: Path, args) -> str:
     for r in runs(args):
         if (root / name(r)).exists():
             try:
-                groups.setdefault((r["loss"], r["ratio"]), []).append(row(root / name(r)))
+                found = row(root / name(r), args.aa.replace(",", "+"))
+                groups.setdefault((r["loss"], r["ratio"]), []).append(found)
             except (IndexError, FileNotFoundError):
                 pass  # unfinished
-    lines = ["| loss | ratio | seeds | clean % | PGD-20 % | AutoAttack % | margin, 30% smallest | mean margin | epochs | CPU h |",
+    lines = [f"| loss | ratio | seeds | clean % | PGD-20 % | AutoAttack ({args.aa}) % | margin, 30% smallest | mean margin "
+             "| epochs | train h |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (loss, ratio), rs in groups.items():
         n_test = 1017
