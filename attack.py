@@ -102,6 +102,13 @@ def make_autoattack(model, eps: float, args):
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True), "autoattack"
 
 
+def write_json(obj: dict, path: str) -> None:
+    """Atomic, like train.save: a crash mid-write leaves the previous file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, eps: float, args, state_path: str) -> torch.Tensor:
     """Per-point robust flags. Attacks run in the version's order (or --attacks, with the version's
     settings), each on the points still robust; flags are saved after each, so a rerun skips those done."""
@@ -121,9 +128,7 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, eps: float, args, state_
             robust[idx] = y_adv.cpu() == y[idx]
         done.append(name)
         print(f"after {name}: robust accuracy {robust.float().mean():.2%}", flush=True)
-        with open(state_path + ".tmp", "w") as f:
-            json.dump(dict(robust=robust.tolist(), done=done), f)
-        os.replace(state_path + ".tmp", state_path)
+        write_json(dict(robust=robust.tolist(), done=done), state_path)
     return robust
 
 
@@ -174,9 +179,7 @@ def evaluate(path: str, args) -> dict:
         print(f"{path}: clean {res['clean_acc']:.2%}, AutoAttack ({mode}, {args.norm} {eps_int}/255, n={len(y)}) "
               f"{res['robust_acc']:.2%}, {time.time() - t0:.0f}s")
     res["time_s"] = time.time() - t0
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(res, f)
-    os.replace(out_path + ".tmp", out_path)
+    write_json(res, out_path)
     if os.path.exists(out_path + ".state"):
         os.remove(out_path + ".state")
     print(f"wrote {out_path}")
