@@ -24,6 +24,7 @@ from losses import pgd
 from train import load_data, pick_device
 
 VERSIONS = ("standard", "plus", "rand")
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +49,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--n must be >= 0 and --bs >= 1")
     if args.norm == "L2" and args.eps is None:
         p.error("--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)")
+    if args.margins and args.norm != "Linf":
+        p.error("--margins uses L-inf PGD; it takes --norm Linf only")
+    unknown = set(args.attacks.split(",")) - set(ATTACKS) if args.attacks else set()
+    if unknown:
+        p.error(f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}")
     return args
 
 
@@ -95,11 +101,14 @@ def make_autoattack(model, eps: float, args):
     try:
         from pyautoattack import AutoAttack
         aa = AutoAttack(model, eps=eps, norm=args.norm, version=args.version, device=args.device, seed=args.seed)
-        return aa, lambda x, y: aa.run_standard_evaluation(x, y, batch_size=args.bs), "pyautoattack"
+        return aa, lambda x, y: aa.run_standard_evaluation(x, y, batch_size=args.bs)
     except ImportError:
-        from autoattack import AutoAttack
+        try:
+            from autoattack import AutoAttack
+        except ImportError:
+            raise ValueError("AutoAttack is not installed: pip install pyautoattack==0.2.0")
         aa = AutoAttack(model, norm=args.norm, eps=eps, version=args.version, device=args.device, seed=args.seed)
-        return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True), "autoattack"
+        return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
 
 
 def write_json(obj: dict, path: str) -> None:
@@ -109,12 +118,12 @@ def write_json(obj: dict, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def autoattack(model, x: torch.Tensor, y: torch.Tensor, eps: float, args, state_path: str) -> torch.Tensor:
+def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str) -> torch.Tensor:
     """Per-point robust flags. Attacks run in the version's order (or --attacks, with the version's
     settings), each on the points still robust; flags are saved after each, so a rerun skips those done."""
-    aa, run, _ = make_autoattack(model, eps, args)
+    aa, run = make_autoattack(model, eps, args)
     order = args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)
-    robust, done = predict(model, x, args.bs, args.device) == y, []
+    robust, done = clean.clone(), []
     if os.path.exists(state_path):
         with open(state_path) as f:
             st = json.load(f)
@@ -161,7 +170,7 @@ def evaluate(path: str, args) -> dict:
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
     eps = eps_int / 255
     mode = "margins" if args.margins else (args.attacks.replace(",", "+") if args.attacks else args.version)
-    settings = dict(checkpoint=os.path.abspath(path), loss=ckpt["args"].get("loss"), dataset=args.dataset or ckpt["dataset"],
+    settings = dict(checkpoint=os.path.abspath(path), loss=ckpt.get("args", {}).get("loss"), dataset=args.dataset or ckpt["dataset"],
                     n=len(y), eps=f"{eps_int}/255", norm=args.norm, mode=mode, bs=args.bs, seed=args.seed)
     out_path = f"{os.path.splitext(path)[0]}.{mode}-{args.norm}-eps{eps_int}-n{len(y)}-seed{args.seed}.json"
     t0 = time.time()
@@ -174,7 +183,7 @@ def evaluate(path: str, args) -> dict:
         print(f"{path}: clean {res['clean_acc']:.2%}, mean margin {res['mean_margin']:.3f}, "
               f"mean of the 30% smallest {res['mean_margin_smallest30']:.3f}")
     else:
-        robust = autoattack(model, x, y, eps, args, out_path + ".state")
+        robust = autoattack(model, x, y, clean, eps, args, out_path + ".state")
         res.update(robust_acc=robust.float().mean().item(), robust=robust.int().tolist())
         print(f"{path}: clean {res['clean_acc']:.2%}, AutoAttack ({mode}, {args.norm} {eps_int}/255, n={len(y)}) "
               f"{res['robust_acc']:.2%}, {time.time() - t0:.0f}s")

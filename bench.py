@@ -189,7 +189,10 @@ def count_flops(fn: Callable[[], None]) -> int:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = train.pick_device(args.device)
+    except ValueError as e:
+        sys.exit(f"bench.py: error: {e}")
     cuda = amp = device.type == "cuda"  # train.py's default: bf16 autocast on CUDA only
     width = args.width or (None if cuda else 16)
     eval_batch = args.eval_batch or args.batch

@@ -29,8 +29,9 @@ DEFAULT_RATIO = 0.4  # this project's choice, not a number verified from the pap
 def _checked(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 2 or logits.size(1) < 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float [B, K] tensor with K >= 2, got {tuple(logits.shape)}")
-    if target.shape != logits.shape[:1] or target.dtype != torch.long:
-        raise ValueError(f"target must be int64 of shape [{logits.size(0)}], got {target.dtype} {tuple(target.shape)}")
+    if target.shape != logits.shape[:1] or target.dtype != torch.long or target.device != logits.device:
+        raise ValueError(f"target must be int64 [{logits.size(0)}] on {logits.device}, got {target.dtype} "
+                         f"{tuple(target.shape)} on {target.device}")
     return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
 
 

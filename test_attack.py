@@ -97,6 +97,8 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [ckpt, "--n", "100000", "--device", "cpu"], "--n 100000 is larger than the 200 test points")
     expect_error(capsys, [ckpt, "--dataset", "cifar100", "--device", "cpu"], "trained on synthetic")
     expect_error(capsys, [ckpt, "--device", "cuda:7"], "no such CUDA device")
+    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-xx"], "unknown attack(s) apgd-xx")
+    expect_error(capsys, [ckpt, "--margins", "--norm", "L2", "--eps", "127.5"], "--margins uses L-inf PGD")
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:

@@ -109,6 +109,7 @@ def test_low_precision_inputs(device: str, dtype: torch.dtype) -> None:
     (lambda z, y: ovr_loss(z.long(), y), "logits"),
     (lambda z, y: logit_margin(z, y[:3]), "target"),
     (lambda z, y: sovr_loss(z, y.float()), "target"),
+    (lambda z, y: sovr_loss(z, y.to("meta")), "target"),
     (lambda z, y: sovr_loss(z, y, reduction="avg"), "reduction"),
 ])
 def test_bad_input_raises_value_error(call, match: str) -> None:

@@ -83,6 +83,8 @@ def expect_error(capsys, argv: list, match: str) -> None:
     (["--val", "5000"], "--val must lie in"),
     (["--resume"], "no checkpoint at"),
     (["--device", "gpu"], "--device 'gpu' is not a device name"),
+    (["--width", "0"], "--width must be >= 1"),
+    (["--eps", "-8"], "--eps must be >= 0"),
     (["--device", "cuda:7"], "no such CUDA device"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv: list, match: str) -> None:

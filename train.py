@@ -29,7 +29,8 @@ SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, milestones=
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --smoke is looked up by its full name
     a = p.add_argument
     a("--loss", default="sovr", choices=sorted(OBJECTIVES), help="training objective (default: sovr, the paper's method)")
     a("--ratio", type=float, default=DEFAULT_RATIO, help=f"SOVR: fraction of the batch that uses OVR (default {DEFAULT_RATIO}, our choice)")
@@ -82,6 +83,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.ratio <= 1:
         p.error("--ratio must lie in [0, 1]")
+    for name in ("eps", "step", "train_limit", "tau"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.width is not None and args.width < 1 or args.emr_temp <= 0:
+        p.error("--width must be >= 1 and --emr-temp > 0")
     try:
         args.milestones = [int(m) for m in str(args.milestones).replace(" ", "").split(",") if m]
     except ValueError:

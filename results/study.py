@@ -21,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
+TEST_POINTS = 1017  # the subset's test images
 
 
 def get_args() -> argparse.Namespace:
@@ -60,6 +61,22 @@ def sh(cmd: list, log: Path) -> None:
                        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
+def milestones(e: int) -> str:
+    """lr x0.1 at 2/3 and 5/6 of the epochs, kept distinct (MultiStepLR counts a repeated epoch twice)."""
+    first = max(1, round(e * 2 / 3))
+    return f"{first},{max(first + 1, round(e * 5 / 6))}"
+
+
+def aa_mode(args) -> str:
+    return args.aa.replace(",", "+")
+
+
+def result(out: Path, mode: str, n: int) -> Path | None:
+    """attack.py's JSON for this mode on the first n test points (0 = all), if it exists."""
+    path = out / f"best.{mode}-Linf-eps8-n{n or TEST_POINTS}-seed0.json"
+    return path if path.exists() else None
+
+
 def one(r: dict, args, root: Path) -> None:
     out = root / name(r)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,24 +84,26 @@ def one(r: dict, args, root: Path) -> None:
     e = args.epochs
     cmd = [sys.executable, "train.py", "--dataset", str(SUBSET), "--arch", args.arch, "--width", str(args.width),
            "--loss", r["loss"], "--seed", str(r["seed"]), "--epochs", str(e), "--device", "cpu", "--out", str(out),
-           "--milestones", f"{round(e * 2 / 3)},{round(e * 5 / 6)}", "--val", str(args.val), "--burn-in", str(args.burn_in or e // 2)]
+           "--milestones", milestones(e), "--val", str(args.val), "--burn-in", str(e // 2 if args.burn_in is None else args.burn_in)]
     cmd += [] if r["ratio"] is None else ["--ratio", str(r["ratio"])]
     t0 = time.time()
     if not (out / "log.jsonl").exists() or "final" not in (out / "log.jsonl").read_text():
         sh(cmd + (["--resume"] if (out / "last.pt").exists() else []), log)
-    aa = ["--attacks", args.aa] if "," in args.aa or args.aa.startswith("apgd") else ["--version", args.aa]
+    aa = ["--version", args.aa] if args.aa in ("standard", "plus", "rand") else ["--attacks", args.aa]
     common = [str(out / "best.pt"), "--device", "cpu", "--bs", "500"]
-    sh([sys.executable, "attack.py", *common, *aa, "--n", str(args.n_aa)], log)
-    sh([sys.executable, "attack.py", *common, "--margins"], log)
+    if not result(out, aa_mode(args), args.n_aa):
+        sh([sys.executable, "attack.py", *common, *aa, "--n", str(args.n_aa)], log)
+    if not result(out, "margins", 0):
+        sh([sys.executable, "attack.py", *common, "--margins"], log)
     print(f"{name(r)} done in {time.time() - t0:.0f}s", flush=True)
 
 
-def row(out: Path, aa_mode: str) -> dict:
+def row(out: Path, args) -> dict:
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     final = [r["final"]["best"] for r in log if "final" in r][-1]
     recs = [r for r in log if "final" not in r]
-    aa = [json.loads(p.read_text()) for p in out.glob(f"best.{aa_mode}-*.json")][0]
-    m = [json.loads(p.read_text()) for p in out.glob("best.margins-*.json")][0]
+    aa = json.loads(result(out, aa_mode(args), args.n_aa).read_text())
+    m = json.loads(result(out, "margins", 0).read_text())
     return dict(clean=final["test_clean"], pgd=final["test_pgd"], aa=aa["robust_acc"], n_aa=aa["settings"]["n"],
                 aa_mode=aa["settings"]["mode"], margin30=m["mean_margin_smallest30"], margin=m["mean_margin"],
                 epochs=len(recs), best_epoch=final["epoch"], hours=sum(r["time"] for r in recs) / 3600)
@@ -103,15 +122,15 @@ def table(root: Path, args) -> str:
     for r in runs(args):
         if (root / name(r)).exists():
             try:
-                found = row(root / name(r), args.aa.replace(",", "+"))
+                found = row(root / name(r), args)
                 groups.setdefault((r["loss"], r["ratio"]), []).append(found)
-            except (IndexError, FileNotFoundError):
+            except (IndexError, FileNotFoundError, AttributeError):
                 pass  # unfinished
     lines = [f"| loss | ratio | seeds | clean % | PGD-20 % | AutoAttack ({args.aa}) % | margin, 30% smallest | mean margin "
              "| epochs | train h |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (loss, ratio), rs in groups.items():
-        n_test = 1017
+        n_test = TEST_POINTS
         lines.append(f"| {loss} | {'default' if ratio is None else ratio} | {len(rs)} | "
                      f"{fmt([r['clean'] for r in rs], n_test)} | {fmt([r['pgd'] for r in rs], n_test)} | "
                      f"{fmt([r['aa'] for r in rs], rs[0]['n_aa'])} | {statistics.mean(r['margin30'] for r in rs):.2f} | "
