@@ -21,7 +21,7 @@ import torch
 
 import models
 from losses import pgd
-from train import load_data, pick_device
+from train import load_data, pick_device, write_json
 
 VERSIONS = ("standard", "plus", "rand")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -109,13 +109,6 @@ def make_autoattack(model, eps: float, args):
             raise ValueError("AutoAttack is not installed: pip install pyautoattack==0.2.0")
         aa = AutoAttack(model, norm=args.norm, eps=eps, version=args.version, device=args.device, seed=args.seed)
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
-
-
-def write_json(obj: dict, path: str) -> None:
-    """Atomic, like train.save: a crash mid-write leaves the previous file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
 
 
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str) -> torch.Tensor:

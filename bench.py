@@ -20,9 +20,7 @@ Prints a table and writes the figures to --out (JSON, written atomically).
 """
 import argparse
 import contextlib
-import json
 import logging
-import os
 import platform
 import shlex
 import statistics
@@ -288,10 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
                       eval_steps=targs.eval_steps, quick=args.quick),
         **result)
     print_table(report)
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
+    train.write_json(report, args.out, indent=2)
     return report
 
 

@@ -9,7 +9,6 @@ Writes <out>/last.pt (resumable), <out>/best.pt (best validation PGD-20), <out>/
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -181,6 +180,13 @@ def save(obj: dict, path: str) -> None:
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: str, indent: int | None = None) -> None:
+    """Atomic, like save()."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(f"{path}.tmp", path)
 
 
 def checkpoint(model, args, data: dict, epoch: int, metrics: dict) -> dict:
