@@ -21,7 +21,7 @@ import torch
 
 import models
 from losses import pgd
-from train import load_data, pick_device, write_json
+from train import load_data, pick_device, read_checkpoint, write_json
 
 VERSIONS = ("standard", "plus", "rand")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -61,13 +61,7 @@ def load_model(path: str, device: str) -> tuple[torch.nn.Module, dict]:
     """Rebuilds the model from the checkpoint alone; ValueError with a readable message otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"no such checkpoint: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Weights only load failed" in str(e):
-            raise ValueError(f"{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
-                             "it is not a train.py checkpoint (load it only if you trust its source)")
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__})")
+    ckpt = read_checkpoint(path)
     keys = ("model", "arch", "num_classes", "mean", "std", "eps", "dataset")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
         raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(keys)})")

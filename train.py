@@ -221,14 +221,24 @@ def setup(args) -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
-def resume_state(args, path: str) -> dict:
+def read_checkpoint(path: str) -> dict:
+    """torch.load(weights_only=True) of an existing file; ValueError with a readable message otherwise."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        old = state["args"]
-    except FileNotFoundError:
-        raise ValueError(f"--resume: no checkpoint at {path}")
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"--resume: {path} is not a train.py checkpoint ({type(e).__name__})")
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
+                             "it is not a train.py checkpoint (load it only if you trust its source)")
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__})")
+
+
+def resume_state(args, path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
+        raise ValueError(f"--resume: {path} is not a train.py checkpoint")
+    old = state["args"]
     diff = [k for k, v in vars(args).items() if k not in RESUMABLE and old.get(k) != v]
     if diff:
         k = diff[0]
