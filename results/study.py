@@ -37,6 +37,8 @@ def get_args() -> argparse.Namespace:
     a("--val", type=int, default=1000, help="validation images for model selection (default 1000)")
     a("--aa", default="standard", help="AutoAttack version, or a comma-separated attack list (default standard)")
     a("--n-aa", type=int, default=0, help="test points for AutoAttack (default 0 = all 1,017)")
+    a("--extra-aa", default="", help="a second attack list, e.g. apgd-ce,apgd-t, run only on the --extra-on runs")
+    a("--extra-on", default="", help="comma-separated run names for --extra-aa, e.g. ce-s0,sovr-s0")
     a("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2, this machine's cores)")
     a("--tag", default="study", help="name of the output folder under results/ (default study)")
     return p.parse_args()
@@ -93,6 +95,8 @@ def one(r: dict, args, root: Path) -> None:
     common = [str(out / "best.pt"), "--device", "cpu", "--bs", "500"]
     if not result(out, aa_mode(args), args.n_aa):
         sh([sys.executable, "attack.py", *common, *aa, "--n", str(args.n_aa)], log)
+    if name(r) in args.extra_on.split(",") and args.extra_aa and not result(out, args.extra_aa.replace(",", "+"), 0):
+        sh([sys.executable, "attack.py", *common, "--attacks", args.extra_aa], log)
     if not result(out, "margins", 0):
         sh([sys.executable, "attack.py", *common, "--margins"], log)
     print(f"{name(r)} done in {time.time() - t0:.0f}s", flush=True)
@@ -104,7 +108,9 @@ def row(out: Path, args) -> dict:
     recs = [r for r in log if "final" not in r]
     aa = json.loads(result(out, aa_mode(args), args.n_aa).read_text())
     m = json.loads(result(out, "margins", 0).read_text())
+    extra = args.extra_aa and result(out, args.extra_aa.replace(",", "+"), 0)
     return dict(clean=final["test_clean"], pgd=final["test_pgd"], aa=aa["robust_acc"], n_aa=aa["settings"]["n"],
+                extra=json.loads(extra.read_text())["robust_acc"] if extra else None,
                 aa_mode=aa["settings"]["mode"], margin30=m["mean_margin_smallest30"], margin=m["mean_margin"],
                 epochs=len(recs), best_epoch=final["epoch"], hours=sum(r["time"] for r in recs) / 3600)
 
@@ -122,21 +128,26 @@ def table(root: Path, args) -> str:
     for r in runs(args):
         if (root / name(r)).exists():
             try:
-                found = row(root / name(r), args)
-                groups.setdefault((r["loss"], r["ratio"]), []).append(found)
+                groups.setdefault((r["loss"], r["ratio"]), []).append(row(root / name(r), args))
             except (IndexError, FileNotFoundError, AttributeError):
                 pass  # unfinished
-    lines = [f"| loss | ratio | seeds | clean % | PGD-20 % | AutoAttack ({args.aa}) % | margin, 30% smallest | mean margin "
-             "| epochs | train h |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (loss, ratio), rs in groups.items():
-        n_test = TEST_POINTS
-        lines.append(f"| {loss} | {'default' if ratio is None else ratio} | {len(rs)} | "
-                     f"{fmt([r['clean'] for r in rs], n_test)} | {fmt([r['pgd'] for r in rs], n_test)} | "
-                     f"{fmt([r['aa'] for r in rs], rs[0]['n_aa'])} | {statistics.mean(r['margin30'] for r in rs):.2f} | "
-                     f"{statistics.mean(r['margin'] for r in rs):.2f} | {rs[0]['epochs']} | "
-                     f"{sum(r['hours'] for r in rs):.2f} |")
-    return "\n".join(lines) + f"\n\nAutoAttack: {rs[0]['aa_mode']} on {rs[0]['n_aa']} test points.\n" if groups else ""
+    if not groups:
+        return ""
+    extra = f" | {args.extra_aa.replace(',', '+')} %, seed 0" if args.extra_aa else ""
+    lines = [f"| loss | ratio | seeds | clean % | PGD-20 % | {args.aa} % | PGD-20 minus {args.aa}{extra} "
+             "| margin, 30% smallest | mean margin | epochs | train h, all seeds |", "|---" * (11 + bool(extra)) + "|"]
+    # the main rows in --losses order, then the ratio sweep in increasing ratio
+    for (loss, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0)):
+        gap = statistics.mean(r["pgd"] - r["aa"] for r in rs)
+        cells = [loss, "default" if ratio is None else f"{ratio:g}", str(len(rs)),
+                 fmt([r["clean"] for r in rs], TEST_POINTS), fmt([r["pgd"] for r in rs], TEST_POINTS),
+                 fmt([r["aa"] for r in rs], rs[0]["n_aa"]), f"{100 * gap:.1f}"]
+        cells += [f"{100 * rs[0]['extra']:.1f}" if rs[0]["extra"] is not None else "-"] if extra else []
+        cells += [f"{statistics.mean(r['margin30'] for r in rs):.2f}", f"{statistics.mean(r['margin'] for r in rs):.2f}",
+                  str(rs[0]["epochs"]), f"{sum(r['hours'] for r in rs):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next(iter(groups.values()))[0]
+    return "\n".join(lines) + f"\n\nAutoAttack: {first['aa_mode']} on {first['n_aa']} test points.\n"
 
 
 def overlay(root: Path, args) -> None:
