@@ -5,10 +5,9 @@ logits: float tensor [B, K] (K >= 2, any float dtype); target: int64 tensor [B].
   OVR_i      = softplus(-z_y) + sum_{k != y} softplus(z_k)  (ovr_loss)
   SOVR_i     = OVR_i for the k = round(ratio * B) samples of smallest margin
                (ties: lower index first), CE_i for all the others (sovr_loss).
-Margins are taken without gradient from the logits you pass, i.e. the adversarial
-ones in training. ratio=0 is cross-entropy, ratio=1 is OVR. Computed in float32
-(float64 if given), also under autocast. `reduction` is as in F.cross_entropy: "mean", "sum", "none".
-Bad input (shapes, dtypes, ratio outside [0, 1], K < 2) raises ValueError.
+Margins are taken without gradient from the logits you pass (the adversarial ones in
+training). ratio=0 is cross-entropy, ratio=1 is OVR. Computed in float32 (float64 stays),
+also under autocast. `reduction`: "mean", "sum", "none". Bad input raises ValueError.
 
 Drop-in for PGD adversarial training:
     from sovr import sovr_loss
@@ -16,9 +15,8 @@ Drop-in for PGD adversarial training:
     # loss = F.cross_entropy(model(x_adv), y)
     loss = sovr_loss(model(x_adv), y)         # ratio=DEFAULT_RATIO
 
-Cite: S. Kanai, S. Yamaguchi, M. Yamada, H. Takahashi, K. Ohno, Y. Ida. "Switching
-One-Versus-the-Rest Loss to Increase the Margin of Logits for Adversarial
-Robustness." ICML 2023. arXiv:2207.10283.
+Cite: S. Kanai, S. Yamaguchi, M. Yamada, H. Takahashi, K. Ohno, Y. Ida. "Switching One-Versus-
+the-Rest Loss to Increase the Margin of Logits for Adversarial Robustness." ICML 2023.
 """
 import torch
 import torch.nn.functional as F
@@ -26,27 +24,20 @@ import torch.nn.functional as F
 DEFAULT_RATIO = 0.4  # this project's choice, not a number verified from the paper
 
 
-def _checked(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _checked(logits: torch.Tensor, target: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     if logits.dim() != 2 or logits.size(1) < 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float [B, K] tensor with K >= 2, got {tuple(logits.shape)}")
     if target.shape != logits.shape[:1] or target.dtype != torch.long or target.device != logits.device:
         raise ValueError(f"target must be int64 [{logits.size(0)}] on {logits.device}, got {target.dtype} "
                          f"{tuple(target.shape)} on {target.device}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
-
-
-def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_sample
-    if reduction in ("mean", "sum"):
-        return getattr(per_sample, reduction)()
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def logit_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     z = _checked(logits, target)
-    z_y = z.gather(1, target[:, None]).squeeze(1)
-    return z_y - z.scatter(1, target[:, None], float("-inf")).amax(1)
+    return z.gather(1, target[:, None]).squeeze(1) - z.scatter(1, target[:, None], float("-inf")).amax(1)
 
 
 def _ovr(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -55,8 +46,7 @@ def _ovr(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def ovr_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    with torch.autocast(logits.device.type, enabled=False):
-        return _reduce(_ovr(_checked(logits, target), target), reduction)
+    return sovr_loss(logits, target, 1.0, reduction)  # every sample uses OVR
 
 
 def sovr_loss(logits: torch.Tensor, target: torch.Tensor, ratio: float = DEFAULT_RATIO,
@@ -64,9 +54,8 @@ def sovr_loss(logits: torch.Tensor, target: torch.Tensor, ratio: float = DEFAULT
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
     with torch.autocast(logits.device.type, enabled=False):
-        z = _checked(logits, target)
-        k = round(ratio * z.size(0))
+        z = _checked(logits, target, reduction)
         order = torch.argsort(logit_margin(z.detach(), target), stable=True)
-        use_ovr = torch.zeros_like(target, dtype=torch.bool).index_fill_(0, order[:k], True)
-        ce = F.cross_entropy(z, target, reduction="none")
-        return _reduce(torch.where(use_ovr, _ovr(z, target), ce), reduction)
+        use_ovr = torch.zeros_like(target, dtype=torch.bool).index_fill_(0, order[:round(ratio * z.size(0))], True)
+        per_sample = torch.where(use_ovr, _ovr(z, target), F.cross_entropy(z, target, reduction="none"))
+        return per_sample if reduction == "none" else getattr(per_sample, reduction)()
