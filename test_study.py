@@ -48,5 +48,6 @@ def test_table_means_over_seeds_gap_and_sweep_order(tmp_path: Path) -> None:
     rows = [l.split(" | ") for l in study.table(tmp_path, a).splitlines() if l.startswith("| ") and "---" not in l][1:]
     assert [r[0:3] for r in rows] == [["| ce", "default", "2"], ["| sovr", "0.2", "1"], ["| sovr", "1", "1"]]
     assert rows[0][3].startswith("41.0 ± 1.4 (se 1.5)")  # mean, std over seeds, binomial se of one run
-    assert rows[0][6:8] == ["2.0", "27.0"]  # PGD-20 minus apgd-ce; the extra attack on seed 0
-    assert rows[1][7] == "-" and rows[0][-1] == "2.00 |"  # train hours summed over seeds
+    assert rows[0][6] == "27.0 (se 1.4) (1 of 2 seeds)"  # the extra attack list, run on ce-s0 only
+    assert rows[0][7] == "2.5"  # PGD-20 minus the worst attack: (0.30 - 0.27 + 0.32 - 0.30) / 2
+    assert rows[1][6:8] == ["-", "1.0"] and rows[0][-1] == "2.00 |"  # train hours summed over seeds
