@@ -24,7 +24,7 @@ def fake_run(root: Path, run: str, clean: float, pgd: float, aa: float, extra: f
             (out / f"best.{mode}-Linf-eps8-n1017-seed0.json").write_text(
                 json.dumps({"robust_acc": acc, "settings": {"n": 1017, "mode": mode}}))
     (out / "best.margins-Linf-eps8-n1017-seed0.json").write_text(
-        json.dumps({"mean_margin_smallest30": -1.0, "mean_margin": -0.5}))
+        json.dumps({"mean_margin_smallest30": -1.0, "mean_margin": -0.5, "margins": [-1.0, -0.05, 0.3, 0.5]}))
 
 
 @pytest.mark.parametrize("e", range(2, 20))
@@ -50,4 +50,5 @@ def test_table_means_over_seeds_gap_and_sweep_order(tmp_path: Path) -> None:
     assert rows[0][3].startswith("41.0 ± 1.4 (se 1.5)")  # mean, std over seeds, binomial se of one run
     assert rows[0][6] == "27.0 (se 1.4) (1 of 2 seeds)"  # the extra attack list, run on ce-s0 only
     assert rows[0][7] == "2.5"  # PGD-20 minus the worst attack: (0.30 - 0.27 + 0.32 - 0.30) / 2
+    assert rows[0][10:12] == ["0.40", "25%"]  # mean margin of the points PGD-20 left robust; share near zero
     assert rows[1][6:8] == ["-", "1.0"] and rows[0][-1] == "2.00 |"  # train hours summed over seeds

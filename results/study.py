@@ -110,7 +110,10 @@ def row(out: Path, args) -> dict:
     aa = json.loads(result(out, aa_mode(args), args.n_aa).read_text())
     m = json.loads(result(out, "margins", 0).read_text())
     extra = args.extra_aa and result(out, args.extra_aa.replace(",", "+"), 0)
+    robust = [v for v in m["margins"] if v > 0]  # the points PGD-20 did not break
     return dict(clean=final["test_clean"], pgd=final["test_pgd"], aa=aa["robust_acc"], n_aa=aa["settings"]["n"],
+                robust_margin=statistics.mean(robust) if robust else float("nan"),
+                near0=sum(abs(v) < 0.1 for v in m["margins"]) / len(m["margins"]),
                 extra=json.loads(extra.read_text())["robust_acc"] if extra else None,
                 aa_mode=aa["settings"]["mode"], margin30=m["mean_margin_smallest30"], margin=m["mean_margin"],
                 epochs=len(recs), best_epoch=final["epoch"], hours=sum(r["time"] for r in recs) / 3600)
@@ -137,7 +140,8 @@ def table(root: Path, args) -> str:
         return ""
     extra = f" | {args.extra_aa.replace(',', '+')} %" if args.extra_aa else ""
     lines = [f"| loss | ratio | seeds | clean % | PGD-20 % | {args.aa} %{extra} | PGD-20 minus worst attack "
-             "| margin, 30% smallest | mean margin | epochs | train h, all seeds |", "|---" * (11 + bool(extra)) + "|"]
+             "| margin, 30% smallest | mean margin | margin of robust points | share abs(margin) < 0.1 | epochs "
+             "| train h, all seeds |", "|---" * (13 + bool(extra)) + "|"]
     # the main rows in --losses order, then the ratio sweep in increasing ratio
     for (loss, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0)):
         worst = [min(r["aa"], 1.0 if r["extra"] is None else r["extra"]) for r in rs]
@@ -149,6 +153,8 @@ def table(root: Path, args) -> str:
                   else "-"] if extra else []
         cells += [f"{100 * statistics.mean(r['pgd'] - w for r, w in zip(rs, worst)):.1f}",
                   f"{statistics.mean(r['margin30'] for r in rs):.2f}", f"{statistics.mean(r['margin'] for r in rs):.2f}",
+                  f"{statistics.mean(r['robust_margin'] for r in rs):.2f}",
+                  f"{100 * statistics.mean(r['near0'] for r in rs):.0f}%",
                   str(rs[0]["epochs"]), f"{sum(r['hours'] for r in rs):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     first = next(iter(groups.values()))[0]
