@@ -21,7 +21,7 @@ the-Rest Loss to Increase the Margin of Logits for Adversarial Robustness." ICML
 import torch
 import torch.nn.functional as F
 
-DEFAULT_RATIO = 0.4  # this project's choice, not a number verified from the paper
+DEFAULT_RATIO = 0.4  # our choice, not verified from the paper; results/README.md says why it stays
 
 
 def _checked(logits: torch.Tensor, target: torch.Tensor, reduction: str = "none") -> torch.Tensor:
