@@ -71,8 +71,9 @@ def milestones(e: int) -> str:
     return f"{first},{max(first + 1, round(e * 5 / 6))}"
 
 
-def aa_mode(args) -> str:
-    return args.aa.replace(",", "+")
+def mode(attacks: str) -> str:
+    """attack.py's name for an attack list in its result file."""
+    return attacks.replace(",", "+")
 
 
 def result(out: Path, mode: str, n: int) -> Path | None:
@@ -95,9 +96,9 @@ def one(r: dict, args, root: Path) -> None:
         sh(cmd + (["--resume"] if (out / "last.pt").exists() else []), log)
     aa = ["--version", args.aa] if args.aa in ("standard", "plus", "rand") else ["--attacks", args.aa]
     common = [str(out / "best.pt"), "--device", "cpu", "--bs", "500"]
-    if not result(out, aa_mode(args), args.n_aa):
+    if not result(out, mode(args.aa), args.n_aa):
         sh([sys.executable, "attack.py", *common, *aa, "--n", str(args.n_aa)], log)
-    if name(r) in args.extra_on.split(",") and args.extra_aa and not result(out, args.extra_aa.replace(",", "+"), 0):
+    if name(r) in args.extra_on.split(",") and args.extra_aa and not result(out, mode(args.extra_aa), 0):
         sh([sys.executable, "attack.py", *common, "--attacks", args.extra_aa], log)
     if not result(out, "margins", 0):
         sh([sys.executable, "attack.py", *common, "--margins"], log)
@@ -108,14 +109,15 @@ def row(out: Path, args) -> dict:
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     final = [r["final"]["best"] for r in log if "final" in r][-1]
     recs = [r for r in log if "final" not in r]
-    aa = json.loads(result(out, aa_mode(args), args.n_aa).read_text())
+    aa = json.loads(result(out, mode(args.aa), args.n_aa).read_text())
     m = json.loads(result(out, "margins", 0).read_text())
-    extra = args.extra_aa and result(out, args.extra_aa.replace(",", "+"), 0)
+    found = args.extra_aa and result(out, mode(args.extra_aa), 0)
+    extra = json.loads(found.read_text())["robust_acc"] if found else None
     robust = [v for v in m["margins"] if v > 0]  # the points PGD-20 did not break
     return dict(clean=final["test_clean"], pgd=final["test_pgd"], aa=aa["robust_acc"], n_aa=aa["settings"]["n"],
                 robust_margin=statistics.mean(robust) if robust else float("nan"),
                 near0=sum(abs(v) < 0.1 for v in m["margins"]) / len(m["margins"]),
-                extra=json.loads(extra.read_text())["robust_acc"] if extra else None,
+                extra=extra, worst=aa["robust_acc"] if extra is None else min(aa["robust_acc"], extra),
                 aa_mode=aa["settings"]["mode"], margin30=m["mean_margin_smallest30"], margin=m["mean_margin"],
                 epochs=len(recs), best_epoch=final["epoch"], hours=sum(r["time"] for r in recs) / 3600)
 
@@ -139,20 +141,19 @@ def table(root: Path, args) -> str:
             groups.setdefault((r["loss"], r["ratio"]), []).append(found)
     if not groups:
         return ""
-    extra = f" | {args.extra_aa.replace(',', '+')} %" if args.extra_aa else ""
+    extra = f" | {mode(args.extra_aa)} %" if args.extra_aa else ""
     lines = [f"| loss | ratio | seeds | clean % | PGD-20 % | {args.aa} %{extra} | PGD-20 minus worst attack "
              "| margin, 30% smallest | mean margin | margin of robust points | share abs(margin) < 0.1 | epochs "
              "| train h, all seeds |", "|---" * (13 + bool(extra)) + "|"]
     # the main rows in --losses order, then the ratio sweep in increasing ratio
     for (loss, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0)):
-        worst = [min(r["aa"], 1.0 if r["extra"] is None else r["extra"]) for r in rs]
         strong = [r["extra"] for r in rs if r["extra"] is not None]
+        partial = "" if len(strong) == len(rs) else f" ({len(strong)} of {len(rs)} seeds)"
         cells = [loss, "default" if ratio is None else f"{ratio:g}", str(len(rs)),
                  fmt([r["clean"] for r in rs], TEST_POINTS), fmt([r["pgd"] for r in rs], TEST_POINTS),
                  fmt([r["aa"] for r in rs], rs[0]["n_aa"])]
-        cells += [(fmt(strong, TEST_POINTS) + ("" if len(strong) == len(rs) else f" ({len(strong)} of {len(rs)} seeds)")) if strong
-                  else "-"] if extra else []
-        cells += [f"{100 * statistics.mean(r['pgd'] - w for r, w in zip(rs, worst)):.1f}",
+        cells += [fmt(strong, TEST_POINTS) + partial if strong else "-"] if extra else []
+        cells += [f"{100 * statistics.mean(r['pgd'] - r['worst'] for r in rs):.1f}",
                   f"{statistics.mean(r['margin30'] for r in rs):.2f}", f"{statistics.mean(r['margin'] for r in rs):.2f}",
                   f"{statistics.mean(r['robust_margin'] for r in rs):.2f}",
                   f"{100 * statistics.mean(r['near0'] for r in rs):.0f}%",
