@@ -150,6 +150,11 @@ def versions() -> dict:
     return found
 
 
+def result_path(checkpoint: str, mode: str, norm: str, eps_int: float, n: int, seed: int) -> str:
+    """Where evaluate() writes its JSON (results/study.py looks results up by it)."""
+    return f"{os.path.splitext(checkpoint)[0]}.{mode}-{norm}-eps{eps_int}-n{n}-seed{seed}.json"
+
+
 def evaluate(path: str, args) -> dict:
     model, ckpt = load_model(path, args.device)
     x, y = test_points(ckpt, args)
@@ -159,7 +164,7 @@ def evaluate(path: str, args) -> dict:
     mode = "margins" if args.margins else (args.attacks.replace(",", "+") if args.attacks else args.version)
     settings = dict(checkpoint=os.path.abspath(path), loss=ckpt.get("args", {}).get("loss"), dataset=args.dataset or ckpt["dataset"],
                     n=len(y), eps=f"{eps_int}/255", norm=args.norm, mode=mode, bs=args.bs, seed=args.seed)
-    out_path = f"{os.path.splitext(path)[0]}.{mode}-{args.norm}-eps{eps_int}-n{len(y)}-seed{args.seed}.json"
+    out_path = result_path(path, mode, args.norm, eps_int, len(y), args.seed)
     t0 = time.time()
     clean = predict(model, x, args.bs, args.device) == y
     res = dict(settings=settings, versions=versions(), clean_acc=clean.float().mean().item(), clean=clean.int().tolist())

@@ -20,6 +20,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+import attack  # noqa: E402  (its result file names and its histogram)
+
 SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 TEST_POINTS = 1017  # the subset's test images
 
@@ -78,7 +81,7 @@ def mode(attacks: str) -> str:
 
 def result(out: Path, mode: str, n: int) -> Path | None:
     """attack.py's JSON for this mode on the first n test points (0 = all), if it exists."""
-    path = out / f"best.{mode}-Linf-eps8-n{n or TEST_POINTS}-seed0.json"
+    path = Path(attack.result_path(str(out / "best.pt"), mode, "Linf", 8, n or TEST_POINTS, 0))
     return path if path.exists() else None
 
 
@@ -165,8 +168,6 @@ def table(root: Path, args) -> str:
 
 def overlay(root: Path, args) -> None:
     """The paper's figure: margin histograms of CE, MAIL and SOVR (seed 0) in one picture."""
-    sys.path.insert(0, str(REPO))
-    import attack
     found = [p for l in ("ce", "mail", "sovr") for p in (root / f"{l}-s0").glob("best.margins-*.json")]
     if found:
         attack.plot([json.loads(p.read_text()) for p in found], str(root / "margins.png"))
