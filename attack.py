@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
             plot(results, args.plot or os.path.join(os.path.dirname(args.checkpoints[0]) or ".", "margins.png"))
     except (ValueError, OSError) as e:
         sys.exit(f"attack.py: error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"attack.py: error: CUDA out of memory at --bs {args.bs}: lower --bs (finished attacks are kept "
+                 "and a rerun continues from them)")
 
 
 if __name__ == "__main__":

@@ -58,17 +58,20 @@ def get_args(argv: list[str]) -> argparse.Namespace:
     a("--eval-batch", type=int, default=None, help="batch size of the evaluation attacks (default: --batch)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available, else cpu)")
     a("--repeats", type=int, default=3, help="timed repeats of each figure; the median is reported (default 3)")
-    a("--warmup", type=int, default=1, help="untimed training steps of each loop before timing (default 1)")
+    a("--warmup", type=int, default=1, help="untimed training steps of each loop before timing, >= 1: the first "
+      "one compiles and autotunes, and its time is reported apart (default 1)")
     a("--workers", type=int, default=2, help="DataLoader workers of the textbook loop (default 2, as most repos)")
     a("--threads", type=int, default=1, help="CPU threads for torch (default 1: steady figures on a machine shared "
       "with other jobs, where two threads can run 10x slower; 0 = torch's default)")
+    a("--compile", action="store_true", help="torch.compile the project's model, as train.py --compile (the "
+      "compile time is reported apart; the textbook loop stays eager)")
     a("--quick", action="store_true", help="tiny counts for tests (APGD 2 iterations, 3 loss calls); no benchmark")
     a("--out", default="bench.json", help="JSON file for the figures (default bench.json)")
     args = p.parse_args(argv)
-    for name in ("batch", "repeats"):
+    for name in ("batch", "repeats", "warmup"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    for name in ("eval_batch", "warmup", "workers", "threads"):
+    for name in ("eval_batch", "workers", "threads"):
         if (getattr(args, name) or 0) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
@@ -103,19 +106,14 @@ def device_name(device: torch.device) -> str:
 
 # ---- the project's training step, as train.py's loop runs it
 
-def project_step(model, opt, targs: argparse.Namespace, x_pool, y_pool, g: torch.Generator, amp: bool):
+def project_step(net, opt, targs: argparse.Namespace, x_pool, y_pool, g: torch.Generator, amp: bool):
+    """train.py's step; `net` is the model, or torch.compile(model) as train.py --compile uses it."""
     objective = OBJECTIVES[targs.loss]
 
     def step() -> None:
         idx = torch.randperm(len(x_pool), device=x_pool.device, generator=g)[:targs.batch]
         x = train.augment(x_pool[idx], g).contiguous(memory_format=torch.channels_last)
-        y = y_pool[idx]
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            loss, z = objective(model, model, x, y, targs, 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        torch.stack([loss.detach().float(), (z.argmax(1) == y).float().mean()])  # train.py's per-step stats
+        train.train_step(net, net, opt, objective, x, y_pool[idx], targs, 0, amp)
     return step
 
 
@@ -214,14 +212,18 @@ def main(argv: list[str] | None = None) -> dict:
     def sgd(m: torch.nn.Module) -> torch.optim.SGD:
         return torch.optim.SGD(m.parameters(), lr=targs.lr, momentum=targs.momentum, weight_decay=targs.wd)
 
+    torch.backends.cudnn.benchmark = cuda  # as train.py sets it; the textbook loop gets it too
     model = models.build(args.arch, 10, width=width).to(device).to(memory_format=torch.channels_last).train()
-    ours = project_step(model, sgd(model), targs, x_pool, y_pool, torch.Generator(device).manual_seed(0), amp)
+    net = torch.compile(model) if args.compile else model
+    ours = project_step(net, sgd(model), targs, x_pool, y_pool, torch.Generator(device).manual_seed(0), amp)
     tb_model = models.build(args.arch, 10, width=width).to(device).train()  # fp32, NCHW
     batches = iter(loader)
     theirs = textbook_step(tb_model, sgd(tb_model), batches, targs, device)
 
     # Training steps: warm both up, then alternate them, so that a change of load on a shared machine hits both.
-    for _ in range(args.warmup):
+    t_first = timed(ours, device)[0]  # compilation (and cuDNN autotuning) happen here
+    theirs()
+    for _ in range(args.warmup - 1):
         ours(), theirs()
     t_ours, t_theirs, mem_ours, mem_theirs = [], [], 0, 0
     for _ in range(args.repeats):
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         mem_ours, mem_theirs = max(mem_ours, m), max(mem_theirs, n)
     del batches  # ends the DataLoader workers
     step_s, tb_step_s = statistics.median(t_ours), statistics.median(t_theirs)
-    result = dict(train=dict(img_s=args.batch / step_s, step_s=t_ours),
+    result = dict(train=dict(img_s=args.batch / step_s, step_s=t_ours, first_step_s=t_first),
                   textbook=dict(img_s=args.batch / tb_step_s, step_s=t_theirs),
                   speedup=tb_step_s / step_s, loss_cost={})
 
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def pgd20() -> None:  # as train.evaluate() runs it
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            pgd(model, x_eval, y_eval, targs.eps / 255, targs.step / 255, targs.eval_steps)
+            pgd(net, x_eval, y_eval, targs.eps / 255, targs.step / 255, targs.eval_steps)
+    pgd20()  # warm-up: under --compile, eval mode is a graph of its own
     t_pgd = statistics.median(timed(pgd20, device)[0] for _ in range(args.repeats))
 
     from pyautoattack import AutoAttack  # imported here: slow to import, and only this figure needs it
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if cuda:
         model.train()
-        flops = count_flops(ours)  # one more training step, counted
+        flops = count_flops(project_step(model, sgd(model), targs, x_pool, y_pool, torch.Generator(device), amp))
         tflops = flops / step_s / 1e12
         peak = next((v for k, v in BF16_PEAK_TFLOPS if k in device_name(device)), None)
         result["cuda"] = dict(train_peak_mem_gib=mem_ours / 2**30, textbook_peak_mem_gib=mem_theirs / 2**30,
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         command=shlex.join(["python", "bench.py", *argv]),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         settings=dict(arch=args.arch, width=width or "standard", params=sum(p.numel() for p in model.parameters()),
-                      loss=args.loss, ratio=targs.ratio, batch=args.batch, eval_batch=eval_batch,
+                      loss=args.loss, ratio=targs.ratio, batch=args.batch, eval_batch=eval_batch, compile=args.compile,
                       repeats=args.repeats, warmup=args.warmup, workers=args.workers,
                       threads=torch.get_num_threads(), amp_bf16=amp, eps=targs.eps, pgd_steps=targs.steps,
                       eval_steps=targs.eval_steps, quick=args.quick),
@@ -293,8 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(r: dict) -> None:
     s, c = r["settings"], r.get("cuda")
     rows = [
-        (f"train step, project (PGD-{s['pgd_steps']}, {s['loss']})", f"{r['train']['img_s']:10.2f} img/s",
-         f"{statistics.median(r['train']['step_s']):.3f} s/step"),
+        (f"train step, project (PGD-{s['pgd_steps']}, {s['loss']}{', compiled' * s['compile']})",
+         f"{r['train']['img_s']:10.2f} img/s", f"{statistics.median(r['train']['step_s']):.3f} s/step, first "
+         f"{r['train']['first_step_s']:.1f} s"),
         ("train step, textbook loop", f"{r['textbook']['img_s']:10.2f} img/s",
          f"{statistics.median(r['textbook']['step_s']):.3f} s/step"),
         ("speedup, project / textbook", f"{r['speedup']:10.2f} x", ""),

@@ -104,3 +104,26 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, str(HERE / "attack.py"), str(tmp_path / "nope.pt")], capture_output=True, text=True)
     assert p.returncode != 0 and p.stderr.strip() == f"attack.py: error: no such checkpoint: {tmp_path / 'nope.pt'}"
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@CUDA
+def test_cuda_gives_the_cpu_result_point_by_point(ckpt: Path, no_tf32) -> None:
+    res = {}
+    for device in ("cpu", "cuda"):  # both write the same file: read it after each
+        run(ckpt, "--n", 24, "--bs", 12, "--device", device, "--attacks", "apgd-ce,apgd-t", "--eps", 24)
+        res[device] = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce+apgd-t", "Linf", 24, 24, 0)).read_text())
+    assert res["cuda"]["clean"] == res["cpu"]["clean"]
+    # APGD's random starts are drawn on the CPU, so both devices attack from the same points; only rounding in
+    # the kernels differs, and a step-size or sign decision can amplify it for a point at the boundary.
+    differ = sum(a != b for a, b in zip(res["cuda"]["robust"], res["cpu"]["robust"]))
+    assert differ <= 1, f"{differ} of 24 points differ: cpu {res['cpu']['robust']}, cuda {res['cuda']['robust']}"
+
+
+@CUDA
+def test_cuda_out_of_memory_is_one_clear_line(ckpt: Path, capsys, cap_gpu_memory) -> None:
+    cap_gpu_memory(8)  # less than one batch of 200 images needs
+    expect_error(capsys, [ckpt, "--n", 200, "--bs", 200, "--device", "cuda", "--attacks", "apgd-ce"],
+                 "CUDA out of memory at --bs 200: lower --bs")

@@ -16,7 +16,7 @@ def positive(v) -> bool:
 @pytest.mark.parametrize("device", DEVICES)
 def test_bench_writes_positive_figures(tmp_path, device: str) -> None:
     out = tmp_path / "bench.json"
-    argv = ["--arch", "wrn16", "--width", "1", "--batch", "8", "--repeats", "1", "--warmup", "0",
+    argv = ["--arch", "wrn16", "--width", "1", "--batch", "8", "--repeats", "1", "--warmup", "1",
             "--workers", "0", "--threads", "1", "--quick", "--device", device, "--out", str(out)]
     threads = torch.get_num_threads()
     try:

@@ -55,15 +55,16 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 
-def start(tmp: Path, name: str, nproc: int, eval_bn: bool, *flags: str) -> tuple[Path, subprocess.Popen]:
-    """Starts train.py (through the launcher) on nproc CPU processes; finish() waits for it."""
+def start(tmp: Path, name: str, nproc: int, eval_bn: bool, *flags: str, launch: bool = False) -> tuple[Path, subprocess.Popen]:
+    """Starts train.py (through the launcher) on nproc CPU processes (torchrun for nproc > 1 or launch);
+    finish() waits for it. A --device among the flags overrides the CPU."""
     launcher, out = tmp / "launch.py", tmp / name
     launcher.write_text(LAUNCHER)
     outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # in case pytest runs under torchrun
     env = {k: v for k, v in os.environ.items() if k not in outer}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TEST_EVAL_BN="1" if eval_bn else "0")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (torchrun if nproc > 1 else [sys.executable]) + [str(launcher), "--smoke", "--device", "cpu",
+    cmd = (torchrun if nproc > 1 or launch else [sys.executable]) + [str(launcher), "--smoke", "--device", "cpu",
                                                            "--out", str(out), *flags]
     return out, subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True)  # its own process group, for stop()
@@ -132,3 +133,12 @@ def test_ddp_ranks_agree_with_train_mode_batchnorm(runs: dict[str, Path]) -> Non
     for k in w0:
         assert torch.equal(w0[k], w1[k]), f"ranks differ at {k}"
     assert_checkpoints(runs["ddp_bn"], w0)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs CUDA and NCCL")
+def test_nccl_one_process_trains_and_resumes(tmp_path: Path) -> None:
+    out = finish(*start(tmp_path, "nccl", 1, False, "--device", "cuda", "--stop-after", "1", launch=True))
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    finish(*start(tmp_path, "nccl", 1, False, "--device", "cuda", "--resume", launch=True))
+    assert [r["epoch"] for r in log(out)[:2]] == [1, 2] and len(log(out)) == 4  # 2 epochs, then best.pt and last.pt
+    assert_checkpoints(out, weights(out, 0))

@@ -258,20 +258,30 @@ def datasets(tmp_path_factory) -> dict:
     return out
 
 
-@pytest.mark.parametrize("classes", [10, 100])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# On CUDA (bf16 autocast, channels_last), eagerly and compiled, every objective runs once, on the 100-class data
+# with EMR riding along: enough to catch a dtype or device error without doubling the GPU suite's time.
+RUNS = [(c, d, []) for c in (10, 100) for d in ("cpu",)] + [
+    pytest.param(100, "cuda", flags, marks=CUDA) for flags in ([], ["--compile"])]
+
+
+@pytest.mark.parametrize("classes, device, flags", RUNS)
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_trains_without_nan_and_writes_checkpoints(name: str, classes: int, datasets: dict, tmp_path) -> None:
+def test_trains_without_nan_and_writes_checkpoints(name: str, classes: int, device: str, flags: list, datasets: dict,
+                                                   tmp_path) -> None:
     emr = ["--emr", "0.1"] if classes == 100 else []  # EMR rides along on the 100-class runs
     train.main(["--dataset", datasets[classes], "--arch", "wrn16", "--width", "1", "--val", "16", "--epochs", "2",
                 "--milestones", "1", "--batch", "32", "--steps", "2", "--eval-steps", "1", "--burn-in", "1",
-                "--loss", name, "--device", "cpu", "--out", str(tmp_path), *emr])
+                "--loss", name, "--device", device, "--out", str(tmp_path), *emr, *flags])
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["epoch"] for r in log[:2]] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in log[:2])
     for ckpt in ("best.pt", "last.pt"):
-        state = torch.load(tmp_path / ckpt, weights_only=True)
+        state = torch.load(tmp_path / ckpt, weights_only=True)  # no map_location: CPU tensors, wherever trained
+        assert all(v.device.type == "cpu" for v in state["model"].values())
         assert state["num_classes"] == classes and state["args"]["loss"] == name
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    attack.main([str(tmp_path / "best.pt"), "--n", "8", "--bs", "8", "--attacks", "apgd-ce", "--device", "cpu"])
+        attack.load_model(str(tmp_path / ckpt), "cpu")  # rebuilds on a machine without the GPU
+    attack.main([str(tmp_path / "best.pt"), "--n", "8", "--bs", "8", "--attacks", "apgd-ce", "--device", device])
     (result,) = tmp_path.glob("best.apgd-ce-*.json")
     res = json.loads(result.read_text())
     assert 0 <= res["robust_acc"] <= res["clean_acc"] and res["settings"]["loss"] == name

@@ -1,4 +1,5 @@
 """End-to-end train.py runs on synthetic data and the real CIFAR-10 subset; resume; clear errors."""
+import copy
 import json
 import os
 import subprocess
@@ -124,3 +125,90 @@ def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, str(HERE / "train.py"), "--dataset", "missing.npz", "--out", str(tmp_path)],
                        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert p.returncode != 0 and p.stderr.strip() == "train.py: error: no such dataset file: missing.npz"
+
+
+# ---- torch.compile on CPU, and the CUDA path (these skip without CUDA)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_compiled_run_matches_eager_run_on_cpu(tmp_path: Path) -> None:
+    """The --compile path cannot rot unseen: one tiny model, one step, the same weights as without it."""
+    flags = [*SMOKE, "--arch", "wrn16", "--width", 1, "--epochs", 1, "--milestones", "", "--train-limit", 64,
+             "--steps", 1, "--eval-steps", 1]
+    run(*flags, "--out", tmp_path / "eager")
+    run(*flags, "--out", tmp_path / "compiled", "--compile")
+    a, b = load(tmp_path / "eager" / "last.pt"), load(tmp_path / "compiled" / "last.pt")
+    assert b["args"]["compile"] and not any(k.startswith("_orig_mod.") for k in b["model"])
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def tiny_batch(device: str, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8).to(device), \
+        torch.randint(0, 10, (n,), generator=g).to(device)
+
+
+@CUDA
+@pytest.mark.parametrize("loss", ["sovr", "trades", "mart"])
+def test_fp32_step_on_cuda_matches_cpu(loss: str, no_tf32) -> None:
+    # --eps 0 makes every attack return the clean images, whatever its random start on either device.
+    args = train.get_args(["--smoke", "--loss", loss, "--eps", "0"])
+    cpu = models.build("wrn16", 10, width=2).train()
+    gpu = copy.deepcopy(cpu).cuda()
+    x8, y = tiny_batch("cpu")
+    out = {}
+    for dev, model in (("cpu", cpu), ("cuda", gpu)):
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+        out[dev] = train.train_step(model, model, opt, losses.OBJECTIVES[loss], x8.to(dev).float() / 255, y.to(dev),
+                                    args, 0, amp=False).cpu()
+    torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-5, atol=1e-5)
+    for (k, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@CUDA
+def test_pgd_on_cuda_matches_cpu(no_tf32) -> None:
+    model = models.build("wrn16", 10, width=2).eval()
+    x8, y = tiny_batch("cpu")
+    x = x8.float() / 255
+    a, ka = losses.pgd(model, x, y, 8 / 255, 2 / 255, 5, start="zero")
+    b, kb = losses.pgd(model.cuda(), x.cuda(), y.cuda(), 8 / 255, 2 / 255, 5, start="zero")
+    same = (a == b.cpu()).float().mean().item()
+    assert same > 0.99, f"only {same:.2%} of adversarial pixels agree"  # a sign can flip where a gradient is ~0
+    assert (ka != kb.cpu()).sum() <= 1
+
+
+@CUDA
+@pytest.mark.parametrize("loss, flags", [(name, []) for name in sorted(losses.OBJECTIVES)] + [("ce", ["--emr", "1"])])
+def test_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> None:
+    """A host-device synchronisation inside the step would stall the GPU at every step: none may happen."""
+    args = train.get_args(["--smoke", "--loss", loss, "--burn-in", "0", *flags])  # reweighting on from step 1
+    model = models.build("resnet18", 10, width=8).cuda().to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    x_pool, y_pool = tiny_batch("cuda", 64)
+    g = torch.Generator("cuda").manual_seed(0)
+    perm = torch.randperm(len(x_pool), device="cuda", generator=g)  # drawn once per epoch
+
+    def step() -> torch.Tensor:  # train.py's loop body
+        idx = perm[:32]
+        x = train.augment(x_pool[idx], g).contiguous(memory_format=torch.channels_last)
+        return train.train_step(model, model, opt, losses.OBJECTIVES[loss], x, y_pool[idx], args, 0, amp=True)
+    step()  # warm-up: cuDNN autotuning and lazy initialisation may synchronise once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(stats).all()
+
+
+@CUDA
+def test_cuda_out_of_memory_is_one_clear_line_and_keeps_last_checkpoint(tmp_path: Path, capsys, cap_gpu_memory) -> None:
+    flags = ["--smoke", "--device", "cuda", "--out", tmp_path]
+    run(*flags, "--stop-after", 1)
+    before = (tmp_path / "last.pt").read_bytes()
+    cap_gpu_memory(16)  # enough for the data and the model, not for a PGD step at batch 64
+    expect_error(capsys, [*flags, "--resume"], "CUDA out of memory at --batch 64: lower --batch")
+    assert (tmp_path / "last.pt").read_bytes() == before and not (tmp_path / "last.pt.tmp").exists()

@@ -157,6 +157,19 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
 
 
+def train_step(net, atk, opt: torch.optim.Optimizer, objective, x: torch.Tensor, y: torch.Tensor, args, epoch: int,
+               amp: bool) -> torch.Tensor:
+    """One optimizer step of `objective` (which crafts its own adversarial examples) under bf16 autocast if amp.
+    Returns [loss, adversarial accuracy] as a device tensor: reading it is left to the caller, so that the
+    step never waits for the GPU (tests run it under torch.cuda.set_sync_debug_mode("error"))."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        loss, z = objective(net, atk, x, y, args, epoch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return torch.stack([loss.detach().float(), (z.argmax(1) == y).float().mean()])
+
+
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, amp: bool, bs: int = 500) -> tuple[float, float]:
     """Clean and PGD accuracy (eval-mode BN, --eval-steps); counts are summed over ranks."""
     model.eval()
@@ -175,10 +188,19 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, amp: bool, bs: int =
     return tuple((counts / n).tolist())
 
 
+def _cpu(obj):
+    """obj with every tensor in it copied to the CPU: checkpoints written on a GPU load on any machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    return type(obj)(_cpu(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
 def save(obj: dict, path: str) -> None:
-    """Atomic: a crash during the write leaves the previous file intact."""
+    """Atomic, with CPU tensors: a crash during the write leaves the previous file intact."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+    torch.save(_cpu(obj), tmp)
     os.replace(tmp, path)
 
 
@@ -209,7 +231,9 @@ def pick_device(name: str | None) -> torch.device:
 def setup(args) -> tuple[torch.device, int, int]:
     """Device, rank and world size; under torchrun one process per GPU (or CPU process with gloo)."""
     if "RANK" not in os.environ:
-        return pick_device(args.device), 0, 1
+        device = pick_device(args.device)
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN times its kernels once
+        return device, 0, 1
     cuda = torch.cuda.is_available() and args.device != "cpu"
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -218,6 +242,7 @@ def setup(args) -> tuple[torch.device, int, int]:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
     return device, rank, world
 
 
@@ -308,12 +333,7 @@ def train(args) -> dict:
             idx = perm[s * args.batch:(s + 1) * args.batch]  # global batch: crops as in a 1-process run
             x = augment(x_tr[idx], g)[rank * per_rank:(rank + 1) * per_rank].contiguous(memory_format=fmt)
             y = y_tr[idx][rank * per_rank:(rank + 1) * per_rank]
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                loss, z = objective(net, atk, x, y, args, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            stats[s] = torch.stack([loss.detach().float(), (z.argmax(1) == y).float().mean()])
+            stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp)
         if not torch.isfinite(stats[:, 0]).all():
             bad = int((~torch.isfinite(stats[:, 0])).nonzero()[0])
             kept = f"{args.out}/last.pt keeps epoch {epoch}" if epoch else "no checkpoint was written"
@@ -369,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     except (ValueError, FloatingPointError, OSError) as e:
         sys.exit(f"train.py: error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"train.py: error: CUDA out of memory at --batch {args.batch}: lower --batch, or spread it over "
+                 f"GPUs with torchrun; {os.path.join(args.out, 'last.pt')} keeps the last finished epoch, if any")
     except KeyboardInterrupt:
         sys.exit("train.py: interrupted; the last finished epoch is in last.pt (continue with --resume)")
     finally:
