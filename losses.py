@@ -36,6 +36,21 @@ def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
             m.train(was)
 
 
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring grad for the duration: an attack's backward then computes the input gradient
+    alone. Eager autograd skips unneeded weight gradients anyway; a torch.compile'd backward computes every
+    gradient its graph was traced with, and ran slower than eager on an H100 until the attack froze them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def ce_sum(z_adv: torch.Tensor, y: torch.Tensor, z_clean: torch.Tensor | None) -> torch.Tensor:
     return F.cross_entropy(z_adv.float(), y, reduction="sum")
 
@@ -46,7 +61,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     """L-inf PGD ascent on objective(model(x_adv), y, z_clean); returns (x_adv, kappa).
 
     kappa counts the steps at which x_adv was still classified correctly (GAIRAT's statistic).
-    Only the input gradient is taken, so no weight gradients are computed in attack steps.
+    Only the input gradient is taken (the parameters are frozen), so no weight gradients are computed in attack steps.
     """
     if start == "uniform":
         delta = torch.empty_like(x).uniform_(-eps, eps)
@@ -56,7 +71,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
         delta = torch.zeros_like(x)
     x_adv = (x + delta).clamp(0, 1)
     kappa = torch.zeros_like(y)
-    with bn_mode(model, bn):
+    with bn_mode(model, bn), frozen(model):
         for _ in range(steps):
             x_adv.requires_grad_(True)
             z = model(x_adv)

@@ -98,7 +98,7 @@ def assert_checkpoints(out: Path, trained: dict) -> None:
         assert not [k for k in state if k.startswith("module.")], f"{name} keys carry DDP's module. prefix"
         assert state.keys() == trained.keys()
     for k, v in torch.load(out / "last.pt", weights_only=True)["model"].items():
-        assert torch.equal(v, trained[k]), f"last.pt differs from the trained weights at {k}"
+        assert torch.equal(v, trained[k].cpu()), f"last.pt differs from the trained weights at {k}"
 
 
 @pytest.fixture(scope="module")

@@ -60,11 +60,13 @@ def test_pgd_stays_in_ball_and_image_range_and_raises_loss() -> None:
 
 def test_pgd_restores_bn_mode_keeps_running_stats_and_skips_weight_grads() -> None:
     m = tiny().train()
+    m.net[0].weight.requires_grad_(False)  # frozen by the user (fine-tuning): stays frozen
     before = {k: v.clone() for k, v in m.state_dict().items()}
     pgd(m, torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)), 8 / 255, 2 / 255, 3, bn="eval")
     assert m.training and all(mod.training for mod in m.modules())
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert all(p.grad is None for p in m.parameters())
+    assert [p.requires_grad for p in m.parameters()] == [False] + [True] * (len(list(m.parameters())) - 1)
 
 
 def test_bn_mode_restores_mixed_modes() -> None:
