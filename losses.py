@@ -158,8 +158,15 @@ def logit_diff_distance(z_adv, z_clean, y) -> torch.Tensor:
     return torch.linalg.vector_norm(d, dim=1)
 
 
+# EMR's softmax temperature in the official scripts (ziquanliu/Effective_Margin_Reg): train-AT-EMR.sh passes
+# temp=40.0 (with lambda 3.0), train-TRADES-EMR.sh temp=1.0 (lambda 1.0), train-MAIL-AT-EMR.sh none, so
+# src/argument.py's default --EMR_softmax_temp 0.1 (lambda 1.0). Losses without an official EMR script take AT's.
+EMR_TEMP = {"trades": 1.0, "trades-sovr": 1.0, "mail": 0.1}
+EMR_TEMP_AT = 40.0
+
+
 def emr_penalty(model: nn.Module, x_adv: torch.Tensor, temp: float) -> torch.Tensor:
-    """EMR: || grad_x s(x') ||_2^2 per sample, s = sum_k stopgrad(softmax(z / temp))_k z_k,
+    """EMR: || grad_x s_i(x') ||_2^2 per sample, s_i = sum_k stopgrad(softmax(z_i / temp))_k z_i,k,
     eval-mode BN, graph kept (create_graph) so that the penalty trains the weights."""
     if temp <= 0:
         raise ValueError(f"--emr-temp must be > 0, got {temp}")
@@ -171,21 +178,39 @@ def emr_penalty(model: nn.Module, x_adv: torch.Tensor, temp: float) -> torch.Ten
     return g.flatten(1).pow(2).sum(1)
 
 
+def emr_regularizer(model: nn.Module, x_adv: torch.Tensor, temp: float, batch: int) -> torch.Tensor:
+    """The official AT-EMR regularizer (main-AT-EMR.py): it averages s over the batch, takes the gradient of
+    that mean, and sums its squares, i.e. (1/B^2) sum_i ||grad_x s_i||^2 for a batch of B. It shrinks as 1/B
+    per sample: lambda means the same only at the same batch size (128 in the official scripts).
+    `batch` is the global batch (--batch); x_adv holds this process's share of it. Under torchrun each of W
+    ranks adds sum_local / (B_local * B) and DDP averages the gradients over ranks, which gives exactly the
+    one-process value (1/B^2) sum_i over the global batch."""
+    return emr_penalty(model, x_adv, temp).sum() / (len(x_adv) * batch)
+
+
+def emr_lambda(args, epoch: int) -> float:
+    """--emr, multiplied by --emr-decay at each --milestones epoch, as the learning rate is (the official code
+    multiplies lambda_EMR by EMR_decay = 0.1 where its lr drops: at epochs 60 and 90 of main-AT-EMR.py, where
+    it decays lambda one epoch before its per-iteration lr schedule does)."""
+    return args.emr * args.emr_decay ** sum(epoch >= m for m in args.milestones)
+
+
 # ---- objectives ----
 
 OBJECTIVES: dict[str, Callable] = {}
 
 
 def objective(name: str) -> Callable:
-    """Registers body(net, atk, x, y, args, epoch) -> (loss, z_adv, x_adv) as OBJECTIVES[name],
-    adding args.emr * mean EMR penalty at x_adv (on the uncompiled attack model) when args.emr > 0."""
+    """Registers body(net, atk, x, y, args, epoch) -> (loss, z_adv, x_adv) as OBJECTIVES[name], adding
+    emr_lambda(args, epoch) * emr_regularizer at x_adv (on the uncompiled attack model) when args.emr > 0."""
     def register(body: Callable) -> Callable:
         @functools.wraps(body)
         def fn(net, atk, x, y, args, epoch):
             loss, z_adv, x_adv = body(net, atk, x, y, args, epoch)
             if getattr(args, "emr", 0) > 0:
                 plain = getattr(atk, "_orig_mod", atk)  # torch.compile has no double backward
-                loss = loss + args.emr * emr_penalty(plain, x_adv, args.emr_temp).mean()
+                reg = emr_regularizer(plain, x_adv, args.emr_temp, args.batch)
+                loss = loss + emr_lambda(args, epoch) * reg
             return loss, z_adv
         fn.body = body
         OBJECTIVES[name] = fn

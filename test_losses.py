@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import attack
 import train
-from losses import (OBJECTIVES, _attack_from_clean, comp_sum_loss, emr_penalty, gair_weights, kl_rows, logit_diff_distance,
+from losses import (OBJECTIVES, _attack_from_clean, comp_sum_loss, emr_lambda, emr_penalty, emr_regularizer, gair_weights, kl_rows, logit_diff_distance,
                     mail_weights, mart_loss, prob_margin, trades_loss, trades_sovr_loss)
 from sovr import sovr_loss
 
@@ -207,9 +207,57 @@ def test_emr_wrapper(name: str) -> None:
     loss0, z0, x_adv, _ = run(name, args("--loss", name, "--burn-in", "0"), model, x, y, body=True)
     loss, z, _ = run(name, args("--loss", name, "--burn-in", "0", "--emr", "0"), model, x, y)
     assert torch.equal(loss, loss0) and torch.equal(z, z0) and z.shape == (8, 10)  # lambda 0: the base loss
-    loss, _, m = run(name, args("--loss", name, "--burn-in", "0", "--emr", "0.5"), model, x, y)
-    assert torch.allclose(loss - loss0, 0.5 * emr_penalty(m, x_adv, 1.0).mean(), rtol=1e-4, atol=1e-6)
+    a = args("--loss", name, "--burn-in", "0", "--emr", "0.5", "--batch", "8")
+    loss, _, m = run(name, a, model, x, y)
+    want = 0.5 * emr_penalty(m, x_adv, a.emr_temp).sum() / 8 ** 2
+    assert torch.allclose(loss - loss0, want, rtol=1e-4, atol=1e-7) and want > 0
     assert all(mod.training for mod in m.modules())  # BN back in train mode after the attacks
+
+
+def official_emr(model: nn.Module, x_adv: torch.Tensor, temp: float) -> torch.Tensor:
+    """Written as main-AT-EMR.py computes it: eval-mode forward, s = batch mean of sum_k sg(softmax(z/T))_k z_k,
+    its input gradient with create_graph, then the sum of squares over the batch and every pixel."""
+    x_adv = x_adv.clone().requires_grad_(True)
+    model.eval()
+    out = model(x_adv)
+    prob = F.softmax(out / temp, dim=1).detach()
+    s = torch.mean(torch.sum(out * prob, dim=1))
+    grad = torch.autograd.grad(s, x_adv, create_graph=True)[0]
+    model.train()
+    return torch.sum(torch.square(grad))
+
+
+@pytest.mark.parametrize("b", [8, 32])
+@pytest.mark.parametrize("temp", [40.0, 1.0])
+def test_emr_regularizer_equals_the_official_form(b: int, temp: float) -> None:
+    model = tiny().train()
+    for _ in range(3):  # BN running statistics away from their initial values, so that eval mode matters
+        model(torch.rand(16, 3, 8, 8) * 2)
+    x, _ = data(b=b)
+    want = official_emr(model, x, temp)
+    got = emr_regularizer(model, x, temp, batch=b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    # torchrun with 4 ranks: each adds sum_local / (B_local * B); the mean over ranks is the 1-process value
+    shards = [emr_regularizer(model, xs, temp, batch=b) for xs in x.chunk(4)]
+    torch.testing.assert_close(sum(shards) / 4, want, rtol=1e-5, atol=0)
+    g_got, g_want = (torch.autograd.grad(v, model[0].weight, retain_graph=True)[0] for v in (got, want))
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-9)  # it trains the weights the same way
+
+
+def test_emr_lambda_decays_at_the_milestones() -> None:
+    a = args("--emr", "3", "--milestones", "2,4", "--epochs", "6")
+    assert [emr_lambda(a, e) for e in range(6)] == pytest.approx([3, 3, 0.3, 0.3, 0.03, 0.03])
+    model, (x, y) = tiny(), data()
+    base = run("ce", args("--milestones", "2,4"), model, x, y, epoch=2)[0]
+    before, after = (run("ce", a, model, x, y, epoch=e)[0] - base for e in (1, 2))
+    torch.testing.assert_close(after, 0.1 * before, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("loss, temp", [("ce", 40.0), ("sovr", 40.0), ("trades", 1.0), ("trades-sovr", 1.0),
+                                        ("mail", 0.1), ("gairat", 40.0)])
+def test_emr_temperature_defaults_follow_the_official_scripts(loss: str, temp: float) -> None:
+    assert args("--loss", loss).emr_temp == temp
+    assert args("--loss", loss, "--emr-temp", "2").emr_temp == 2.0
 
 
 @pytest.mark.parametrize("name,flags", [

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import losses
 import models
 from losses import OBJECTIVES, pgd
 from sovr import DEFAULT_RATIO
@@ -61,9 +62,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--tau", type=float, default=1.0, help="comp-sum tau >= 0: 0 sum-exp, 1 CE, (1, 2) generalized CE, 2 MAE "
       "(default 1, our choice)")
     a("--nu", type=float, default=1.0, help="comp-sum weight of the logit-difference distance (default 1, our choice)")
-    a("--emr", type=float, default=0.0, help="effective margin regularization weight, added to any --loss (default 0 = off; "
-      "its double backward runs on the uncompiled model under --compile)")
-    a("--emr-temp", type=float, default=1.0, help="EMR softmax temperature (default 1, our choice)")
+    a("--emr", type=float, default=0.0, help="EMR lambda, added to any --loss (default 0 = off). The same regularizer as "
+      "lambda_EMR in the official main-AT-EMR.py at the same batch size: its scripts use 3 with AT "
+      "(train-AT-EMR.sh), 1 with TRADES and with MAIL. Under --compile its double backward runs uncompiled")
+    a("--emr-temp", type=float, default=None, help="EMR softmax temperature (default by --loss, as the official scripts: "
+      f"{losses.EMR_TEMP_AT:g} for AT-style losses (train-AT-EMR.sh), "
+      + ", ".join(f"{v:g} for {k}" for k, v in losses.EMR_TEMP.items()) + " (TRADES-EMR and MAIL-AT-EMR scripts))")
+    a("--emr-decay", type=float, default=0.1, help="EMR lambda is multiplied by this at each --milestones epoch "
+      "(default 0.1, EMR_decay in the official src/argument.py)")
     a("--seed", type=int, default=0, help="random seed (default 0)")
     a("--out", default=None, help="output directory (default runs/<dataset>-<arch>-<loss>-s<seed>)")
     a("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -85,8 +91,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("eps", "step", "train_limit", "tau"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
-    if args.width is not None and args.width < 1 or args.emr_temp <= 0:
-        p.error("--width must be >= 1 and --emr-temp > 0")
+    if args.emr_temp is None:
+        args.emr_temp = losses.EMR_TEMP.get(args.loss, losses.EMR_TEMP_AT)
+    if args.width is not None and args.width < 1 or args.emr_temp <= 0 or args.emr < 0 or args.emr_decay < 0:
+        p.error("--width must be >= 1, --emr-temp > 0, --emr and --emr-decay >= 0")
     try:
         args.milestones = [int(m) for m in str(args.milestones).replace(" ", "").split(",") if m]
     except ValueError:
