@@ -131,9 +131,15 @@ def _mean_one(w: torch.Tensor) -> torch.Tensor:
     return w / w.mean()
 
 
+MAIL_SCALE = 3.0  # mail_loss.py: normalized_reweight = reweight * 3
+
+
 def mail_weights(z_adv, y, slope: float, bias: float) -> torch.Tensor:
-    """MAIL: w = sigmoid(-slope * (PM(x') - bias)), no gradient, rescaled to mean 1 over the batch."""
-    return _mean_one(torch.sigmoid(-slope * (prob_margin(z_adv.detach(), y) - bias)))
+    """MAIL, as the official mail_loss.py computes it: w = 3 sigmoid(slope (PM' + bias)) with PM' = p_2nd - p_y
+    = -prob_margin, on the adversarial logits, without gradient; no rescaling to mean 1. The weights lie in
+    (0, 3), so the batch's mean weight scales the step: the effective learning rate is lr * mean(w), which
+    moves with training (near 3 lr for a batch of badly misclassified points, near 0 for a well-fitted one)."""
+    return MAIL_SCALE * torch.sigmoid(slope * (bias - prob_margin(z_adv.detach(), y)))
 
 
 def gair_weights(kappa: torch.Tensor, steps: int, lam: float) -> torch.Tensor:
@@ -289,9 +295,10 @@ def _reweighted_ce(net, atk, x, y, args, epoch, weights: Callable):
 
 @objective("mail")
 def mail(net, atk, x, y, args, epoch):
-    """Wang, Liu et al. 2021, MAIL-AT: mean w * CE(f(x'), y), w = sigmoid(-slope (PM(x') - bias)) rescaled
-    to mean 1 (the official code multiplies by 3 instead), x' as for ce (--mail-slope 1, --mail-bias -1.5,
-    --burn-in: the official code's values, written there as sigmoid(slope (-PM + bias)))."""
+    """Wang, Liu et al. 2021, MAIL-AT: mean w * CE(f(x'), y), w = mail_weights (3 sigmoid(slope (bias - PM(x'))),
+    official mail_loss.py), --mail-slope 10 --mail-bias -0.5 (MAIL-AT's recommendation; see train.py --help),
+    reweighting after --burn-in epochs. x' as for ce (the official attack starts from 0.001 N(0, 1) with step
+    0.007; every objective here shares one PGD, so that comparisons are paired)."""
     return _reweighted_ce(net, atk, x, y, args, epoch,
                           lambda z, _: mail_weights(z, y, args.mail_slope, args.mail_bias))
 

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import attack
 import train
-from losses import (OBJECTIVES, _attack_from_clean, comp_sum_loss, emr_lambda, emr_penalty, emr_regularizer, gair_weights, kl_rows, logit_diff_distance,
-                    mail_weights, mart_loss, prob_margin, trades_loss, trades_sovr_loss)
+from losses import (OBJECTIVES, _attack_from_clean, comp_sum_loss, emr_lambda, emr_penalty, emr_regularizer,
+                    gair_weights, kl_rows, logit_diff_distance, mail_weights, mart_loss, prob_margin, trades_loss,
+                    trades_sovr_loss)
 from sovr import sovr_loss
 
 SHAPES = [(1, 2), (7, 10), (5, 100)]  # (batch, classes)
@@ -101,16 +102,25 @@ def test_mail_weights_match_loop(b: int, k: int, slope: float, bias: float) -> N
     _, za, y = logits(b, k)
     margins = [pm(a, t) for a, t in zip(za.tolist(), y.tolist())]
     close(prob_margin(za, y), margins)
-    raw = [1 / (1 + math.exp(slope * (m - bias))) for m in margins]
-    close(mail_weights(za, y, slope, bias), [w * len(raw) / sum(raw) for w in raw])
+    raw = [3 / (1 + math.exp(slope * (m - bias))) for m in margins]
+    close(mail_weights(za, y, slope, bias), raw)
+
+
+@pytest.mark.parametrize("slope, bias, want", [(10.0, -0.5, [0.000301538, 0.933369, 2.03891]),
+                                               (1.0, -1.5, [0.383413, 0.760809, 0.851949])])
+def test_mail_weights_by_hand(slope: float, bias: float, want: list) -> None:
+    """Logits (2, 1, 0): p = (0.665241, 0.244728, 0.090031). The official mail_loss.py takes PM' = p_2nd - p_y,
+    i.e. -0.420512, 0.420512, 0.575210 for y = 0, 1, 2, and w = sigmoid((PM' + bias) * slope) * 3."""
+    z = torch.tensor([[2.0, 1.0, 0.0]] * 3, dtype=torch.float64)
+    close(mail_weights(z, torch.tensor([0, 1, 2]), slope, bias), want, rel=1e-5)
 
 
 def test_mail_weights_favour_small_margins_and_take_no_gradient() -> None:
     za = torch.tensor([[4.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 3.0, 0.0]], requires_grad=True)
     y = torch.tensor([0, 0, 0])
-    w = mail_weights(za, y, 1.0, -1.5)
-    assert w[0] < w[1] < w[2] and w.mean().item() == pytest.approx(1.0) and not w.requires_grad
-    assert mail_weights(za, y, 0.0, -1.5).tolist() == [1.0, 1.0, 1.0]  # constant weights: plain CE
+    w = mail_weights(za, y, 10.0, -0.5)
+    assert w[0] < w[1] < w[2] and 0 < w.min() and w.max() < 3 and not w.requires_grad  # no rescaling to mean 1
+    assert mail_weights(za, y, 0.0, -0.5).tolist() == [1.5, 1.5, 1.5]  # constant weights: CE times 1.5
 
 
 @pytest.mark.parametrize("steps", [2, 5, 10])
@@ -260,17 +270,17 @@ def test_emr_temperature_defaults_follow_the_official_scripts(loss: str, temp: f
     assert args("--loss", loss, "--emr-temp", "2").emr_temp == 2.0
 
 
-@pytest.mark.parametrize("name,flags", [
-    ("mail", ["--mail-slope", "0", "--burn-in", "0"]),    # constant weights
-    ("mail", ["--burn-in", "1"]),                          # burn-in epoch
-    ("gairat", ["--gairat-lambda", "100", "--burn-in", "0"]),  # tanh saturates: all weights 1
-    ("gairat", ["--burn-in", "1"]),
+@pytest.mark.parametrize("name,flags,scale", [
+    ("mail", ["--mail-slope", "0", "--burn-in", "0"], 1.5),   # constant weights 3 sigmoid(0)
+    ("mail", ["--burn-in", "1"], 1.0),                         # burn-in epoch
+    ("gairat", ["--gairat-lambda", "100", "--burn-in", "0"], 1.0),  # tanh saturates: all weights 1
+    ("gairat", ["--burn-in", "1"], 1.0),
 ])
-def test_reweighting_reduces_to_pgd_at(name: str, flags: list) -> None:
+def test_reweighting_reduces_to_pgd_at(name: str, flags: list, scale: float) -> None:
     model, (x, y) = tiny(), data()
     want, z_want, _ = run("ce", args(), model, x, y)
     got, z_got, _ = run(name, args(*flags), model, x, y)
-    assert torch.allclose(got, want, rtol=1e-6) and torch.equal(z_got, z_want)
+    assert torch.allclose(got, scale * want, rtol=1e-6) and torch.equal(z_got, z_want)
 
 
 @pytest.mark.parametrize("distance", [lambda za, zc, _: kl_rows(zc, za), logit_diff_distance])

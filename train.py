@@ -40,25 +40,32 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--val", type=int, default=1000, help="training images held out for model selection (default 1000)")
     a("--train-limit", type=int, default=0, help="use only the first N training images, 0 = all (for quick checks)")
-    a("--epochs", type=int, default=110, help="default 110 with lr x0.1 at 100 and 105 (MART/MAIL-style schedule, our choice)")
-    a("--milestones", default="100,105", help="epochs at which lr is multiplied by 0.1 (default 100,105)")
-    a("--lr", type=float, default=0.1, help="SGD learning rate for the global batch (default 0.1)")
-    a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    a("--wd", type=float, default=5e-4, help="weight decay (default 5e-4)")
-    a("--batch", type=int, default=128, help="global batch size (default 128)")
+    a("--epochs", type=int, default=110, help="default 110 with lr x0.1 at 100 and 105: the baseline of Pang et al., "
+      "Bag of Tricks for AT (ICLR 2021), P2333/Bag-of-Tricks-for-AT README and train_cifar.py, as every recipe default")
+    a("--milestones", default="100,105", help="epochs after which lr (and EMR lambda) is multiplied by 0.1 "
+      "(default 100,105, Bag of Tricks)")
+    a("--lr", type=float, default=0.1, help="SGD learning rate for the global batch (default 0.1, Bag of Tricks)")
+    a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9, Bag of Tricks)")
+    a("--wd", type=float, default=5e-4, help="weight decay (default 5e-4, Bag of Tricks)")
+    a("--batch", type=int, default=128, help="global batch size (default 128, Bag of Tricks)")
     a("--eps", type=int, default=8, help="L-inf radius in 1/255 units (default 8, i.e. 8/255)")
     a("--step", type=int, default=2, help="PGD step in 1/255 units (default 2)")
     a("--steps", type=int, default=10, help="PGD steps in training (default 10)")
     a("--eval-steps", type=int, default=20, help="PGD steps for validation and test (default 20)")
-    a("--attack-bn", default="eval", choices=["eval", "train"], help="BatchNorm mode while attacking (default eval)")
+    a("--attack-bn", default="eval", choices=["eval", "train"], help="BatchNorm mode while attacking (default eval: Bag "
+      "of Tricks' baseline and the official TRADES, MART, MAIL and GAIRAT attacks)")
     a("--beta", type=float, default=6.0, help="TRADES / trades-sovr / MART regularization weight (default 6: TRADES' "
-      "CIFAR value and MART's WRN-34 script; MART's ResNet-18 script uses 5)")
-    a("--burn-in", type=int, default=60, help="MAIL / GAIRAT: unweighted PGD-AT for the first N epochs (default 60, "
-      "GAIRAT's begin_epoch of 120 epochs; MAIL's code starts at epoch 75 of 120)")
-    a("--mail-slope", type=float, default=1.0, help="MAIL weight sigmoid(-slope * (PM - bias)) (default 1, official MAIL code)")
-    a("--mail-bias", type=float, default=-1.5, help="MAIL weight bias (default -1.5, official MAIL code)")
+      "CIFAR value and MART's train_wideresnet.py; MART's train_resnet.py uses 5)")
+    a("--burn-in", type=int, default=60, help="MAIL / GAIRAT: unweighted PGD-AT for the first N epochs (default 60, our "
+      "choice for 110 epochs. Official: GAIRAT.py reweights from its 60th epoch of 120 (begin_epoch 60, so 59 "
+      "unweighted); MAIL's train.py from epoch 76 of 120 (75 unweighted))")
+    a("--mail-slope", type=float, default=10.0, help="MAIL weight 3 sigmoid(slope (bias - PM)), PM = p_y - max_(k!=y) p_k, "
+      "as the official mail_loss.py (default 10 with --mail-bias -0.5: the MAIL-AT recommendation reported from the "
+      "official README; the README versions we could read say only 'python main.py', and the argparse defaults of "
+      "the official train.py, one setting for every method, are slope 1, bias -1.5)")
+    a("--mail-bias", type=float, default=-0.5, help="MAIL weight bias (default -0.5, see --mail-slope)")
     a("--gairat-lambda", type=float, default=-1.0, help="GAIRAT tanh shift lambda, constant after --burn-in "
-      "(default -1, GAIRAT's 'fixed' schedule)")
+      "(default -1: GAIRAT.py's --Lambda with its default 'fixed' --Lambda_schedule)")
     a("--tau", type=float, default=1.0, help="comp-sum tau >= 0: 0 sum-exp, 1 CE, (1, 2) generalized CE, 2 MAE "
       "(default 1, our choice)")
     a("--nu", type=float, default=1.0, help="comp-sum weight of the logit-difference distance (default 1, our choice)")
