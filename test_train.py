@@ -104,6 +104,21 @@ def test_malformed_npz(tmp_path: Path, capsys, arrays: dict, match: str) -> None
     expect_error(capsys, [*SMOKE, "--dataset", tmp_path / "junk.npz", "--out", tmp_path / "o"], "not a readable .npz")
 
 
+def test_init_starts_from_the_checkpoint_weights_with_a_fresh_schedule(tmp_path: Path, capsys) -> None:
+    run(*SMOKE, "--out", tmp_path / "a", "--epochs", 1)
+    a = load(tmp_path / "a" / "last.pt")
+    run(*SMOKE, "--out", tmp_path / "b", "--init", tmp_path / "a" / "last.pt", "--loss", "mail", "--epochs", 1,
+        "--lr", 0, "--dataset", "synthetic")  # lr 0: the weights stay those of a
+    b = load(tmp_path / "b" / "last.pt")
+    assert b["epoch"] == 1 and b["args"]["init"] == str(tmp_path / "a" / "last.pt") and b["mean"] == a["mean"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if "running" not in k and "batches" not in k)
+    expect_error(capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "a" / "last.pt", "--arch", "preact18"],
+                 "holds a resnet18 with 10 classes, not a preact18 with 10")
+    expect_error(capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "a" / "last.pt", "--width", 4],
+                 "do not fit --arch resnet18 --width 4")
+    expect_error(capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "nope.pt"], "--init: no checkpoint at")
+
+
 def test_resume_from_other_configuration_and_unwritable_out(tmp_path: Path, capsys) -> None:
     run(*SMOKE, "--out", tmp_path, "--stop-after", 1)
     expect_error(capsys, [*SMOKE, "--out", tmp_path, "--resume", "--lr", "0.05"], "was trained with --lr 0.1, not 0.05")

@@ -80,6 +80,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--seed", type=int, default=0, help="random seed (default 0)")
     a("--out", default=None, help="output directory (default runs/<dataset>-<arch>-<loss>-s<seed>)")
     a("--resume", action="store_true", help="continue from <out>/last.pt")
+    a("--init", default=None, help="start from the weights (and normalization) of this train.py checkpoint, with a fresh "
+      "optimizer and schedule: fine-tuning a robust model, or one pre-trained run continued with each loss")
     a("--stop-after", type=int, default=0, help="train at most N epochs in this invocation, then exit (0 = all)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
     a("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on for CUDA)")
@@ -279,10 +281,23 @@ def resume_state(args, path: str) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
         raise ValueError(f"--resume: {path} is not a train.py checkpoint")
     old = state["args"]
-    diff = [k for k, v in vars(args).items() if k not in RESUMABLE and old.get(k) != v]
+    diff = [k for k, v in vars(args).items() if k not in RESUMABLE and k in old and old[k] != v]  # absent: older flag set
     if diff:
         k = diff[0]
         raise ValueError(f"--resume: {path} was trained with --{k.replace('_', '-')} {old.get(k)}, not {getattr(args, k)}")
+    return state
+
+
+def init_state(args, num_classes: int) -> dict:
+    """The --init checkpoint, refused with a readable message unless its arch and class count match this run."""
+    if not os.path.isfile(args.init):
+        raise ValueError(f"--init: no checkpoint at {args.init}")
+    state = read_checkpoint(args.init)
+    if not isinstance(state, dict) or not all(k in state for k in ("model", "arch", "num_classes", "mean", "std")):
+        raise ValueError(f"--init: {args.init} is not a train.py checkpoint")
+    if (state["arch"], state["num_classes"]) != (args.arch, num_classes):
+        raise ValueError(f"--init: {args.init} holds a {state['arch']} with {state['num_classes']} classes, "
+                         f"not a {args.arch} with {num_classes}")
     return state
 
 
@@ -310,7 +325,16 @@ def train(args) -> dict:
         if not os.access(args.out, os.W_OK):
             raise ValueError(f"output directory {args.out} is not writable")
 
-    model = models.build(args.arch, data["num_classes"], data["mean"], data["std"], args.width).to(device)
+    if args.init and not args.resume:
+        init = init_state(args, data["num_classes"])
+        data["mean"], data["std"] = init["mean"], init["std"]  # the model keeps the normalization it was trained with
+    model = models.build(args.arch, data["num_classes"], data["mean"], data["std"], args.width)
+    if args.init and not args.resume:
+        try:
+            model.load_state_dict(init["model"])
+        except RuntimeError:
+            raise ValueError(f"--init: the weights of {args.init} do not fit --arch {args.arch} --width {args.width}")
+    model = model.to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     if world > 1 and args.sync_bn:
@@ -321,6 +345,7 @@ def train(args) -> dict:
     if args.resume:
         state = resume_state(args, os.path.join(args.out, "last.pt"))
         model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
+        data["mean"], data["std"] = state["mean"], state["std"]  # an --init run keeps its checkpoint's
         sched.load_state_dict(state["scheduler"])
         start, best = state["epoch"], state["best"]
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
