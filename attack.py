@@ -21,7 +21,8 @@ import torch
 
 import models
 from losses import pgd
-from train import load_data, pick_device, read_checkpoint, write_json
+from models import pick_device, write_json
+from train import load_data
 
 VERSIONS = ("standard", "plus", "rand")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -58,19 +59,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(path: str, device: str) -> tuple[torch.nn.Module, dict]:
-    """Rebuilds the model from the checkpoint alone; ValueError with a readable message otherwise."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no such checkpoint: {path}")
-    ckpt = read_checkpoint(path)
-    keys = ("model", "arch", "num_classes", "mean", "std", "eps", "dataset")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
-        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(keys)})")
-    model = models.build(ckpt["arch"], ckpt["num_classes"], ckpt["mean"], ckpt["std"], ckpt.get("width"))
+    """The checkpoint's model in eval mode, and the checkpoint (its eps, dataset and flags)."""
+    ckpt = models.read(path)
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise ValueError(f"{path}: its weights do not fit arch {ckpt['arch']} with {ckpt['num_classes']} classes")
-    return model.to(device).eval(), ckpt
+        return models.from_checkpoint(ckpt, device), ckpt
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def test_points(ckpt: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,27 +99,29 @@ def make_autoattack(model, eps: float, args):
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
 
 
-def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str) -> torch.Tensor:
-    """Per-point robust flags. Attacks run in the version's order (or --attacks, with the version's
-    settings), each on the points still robust; flags are saved after each, so a rerun skips those done."""
+def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args,
+               state_path: str) -> tuple[torch.Tensor, dict]:
+    """Per-point robust flags, and the robust accuracy after each attack. Attacks run in the version's order
+    (or --attacks, with the version's settings), each on the points still robust; flags are saved after each,
+    so a rerun skips those done."""
     aa, run = make_autoattack(model, eps, args)
     order = args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)
-    robust, done = clean.clone(), []
+    robust, after = clean.clone(), {}
     if os.path.exists(state_path):
         with open(state_path) as f:
             st = json.load(f)
-        robust, done = torch.tensor(st["robust"], dtype=torch.bool), st["done"]
-        print(f"resuming from {state_path}: {', '.join(done)} already run", flush=True)
-    for name in [a for a in order if a not in done]:
+        robust, after = torch.tensor(st["robust"], dtype=torch.bool), st["after"]
+        print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
+    for name in [a for a in order if a not in after]:
         idx = robust.nonzero().flatten()
         if len(idx):
             aa.attacks_to_run = [name]  # keeps the version's settings for that attack
             _, y_adv = run(x[idx], y[idx])
             robust[idx] = y_adv.cpu() == y[idx]
-        done.append(name)
-        print(f"after {name}: robust accuracy {robust.float().mean():.2%}", flush=True)
-        write_json(dict(robust=robust.tolist(), done=done), state_path)
-    return robust
+        after[name] = robust.float().mean().item()
+        print(f"after {name}: robust accuracy {after[name]:.2%}", flush=True)
+        write_json(dict(robust=robust.tolist(), after=after), state_path)
+    return robust, after
 
 
 def margins(model, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int, device: str) -> torch.Tensor:
@@ -175,8 +171,8 @@ def evaluate(path: str, args) -> dict:
         print(f"{path}: clean {res['clean_acc']:.2%}, mean margin {res['mean_margin']:.3f}, "
               f"mean of the 30% smallest {res['mean_margin_smallest30']:.3f}")
     else:
-        robust = autoattack(model, x, y, clean, eps, args, out_path + ".state")
-        res.update(robust_acc=robust.float().mean().item(), robust=robust.int().tolist())
+        robust, after = autoattack(model, x, y, clean, eps, args, out_path + ".state")
+        res.update(robust_acc=robust.float().mean().item(), robust_after=after, robust=robust.int().tolist())
         print(f"{path}: clean {res['clean_acc']:.2%}, AutoAttack ({mode}, {args.norm} {eps_int}/255, n={len(y)}) "
               f"{res['robust_acc']:.2%}, {time.time() - t0:.0f}s")
     res["time_s"] = time.time() - t0

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
     try:
-        device = train.pick_device(args.device)
+        device = models.pick_device(args.device)
     except ValueError as e:
         sys.exit(f"bench.py: error: {e}")
     cuda = amp = device.type == "cuda"  # train.py's default: bf16 autocast on CUDA only
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
                       eval_steps=targs.eval_steps, quick=args.quick),
         **result)
     print_table(report)
-    train.write_json(report, args.out, indent=2)
+    models.write_json(report, args.out, indent=2)
     return report
 
 

@@ -1,10 +1,17 @@
-"""CIFAR models that take images in [0, 1]: input normalization is a buffer inside each model.
+"""CIFAR models that take images in [0, 1]: input normalization is a buffer inside each model; and the
+checkpoint I/O beside them: `models.load(path)` rebuilds a train.py checkpoint's model in eval mode.
+
+    import models
+    model = models.load("runs/cifar10-wrn34-sovr-s0/best.pt", device="cuda")  # images in [0, 1], eval mode
 
 resnet18 (He et al., CIFAR variant used by MART/MAIL: 3x3 stem, no max-pool), preact18 (Rice et al.
 2020), wrn34 (WRN-34-10, Madry/TRADES) and wrn16 (WRN-16-k, a small net for CPU studies).
 `width` is the first stage's channel count for the ResNets (default 64) and the widen factor k for
 the WRNs (default 10 for wrn34, 4 for wrn16).
 """
+import json
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,3 +105,84 @@ def build(arch: str, num_classes: int, mean: tuple = STATS["cifar10"][0], std: t
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     return Normalized(ARCHS[arch](num_classes, width), tuple(mean), tuple(std))
+
+
+# ---- checkpoints: written by train.py, read by attack.py and by anyone using a trained model ----
+
+CHECKPOINT_KEYS = ("model", "arch", "num_classes", "mean", "std", "eps", "dataset")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device, defaulting to CUDA when present; ValueError for a name torch or this machine lacks."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device on this machine")
+    return device
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load(weights_only=True) of an existing file; ValueError with a readable message otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
+                             "it is not a train.py checkpoint (load it only if you trust its source)")
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__})")
+
+
+def from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> nn.Module:
+    """The model a train.py checkpoint dict describes, with its weights, on `device`, in eval mode."""
+    model = build(ckpt["arch"], ckpt["num_classes"], ckpt["mean"], ckpt["std"], ckpt.get("width"))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise ValueError(f"its weights do not fit arch {ckpt['arch']} with {ckpt['num_classes']} classes")
+    return model.to(device).eval()
+
+
+def read(path: str) -> dict:
+    """A train.py checkpoint as a dict (weights_only); ValueError with a readable message for anything else."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no such checkpoint: {path}")
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)})")
+    return ckpt
+
+
+def load(path: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a train.py checkpoint, in eval mode: images in [0, 1], normalization inside, nothing else to do."""
+    ckpt = read(path)
+    try:
+        return from_checkpoint(ckpt, pick_device(str(device)))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _cpu(obj):
+    """obj with every tensor in it copied to the CPU: checkpoints written on a GPU load on any machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    return type(obj)(_cpu(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def save(obj: dict, path: str) -> None:
+    """Atomic, with CPU tensors: a crash during the write leaves the previous file intact."""
+    tmp = f"{path}.tmp"
+    torch.save(_cpu(obj), tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: str, indent: int | None = None) -> None:
+    """Atomic, like save()."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(f"{path}.tmp", path)
+
+

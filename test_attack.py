@@ -39,6 +39,8 @@ def test_custom_attacks_match_a_direct_package_call(ckpt: Path) -> None:
     assert res["settings"]["n"] == 24 and res["settings"]["eps"] == "24/255" and "pyautoattack" in res["versions"]
     assert 0 < res["robust_acc"] < res["clean_acc"]
     assert all(r <= c for r, c in zip(res["robust"], res["clean"]))
+    after = res["robust_after"]
+    assert list(after) == ["apgd-ce", "apgd-dlr"] and after["apgd-ce"] >= after["apgd-dlr"] == res["robust_acc"]
     assert not os.path.exists(str(path) + ".state")
 
     from pyautoattack import AutoAttack
@@ -54,11 +56,12 @@ def test_custom_attacks_match_a_direct_package_call(ckpt: Path) -> None:
 def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys) -> None:
     # A run of apgd-ce,apgd-dlr stopped after apgd-ce left this state: no point survived apgd-ce.
     state = ckpt.parent / "last.apgd-ce+apgd-dlr-Linf-eps8-n24-seed0.json.state"
-    state.write_text(json.dumps(dict(robust=[False] * 24, done=["apgd-ce"])))
+    state.write_text(json.dumps(dict(robust=[False] * 24, after={"apgd-ce": 0.0})))
     run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr")
     assert "resuming from" in capsys.readouterr().out
     res = json.loads(Path(str(state)[:-len(".state")]).read_text())
     assert res["robust_acc"] == 0 and res["clean_acc"] > 0 and not state.exists()
+    assert res["robust_after"] == {"apgd-ce": 0.0, "apgd-dlr": 0.0}
 
 
 def test_margins_writes_json_and_png(ckpt: Path, tmp_path: Path) -> None:

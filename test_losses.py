@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attack
+import models
 import train
 from losses import (OBJECTIVES, _attack_from_clean, comp_sum_loss, emr_lambda, emr_penalty, emr_regularizer,
                     gair_weights, kl_rows, logit_diff_distance, mail_weights, mart_loss, prob_margin, trades_loss,
@@ -338,7 +339,7 @@ def test_trains_without_nan_and_writes_checkpoints(name: str, classes: int, devi
         assert all(v.device.type == "cpu" for v in state["model"].values())
         assert state["num_classes"] == classes and state["args"]["loss"] == name
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-        attack.load_model(str(tmp_path / ckpt), "cpu")  # rebuilds on a machine without the GPU
+        models.load(str(tmp_path / ckpt))  # rebuilds on a machine without the GPU
     attack.main([str(tmp_path / "best.pt"), "--n", "8", "--bs", "8", "--attacks", "apgd-ce", "--device", device])
     (result,) = tmp_path.glob("best.apgd-ce-*.json")
     res = json.loads(result.read_text())

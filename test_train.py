@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,9 @@ def test_smoke_run_writes_checkpoints_that_rebuild_the_model(tmp_path: Path, los
     with torch.no_grad():
         acc = (rebuild(ckpt)(data["x_test"].float() / 255).argmax(1) == data["y_test"]).float().mean().item()
     assert acc == pytest.approx(records[-1]["final"]["last"]["test_clean"], abs=1e-6)
+    loaded = models.load(str(tmp_path / "last.pt"))  # the one-call loader gives the same model, in eval mode
+    assert not loaded.training and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                         rebuild(ckpt).state_dict().values()))
     assert load(tmp_path / "best.pt")["metrics"]["val_pgd"] == max(r["val_pgd"] for r in records[:-1])
 
 
@@ -83,6 +87,7 @@ def expect_error(capsys, argv: list, match: str) -> None:
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--val", "5000"], "--val must lie in"),
     (["--resume"], "no checkpoint at"),
+    (["--resume", "yes"], "takes no value or 'auto', not 'yes'"),
     (["--device", "gpu"], "--device 'gpu' is not a device name"),
     (["--width", "0"], "--width must be >= 1"),
     (["--eps", "-8"], "--eps must be >= 0"),
@@ -134,6 +139,50 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, capsys, m
     expect_error(capsys, [*SMOKE, "--loss", "ce", "--out", tmp_path], "loss is nan at epoch 2, step 1")
     ckpt = load(tmp_path / "last.pt")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_offline_download_says_what_to_do(tmp_path: Path, capsys, monkeypatch) -> None:
+    import urllib.error
+    import urllib.request
+
+    import attack
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    want = f"could not download cifar10 into {tmp_path / 'data'}"
+    expect_error(capsys, ["--device", "cpu", "--data-dir", tmp_path / "data", "--out", tmp_path / "o"], want)
+    msg = capsys.readouterr().err
+    run(*SMOKE, "--out", tmp_path / "run", "--epochs", 1)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    torch.save({**ckpt, "dataset": "cifar10"}, tmp_path / "c10.pt")
+    with pytest.raises(SystemExit) as e:
+        attack.main([str(tmp_path / "c10.pt"), "--data-dir", str(tmp_path / "data"), "--device", "cpu"])
+    assert want in str(e.value.code) and "--dataset file.npz" in str(e.value.code), msg
+
+
+def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path) -> None:
+    """A run killed mid-epoch and restarted with the identical command ends as an uninterrupted run."""
+    cmd = [sys.executable, str(HERE / "train.py"), "--smoke", "--device", "cpu", "--train-limit", 512, "--epochs", 3,
+           "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    call = lambda out: subprocess.run([str(c) for c in cmd + ["--out", out]], env=env, capture_output=True, text=True)  # noqa: E731
+    assert call(tmp_path / "a").returncode == 0
+    p = subprocess.Popen([str(c) for c in cmd + ["--out", tmp_path / "b"]], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    while p.poll() is None and not (tmp_path / "b" / "last.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    p.kill()
+    p.wait()
+    assert load(tmp_path / "b" / "last.pt")["epoch"] < 3, "the run ended before it could be killed"
+    again = call(tmp_path / "b")
+    assert again.returncode == 0 and "resumed after epoch" in again.stdout, again.stdout + again.stderr
+    a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    recs = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs[:-1]] == [1, 2, 3] and "final" in recs[-1]
+    assert (tmp_path / "b" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:

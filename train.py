@@ -28,6 +28,12 @@ RESUMABLE = {"resume", "stop_after", "device", "compile", "data_dir", "out"}
 SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, milestones="1", batch=64, steps=2, eval_steps=2, width=8)
 
 
+def _auto(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"takes no value or 'auto', not {value!r}")
+    return value
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --smoke is looked up by its full name
@@ -79,7 +85,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
       "(default 0.1, EMR_decay in the official src/argument.py)")
     a("--seed", type=int, default=0, help="random seed (default 0)")
     a("--out", default=None, help="output directory (default runs/<dataset>-<arch>-<loss>-s<seed>)")
-    a("--resume", action="store_true", help="continue from <out>/last.pt")
+    a("--resume", nargs="?", const=True, default=False, type=_auto, metavar="auto", help="continue from <out>/last.pt; '--resume auto' continues if it exists and starts afresh if not, so that "
+      "a restarted or requeued command (torchrun --max-restarts, a cluster's requeue) recovers by itself")
     a("--init", default=None, help="start from the weights (and normalization) of this train.py checkpoint, with a fresh "
       "optimizer and schedule: fine-tuning a robust model, or one pre-trained run continued with each loss")
     a("--stop-after", type=int, default=0, help="train at most N epochs in this invocation, then exit (0 = all)")
@@ -110,6 +117,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--milestones must be comma-separated integers, got {args.milestones!r}")
     name = os.path.splitext(os.path.basename(args.dataset))[0]
     args.out = args.out or os.path.join("runs", f"{name}-{args.arch}-{args.loss}-s{args.seed}")
+    if args.resume == "auto":
+        args.resume = os.path.isfile(os.path.join(args.out, "last.pt"))
     return args
 
 
@@ -126,7 +135,12 @@ def load_data(name: str, data_dir: str) -> dict:
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         d = {}
         for split, train in (("train", True), ("test", False)):
-            ds = cls(data_dir, train=train, download=True)
+            try:
+                ds = cls(data_dir, train=train, download=True)
+            except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+                raise ValueError(f"could not download {name} into {data_dir} ({e}). Without network, put torchvision's "
+                                 f"{cls.filename} (from {cls.url}) into {data_dir}, or train on an offline copy: "
+                                 "--dataset file.npz with x_train, y_train, x_test, y_test") from None
             d[f"x_{split}"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
             d[f"y_{split}"] = torch.tensor(ds.targets)
     elif name.endswith(".npz"):
@@ -205,50 +219,16 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, amp: bool, bs: int =
     return tuple((counts / n).tolist())
 
 
-def _cpu(obj):
-    """obj with every tensor in it copied to the CPU: checkpoints written on a GPU load on any machine."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    return type(obj)(_cpu(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
-
-
-def save(obj: dict, path: str) -> None:
-    """Atomic, with CPU tensors: a crash during the write leaves the previous file intact."""
-    tmp = f"{path}.tmp"
-    torch.save(_cpu(obj), tmp)
-    os.replace(tmp, path)
-
-
-def write_json(obj: dict, path: str, indent: int | None = None) -> None:
-    """Atomic, like save()."""
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(f"{path}.tmp", path)
-
-
 def checkpoint(model, args, data: dict, epoch: int, metrics: dict) -> dict:
     return dict(model=model.state_dict(), arch=args.arch, width=args.width, num_classes=data["num_classes"],
                 dataset=args.dataset, mean=list(data["mean"]), std=list(data["std"]), eps=args.eps,
                 epoch=epoch, metrics=metrics, args=vars(args))
 
 
-def pick_device(name: str | None) -> torch.device:
-    """--device, defaulting to CUDA when present; ValueError for a name torch or this machine lacks."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N)")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"--device {name}: no such CUDA device on this machine")
-    return device
-
-
 def setup(args) -> tuple[torch.device, int, int]:
     """Device, rank and world size; under torchrun one process per GPU (or CPU process with gloo)."""
     if "RANK" not in os.environ:
-        device = pick_device(args.device)
+        device = models.pick_device(args.device)
         torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN times its kernels once
         return device, 0, 1
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -263,21 +243,10 @@ def setup(args) -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
-def read_checkpoint(path: str) -> dict:
-    """torch.load(weights_only=True) of an existing file; ValueError with a readable message otherwise."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Weights only load failed" in str(e):
-            raise ValueError(f"{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
-                             "it is not a train.py checkpoint (load it only if you trust its source)")
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__})")
-
-
 def resume_state(args, path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"--resume: no checkpoint at {path}")
-    state = read_checkpoint(path)
+    state = models.read_checkpoint(path)
     if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
         raise ValueError(f"--resume: {path} is not a train.py checkpoint")
     old = state["args"]
@@ -292,7 +261,7 @@ def init_state(args, num_classes: int) -> dict:
     """The --init checkpoint, refused with a readable message unless its arch and class count match this run."""
     if not os.path.isfile(args.init):
         raise ValueError(f"--init: no checkpoint at {args.init}")
-    state = read_checkpoint(args.init)
+    state = models.read_checkpoint(args.init)
     if not isinstance(state, dict) or not all(k in state for k in ("model", "arch", "num_classes", "mean", "std")):
         raise ValueError(f"--init: {args.init} is not a train.py checkpoint")
     if (state["arch"], state["num_classes"]) != (args.arch, num_classes):
@@ -301,11 +270,9 @@ def init_state(args, num_classes: int) -> dict:
     return state
 
 
-def train(args) -> dict:
-    device, rank, world = setup(args)
-    amp = device.type == "cuda" if args.amp is None else args.amp
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
+def load_split(args, device: torch.device, rank: int, world: int) -> tuple[dict, tuple, tuple]:
+    """The dataset, and its training and validation tensors on the device (the validation images are the same
+    --val images for every seed; --train-limit keeps the first N of the rest)."""
     if rank > 0:
         dist.barrier()  # rank 0 downloads first
     data = load_data(args.dataset, args.data_dir)
@@ -314,29 +281,30 @@ def train(args) -> dict:
     n_train = len(data["x_train"])
     if not 0 < args.val < n_train:
         raise ValueError(f"--val must lie in [1, {n_train - 1}] for {n_train} training images, got {args.val}")
-    split = torch.randperm(n_train, generator=torch.Generator().manual_seed(0))  # same val set for every seed
+    split = torch.randperm(n_train, generator=torch.Generator().manual_seed(0))
     val_idx, tr_idx = split[:args.val], split[args.val:]
     if args.train_limit:
         tr_idx = tr_idx[:args.train_limit]
-    x_tr, y_tr = data["x_train"][tr_idx].to(device), data["y_train"][tr_idx].to(device)
-    x_val, y_val = data["x_train"][val_idx].to(device), data["y_train"][val_idx].to(device)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        if not os.access(args.out, os.W_OK):
-            raise ValueError(f"output directory {args.out} is not writable")
+    if len(tr_idx) < args.batch:
+        raise ValueError(f"--batch {args.batch} is larger than the {len(tr_idx)} training images")
+    on = lambda idx: (data["x_train"][idx].to(device), data["y_train"][idx].to(device))  # noqa: E731
+    return data, on(tr_idx), on(val_idx)
 
+
+def make_model(args, data: dict, device: torch.device, world: int) -> tuple:
+    """Model, optimizer, scheduler, first epoch and best validation score: fresh, from --init, or resumed."""
+    init = None
     if args.init and not args.resume:
         init = init_state(args, data["num_classes"])
         data["mean"], data["std"] = init["mean"], init["std"]  # the model keeps the normalization it was trained with
     model = models.build(args.arch, data["num_classes"], data["mean"], data["std"], args.width)
-    if args.init and not args.resume:
+    if init:
         try:
             model.load_state_dict(init["model"])
         except RuntimeError:
             raise ValueError(f"--init: the weights of {args.init} do not fit --arch {args.arch} --width {args.width}")
-    model = model.to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(device).to(memory_format=fmt)
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
@@ -348,36 +316,157 @@ def train(args) -> dict:
         data["mean"], data["std"] = state["mean"], state["std"]  # an --init run keeps its checkpoint's
         sched.load_state_dict(state["scheduler"])
         start, best = state["epoch"], state["best"]
+    return model, opt, sched, start, best
+
+
+def train_epoch(net, atk, opt, x_tr: torch.Tensor, y_tr: torch.Tensor, args, epoch: int, amp: bool, rank: int,
+                world: int, bar=None) -> torch.Tensor:
+    """One epoch of steps; [steps, 2] losses and adversarial accuracies, left on the device. Every epoch reseeds
+    from --seed and its number, so that a resumed run repeats exactly what an uninterrupted one does."""
+    torch.manual_seed((args.seed * 100_003 + epoch) * 1009 + rank)
+    device = x_tr.device
+    g = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch)
+    perm = torch.randperm(len(x_tr), device=device, generator=g)
+    objective, per_rank, steps = OBJECTIVES[args.loss], args.batch // world, len(x_tr) // args.batch
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    net.train()
+    stats = torch.zeros(steps, 2, device=device)
+    for s in range(steps):
+        idx = perm[s * args.batch:(s + 1) * args.batch]  # global batch: crops as in a 1-process run
+        x = augment(x_tr[idx], g)[rank * per_rank:(rank + 1) * per_rank].contiguous(memory_format=fmt)
+        y = y_tr[idx][rank * per_rank:(rank + 1) * per_rank]
+        stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp)
+        if bar is not None:
+            bar.step(s + 1, steps, stats)
+    if not torch.isfinite(stats[:, 0]).all():
+        bad = int((~torch.isfinite(stats[:, 0])).nonzero()[0])
+        kept = f"{args.out}/last.pt keeps epoch {epoch}" if epoch else "no checkpoint was written"
+        raise FloatingPointError(f"loss is {stats[bad, 0].item()} at epoch {epoch + 1}, step {bad + 1}; {kept}")
+    return stats
+
+
+class Progress:
+    """A live line within each epoch (tqdm): images/s, loss, time left in the epoch and in the run. Only on a
+    terminal and on rank 0, so logs and CI output keep one line per epoch; it reads the loss every 10 steps."""
+
+    def __init__(self, args, epoch: int, steps: int):
+        from tqdm import tqdm
+        self.left = args.epochs - epoch - 1
+        self.bar = tqdm(total=steps * args.batch, unit="img", leave=False, dynamic_ncols=True,
+                        desc=f"epoch {epoch + 1}/{args.epochs}")
+
+    def step(self, done: int, steps: int, stats: torch.Tensor) -> None:
+        self.bar.update(self.bar.total // steps)
+        if done % 10 == 0 or done == steps:
+            epoch_s = self.bar.format_dict["elapsed"] * steps / done
+            self.bar.set_postfix_str(f"loss {stats[done - 1, 0].item():.3f}, run left "
+                                     f"{(epoch_s * (steps - done) / steps + epoch_s * self.left) / 60:.1f}m")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress(args, epoch: int, rank: int, steps: int) -> Progress | None:
+    if rank > 0 or not sys.stderr.isatty():
+        return None
+    try:
+        return Progress(args, epoch, steps)
+    except ImportError:  # tqdm is in requirements.txt; without it training just has no live line
+        return None
+
+
+def end_epoch(model, opt, sched, args, data: dict, rec: dict, best: float) -> float:
+    """Rank 0's bookkeeping: best.pt if validation PGD improved, last.pt, log.jsonl and curves.png."""
+    if rec["val_pgd"] > best:
+        best = rec["val_pgd"]
+        models.save(checkpoint(model, args, data, rec["epoch"], rec), os.path.join(args.out, "best.pt"))
+    last = checkpoint(model, args, data, rec["epoch"], rec)
+    with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # before last.pt: a restart trims what last.pt lacks
+        f.write(json.dumps(rec) + "\n")
+    models.save({**last, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best},
+         os.path.join(args.out, "last.pt"))
+    draw_curves(args.out)
+    return best
+
+
+def trim_log(out: str, epochs_done: int) -> None:
+    """On resume: keep the log records of the epochs last.pt holds (a killed run may have logged one more)."""
+    path = os.path.join(out, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 10**9) <= epochs_done]
+        with open(f"{path}.tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(f"{path}.tmp", path)
+
+
+_NO_MATPLOTLIB = []
+
+
+def draw_curves(out: str) -> None:
+    """curves.png from log.jsonl: validation clean and PGD accuracy with the best epoch marked, training
+    adversarial accuracy and loss, learning rate. Robust overfitting shows as a falling PGD curve."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _NO_MATPLOTLIB:
+            print("matplotlib is not installed: no curves.png is drawn (pip install matplotlib)", file=sys.stderr)
+            _NO_MATPLOTLIB.append(True)
+        return
+    with open(os.path.join(out, "log.jsonl")) as f:
+        recs = [r for r in map(json.loads, f) if "epoch" in r]
+    e = [r["epoch"] for r in recs]
+    best = max(recs, key=lambda r: r["val_pgd"])
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.3))
+    a1.plot(e, [100 * r["val_clean"] for r in recs], label="val clean")
+    a1.plot(e, [100 * r["val_pgd"] for r in recs], label="val PGD")
+    a1.plot(e, [100 * r["train_adv_acc"] for r in recs], label="train adversarial", linestyle=":")
+    a1.axvline(best["epoch"], color="gray", linewidth=0.8)
+    a1.annotate(f"best.pt: epoch {best['epoch']}", (best["epoch"], 100 * best["val_pgd"]), fontsize=8)
+    a1.set(xlabel="epoch", ylabel="accuracy %")
+    a1.legend(fontsize=8)
+    a2.plot(e, [r["train_loss"] for r in recs])
+    a2.set(xlabel="epoch", ylabel="training loss")
+    a3.plot(e, [r["lr"] for r in recs])
+    a3.set(xlabel="epoch", ylabel="learning rate", yscale="log" if min(r["lr"] for r in recs) > 0 else "linear")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+
+
+def train(args) -> dict:
+    device, rank, world = setup(args)
+    amp = device.type == "cuda" if args.amp is None else args.amp
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    data, (x_tr, y_tr), (x_val, y_val) = load_split(args, device, rank, world)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise ValueError(f"output directory {args.out} is not writable")
+    model, opt, sched, start, best = make_model(args, data, device, world)
+    if rank == 0 and args.resume:
+        trim_log(args.out, start)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     atk = model  # the attack runs on the plain model: no DDP gradient hooks in attack steps
     if args.compile:
         atk = torch.compile(model)
         net = torch.compile(net) if world > 1 else atk
-    objective, per_rank = OBJECTIVES[args.loss], args.batch // world
     steps = len(x_tr) // args.batch
-    if steps == 0:
-        raise ValueError(f"--batch {args.batch} is larger than the {len(x_tr)} training images")
-    log(f"{args.loss} {args.arch} on {args.dataset}: {len(x_tr)} train / {len(x_val)} val images, {steps} steps/epoch, "
-        f"global batch {args.batch} = {world} x {per_rank}, lr {args.lr}, eps {args.eps}/255, device {device}, amp {amp}")
-
+    log(f"{args.loss} {args.arch} on {args.dataset}: {len(x_tr)} train / {len(x_val)} val images, {steps} "
+        f"steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr {args.lr}, eps {args.eps}/255, "
+        f"device {device}, amp {amp}" + (f", resumed after epoch {start}" if start else ""))
     end = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after)
     t_run = time.time()
     for epoch in range(start, end):
-        t0 = time.time()
-        torch.manual_seed((args.seed * 100_003 + epoch) * 1009 + rank)  # per epoch: --resume is exact
-        g = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch)
-        perm = torch.randperm(len(x_tr), device=device, generator=g)
-        model.train()
-        stats = torch.zeros(steps, 2, device=device)  # loss, adversarial accuracy; read once per epoch
-        for s in range(steps):
-            idx = perm[s * args.batch:(s + 1) * args.batch]  # global batch: crops as in a 1-process run
-            x = augment(x_tr[idx], g)[rank * per_rank:(rank + 1) * per_rank].contiguous(memory_format=fmt)
-            y = y_tr[idx][rank * per_rank:(rank + 1) * per_rank]
-            stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp)
-        if not torch.isfinite(stats[:, 0]).all():
-            bad = int((~torch.isfinite(stats[:, 0])).nonzero()[0])
-            kept = f"{args.out}/last.pt keeps epoch {epoch}" if epoch else "no checkpoint was written"
-            raise FloatingPointError(f"loss is {stats[bad, 0].item()} at epoch {epoch + 1}, step {bad + 1}; {kept}")
+        t0, bar = time.time(), progress(args, epoch, rank, steps)
+        try:
+            stats = train_epoch(net, atk, opt, x_tr, y_tr, args, epoch, amp, rank, world, bar)
+        finally:
+            if bar is not None:
+                bar.close()
         lr = opt.param_groups[0]["lr"]
         sched.step()
         if world > 1:  # BN running statistics drift apart per rank: evaluate and save rank 0's everywhere
@@ -391,14 +480,7 @@ def train(args) -> dict:
         log(f"epoch {epoch + 1:3d}/{args.epochs} lr {lr:.4f} {rec['time']:6.1f}s eta {eta / 60:6.1f}m | "
             f"train loss {tr_loss:.4f} adv {tr_acc:6.2%} | val clean {clean:6.2%} pgd{args.eval_steps} {rob:6.2%}")
         if rank == 0:
-            if rob > best:
-                best = rob
-                save(checkpoint(model, args, data, epoch + 1, rec), os.path.join(args.out, "best.pt"))
-            last = checkpoint(model, args, data, epoch + 1, rec)
-            save({**last, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best},
-                 os.path.join(args.out, "last.pt"))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            best = end_epoch(model, opt, sched, args, data, rec, best)
     if end < args.epochs:
         log(f"stopped after epoch {end} (--stop-after); continue with --resume")
         return {}

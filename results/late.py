@@ -1,0 +1,271 @@
+"""The late-training study (issue 12): SOVR and its baselines where the paper's effect should live.
+
+    python results/late.py            # runs whatever is missing (resumable, skips what is done), then the tables
+    python results/late.py --table    # only re-writes results/late/table.md and the figures from what exists
+
+One PGD-AT (CE) pre-training on a part of the real CIFAR-10 subset at lr 0.1, then every loss continues from
+that one checkpoint (`train.py --init`) with the same late schedule (lr 0.01, then 0.001) and the same seeds,
+reweighting and switching from its first epoch: the official protocol of MAIL and GAIRAT (plain PGD-AT first),
+and every comparison is paired (same start, same data order and attack starts for the same seed). Each final
+and best-by-validation checkpoint gets clean, PGD-20, APGD-CE and APGD-T accuracy on all 1,017 test images,
+and the logit margins of PGD-20 examples of the training points the losses act on and of the test points. The
+important points are the 30% with the smallest margin under the common starting checkpoint, the same points
+for every loss. Runs go two at a time with one CPU thread each; the pre-training alone uses both.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+import attack  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+
+SUBSET = "../shared/data/cifar10_subset.npz"  # as train.py is run from the repository root
+ROOT = HERE / "late"
+ARCH, WIDTH, TRAIN, VAL = "preact18", 16, 2000, 500  # PreAct ResNet-18 at width 16: 0.70M parameters
+PRE_EPOCHS = 120  # lr 0.1 throughout
+EPOCHS, DROP = 20, 15  # the late phase: lr 0.01 for 15 epochs, then 0.001
+MAIN, SEEDS = ("ce", "mail", "gairat", "sovr"), (0, 1, 2)
+EXTRA = [("trades", 0, None), ("trades-sovr", 0, None)] + [("sovr", 0, r) for r in (0.1, 0.2, 0.6, 1.0)]
+AA = "apgd-ce,apgd-t"
+STANDARD_ON, N_STANDARD = [(l, 0, None) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
+COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-limit", str(TRAIN),
+          "--val", str(VAL), "--compile", "--device", "cpu"]
+
+
+def name(loss: str, seed: int, ratio: float | None) -> str:
+    return f"{loss}-s{seed}" + ("" if ratio is None else f"-ratio{ratio:g}")
+
+
+def sh(cmd: list, log: Path, threads: int = 1) -> None:
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""})
+
+
+def finished(out: Path) -> bool:
+    return (out / "log.jsonl").exists() and '"final"' in (out / "log.jsonl").read_text()
+
+
+def pretrain() -> Path:
+    out = ROOT / "pretrain"
+    if not finished(out):
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "train.py", *COMMON, "--loss", "ce", "--epochs", str(PRE_EPOCHS), "--milestones", "",
+               "--out", str(out)]
+        sh(cmd + (["--resume"] if (out / "last.pt").exists() else []), out / "console.log", threads=2)
+    return out / "last.pt"
+
+
+def continue_run(loss: str, seed: int, ratio: float | None, start: Path) -> None:
+    out = ROOT / name(loss, seed, ratio)
+    if finished(out) and (out / "last.pt").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "train.py", *COMMON, "--init", str(start), "--loss", loss, "--seed", str(seed),
+           "--lr", "0.01", "--epochs", str(EPOCHS), "--milestones", str(DROP), "--burn-in", "0", "--out", str(out)]
+    cmd += [] if ratio is None else ["--ratio", str(ratio)]
+    sh(cmd + (["--resume"] if (out / "last.pt").exists() and not finished(out) else []), out / "console.log")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """last.pt, and best.pt unless it is the same epoch (then the same weights)."""
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    final = [r["final"] for r in log if "final" in r][-1]
+    return [out / "last.pt"] + ([out / "best.pt"] if final["best"]["epoch"] != final["last"]["epoch"] else [])
+
+
+def aa_result(ckpt: Path, mode: str = AA.replace(",", "+"), n: int = 1017) -> Path:
+    return Path(attack.result_path(str(ckpt), mode, "Linf", 8, n, 0))
+
+
+def margins_result(ckpt: Path) -> Path:
+    return ckpt.with_suffix(".margins-train-test.json")
+
+
+def evaluate(ckpt: Path) -> None:
+    log = ckpt.parent / "console.log"
+    if not aa_result(ckpt).exists():
+        sh([sys.executable, "attack.py", str(ckpt), "--attacks", AA, "--device", "cpu", "--bs", "500"], log)
+    if not margins_result(ckpt).exists():
+        sh([sys.executable, str(HERE / "late.py"), "--margins", str(ckpt)], log)
+
+
+def margins(ckpt: Path) -> None:
+    """PGD-20 margins (attack.margins: eval mode, step eps/4) of the training points train.py used, and of the
+    test points; with the training points' PGD-20 accuracy. Written beside the checkpoint."""
+    import torch
+    torch.manual_seed(0)
+    model, c = attack.load_model(str(ckpt), "cpu")
+    data = train.load_data(str(REPO / SUBSET), "")
+    split = torch.randperm(len(data["x_train"]), generator=torch.Generator().manual_seed(0))  # as train.py
+    tr = split[VAL:][:TRAIN]
+    out = {}
+    for part, x, y in (("train", data["x_train"][tr], data["y_train"][tr]), ("test", data["x_test"], data["y_test"])):
+        m = attack.margins(model, x.float() / 255, y, c["eps"] / 255, 500, "cpu")
+        out[part] = [round(v, 5) for v in m.tolist()]
+    models.write_json(out, str(margins_result(ckpt)))
+
+
+def run_all() -> None:
+    t0 = time.time()
+    start = pretrain()
+    if not margins_result(start).exists():
+        margins(start)
+    groups = [[(l, 0, None) for l in MAIN], [(l, s, None) for s in SEEDS[1:] for l in MAIN], EXTRA]
+    with ThreadPoolExecutor(2) as pool:
+        for group in groups:
+            list(pool.map(lambda r: continue_run(*r, start), group))
+            ckpts = [c for r in group for c in checkpoints(ROOT / name(*r))]
+            list(pool.map(evaluate, ckpts))
+            tables()
+            print(f"done: {', '.join(name(*r) for r in group)} ({(time.time() - t0) / 3600:.1f} h)", flush=True)
+        std = [ROOT / name(*r) / "last.pt" for r in STANDARD_ON]
+        list(pool.map(lambda c: None if aa_result(c, "standard", N_STANDARD).exists() else sh(
+            [sys.executable, "attack.py", str(c), "--version", "standard", "--n", str(N_STANDARD), "--device", "cpu",
+             "--bs", "500"], c.parent / "console.log"), std))
+    tables()
+
+
+# ---- tables and figures ----
+
+def important_mask(part: str) -> list[bool]:
+    """The 30% of points with the smallest margin under the starting checkpoint (ties: lower index first)."""
+    m = json.loads(margins_result(ROOT / "pretrain" / "last.pt").read_text())[part]
+    chosen = set(sorted(range(len(m)), key=lambda i: m[i])[:round(0.3 * len(m))])
+    return [i in chosen for i in range(len(m))]
+
+
+def mean(v: list) -> float:
+    return sum(v) / len(v)
+
+
+def metrics(ckpt: Path) -> dict | None:
+    """One checkpoint's figures, or None while its evaluation is missing."""
+    if not (aa_result(ckpt).exists() and margins_result(ckpt).exists()):
+        return None
+    aa, mg = json.loads(aa_result(ckpt).read_text()), json.loads(margins_result(ckpt).read_text())
+    log = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
+    final = [r["final"] for r in log if "final" in r][-1][ckpt.stem]
+    out = dict(epoch=final["epoch"], clean=aa["clean_acc"], pgd20=final["test_pgd"], apgd_ce=aa["robust_after"]["apgd-ce"],
+               aa=aa["robust_acc"], train_pgd20=mean([v > 0 for v in mg["train"]]))
+    for part in ("train", "test"):
+        imp = important_mask(part)
+        out[f"{part}_imp"] = mean([v for v, i in zip(mg[part], imp) if i])
+        out[f"{part}_rest"] = mean([v for v, i in zip(mg[part], imp) if not i])
+    std = aa_result(ckpt, "standard", N_STANDARD)
+    if std.exists():
+        out["standard"] = json.loads(std.read_text())["robust_acc"]
+    return out
+
+
+COLS = [("clean", "clean %", 100), ("pgd20", "PGD-20 %", 100), ("apgd_ce", "APGD-CE %", 100),
+        ("aa", "APGD-CE+T %", 100), ("gap", "PGD-20 minus APGD-CE+T", 100), ("train_pgd20", "train PGD-20 %", 100),
+        ("train_imp", "train margin, important", 1), ("train_rest", "train margin, rest", 1),
+        ("test_imp", "test margin, important", 1), ("test_rest", "test margin, rest", 1)]
+
+
+def fmt(vals: list[float], scale: float) -> str:
+    if not vals:
+        return "-"
+    m = statistics.mean(vals) * scale
+    digits = 1 if scale == 100 else 2
+    return f"{m:.{digits}f}" + (f" ± {statistics.stdev(vals) * scale:.{digits}f}" if len(vals) > 1 else "")
+
+
+def tables() -> None:
+    if not margins_result(ROOT / "pretrain" / "last.pt").exists():
+        return
+    rows = [(l, s, None) for l in MAIN for s in SEEDS] + EXTRA
+    found = {}
+    for r in rows:
+        out = ROOT / name(*r)
+        if finished(out):
+            for which in ("last", "best"):
+                ckpt = out / f"{which}.pt"
+                if which == "best" and out / "best.pt" not in checkpoints(out):
+                    ckpt = out / "last.pt"  # best is the last epoch
+                mt = metrics(ckpt) if (out / "log.jsonl").exists() else None
+                if mt:
+                    mt["gap"] = mt["pgd20"] - mt["aa"]
+                    found[(r, which)] = mt
+    start = json.loads(margins_result(ROOT / "pretrain" / "last.pt").read_text())
+    lines = [f"Start (pre-trained CE, epoch {PRE_EPOCHS}): training points' PGD-20 accuracy "
+             f"{mean([v > 0 for v in start['train']]):.1%}, test {mean([v > 0 for v in start['test']]):.1%}.", ""]
+    for which in ("last", "best"):
+        lines += [f"### {'Final' if which == 'last' else 'Best-by-validation'} checkpoints", "",
+                  "| loss | ratio | seeds | " + " | ".join(c[1] for c in COLS) + " | standard AA % (n=500) |",
+                  "|" + "---|" * (len(COLS) + 4)]
+        groups = {}
+        for (r, w), mt in found.items():
+            if w == which:
+                groups.setdefault((r[0], r[2]), []).append((r[1], mt))
+        for (loss, ratio), items in groups.items():
+            cells = [fmt([mt[k] for _, mt in items], sc) for k, _, sc in COLS]
+            std = [mt["standard"] for _, mt in items if "standard" in mt]
+            lines.append(f"| {loss} | {ratio if ratio is not None else 'default'} | {len(items)} | " + " | ".join(cells)
+                         + f" | {fmt(std, 100)} |")
+        lines += ["", "Paired against ce (same seed), mean ± std over seeds of the difference:", "",
+                  "| loss | seeds | " + " | ".join(c[1] for c in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
+        for loss in MAIN[1:] + ("trades", "trades-sovr"):
+            pairs = []
+            for s in SEEDS:
+                a, b = found.get(((loss, s, None), which)), found.get((("ce", s, None), which))
+                if a and b:
+                    pairs.append((a, b))
+            if pairs:
+                cells = [fmt([a[k] - b[k] for a, b in pairs], sc) for k, _, sc in COLS]
+                lines.append(f"| {loss} - ce | {len(pairs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (ROOT / "table.md").write_text("\n".join(lines))
+    histograms(found)
+
+
+def histograms(found: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, part in zip(axes, ("train", "test")):
+        imp = important_mask(part)
+        for loss in ("start",) + MAIN:
+            ckpt = ROOT / "pretrain" / "last.pt" if loss == "start" else ROOT / name(loss, 0, None) / "last.pt"
+            if not margins_result(ckpt).exists():
+                continue
+            m = json.loads(margins_result(ckpt).read_text())[part]
+            for sel, style in ((True, "-"), (False, ":")):
+                ax.hist([v for v, i in zip(m, imp) if i == sel], bins=50, range=(-6, 6), histtype="step",
+                        linestyle=style, linewidth=1.3, label=f"{loss}, {'important' if sel else 'rest'}",
+                        color={"start": "gray", "ce": "C0", "mail": "C1", "gairat": "C2", "sovr": "C4"}[loss])
+        ax.axvline(0, color="black", linewidth=0.6)
+        ax.set(title=f"{part} points, PGD-20 examples (final checkpoints, seed 0)", xlabel="logit margin")
+        ax.title.set_fontsize(9)
+    axes[0].set_ylabel("points")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(ROOT / "margins.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", action="store_true", help="only re-write the table and figures from what exists")
+    p.add_argument("--margins", default=None, help="(internal) compute the margins JSON of one checkpoint")
+    a = p.parse_args()
+    if a.margins:
+        margins(Path(a.margins))
+    elif a.table:
+        tables()
+    else:
+        run_all()
