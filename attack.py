@@ -18,6 +18,7 @@ import time
 from importlib import metadata
 
 import torch
+import torch.distributed as dist
 
 import models
 from losses import pgd
@@ -32,7 +33,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("checkpoints", nargs="+", help="train.py checkpoints (best.pt or last.pt)")
-    a("--n", type=int, default=0, help="evaluate the first N test points (default 0 = the whole test set)")
+    a("--n", "--points", type=int, default=0, dest="n", help="evaluate the first N test points (default 0 = the whole "
+      "test set); under torchrun write --points, since torchrun takes --n for an abbreviation of its own options")
     a("--bs", type=int, default=500, help="batch size (default 500)")
     a("--eps", type=float, default=None, help="radius in 1/255 units (default: the training eps for Linf; "
       "L2 needs it, e.g. 127.5 for RobustBench's 0.5)")
@@ -45,6 +47,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
     a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
     a("--plot", default=None, help="histogram PNG for --margins (default margins.png beside the first checkpoint)")
+    a("--verbose", action="store_true", help="the AutoAttack package's own log lines (off by default)")
     args = p.parse_args(argv)
     if args.n < 0 or args.bs < 1:
         p.error("--n must be >= 0 and --bs >= 1")
@@ -101,9 +104,10 @@ def make_autoattack(model, eps: float, args):
 
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args,
                state_path: str) -> tuple[torch.Tensor, dict]:
-    """Per-point robust flags, and the robust accuracy after each attack. Attacks run in the version's order
-    (or --attacks, with the version's settings), each on the points still robust; flags are saved after each,
-    so a rerun skips those done."""
+    """Per-point robust flags, and how many points stay robust after each attack. Attacks run in the version's
+    order (or --attacks, with the version's settings), each on the points still robust, in batches of --bs as the
+    package batches them (it reseeds every batch, so the flags equal one direct call's); the flags are saved
+    after each attack, so a rerun skips the attacks done."""
     aa, run = make_autoattack(model, eps, args)
     order = args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)
     robust, after = clean.clone(), {}
@@ -114,14 +118,34 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps
         print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
     for name in [a for a in order if a not in after]:
         idx = robust.nonzero().flatten()
-        if len(idx):
-            aa.attacks_to_run = [name]  # keeps the version's settings for that attack
-            _, y_adv = run(x[idx], y[idx])
-            robust[idx] = y_adv.cpu() == y[idx]
-        after[name] = robust.float().mean().item()
-        print(f"after {name}: robust accuracy {after[name]:.2%}", flush=True)
+        aa.attacks_to_run = [name]  # keeps the version's settings for that attack
+        bar = progress_bar(name, len(idx), args)
+        for k in range(0, len(idx), args.bs):
+            part = idx[k:k + args.bs]
+            _, y_adv = run(x[part], y[part])
+            robust[part] = y_adv.cpu() == y[part]
+            if bar is not None:
+                bar.update(len(part))
+                bar.set_postfix_str(f"robust so far {robust.float().mean():.2%}")
+        if bar is not None:
+            bar.close()
+        after[name] = int(robust.sum())
+        if args.rank == 0:
+            print(f"after {name}: robust accuracy {robust.float().mean():.2%}" +
+                  (f" on this process's {len(robust)} points" if args.world > 1 else ""), flush=True)
         write_json(dict(robust=robust.tolist(), after=after), state_path)
     return robust, after
+
+
+def progress_bar(name: str, total: int, args):
+    """A live line per attack (points done, robust accuracy so far, time left): on a terminal, on rank 0."""
+    if args.rank > 0 or not sys.stderr.isatty() or total == 0:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=name, unit="pt", leave=False, dynamic_ncols=True)
 
 
 def margins(model, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int, device: str) -> torch.Tensor:
@@ -151,36 +175,73 @@ def result_path(checkpoint: str, mode: str, norm: str, eps_int: float, n: int, s
     return f"{os.path.splitext(checkpoint)[0]}.{mode}-{norm}-eps{eps_int}-n{n}-seed{seed}.json"
 
 
+def shard(n: int) -> tuple[int, int, slice]:
+    """(rank, processes, this process's contiguous share of the n points); all of them outside torchrun."""
+    if not dist.is_initialized():
+        return 0, 1, slice(0, n)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, slice(n * rank // world, n * (rank + 1) // world)
+
+
+def gather(values: list) -> list:
+    """Every process's list, concatenated in rank order (the order of the shards)."""
+    if not dist.is_initialized():
+        return values
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
 def evaluate(path: str, args) -> dict:
     model, ckpt = load_model(path, args.device)
     x, y = test_points(ckpt, args)
+    n = len(y)
+    rank, world, mine = shard(n)
+    x, y = x[mine], y[mine]
     eps_int = ckpt["eps"] if args.eps is None else args.eps
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
     eps = eps_int / 255
     mode = "margins" if args.margins else (args.attacks.replace(",", "+") if args.attacks else args.version)
     settings = dict(checkpoint=os.path.abspath(path), loss=ckpt.get("args", {}).get("loss"), dataset=args.dataset or ckpt["dataset"],
-                    n=len(y), eps=f"{eps_int}/255", norm=args.norm, mode=mode, bs=args.bs, seed=args.seed)
-    out_path = result_path(path, mode, args.norm, eps_int, len(y), args.seed)
+                    n=n, eps=f"{eps_int}/255", norm=args.norm, mode=mode, bs=args.bs, seed=args.seed, processes=world)
+    out_path = result_path(path, mode, args.norm, eps_int, n, args.seed)
+    state_path = out_path + ".state" + (f".rank{rank}-of-{world}" if world > 1 else "")
     t0 = time.time()
     clean = predict(model, x, args.bs, args.device) == y
-    res = dict(settings=settings, versions=versions(), clean_acc=clean.float().mean().item(), clean=clean.int().tolist())
+    res = dict(settings=settings, versions=versions())
     if args.margins:
-        m = margins(model, x, y, eps, args.bs, args.device)
+        m = torch.tensor(gather(margins(model, x, y, eps, args.bs, args.device).tolist()))
         small = m.sort().values[:max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
-        print(f"{path}: clean {res['clean_acc']:.2%}, mean margin {res['mean_margin']:.3f}, "
-              f"mean of the 30% smallest {res['mean_margin_smallest30']:.3f}")
     else:
-        robust, after = autoattack(model, x, y, clean, eps, args, out_path + ".state")
-        res.update(robust_acc=robust.float().mean().item(), robust_after=after, robust=robust.int().tolist())
-        print(f"{path}: clean {res['clean_acc']:.2%}, AutoAttack ({mode}, {args.norm} {eps_int}/255, n={len(y)}) "
-              f"{res['robust_acc']:.2%}, {time.time() - t0:.0f}s")
-    res["time_s"] = time.time() - t0
-    write_json(res, out_path)
-    if os.path.exists(out_path + ".state"):
-        os.remove(out_path + ".state")
-    print(f"wrote {out_path}")
+        robust, after = autoattack(model, x, y, clean, eps, args, state_path)
+        robust = gather(robust.int().tolist())
+        after = {k: sum(gather([v])) / n for k, v in after.items()}
+        res.update(robust_acc=sum(robust) / n, robust_after=after, robust=robust)
+    clean = gather(clean.int().tolist())
+    res.update(clean_acc=sum(clean) / n, clean=clean, time_s=time.time() - t0)
+    if not args.margins:
+        res["robustbench"] = model_card(ckpt, model, res, eps, args)
+    if rank == 0:
+        write_json(res, out_path)
+        print(f"{path}: clean {res['clean_acc']:.2%}, " + (
+            f"mean margin {res['mean_margin']:.3f}, mean of the 30% smallest {res['mean_margin_smallest30']:.3f}"
+            if args.margins else f"AutoAttack ({mode}, {args.norm} {eps_int}/255, n={n}) {res['robust_acc']:.2%}") +
+            f", {res['time_s']:.0f}s" + (f" on {world} processes" if world > 1 else "") + f"\nwrote {out_path}")
+    if dist.is_initialized():
+        dist.barrier()  # the result is written: every shard's state can go
+    if os.path.exists(state_path):
+        os.remove(state_path)
     return res
+
+
+def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
+    """What a RobustBench model card asks for, so that a result is reported without retyping."""
+    return dict(dataset=res["settings"]["dataset"], threat_model=args.norm, eps=eps, eps_str=res["settings"]["eps"],
+                clean_acc=res["clean_acc"], autoattack_acc=res["robust_acc"], attacks=res["settings"]["mode"],
+                n_points=res["settings"]["n"], architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
+                params=sum(p.numel() for p in model.parameters()), training_loss=res["settings"]["loss"],
+                eps_training=f"{ckpt['eps']}/255")
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -205,20 +266,37 @@ def plot(results: list[dict], path: str) -> None:
     print(f"wrote {path}")
 
 
+def setup(args) -> None:
+    """args.device, args.rank, args.world; under torchrun one process per GPU (gloo on CPU), each with a shard."""
+    args.rank, args.world = 0, 1
+    if "RANK" not in os.environ:
+        args.device = str(pick_device(args.device))
+        return
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    args.rank, args.world = dist.get_rank(), dist.get_world_size()
+    args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(args.device)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = get_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # the package's progress lines
+    logging.getLogger("auto-attack").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
-        args.device = str(pick_device(args.device))
+        setup(args)
         results = [evaluate(p, args) for p in args.checkpoints]
-        if args.margins:
+        if args.margins and args.rank == 0:
             plot(results, args.plot or os.path.join(os.path.dirname(args.checkpoints[0]) or ".", "margins.png"))
     except (ValueError, OSError) as e:
         sys.exit(f"attack.py: error: {e}")
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"attack.py: error: CUDA out of memory at --bs {args.bs}: lower --bs (finished attacks are kept "
                  "and a rerun continues from them)")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

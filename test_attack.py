@@ -130,3 +130,42 @@ def test_cuda_out_of_memory_is_one_clear_line(ckpt: Path, capsys, cap_gpu_memory
     cap_gpu_memory(8)  # less than one batch of 200 images needs
     expect_error(capsys, [ckpt, "--n", 200, "--bs", 200, "--device", "cuda", "--attacks", "apgd-ce"],
                  "CUDA out of memory at --bs 200: lower --bs")
+
+
+def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path: Path) -> None:
+    """2 gloo processes: each attacks its contiguous half; rank 0 writes the one JSON, equal point by point to
+    one process attacking the same two halves. A shard's state file resumes that shard alone."""
+    import shutil
+    import torch.distributed as dist
+    if not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    shutil.copy(ckpt, tmp_path / "last.pt")
+    flags = ["--points", "24", "--bs", "6", "--attacks", "apgd-ce,apgd-dlr", "--eps", "24", "--device", "cpu"]
+    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE), CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "attack.py"),
+           str(tmp_path / "last.pt"), *flags]
+    result = Path(attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 24, 24, 0))
+
+    def torchrun() -> dict:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return json.loads(result.read_text())
+    res = torchrun()
+    args = attack.get_args([str(tmp_path / "last.pt"), *flags])
+    args.rank, args.world = 0, 1
+    model, c = attack.load_model(str(tmp_path / "last.pt"), "cpu")
+    x, y = attack.test_points(c, args)
+    clean = attack.predict(model, x, 6, "cpu") == y
+    ref = []
+    for half in (slice(0, 12), slice(12, 24)):
+        robust, _ = attack.autoattack(model, x[half], y[half], clean[half], 24 / 255, args, str(tmp_path / f"{half.start}.st"))
+        ref += robust.int().tolist()
+    assert res["settings"]["processes"] == 2 and res["clean"] == clean.int().tolist() and res["robust"] == ref
+    assert 0 < sum(ref) < sum(res["clean"]) and res["robustbench"]["autoattack_acc"] == res["robust_acc"]
+    assert not list(tmp_path.glob("*.state*"))
+    # rank 1 was interrupted after apgd-ce, having lost every point: only its shard resumes from that
+    Path(str(result) + ".state.rank1-of-2").write_text(json.dumps(dict(robust=[False] * 12, after={"apgd-ce": 0})))
+    again = torchrun()
+    assert again["robust"] == ref[:12] + [0] * 12
