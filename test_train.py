@@ -247,7 +247,7 @@ def test_pgd_on_cuda_matches_cpu(no_tf32) -> None:
 
 @CUDA
 @pytest.mark.parametrize("loss, flags", [(name, []) for name in sorted(losses.OBJECTIVES)] + [("ce", ["--emr", "1"])])
-def test_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> None:
+def test_cuda_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> None:
     """A host-device synchronisation inside the step would stall the GPU at every step: none may happen."""
     args = train.get_args(["--smoke", "--loss", loss, "--burn-in", "0", *flags])  # reweighting on from step 1
     model = models.build("resnet18", 10, width=8).cuda().to(memory_format=torch.channels_last).train()
