@@ -106,6 +106,7 @@ def margins(ckpt: Path) -> None:
     """PGD-20 margins (attack.margins: eval mode, step eps/4) of the training points train.py used, and of the
     test points; with the training points' PGD-20 accuracy. Written beside the checkpoint."""
     import torch
+    from losses import pgd
     torch.manual_seed(0)
     model, c = attack.load_model(str(ckpt), "cpu")
     data = train.load_data(str(REPO / SUBSET), "")
@@ -115,6 +116,13 @@ def margins(ckpt: Path) -> None:
     for part, x, y in (("train", data["x_train"][tr], data["y_train"][tr]), ("test", data["x_test"], data["y_test"])):
         m = attack.margins(model, x.float() / 255, y, c["eps"] / 255, 500, "cpu")
         out[part] = [round(v, 5) for v in m.tolist()]
+    x, y = data["x_train"][tr].float() / 255, data["y_train"][tr]  # the training attack: PGD-10, eval-mode BN
+    hits = 0
+    for k in range(0, len(x), 500):
+        x_adv, _ = pgd(model, x[k:k + 500], y[k:k + 500], c["eps"] / 255, 2 / 255, 10)
+        with torch.no_grad():
+            hits += int((model(x_adv).argmax(1) == y[k:k + 500]).sum())
+    out["train_pgd10_acc"] = hits / len(x)
     models.write_json(out, str(margins_result(ckpt)))
 
 
@@ -124,13 +132,15 @@ def run_all() -> None:
     if not margins_result(start).exists():
         margins(start)
     groups = [[(l, 0, None) for l in MAIN], [(l, s, None) for s in SEEDS[1:] for l in MAIN], EXTRA]
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool:  # the most telling results first: seed 0, final checkpoints
         for group in groups:
             list(pool.map(lambda r: continue_run(*r, start), group))
-            ckpts = [c for r in group for c in checkpoints(ROOT / name(*r))]
-            list(pool.map(evaluate, ckpts))
+            list(pool.map(evaluate, [ROOT / name(*r) / "last.pt" for r in group]))
             tables()
             print(f"done: {', '.join(name(*r) for r in group)} ({(time.time() - t0) / 3600:.1f} h)", flush=True)
+        best = [c for group in groups for r in group for c in checkpoints(ROOT / name(*r))[1:]]
+        list(pool.map(evaluate, best))
+        tables()
         std = [ROOT / name(*r) / "last.pt" for r in STANDARD_ON]
         list(pool.map(lambda c: None if aa_result(c, "standard", N_STANDARD).exists() else sh(
             [sys.executable, "attack.py", str(c), "--version", "standard", "--n", str(N_STANDARD), "--device", "cpu",
@@ -201,8 +211,8 @@ def tables() -> None:
                     mt["gap"] = mt["pgd20"] - mt["aa"]
                     found[(r, which)] = mt
     start = json.loads(margins_result(ROOT / "pretrain" / "last.pt").read_text())
-    lines = [f"Start (pre-trained CE, epoch {PRE_EPOCHS}): training points' PGD-20 accuracy "
-             f"{mean([v > 0 for v in start['train']]):.1%}, test {mean([v > 0 for v in start['test']]):.1%}.", ""]
+    lines = [f"Start (pre-trained CE): training points' PGD-10 accuracy {start['train_pgd10_acc']:.1%} (eval-mode BN), "
+             f"PGD-20 {mean([v > 0 for v in start['train']]):.1%}; test PGD-20 {mean([v > 0 for v in start['test']]):.1%}.", ""]
     for which in ("last", "best"):
         lines += [f"### {'Final' if which == 'last' else 'Best-by-validation'} checkpoints", "",
                   "| loss | ratio | seeds | " + " | ".join(c[1] for c in COLS) + " | standard AA % (n=500) |",
