@@ -92,13 +92,15 @@ def make_autoattack(model, eps: float, args):
     try:
         from pyautoattack import AutoAttack
         aa = AutoAttack(model, eps=eps, norm=args.norm, version=args.version, device=args.device, seed=args.seed)
+        aa.verbose = args.verbose
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, batch_size=args.bs)
     except ImportError:
         try:
             from autoattack import AutoAttack
         except ImportError:
             raise ValueError("AutoAttack is not installed: pip install pyautoattack==0.2.0")
-        aa = AutoAttack(model, norm=args.norm, eps=eps, version=args.version, device=args.device, seed=args.seed)
+        aa = AutoAttack(model, norm=args.norm, eps=eps, version=args.version, device=args.device, seed=args.seed,
+                        verbose=args.verbose)
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
 
 
@@ -106,16 +108,18 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps
                state_path: str) -> tuple[torch.Tensor, dict]:
     """Per-point robust flags, and how many points stay robust after each attack. Attacks run in the version's
     order (or --attacks, with the version's settings), each on the points still robust, in batches of --bs as the
-    package batches them (it reseeds every batch, so the flags equal one direct call's); the flags are saved
-    after each attack, so a rerun skips the attacks done."""
+    package batches them (it reseeds every batch, so in one process the flags equal one direct call's; under
+    torchrun the shards change which points share a batch, see the README); the flags are saved after each
+    attack, so a rerun skips the attacks done."""
     aa, run = make_autoattack(model, eps, args)
     order = args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)
     robust, after = clean.clone(), {}
     if os.path.exists(state_path):
         with open(state_path) as f:
             st = json.load(f)
-        robust, after = torch.tensor(st["robust"], dtype=torch.bool), st["after"]
-        print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
+        if "after" in st:  # a state file from an older attack.py is ignored
+            robust, after = torch.tensor(st["robust"], dtype=torch.bool), st["after"]
+            print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
     for name in [a for a in order if a not in after]:
         idx = robust.nonzero().flatten()
         aa.attacks_to_run = [name]  # keeps the version's settings for that attack
@@ -197,6 +201,8 @@ def evaluate(path: str, args) -> dict:
     x, y = test_points(ckpt, args)
     n = len(y)
     rank, world, mine = shard(n)
+    if n < world:
+        raise ValueError(f"{n} points for {world} processes: every process needs at least one")
     x, y = x[mine], y[mine]
     eps_int = ckpt["eps"] if args.eps is None else args.eps
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
@@ -237,7 +243,9 @@ def evaluate(path: str, args) -> dict:
 
 def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
     """What a RobustBench model card asks for, so that a result is reported without retyping."""
-    return dict(dataset=res["settings"]["dataset"], threat_model=args.norm, eps=eps, eps_str=res["settings"]["eps"],
+    full = args.version == "standard" and not args.attacks and not args.n  # what RobustBench reports
+    return dict(standard_autoattack_full_test_set=full, dataset=res["settings"]["dataset"], threat_model=args.norm,
+                eps=eps, eps_str=res["settings"]["eps"],
                 clean_acc=res["clean_acc"], autoattack_acc=res["robust_acc"], attacks=res["settings"]["mode"],
                 n_points=res["settings"]["n"], architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
                 params=sum(p.numel() for p in model.parameters()), training_loss=res["settings"]["loss"],

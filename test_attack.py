@@ -62,6 +62,9 @@ def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys) -> None:
     res = json.loads(Path(str(state)[:-len(".state")]).read_text())
     assert res["robust_acc"] == 0 and res["clean_acc"] > 0 and not state.exists()
     assert res["robust_after"] == {"apgd-ce": 0.0, "apgd-dlr": 0.0}
+    state.write_text(json.dumps(dict(robust=[False] * 24, done=["apgd-ce"])))  # an older attack.py's state: ignored
+    run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr")
+    assert json.loads(Path(str(state)[:-len(".state")]).read_text())["robust_acc"] > 0
 
 
 def test_margins_writes_json_and_png(ckpt: Path, tmp_path: Path) -> None:
@@ -154,7 +157,7 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
         return json.loads(result.read_text())
     res = torchrun()
     args = attack.get_args([str(tmp_path / "last.pt"), *flags])
-    args.rank, args.world = 0, 1
+    args.rank, args.world, args.device = 0, 1, "cpu"
     model, c = attack.load_model(str(tmp_path / "last.pt"), "cpu")
     x, y = attack.test_points(c, args)
     clean = attack.predict(model, x, 6, "cpu") == y

@@ -1,7 +1,9 @@
 """End-to-end train.py runs on synthetic data and the real CIFAR-10 subset; resume; clear errors."""
 import copy
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -109,6 +111,13 @@ def test_malformed_npz(tmp_path: Path, capsys, arrays: dict, match: str) -> None
     expect_error(capsys, [*SMOKE, "--dataset", tmp_path / "junk.npz", "--out", tmp_path / "o"], "not a readable .npz")
 
 
+def test_a_fresh_run_into_a_used_folder_starts_a_fresh_log(tmp_path: Path) -> None:
+    run(*SMOKE, "--out", tmp_path, "--epochs", 1)
+    run(*SMOKE, "--out", tmp_path, "--epochs", 1)
+    recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in recs] == [1, None] and "final" in recs[-1]
+
+
 def test_init_starts_from_the_checkpoint_weights_with_a_fresh_schedule(tmp_path: Path, capsys) -> None:
     run(*SMOKE, "--out", tmp_path / "a", "--epochs", 1)
     a = load(tmp_path / "a" / "last.pt")
@@ -182,7 +191,8 @@ def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path) -
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     recs = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs[:-1]] == [1, 2, 3] and "final" in recs[-1]
-    assert (tmp_path / "b" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "b" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
@@ -196,6 +206,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_run_matches_eager_run_on_cpu(tmp_path: Path) -> None:
     """The --compile path cannot rot unseen: one tiny model, one step, the same weights as without it."""
     flags = [*SMOKE, "--arch", "wrn16", "--width", 1, "--epochs", 1, "--milestones", "", "--train-limit", 64,

@@ -297,6 +297,7 @@ def make_model(args, data: dict, device: torch.device, world: int) -> tuple:
     if args.init and not args.resume:
         init = init_state(args, data["num_classes"])
         data["mean"], data["std"] = init["mean"], init["std"]  # the model keeps the normalization it was trained with
+        args.width = init.get("width") if args.width is None else args.width
     model = models.build(args.arch, data["num_classes"], data["mean"], data["std"], args.width)
     if init:
         try:
@@ -390,14 +391,22 @@ def end_epoch(model, opt, sched, args, data: dict, rec: dict, best: float) -> fl
 
 
 def trim_log(out: str, epochs_done: int) -> None:
-    """On resume: keep the log records of the epochs last.pt holds (a killed run may have logged one more)."""
+    """Keep the log records of the epochs last.pt holds: none for a fresh run, and on resume not the one a
+    killed run may have logged after its last checkpoint (nor a line it left half-written)."""
     path = os.path.join(out, "log.jsonl")
     if os.path.exists(path):
         with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 10**9) <= epochs_done]
+            keep = [line for line in f if _epoch(line) <= epochs_done]
         with open(f"{path}.tmp", "w") as f:
             f.writelines(keep)
         os.replace(f"{path}.tmp", path)
+
+
+def _epoch(line: str) -> int:
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return 10**9  # the final report, or a line cut short
 
 
 _NO_MATPLOTLIB = []
@@ -447,8 +456,8 @@ def train(args) -> dict:
         if not os.access(args.out, os.W_OK):
             raise ValueError(f"output directory {args.out} is not writable")
     model, opt, sched, start, best = make_model(args, data, device, world)
-    if rank == 0 and args.resume:
-        trim_log(args.out, start)
+    if rank == 0:
+        trim_log(args.out, start)  # a fresh start empties an old log; a resume drops epochs last.pt lacks
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     atk = model  # the attack runs on the plain model: no DDP gradient hooks in attack steps
     if args.compile:
@@ -512,8 +521,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FloatingPointError, OSError) as e:
         sys.exit(f"train.py: error: {e}")
     except torch.cuda.OutOfMemoryError:
-        sys.exit(f"train.py: error: CUDA out of memory at --batch {args.batch}: lower --batch, or spread it over "
-                 f"GPUs with torchrun; {os.path.join(args.out, 'last.pt')} keeps the last finished epoch, if any")
+        sys.exit(f"train.py: error: CUDA out of memory at --batch {args.batch}: lower --batch (a new run: --resume "
+                 f"needs the same --batch), or spread it over GPUs with torchrun; "
+                 f"{os.path.join(args.out, 'last.pt')} keeps the last finished epoch, if any")
     except KeyboardInterrupt:
         sys.exit("train.py: interrupted; the last finished epoch is in last.pt (continue with --resume)")
     finally:

@@ -90,11 +90,20 @@ def end_to_end(d: str) -> list[str]:
     return lines
 
 
+def section(fn, d: str) -> list[str]:
+    """A section, or one line saying why it could not be read: one broken file does not lose the others."""
+    try:
+        return fn(d)
+    except Exception as e:  # a truncated XML or JSON file from a run that was cut short
+        return [f"Could not be summarized ({type(e).__name__}: {e}); see the files beside this one."]
+
+
 def main(d: str) -> None:
     out = [f"# GPU check: {os.path.basename(d.rstrip('/'))}", "", "```", read(f"{d}/env.txt").strip(), "```", "",
            "Produced by `bash .ci/gpu DATA.npz`; the logs and JSON files beside this file hold every figure.", "",
-           "## Steps", "", *steps(d), "", "## Tests", "", *tests(d), "", "## Training step (bench.py)", "",
-           *bench(d), "", "## End to end (train.py, attack.py)", "", *end_to_end(d), ""]
+           "## Steps", "", *section(steps, d), "", "## Tests", "", *section(tests, d), "",
+           "## Training step (bench.py)", "", *section(bench, d), "", "## End to end (train.py, attack.py)", "",
+           *section(end_to_end, d), ""]
     with open(f"{d}/summary.md", "w") as f:
         f.write("\n".join(out))
 

@@ -3,8 +3,9 @@
     python results/late.py            # runs whatever is missing (resumable, skips what is done), then the tables
     python results/late.py --table    # only re-writes results/late/table.md and the figures from what exists
 
-One PGD-AT (CE) pre-training on a part of the real CIFAR-10 subset at lr 0.1, then every loss continues from
-that one checkpoint (`train.py --init`) with the same late schedule (lr 0.01, then 0.001) and the same seeds,
+One PGD-AT (CE) pre-training on a part of the real CIFAR-10 subset (120 epochs at lr 0.1, then 10 at 0.01, where
+most training points get fitted), then every loss continues from that one checkpoint (`train.py --init`) with the
+same late schedule (lr 0.01 for 10 epochs, then 0.001 for 5) and the same seeds,
 reweighting and switching from its first epoch: the official protocol of MAIL and GAIRAT (plain PGD-AT first),
 and every comparison is paired (same start, same data order and attack starts for the same seed). Each final
 and best-by-validation checkpoint gets clean, PGD-20, APGD-CE and APGD-T accuracy on all 1,017 test images,
@@ -32,8 +33,8 @@ import train  # noqa: E402
 SUBSET = "../shared/data/cifar10_subset.npz"  # as train.py is run from the repository root
 ROOT = HERE / "late"
 ARCH, WIDTH, TRAIN, VAL = "preact18", 16, 2000, 500  # PreAct ResNet-18 at width 16: 0.70M parameters
-PRE_EPOCHS = 120  # lr 0.1 throughout
-EPOCHS, DROP = 20, 15  # the late phase: lr 0.01 for 15 epochs, then 0.001
+PRE_EPOCHS, PRE_LOW = 120, 10  # pre-training: 120 epochs at lr 0.1, then 10 at 0.01, where most points get fitted
+EPOCHS, DROP = 15, 10  # the continuation: lr 0.01 for 10 epochs, then 0.001 for 5
 MAIN, SEEDS = ("ce", "mail", "gairat", "sovr"), (0, 1, 2)
 EXTRA = [("trades", 0, None), ("trades-sovr", 0, None)] + [("sovr", 0, r) for r in (0.1, 0.2, 0.6, 1.0)]
 AA = "apgd-ce,apgd-t"
@@ -59,13 +60,15 @@ def finished(out: Path) -> bool:
 
 
 def pretrain() -> Path:
-    out = ROOT / "pretrain"
-    if not finished(out):
-        out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "train.py", *COMMON, "--loss", "ce", "--epochs", str(PRE_EPOCHS), "--milestones", "",
-               "--out", str(out)]
-        sh(cmd + (["--resume"] if (out / "last.pt").exists() else []), out / "console.log", threads=2)
-    return out / "last.pt"
+    """PGD-AT with CE: PRE_EPOCHS at lr 0.1, then PRE_LOW at lr 0.01 from there (--init); the common start."""
+    phases = [(ROOT / "pretrain", ["--epochs", str(PRE_EPOCHS)]),
+              (ROOT / "start", ["--epochs", str(PRE_LOW), "--lr", "0.01", "--init", str(ROOT / "pretrain" / "last.pt")])]
+    for out, flags in phases:
+        if not finished(out):
+            out.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "train.py", *COMMON, "--loss", "ce", "--milestones", "", "--out", str(out), *flags]
+            sh(cmd + ["--resume", "auto"], out / "console.log", threads=2)
+    return ROOT / "start" / "last.pt"
 
 
 def continue_run(loss: str, seed: int, ratio: float | None, start: Path) -> None:
@@ -95,9 +98,9 @@ def margins_result(ckpt: Path) -> Path:
 
 
 def evaluate(ckpt: Path) -> None:
-    log = ckpt.parent / "console.log"
+    log = ckpt.parent / f"eval-{ckpt.stem}.log"
     if not aa_result(ckpt).exists():
-        sh([sys.executable, "attack.py", str(ckpt), "--attacks", AA, "--device", "cpu", "--bs", "500"], log)
+        sh([sys.executable, "attack.py", str(ckpt), "--attacks", AA, "--device", "cpu", "--bs", "500", "--n", "1017"], log)
     if not margins_result(ckpt).exists():
         sh([sys.executable, str(HERE / "late.py"), "--margins", str(ckpt)], log)
 
@@ -152,7 +155,7 @@ def run_all() -> None:
 
 def important_mask(part: str) -> list[bool]:
     """The 30% of points with the smallest margin under the starting checkpoint (ties: lower index first)."""
-    m = json.loads(margins_result(ROOT / "pretrain" / "last.pt").read_text())[part]
+    m = json.loads(margins_result(ROOT / "start" / "last.pt").read_text())[part]
     chosen = set(sorted(range(len(m)), key=lambda i: m[i])[:round(0.3 * len(m))])
     return [i in chosen for i in range(len(m))]
 
@@ -195,7 +198,7 @@ def fmt(vals: list[float], scale: float) -> str:
 
 
 def tables() -> None:
-    if not margins_result(ROOT / "pretrain" / "last.pt").exists():
+    if not margins_result(ROOT / "start" / "last.pt").exists():
         return
     rows = [(l, s, None) for l in MAIN for s in SEEDS] + EXTRA
     found = {}
@@ -210,7 +213,7 @@ def tables() -> None:
                 if mt:
                     mt["gap"] = mt["pgd20"] - mt["aa"]
                     found[(r, which)] = mt
-    start = json.loads(margins_result(ROOT / "pretrain" / "last.pt").read_text())
+    start = json.loads(margins_result(ROOT / "start" / "last.pt").read_text())
     lines = [f"Start (pre-trained CE): training points' PGD-10 accuracy {start['train_pgd10_acc']:.1%} (eval-mode BN), "
              f"PGD-20 {mean([v > 0 for v in start['train']]):.1%}; test PGD-20 {mean([v > 0 for v in start['test']]):.1%}.", ""]
     for which in ("last", "best"):
@@ -250,7 +253,7 @@ def histograms(found: dict) -> None:
     for ax, part in zip(axes, ("train", "test")):
         imp = important_mask(part)
         for loss in ("start",) + MAIN:
-            ckpt = ROOT / "pretrain" / "last.pt" if loss == "start" else ROOT / name(loss, 0, None) / "last.pt"
+            ckpt = ROOT / "start" / "last.pt" if loss == "start" else ROOT / name(loss, 0, None) / "last.pt"
             if not margins_result(ckpt).exists():
                 continue
             m = json.loads(margins_result(ckpt).read_text())[part]
