@@ -258,7 +258,7 @@ def histograms(found: dict) -> None:
                 continue
             m = json.loads(margins_result(ckpt).read_text())[part]
             for sel, style in ((True, "-"), (False, ":")):
-                ax.hist([v for v, i in zip(m, imp) if i == sel], bins=50, range=(-6, 6), histtype="step",
+                ax.hist([v for v, i in zip(m, imp) if i == sel], bins=60, range=(-10, 8), histtype="step",
                         linestyle=style, linewidth=1.3, label=f"{loss}, {'important' if sel else 'rest'}",
                         color={"start": "gray", "ce": "C0", "mail": "C1", "gairat": "C2", "sovr": "C4"}[loss])
         ax.axvline(0, color="black", linewidth=0.6)
