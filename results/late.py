@@ -246,26 +246,29 @@ def tables() -> None:
 
 
 def histograms(found: dict) -> None:
+    """The paper's histograms: margins of the important points and of the rest, ce vs mail vs gairat vs sovr."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for ax, part in zip(axes, ("train", "test")):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    colors = {"start": "gray", "ce": "C0", "mail": "C1", "gairat": "C2", "sovr": "C4"}
+    for row, part in zip(axes, ("train", "test")):
         imp = important_mask(part)
-        for loss in ("start",) + MAIN:
-            ckpt = ROOT / "start" / "last.pt" if loss == "start" else ROOT / name(loss, 0, None) / "last.pt"
-            if not margins_result(ckpt).exists():
-                continue
-            m = json.loads(margins_result(ckpt).read_text())[part]
-            for sel, style in ((True, "-"), (False, ":")):
-                ax.hist([v for v, i in zip(m, imp) if i == sel], bins=60, range=(-10, 8), histtype="step",
-                        linestyle=style, linewidth=1.3, label=f"{loss}, {'important' if sel else 'rest'}",
-                        color={"start": "gray", "ce": "C0", "mail": "C1", "gairat": "C2", "sovr": "C4"}[loss])
-        ax.axvline(0, color="black", linewidth=0.6)
-        ax.set(title=f"{part} points, PGD-20 examples (final checkpoints, seed 0)", xlabel="logit margin")
-        ax.title.set_fontsize(9)
-    axes[0].set_ylabel("points")
-    axes[1].legend(fontsize=7, ncol=2)
+        for ax, sel in zip(row, (True, False)):
+            for loss in ("start",) + MAIN:
+                ckpt = ROOT / "start" / "last.pt" if loss == "start" else ROOT / name(loss, 0, None) / "last.pt"
+                if not margins_result(ckpt).exists():
+                    continue
+                m = [v for v, i in zip(json.loads(margins_result(ckpt).read_text())[part], imp) if i == sel]
+                ax.hist(m, bins=60, range=(-12, 8), histtype="step", linewidth=1.3, color=colors[loss],
+                        linestyle=":" if loss == "start" else "-", label=f"{loss} (mean {mean(m):.2f})")
+            ax.axvline(0, color="black", linewidth=0.6)
+            ax.set_title(f"{part} points, {'important (30% smallest at start)' if sel else 'rest'}", fontsize=9)
+            ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("logit margin of the PGD-20 example (final checkpoints, seed 0)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("points")
     fig.tight_layout()
     fig.savefig(ROOT / "margins.png", dpi=120)
     plt.close(fig)
