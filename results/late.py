@@ -38,7 +38,7 @@ EPOCHS, DROP = 15, 10  # the continuation: lr 0.01 for 10 epochs, then 0.001 for
 MAIN, SEEDS = ("ce", "mail", "gairat", "sovr"), (0, 1, 2)
 EXTRA = [("trades", 0, None), ("trades-sovr", 0, None)] + [("sovr", 0, r) for r in (0.1, 0.2, 0.6, 1.0)]
 AA = "apgd-ce,apgd-t"
-STANDARD_ON, N_STANDARD = [(l, 0, None) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
+STANDARD_ON, N_STANDARD = [(l, 1, None) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
 COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-limit", str(TRAIN),
           "--val", str(VAL), "--compile", "--device", "cpu"]
 
@@ -129,26 +129,48 @@ def margins(ckpt: Path) -> None:
     models.write_json(out, str(margins_result(ckpt)))
 
 
+def standard(ckpt: Path) -> None:
+    if not aa_result(ckpt, "standard", N_STANDARD).exists():
+        sh([sys.executable, "attack.py", str(ckpt), "--version", "standard", "--n", str(N_STANDARD), "--device", "cpu",
+            "--bs", "500"], ckpt.parent / f"eval-{ckpt.stem}.log")
+
+
+def pending(r: tuple) -> bool:
+    """Whether a run still lacks its training or one of its evaluations (the checkpoints are not kept)."""
+    out = ROOT / name(*r)
+    if not finished(out):
+        return True
+    want = [aa_result(c) for c in checkpoints(out)] + [margins_result(c) for c in checkpoints(out)]
+    want += [aa_result(out / "last.pt", "standard", N_STANDARD)] if r in STANDARD_ON else []
+    return not all(w.exists() for w in want)
+
+
+def unit(r: tuple, start: Path) -> None:
+    """One run from start to its last evaluation, so that an interruption loses at most the runs in flight:
+    the checkpoints stay out of git, and a finished run whose evaluation is missing is trained again."""
+    if not pending(r):
+        return
+    out = ROOT / name(*r)
+    continue_run(*r, start)
+    for ckpt in checkpoints(out):
+        evaluate(ckpt)
+    if r in STANDARD_ON:
+        standard(out / "last.pt")
+    tables()
+    print(f"done: {name(*r)}", flush=True)
+
+
 def run_all() -> None:
     t0 = time.time()
     start = pretrain()
     if not margins_result(start).exists():
         margins(start)
-    groups = [[(l, 0, None) for l in MAIN], [(l, s, None) for s in SEEDS[1:] for l in MAIN], EXTRA]
-    with ThreadPoolExecutor(2) as pool:  # the most telling results first: seed 0, final checkpoints
-        for group in groups:
-            list(pool.map(lambda r: continue_run(*r, start), group))
-            list(pool.map(evaluate, [ROOT / name(*r) / "last.pt" for r in group]))
-            tables()
-            print(f"done: {', '.join(name(*r) for r in group)} ({(time.time() - t0) / 3600:.1f} h)", flush=True)
-        best = [c for group in groups for r in group for c in checkpoints(ROOT / name(*r))[1:]]
-        list(pool.map(evaluate, best))
-        tables()
-        std = [ROOT / name(*r) / "last.pt" for r in STANDARD_ON]
-        list(pool.map(lambda c: None if aa_result(c, "standard", N_STANDARD).exists() else sh(
-            [sys.executable, "attack.py", str(c), "--version", "standard", "--n", str(N_STANDARD), "--device", "cpu",
-             "--bs", "500"], c.parent / "console.log"), std))
+    # seed 0's final checkpoints were evaluated first; its best ones, which now need a re-training, come last
+    runs = [(l, s, None) for s in SEEDS[1:] for l in MAIN] + EXTRA + [(l, 0, None) for l in MAIN]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda r: unit(r, start), runs))
     tables()
+    print(f"all done ({(time.time() - t0) / 3600:.1f} h)", flush=True)
 
 
 # ---- tables and figures ----
