@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 import models
+from data import load_data
 from losses import pgd
 from models import pick_device, write_json
-from train import load_data
 
 VERSIONS = ("standard", "plus", "rand")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")

@@ -36,6 +36,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import models
 import train
 from losses import OBJECTIVES, pgd
@@ -112,7 +113,7 @@ def project_step(net, opt, targs: argparse.Namespace, x_pool, y_pool, g: torch.G
 
     def step() -> None:
         idx = torch.randperm(len(x_pool), device=x_pool.device, generator=g)[:targs.batch]
-        x = train.augment(x_pool[idx], g).contiguous(memory_format=torch.channels_last)
+        x = data.augment(x_pool[idx], g).contiguous(memory_format=torch.channels_last)
         train.train_step(net, net, opt, objective, x, y_pool[idx], targs, 0, amp)
     return step
 

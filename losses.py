@@ -143,9 +143,11 @@ def mail_weights(z_adv, y, slope: float, bias: float) -> torch.Tensor:
 
 
 def gair_weights(kappa: torch.Tensor, steps: int, lam: float) -> torch.Tensor:
-    """GAIRAT: w = (1 + tanh(lam + 5 (1 - 2 kappa / K))) / 2, K = PGD steps, rescaled to mean 1.
+    """GAIRAT: w = (1 + tanh(lam + 5 (h - kappa) / h)) / 2 with h = int(K / 2), K = PGD steps, rescaled to mean 1,
+    as the official GAIR.py (for odd K, h rounds down there too; K = 1, where GAIR.py divides by zero, takes h = 1).
     Computed as sigmoid(2 (...)), the same function without float32 cancellation near tanh = -1."""
-    return _mean_one(torch.sigmoid(2 * (lam + 5 * (1 - 2 * kappa.float() / steps))))
+    h = max(steps // 2, 1)
+    return _mean_one(torch.sigmoid(2 * (lam + 5 * (h - kappa.float()) / h)))
 
 
 def comp_sum_loss(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
@@ -305,10 +307,10 @@ def mail(net, atk, x, y, args, epoch):
 
 @objective("gairat")
 def gairat(net, atk, x, y, args, epoch):
-    """Zhang et al. 2021, GAIRAT: mean w * CE(f(x'), y), w = (1 + tanh(lambda + 5 (1 - 2 kappa / K))) / 2
-    rescaled to mean 1 (GAIR.py), kappa = PGD steps (of K = --steps) that began correctly classified, as the
-    official GA_PGD counts it (attack_generator.py). --gairat-lambda -1: GAIRAT.py's --Lambda with its 'fixed'
-    schedule. --burn-in counts unweighted epochs (default 60, ours; GAIRAT.py reweights from its 60th of 120)."""
+    """Zhang et al. 2021, GAIRAT: mean w * CE(f(x'), y), w = (1 + tanh(lambda + 5 (h - kappa) / h)) / 2,
+    h = int(K / 2), rescaled to mean 1 (GAIR.py), kappa = PGD steps (of K = --steps) that began correctly
+    classified, as the official GA_PGD counts it (attack_generator.py). --gairat-lambda -1: GAIRAT.py's --Lambda
+    with its 'fixed' schedule. --burn-in counts unweighted epochs (default 60, ours; GAIRAT.py reweights from its 60th of 120)."""
     return _reweighted_ce(net, atk, x, y, args, epoch,
                           lambda _, kappa: gair_weights(kappa, args.steps, args.gairat_lambda))
 

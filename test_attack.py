@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attack
+import data
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -45,8 +46,8 @@ def test_custom_attacks_match_a_direct_package_call(ckpt: Path) -> None:
 
     from pyautoattack import AutoAttack
     model, _ = attack.load_model(str(ckpt), "cpu")
-    data = train.load_data("synthetic", "")
-    x, y = data["x_test"][:24].float() / 255, data["y_test"][:24]
+    d = data.load_data("synthetic", "")
+    x, y = d["x_test"][:24].float() / 255, d["y_test"][:24]
     aa = AutoAttack(model, eps=24 / 255, norm="Linf", version="standard", device="cpu", seed=0)
     aa.attacks_to_run = ["apgd-ce", "apgd-dlr"]
     _, y_adv = aa.run_standard_evaluation(x, y, batch_size=12)
@@ -105,6 +106,29 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [ckpt, "--device", "cuda:7"], "no such CUDA device")
     expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-xx"], "unknown attack(s) apgd-xx")
     expect_error(capsys, [ckpt, "--margins", "--norm", "L2", "--eps", "127.5"], "--margins uses L-inf PGD")
+
+
+def test_progress_on_a_terminal_and_package_lines_with_verbose(ckpt: Path, capsys, caplog, monkeypatch) -> None:
+    flags = [ckpt, *QUICK, "--attacks", "apgd-ce", "--eps", 24]
+    run(*flags, "--seed", 1)
+    out, err = capsys.readouterr()
+    package = lambda: [r.getMessage() for r in caplog.records if r.name == "auto-attack"]  # noqa: E731
+    assert "robust accuracy" in out and "pt/s" not in err and not package()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    run(*flags, "--seed", 2)
+    assert "pt/s" in capsys.readouterr().err  # the live line of the attack
+    run(*flags, "--seed", 3, "--verbose")
+    assert "running apgd-ce" in package()  # the package's own log lines
+
+
+def test_model_card_has_what_robustbench_asks(ckpt: Path) -> None:
+    run(ckpt, *QUICK, "--attacks", "apgd-ce", "--seed", 4)
+    res = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce", "Linf", 8, 24, 4)).read_text())
+    card, model = res["robustbench"], attack.load_model(str(ckpt), "cpu")[0]
+    assert card == dict(standard_autoattack_full_test_set=False, dataset="synthetic", threat_model="Linf",
+                        eps=8 / 255, eps_str="8/255", clean_acc=res["clean_acc"], autoattack_acc=res["robust_acc"],
+                        attacks="apgd-ce", n_points=24, architecture="wrn16 width 1",
+                        params=sum(p.numel() for p in model.parameters()), training_loss="sovr", eps_training="8/255")
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:

@@ -116,6 +116,11 @@ def test_mail_weights_by_hand(slope: float, bias: float, want: list) -> None:
     close(mail_weights(z, torch.tensor([0, 1, 2]), slope, bias), want, rel=1e-5)
 
 
+def test_mail_defaults_are_mail_at() -> None:
+    args = train.get_args([])
+    assert (args.mail_slope, args.mail_bias) == (10.0, -0.5)
+
+
 def test_mail_weights_favour_small_margins_and_take_no_gradient() -> None:
     za = torch.tensor([[4.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 3.0, 0.0]], requires_grad=True)
     y = torch.tensor([0, 0, 0])
@@ -128,7 +133,8 @@ def test_mail_weights_favour_small_margins_and_take_no_gradient() -> None:
 @pytest.mark.parametrize("lam", [-1.0, 0.0, 2.0])
 def test_gair_weights_match_loop_and_have_mean_one(steps: int, lam: float) -> None:
     kappa = torch.arange(steps + 1).repeat(2)[:-1]  # every count, unbalanced batch
-    raw = [(1 + math.tanh(lam + 5 * (1 - 2 * kp / steps))) / 2 for kp in kappa.tolist()]
+    h = steps // 2  # GAIR.py: (Lambda + (int(num_steps/2) - Kappa) * 5 / int(num_steps/2)).tanh()
+    raw = [(1 + math.tanh(lam + 5 * (h - kp) / h)) / 2 for kp in kappa.tolist()]
     w = gair_weights(kappa, steps, lam)
     close(w.double(), [v * len(raw) / sum(raw) for v in raw], rel=1e-5)
     assert w.mean().item() == pytest.approx(1.0, rel=1e-6)

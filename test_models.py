@@ -75,3 +75,22 @@ def test_bn_mode_restores_mixed_modes() -> None:
     with bn_mode(m, "train"):
         assert m.net[1][0].bn1.training
     assert not m.net[1][0].bn1.training and m.net[1][0].bn2.training
+
+
+def test_load_rebuilds_in_eval_mode_and_refuses_clearly(tmp_path) -> None:
+    model = models.build("wrn16", 10, width=1)
+    ckpt = dict(model=model.state_dict(), arch="wrn16", width=1, num_classes=10, mean=[0.5] * 3, std=[0.25] * 3,
+                eps=8, dataset="synthetic")
+    models.save(ckpt, str(tmp_path / "good.pt"))
+    loaded = models.load(str(tmp_path / "good.pt"))
+    assert not loaded.training and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                         model.state_dict().values()))
+    (tmp_path / "text.pt").write_text("hello")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    models.save({**ckpt, "arch": "vgg"}, str(tmp_path / "arch.pt"))
+    models.save({**ckpt, "num_classes": 100}, str(tmp_path / "classes.pt"))
+    for name, message in [("missing.pt", "no such checkpoint"), ("text.pt", "is not a PyTorch checkpoint"),
+                          ("other.pt", "is not a train.py checkpoint"), ("arch.pt", "unknown arch 'vgg'"),
+                          ("classes.pt", "weights do not fit arch wrn16 with 100 classes")]:
+        with pytest.raises(ValueError, match=message):
+            models.load(str(tmp_path / name))

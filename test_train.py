@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import losses
 import models
 import train
@@ -45,9 +46,9 @@ def test_smoke_run_writes_checkpoints_that_rebuild_the_model(tmp_path: Path, los
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert ckpt["eps"] == 8 and ckpt["args"]["loss"] == loss and ckpt["epoch"] == 2
     # The rebuilt model reproduces the test accuracy that train.py reported for last.pt.
-    data = train.load_data("synthetic", "")
+    d = data.load_data("synthetic", "")
     with torch.no_grad():
-        acc = (rebuild(ckpt)(data["x_test"].float() / 255).argmax(1) == data["y_test"]).float().mean().item()
+        acc = (rebuild(ckpt)(d["x_test"].float() / 255).argmax(1) == d["y_test"]).float().mean().item()
     assert acc == pytest.approx(records[-1]["final"]["last"]["test_clean"], abs=1e-6)
     loaded = models.load(str(tmp_path / "last.pt"))  # the one-call loader gives the same model, in eval mode
     assert not loaded.training and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
@@ -195,6 +196,26 @@ def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path) -
         assert (tmp_path / "b" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_live_progress_only_on_a_terminal(tmp_path: Path, capsys, monkeypatch) -> None:
+    flags = [*SMOKE, "--epochs", 1, "--milestones", ""]
+    run(*flags, "--out", tmp_path / "pipe")
+    out, err = capsys.readouterr()
+    assert "img/s" not in err and out.count("epoch   1/1") == 1  # a log keeps one line per epoch
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    run(*flags, "--out", tmp_path / "tty")
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "img/s" in err and "run left" in err
+
+
+def test_training_goes_on_without_matplotlib(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(train, "_NO_MATPLOTLIB", [])
+    run(*SMOKE, "--out", tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("matplotlib is not installed: no curves.png is drawn") == 1  # said once, not every epoch
+    assert load(tmp_path / "last.pt")["epoch"] == 2 and not (tmp_path / "curves.png").exists()
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, str(HERE / "train.py"), "--dataset", "missing.npz", "--out", str(tmp_path)],
                        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
@@ -207,16 +228,25 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_run_matches_eager_run_on_cpu(tmp_path: Path) -> None:
-    """The --compile path cannot rot unseen: one tiny model, one step, the same weights as without it."""
-    flags = [*SMOKE, "--arch", "wrn16", "--width", 1, "--epochs", 1, "--milestones", "", "--train-limit", 64,
-             "--steps", 1, "--eval-steps", 1]
-    run(*flags, "--out", tmp_path / "eager")
-    run(*flags, "--out", tmp_path / "compiled", "--compile")
-    a, b = load(tmp_path / "eager" / "last.pt"), load(tmp_path / "compiled" / "last.pt")
-    assert b["args"]["compile"] and not any(k.startswith("_orig_mod.") for k in b["model"])
-    for k in a["model"]:
-        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+def test_compiled_step_matches_eager_step_on_cpu() -> None:
+    """The --compile path cannot rot unseen: one tiny model, one SOVR step through train.wrap as train.py
+    --compile runs it (compiled attack and training step), the same loss and weights as without it."""
+    args = train.get_args([*SMOKE, "--loss", "sovr", "--steps", "1"])
+    x8, y = tiny_batch("cpu", 16)
+    out = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = models.build("wrn16", 10, width=1).to(memory_format=torch.channels_last)
+        args.compile = compiled
+        net, atk = train.wrap(model, args, world=1)
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+        torch.manual_seed(1)  # the same PGD start
+        stats = train.train_step(net, atk, opt, losses.OBJECTIVES["sovr"], x8.float() / 255, y, args, 0, amp=False)
+        out[compiled] = stats, model.state_dict()
+    assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-5)
+    for k, v in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], v, rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
 def tiny_batch(device: str, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +299,7 @@ def test_cuda_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> N
 
     def step() -> torch.Tensor:  # train.py's loop body
         idx = perm[:32]
-        x = train.augment(x_pool[idx], g).contiguous(memory_format=torch.channels_last)
+        x = data.augment(x_pool[idx], g).contiguous(memory_format=torch.channels_last)
         return train.train_step(model, model, opt, losses.OBJECTIVES[loss], x, y_pool[idx], args, 0, amp=True)
     step()  # warm-up: cuDNN autotuning and lazy initialisation may synchronise once
     torch.cuda.set_sync_debug_mode("error")

@@ -13,13 +13,12 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import losses
 import models
+from data import augment, load_data
 from losses import OBJECTIVES, pgd
 from sovr import DEFAULT_RATIO
 
@@ -64,7 +63,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
       "CIFAR value and MART's train_wideresnet.py; MART's train_resnet.py uses 5)")
     a("--burn-in", type=int, default=60, help="MAIL / GAIRAT: unweighted PGD-AT for the first N epochs (default 60, our "
       "choice for 110 epochs. Official: GAIRAT.py reweights from its 60th epoch of 120 (begin_epoch 60, so 59 "
-      "unweighted); MAIL's train.py from epoch 76 of 120 (75 unweighted))")
+      "unweighted); MAIL's train.py (commit dbcedf9) from its 77th of 120 ('epoch <= 75' over range(120): 76 unweighted))")
     a("--mail-slope", type=float, default=10.0, help="MAIL weight 3 sigmoid(slope (bias - PM)), PM = p_y - max_(k!=y) p_k, "
       "as the official mail_loss.py (default 10 with --mail-bias -0.5: the MAIL-AT recommendation reported from the "
       "official README; the README versions we could read say only 'python main.py', and the argparse defaults of "
@@ -120,72 +119,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume == "auto":
         args.resume = os.path.isfile(os.path.join(args.out, "last.pt"))
     return args
-
-
-def load_data(name: str, data_dir: str) -> dict:
-    """uint8 NCHW images and int64 labels; ValueError with a readable message on bad input."""
-    if name == "synthetic":  # learnable: the class sets the mean colour of the image
-        g = torch.Generator().manual_seed(0)
-        y = torch.randint(0, 10, (1200,), generator=g)
-        x = (torch.rand(1200, 3, 32, 32, generator=g) * 128 + y.view(-1, 1, 1, 1) * torch.tensor([12, 5, 2]).view(1, 3, 1, 1))
-        d = dict(x_train=x[:1000], y_train=y[:1000], x_test=x[1000:], y_test=y[1000:])
-        d = {k: v.to(torch.uint8) if k[0] == "x" else v for k, v in d.items()}
-    elif name in ("cifar10", "cifar100"):
-        import torchvision  # only needed on this path
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        d = {}
-        for split, train in (("train", True), ("test", False)):
-            try:
-                ds = cls(data_dir, train=train, download=True)
-            except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
-                raise ValueError(f"could not download {name} into {data_dir} ({e}). Without network, put torchvision's "
-                                 f"{cls.filename} (from {cls.url}) into {data_dir}, or train on an offline copy: "
-                                 "--dataset file.npz with x_train, y_train, x_test, y_test") from None
-            d[f"x_{split}"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-            d[f"y_{split}"] = torch.tensor(ds.targets)
-    elif name.endswith(".npz"):
-        d = _read_npz(name)
-    else:
-        raise ValueError(f"unknown dataset {name!r}: use cifar10, cifar100, synthetic or a .npz file")
-    d["num_classes"] = 100 if name == "cifar100" else int(max(d["y_train"].max(), d["y_test"].max())) + 1
-    if name in models.STATS:
-        d["mean"], d["std"] = models.STATS[name]
-    else:
-        pix = d["x_train"].float().div(255).transpose(0, 1).reshape(3, -1)
-        d["mean"], d["std"] = tuple(pix.mean(1).tolist()), tuple(pix.std(1).tolist())
-    return d
-
-
-def _read_npz(path: str) -> dict:
-    try:
-        raw = np.load(path)
-        d = {k: torch.from_numpy(np.ascontiguousarray(raw[k])) for k in ("x_train", "y_train", "x_test", "y_test")}
-    except FileNotFoundError:
-        raise ValueError(f"no such dataset file: {path}")
-    except KeyError as e:
-        raise ValueError(f"{path} lacks array {e}; it needs x_train, y_train, x_test, y_test")
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__})")
-    for s in ("train", "test"):
-        x, y = d[f"x_{s}"], d[f"y_{s}"]
-        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3 or len(x) != len(y) or y.dim() != 1:
-            raise ValueError(f"{path}: x_{s} must be uint8 [N, 3, H, W] and y_{s} [N] labels of the same length")
-        d[f"y_{s}"] = y.long()
-        if len(y) == 0 or y.min() < 0:
-            raise ValueError(f"{path}: y_{s} must hold labels 0..K-1")
-    return d
-
-
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random crop with 4-pixel zero padding and horizontal flip, as batched tensor ops; uint8 -> [0, 1]."""
-    b, _, h, w = x.shape
-    pad = F.pad(x.float().div_(255), (4, 4, 4, 4))
-    i, j = torch.randint(0, 9, (2, b, 1), device=x.device, generator=g)
-    rows = (i + torch.arange(h, device=x.device)).view(b, 1, h, 1)
-    cols = (j + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-    out = pad[torch.arange(b, device=x.device).view(b, 1, 1, 1), torch.arange(3, device=x.device).view(1, 3, 1, 1), rows, cols]
-    flip = torch.rand(b, device=x.device, generator=g) < 0.5
-    return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
 
 
 def train_step(net, atk, opt: torch.optim.Optimizer, objective, x: torch.Tensor, y: torch.Tensor, args, epoch: int,
@@ -321,9 +254,10 @@ def make_model(args, data: dict, device: torch.device, world: int) -> tuple:
 
 
 def train_epoch(net, atk, opt, x_tr: torch.Tensor, y_tr: torch.Tensor, args, epoch: int, amp: bool, rank: int,
-                world: int, bar=None) -> torch.Tensor:
-    """One epoch of steps; [steps, 2] losses and adversarial accuracies, left on the device. Every epoch reseeds
-    from --seed and its number, so that a resumed run repeats exactly what an uninterrupted one does."""
+                world: int) -> torch.Tensor:
+    """One epoch of steps, with the live line on a terminal; [steps, 2] losses and adversarial accuracies, left on
+    the device. Every epoch reseeds from --seed and its number, so that a resumed run repeats exactly what an
+    uninterrupted one does."""
     torch.manual_seed((args.seed * 100_003 + epoch) * 1009 + rank)
     device = x_tr.device
     g = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch)
@@ -332,13 +266,18 @@ def train_epoch(net, atk, opt, x_tr: torch.Tensor, y_tr: torch.Tensor, args, epo
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     net.train()
     stats = torch.zeros(steps, 2, device=device)
-    for s in range(steps):
-        idx = perm[s * args.batch:(s + 1) * args.batch]  # global batch: crops as in a 1-process run
-        x = augment(x_tr[idx], g)[rank * per_rank:(rank + 1) * per_rank].contiguous(memory_format=fmt)
-        y = y_tr[idx][rank * per_rank:(rank + 1) * per_rank]
-        stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp)
+    bar = progress(args, epoch, rank, steps)
+    try:
+        for s in range(steps):
+            idx = perm[s * args.batch:(s + 1) * args.batch]  # global batch: crops as in a 1-process run
+            x = augment(x_tr[idx], g)[rank * per_rank:(rank + 1) * per_rank].contiguous(memory_format=fmt)
+            y = y_tr[idx][rank * per_rank:(rank + 1) * per_rank]
+            stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp)
+            if bar is not None:
+                bar.step(s + 1, steps, stats)
+    finally:
         if bar is not None:
-            bar.step(s + 1, steps, stats)
+            bar.close()
     if not torch.isfinite(stats[:, 0]).all():
         bad = int((~torch.isfinite(stats[:, 0])).nonzero()[0])
         kept = f"{args.out}/last.pt keeps epoch {epoch}" if epoch else "no checkpoint was written"
@@ -445,6 +384,31 @@ def draw_curves(out: str) -> None:
     plt.close(fig)
 
 
+def wrap(model, args, world: int) -> tuple:
+    """(net, atk): what the optimizer steps through (DDP under torchrun) and the plain model the attack runs on,
+    so that attack steps carry no DDP gradient hooks; both compiled with --compile."""
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if not args.compile:
+        return net, model
+    atk = torch.compile(model)
+    return (torch.compile(net) if world > 1 else atk), atk
+
+
+def validate(model, atk, opt, sched, x_val: torch.Tensor, y_val: torch.Tensor, args, amp: bool, world: int,
+             epoch: int, stats: torch.Tensor, t0: float) -> dict:
+    """After an epoch's steps: the schedule steps, every rank takes rank 0's BN statistics (they drift apart per
+    rank; rank 0's are the ones evaluated and saved), validation clean and PGD accuracy; the epoch's record."""
+    lr = opt.param_groups[0]["lr"]
+    sched.step()
+    if world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+    clean, rob = evaluate(atk, x_val, y_val, args, amp)
+    tr_loss, tr_acc = stats.mean(0).tolist()
+    return dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, train_loss=tr_loss, train_adv_acc=tr_acc,
+                val_clean=clean, val_pgd=rob)
+
+
 def train(args) -> dict:
     device, rank, world = setup(args)
     amp = device.type == "cuda" if args.amp is None else args.amp
@@ -458,11 +422,7 @@ def train(args) -> dict:
     model, opt, sched, start, best = make_model(args, data, device, world)
     if rank == 0:
         trim_log(args.out, start)  # a fresh start empties an old log; a resume drops epochs last.pt lacks
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    atk = model  # the attack runs on the plain model: no DDP gradient hooks in attack steps
-    if args.compile:
-        atk = torch.compile(model)
-        net = torch.compile(net) if world > 1 else atk
+    net, atk = wrap(model, args, world)
     steps = len(x_tr) // args.batch
     log(f"{args.loss} {args.arch} on {args.dataset}: {len(x_tr)} train / {len(x_val)} val images, {steps} "
         f"steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr {args.lr}, eps {args.eps}/255, "
@@ -470,24 +430,13 @@ def train(args) -> dict:
     end = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after)
     t_run = time.time()
     for epoch in range(start, end):
-        t0, bar = time.time(), progress(args, epoch, rank, steps)
-        try:
-            stats = train_epoch(net, atk, opt, x_tr, y_tr, args, epoch, amp, rank, world, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        if world > 1:  # BN running statistics drift apart per rank: evaluate and save rank 0's everywhere
-            for b in model.buffers():
-                dist.broadcast(b, 0)
-        clean, rob = evaluate(atk, x_val, y_val, args, amp)
-        tr_loss, tr_acc = stats.mean(0).tolist()
-        rec = dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, train_loss=tr_loss, train_adv_acc=tr_acc,
-                   val_clean=clean, val_pgd=rob)
+        t0 = time.time()
+        stats = train_epoch(net, atk, opt, x_tr, y_tr, args, epoch, amp, rank, world)
+        rec = validate(model, atk, opt, sched, x_val, y_val, args, amp, world, epoch, stats, t0)
         eta = (time.time() - t_run) / (epoch + 1 - start) * (args.epochs - epoch - 1)
-        log(f"epoch {epoch + 1:3d}/{args.epochs} lr {lr:.4f} {rec['time']:6.1f}s eta {eta / 60:6.1f}m | "
-            f"train loss {tr_loss:.4f} adv {tr_acc:6.2%} | val clean {clean:6.2%} pgd{args.eval_steps} {rob:6.2%}")
+        log(f"epoch {epoch + 1:3d}/{args.epochs} lr {rec['lr']:.4f} {rec['time']:6.1f}s eta {eta / 60:6.1f}m | "
+            f"train loss {rec['train_loss']:.4f} adv {rec['train_adv_acc']:6.2%} | val clean {rec['val_clean']:6.2%} "
+            f"pgd{args.eval_steps} {rec['val_pgd']:6.2%}")
         if rank == 0:
             best = end_epoch(model, opt, sched, args, data, rec, best)
     if end < args.epochs:

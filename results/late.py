@@ -28,7 +28,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import attack  # noqa: E402
 import models  # noqa: E402
-import train  # noqa: E402
+from data import load_data  # noqa: E402
 
 SUBSET = "../shared/data/cifar10_subset.npz"  # as train.py is run from the repository root
 ROOT = HERE / "late"
@@ -112,7 +112,7 @@ def margins(ckpt: Path) -> None:
     from losses import pgd
     torch.manual_seed(0)
     model, c = attack.load_model(str(ckpt), "cpu")
-    data = train.load_data(str(REPO / SUBSET), "")
+    data = load_data(str(REPO / SUBSET), "")
     split = torch.randperm(len(data["x_train"]), generator=torch.Generator().manual_seed(0))  # as train.py
     tr = split[VAL:][:TRAIN]
     out = {}
@@ -151,6 +151,9 @@ def unit(r: tuple, start: Path) -> None:
     if not pending(r):
         return
     out = ROOT / name(*r)
+    if finished(out) and not (out / "last.pt").exists():  # trained again, and not bit for bit on another CPU:
+        for f in [*out.glob("*.json"), *out.glob("eval-*.log")]:  # its old evaluations are of other weights
+            f.unlink()
     continue_run(*r, start)
     for ckpt in checkpoints(out):
         evaluate(ckpt)
