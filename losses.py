@@ -310,7 +310,8 @@ def gairat(net, atk, x, y, args, epoch):
     """Zhang et al. 2021, GAIRAT: mean w * CE(f(x'), y), w = (1 + tanh(lambda + 5 (h - kappa) / h)) / 2,
     h = int(K / 2), rescaled to mean 1 (GAIR.py), kappa = PGD steps (of K = --steps) that began correctly
     classified, as the official GA_PGD counts it (attack_generator.py). --gairat-lambda -1: GAIRAT.py's --Lambda
-    with its 'fixed' schedule. --burn-in counts unweighted epochs (default 60, ours; GAIRAT.py reweights from its 60th of 120)."""
+    with its 'fixed' schedule. --burn-in counts unweighted epochs (default 60, ours; GAIRAT.py reweights from
+    its 60th of 120)."""
     return _reweighted_ce(net, atk, x, y, args, epoch,
                           lambda _, kappa: gair_weights(kappa, args.steps, args.gairat_lambda))
 

@@ -140,7 +140,7 @@ def pending(r: tuple) -> bool:
     out = ROOT / name(*r)
     if not finished(out):
         return True
-    want = [aa_result(c) for c in checkpoints(out)] + [margins_result(c) for c in checkpoints(out)]
+    want = [f(c) for c in checkpoints(out) for f in (aa_result, margins_result)]
     want += [aa_result(out / "last.pt", "standard", N_STANDARD)] if r in STANDARD_ON else []
     return not all(w.exists() for w in want)
 
