@@ -214,6 +214,15 @@ COLS = [("clean", "clean %", 100), ("pgd20", "PGD-20 %", 100), ("apgd_ce", "APGD
         ("test_imp", "test margin, important", 1), ("test_rest", "test margin, rest", 1)]
 
 
+# paired differences, same seed: each loss against ce, SOVR inside TRADES against TRADES, each ratio against ce
+PAIRS = ([((loss, None), ("ce", None)) for loss in MAIN[1:] + ("trades", "trades-sovr")]
+         + [(("trades-sovr", None), ("trades", None))] + [((l, r), ("ce", None)) for l, _, r in EXTRA if r is not None])
+
+
+def label(run: tuple) -> str:
+    return run[0] + ("" if run[1] is None else f" (ratio {run[1]:g})")
+
+
 def fmt(vals: list[float], scale: float) -> str:
     if not vals:
         return "-"
@@ -254,17 +263,14 @@ def tables() -> None:
             std = [mt["standard"] for _, mt in items if "standard" in mt]
             lines.append(f"| {loss} | {ratio if ratio is not None else 'default'} | {len(items)} | " + " | ".join(cells)
                          + f" | {fmt(std, 100)} |")
-        lines += ["", "Paired against ce (same seed), mean ± std over seeds of the difference:", "",
+        lines += ["", "Paired differences (same seed, same start and data order), mean ± std over seeds:", "",
                   "| loss | seeds | " + " | ".join(c[1] for c in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
-        for loss in MAIN[1:] + ("trades", "trades-sovr"):
-            pairs = []
-            for s in SEEDS:
-                a, b = found.get(((loss, s, None), which)), found.get((("ce", s, None), which))
-                if a and b:
-                    pairs.append((a, b))
+        for a, b in PAIRS:
+            pairs = [(found.get(((a[0], s, a[1]), which)), found.get(((b[0], s, b[1]), which))) for s in SEEDS]
+            pairs = [(x, y) for x, y in pairs if x and y]
             if pairs:
-                cells = [fmt([a[k] - b[k] for a, b in pairs], sc) for k, _, sc in COLS]
-                lines.append(f"| {loss} - ce | {len(pairs)} | " + " | ".join(cells) + " |")
+                cells = [fmt([x[k] - y[k] for x, y in pairs], sc) for k, _, sc in COLS]
+                lines.append(f"| {label(a)} - {label(b)} | {len(pairs)} | " + " | ".join(cells) + " |")
         lines.append("")
     (ROOT / "table.md").write_text("\n".join(lines))
     histograms(found)
