@@ -71,9 +71,9 @@ def pretrain() -> Path:
     return ROOT / "start" / "last.pt"
 
 
-def continue_run(loss: str, seed: int, ratio: float | None, start: Path) -> None:
+def continue_run(loss: str, seed: int, ratio: float | None, start: Path, again: bool = False) -> None:
     out = ROOT / name(loss, seed, ratio)
-    if finished(out) and (out / "last.pt").exists():
+    if finished(out) and not again:
         return
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "train.py", *COMMON, "--init", str(start), "--loss", loss, "--seed", str(seed),
@@ -135,27 +135,37 @@ def standard(ckpt: Path) -> None:
             "--bs", "500"], ckpt.parent / f"eval-{ckpt.stem}.log")
 
 
-def pending(r: tuple) -> bool:
+def pending(r: tuple, only_last: bool = False) -> bool:
     """Whether a run still lacks its training or one of its evaluations (the checkpoints are not kept)."""
     out = ROOT / name(*r)
     if not finished(out):
         return True
-    want = [f(c) for c in checkpoints(out) for f in (aa_result, margins_result)]
-    want += [aa_result(out / "last.pt", "standard", N_STANDARD)] if r in STANDARD_ON else []
-    return not all(w.exists() for w in want)
+    return std_pending(r) or any(pending_eval(c) for c in checkpoints(out)[:1 if only_last else None])
 
 
-def unit(r: tuple, start: Path) -> None:
-    """One run from start to its last evaluation, so that an interruption loses at most the runs in flight:
-    the checkpoints stay out of git, and a finished run whose evaluation is missing is trained again."""
-    if not pending(r):
+def pending_eval(ckpt: Path) -> bool:
+    return not (aa_result(ckpt).exists() and margins_result(ckpt).exists())
+
+
+def std_pending(r: tuple) -> bool:
+    return r in STANDARD_ON and not aa_result(ROOT / name(*r) / "last.pt", "standard", N_STANDARD).exists()
+
+
+def unit(r: tuple, start: Path, only_last: bool = False) -> None:
+    """One run from start to its last evaluation (of last.pt only, if only_last), so that an interruption loses
+    at most the runs in flight: the checkpoints stay out of git (but for a best.pt still to be evaluated when a
+    session ends), and a finished run with an evaluation missing and its checkpoint gone is trained again."""
+    if not pending(r, only_last):
         return
     out = ROOT / name(*r)
-    if finished(out) and not (out / "last.pt").exists():  # trained again, and not bit for bit on another CPU:
-        for f in [*out.glob("*.json"), *out.glob("eval-*.log")]:  # its old evaluations are of other weights
+    todo = [c for c in checkpoints(out)[:1 if only_last else None] if pending_eval(c)] if finished(out) else []
+    todo += [out / "last.pt"] if finished(out) and std_pending(r) else []
+    again = any(not c.exists() for c in todo)
+    if again:  # trained again, and not bit for bit on another CPU: its old evaluations are of other weights
+        for f in [*out.glob("*.json"), *out.glob("eval-*.log")]:
             f.unlink()
-    continue_run(*r, start)
-    for ckpt in checkpoints(out):
+    continue_run(*r, start, again)
+    for ckpt in checkpoints(out)[:1 if only_last else None]:
         evaluate(ckpt)
     if r in STANDARD_ON:
         standard(out / "last.pt")
@@ -170,7 +180,8 @@ def run_all() -> None:
         margins(start)
     # seed 0's final checkpoints were evaluated first; its best ones, which now need a re-training, come last
     runs = [(l, s, None) for s in SEEDS[1:] for l in MAIN] + EXTRA + [(l, 0, None) for l in MAIN]
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool:  # the final checkpoints of EXTRA first: they set sovr.DEFAULT_RATIO
+        list(pool.map(lambda r: unit(r, start, only_last=True), EXTRA))
         list(pool.map(lambda r: unit(r, start), runs))
     tables()
     print(f"all done ({(time.time() - t0) / 3600:.1f} h)", flush=True)
