@@ -135,12 +135,12 @@ def standard(ckpt: Path) -> None:
             "--bs", "500"], ckpt.parent / f"eval-{ckpt.stem}.log")
 
 
-def pending(r: tuple, only_last: bool = False) -> bool:
+def pending(r: tuple) -> bool:
     """Whether a run still lacks its training or one of its evaluations (the checkpoints are not kept)."""
     out = ROOT / name(*r)
     if not finished(out):
         return True
-    return std_pending(r) or any(pending_eval(c) for c in checkpoints(out)[:1 if only_last else None])
+    return std_pending(r) or any(pending_eval(c) for c in checkpoints(out))
 
 
 def pending_eval(ckpt: Path) -> bool:
@@ -151,21 +151,21 @@ def std_pending(r: tuple) -> bool:
     return r in STANDARD_ON and not aa_result(ROOT / name(*r) / "last.pt", "standard", N_STANDARD).exists()
 
 
-def unit(r: tuple, start: Path, only_last: bool = False) -> None:
-    """One run from start to its last evaluation (of last.pt only, if only_last), so that an interruption loses
-    at most the runs in flight: the checkpoints stay out of git (but for a best.pt still to be evaluated when a
-    session ends), and a finished run with an evaluation missing and its checkpoint gone is trained again."""
-    if not pending(r, only_last):
+def unit(r: tuple, start: Path) -> None:
+    """One run from start to its last evaluation, so that an interruption loses at most the runs in flight.
+    The checkpoints stay out of git: a finished run with an evaluation missing is trained again if the checkpoint
+    that evaluation needs is gone, and only evaluated if it is there."""
+    if not pending(r):
         return
     out = ROOT / name(*r)
-    todo = [c for c in checkpoints(out)[:1 if only_last else None] if pending_eval(c)] if finished(out) else []
+    todo = [c for c in checkpoints(out) if pending_eval(c)] if finished(out) else []
     todo += [out / "last.pt"] if finished(out) and std_pending(r) else []
     again = any(not c.exists() for c in todo)
     if again:  # trained again, and not bit for bit on another CPU: its old evaluations are of other weights
         for f in [*out.glob("*.json"), *out.glob("eval-*.log")]:
             f.unlink()
     continue_run(*r, start, again)
-    for ckpt in checkpoints(out)[:1 if only_last else None]:
+    for ckpt in checkpoints(out):
         evaluate(ckpt)
     if r in STANDARD_ON:
         standard(out / "last.pt")
@@ -180,8 +180,7 @@ def run_all() -> None:
         margins(start)
     # seed 0's final checkpoints were evaluated first; its best ones, which now need a re-training, come last
     runs = [(l, s, None) for s in SEEDS[1:] for l in MAIN] + EXTRA + [(l, 0, None) for l in MAIN]
-    with ThreadPoolExecutor(2) as pool:  # the final checkpoints of EXTRA first: they set sovr.DEFAULT_RATIO
-        list(pool.map(lambda r: unit(r, start, only_last=True), EXTRA))
+    with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda r: unit(r, start), runs))
     tables()
     print(f"all done ({(time.time() - t0) / 3600:.1f} h)", flush=True)
