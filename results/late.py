@@ -135,12 +135,20 @@ def standard(ckpt: Path) -> None:
             "--bs", "500"], ckpt.parent / f"eval-{ckpt.stem}.log")
 
 
+def wanted(out: Path) -> list[Path]:
+    """The checkpoints of a finished run that need an evaluation. A best.pt lost before its evaluation (they are
+    not kept in git) is not made again: that would re-train the run and replace its evaluated final checkpoint
+    with other weights (CPU training is not bit for bit repeatable), so the run keeps its final evaluation only."""
+    last_done = not pending_eval(out / "last.pt")
+    return [c for c in checkpoints(out) if c.exists() or not last_done]
+
+
 def pending(r: tuple) -> bool:
-    """Whether a run still lacks its training or one of its evaluations (the checkpoints are not kept)."""
+    """Whether a run still lacks its training or one of its evaluations."""
     out = ROOT / name(*r)
     if not finished(out):
         return True
-    return std_pending(r) or any(pending_eval(c) for c in checkpoints(out))
+    return std_pending(r) or any(pending_eval(c) for c in wanted(out))
 
 
 def pending_eval(ckpt: Path) -> bool:
@@ -158,14 +166,14 @@ def unit(r: tuple, start: Path) -> None:
     if not pending(r):
         return
     out = ROOT / name(*r)
-    todo = [c for c in checkpoints(out) if pending_eval(c)] if finished(out) else []
+    todo = [c for c in wanted(out) if pending_eval(c)] if finished(out) else []
     todo += [out / "last.pt"] if finished(out) and std_pending(r) else []
     again = any(not c.exists() for c in todo)
     if again:  # trained again, and not bit for bit on another CPU: its old evaluations are of other weights
         for f in [*out.glob("*.json"), *out.glob("eval-*.log")]:
             f.unlink()
     continue_run(*r, start, again)
-    for ckpt in checkpoints(out):
+    for ckpt in wanted(out):
         evaluate(ckpt)
     if r in STANDARD_ON:
         standard(out / "last.pt")
@@ -178,8 +186,7 @@ def run_all() -> None:
     start = pretrain()
     if not margins_result(start).exists():
         margins(start)
-    # seed 0's final checkpoints were evaluated first; its best ones, which now need a re-training, come last
-    runs = [(l, s, None) for s in SEEDS[1:] for l in MAIN] + EXTRA + [(l, 0, None) for l in MAIN]
+    runs = [(l, s, None) for s in SEEDS for l in MAIN] + EXTRA
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda r: unit(r, start), runs))
     tables()
