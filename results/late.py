@@ -166,9 +166,10 @@ def unit(r: tuple, start: Path) -> None:
     if not pending(r):
         return
     out = ROOT / name(*r)
-    todo = [c for c in wanted(out) if pending_eval(c)] if finished(out) else []
-    todo += [out / "last.pt"] if finished(out) and std_pending(r) else []
-    again = any(not c.exists() for c in todo)
+    again = False
+    if finished(out):
+        todo = [c for c in wanted(out) if pending_eval(c)] + ([out / "last.pt"] if std_pending(r) else [])
+        again = any(not c.exists() for c in todo)
     if again:  # trained again, and not bit for bit on another CPU: its old evaluations are of other weights
         for f in [*out.glob("*.json"), *out.glob("eval-*.log")]:
             f.unlink()
@@ -208,7 +209,7 @@ def mean(v: list) -> float:
 
 def metrics(ckpt: Path) -> dict | None:
     """One checkpoint's figures, or None while its evaluation is missing."""
-    if not (aa_result(ckpt).exists() and margins_result(ckpt).exists()):
+    if pending_eval(ckpt):
         return None
     aa, mg = json.loads(aa_result(ckpt).read_text()), json.loads(margins_result(ckpt).read_text())
     log = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
