@@ -37,6 +37,7 @@ PRE_EPOCHS, PRE_LOW = 120, 10  # pre-training: 120 epochs at lr 0.1, then 10 at 
 EPOCHS, DROP = 15, 10  # the continuation: lr 0.01 for 10 epochs, then 0.001 for 5
 MAIN, SEEDS = ("ce", "mail", "gairat", "sovr"), (0, 1, 2)
 EXTRA = [("trades", 0, None), ("trades-sovr", 0, None)] + [("sovr", 0, r) for r in (0.1, 0.2, 0.6, 1.0)]
+EXTRA += [("sovr", s, 1.0) for s in (1, 2)]  # the sweep's best ratio, re-checked on the other seeds
 AA = "apgd-ce,apgd-t"
 STANDARD_ON, N_STANDARD = [(l, 1, None) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
 COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-limit", str(TRAIN),
@@ -234,7 +235,9 @@ COLS = [("clean", "clean %", 100), ("pgd20", "PGD-20 %", 100), ("apgd_ce", "APGD
 
 # paired differences, same seed: each loss against ce, SOVR inside TRADES against TRADES, each ratio against ce
 PAIRS = ([((loss, None), ("ce", None)) for loss in MAIN[1:] + ("trades", "trades-sovr")]
-         + [(("trades-sovr", None), ("trades", None))] + [((l, r), ("ce", None)) for l, _, r in EXTRA if r is not None])
+         + [(("trades-sovr", None), ("trades", None))]
+         + list(dict.fromkeys([((l, r), ("ce", None)) for l, _, r in EXTRA if r is not None]))
+         + [(("sovr", 1.0), ("sovr", None))])
 
 
 def label(run: tuple) -> str:
