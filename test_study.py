@@ -46,7 +46,7 @@ def test_table_means_over_seeds_gap_and_sweep_order(tmp_path: Path) -> None:
     fake_run(tmp_path, "sovr-s0-ratio0.2", 0.39, 0.31, 0.30)
     (tmp_path / "sovr-s0").mkdir()  # unfinished: left out
     rows = [l.split(" | ") for l in study.table(tmp_path, a).splitlines() if l.startswith("| ") and "---" not in l][1:]
-    assert [r[0:3] for r in rows] == [["| ce", "default", "2"], ["| sovr", "0.2", "1"], ["| sovr", "1", "1"]]
+    assert [r[0:3] for r in rows] == [["| ce", "-", "2"], ["| sovr", "0.2", "1"], ["| sovr", "1", "1"]]
     assert rows[0][3].startswith("41.0 ± 1.4 (se 1.5)")  # mean, std over seeds, binomial se of one run
     assert rows[0][6] == "27.0 (se 1.4) (1 of 2 seeds)"  # the extra attack list, run on ce-s0 only
     assert rows[0][7] == "2.5"  # PGD-20 minus the worst attack: (0.30 - 0.27 + 0.32 - 0.30) / 2

@@ -39,6 +39,7 @@ MAIN, SEEDS = ("ce", "mail", "gairat", "sovr"), (0, 1, 2)
 EXTRA = [("trades", 0, None), ("trades-sovr", 0, None)] + [("sovr", 0, r) for r in (0.1, 0.2, 0.6, 1.0)]
 EXTRA += [("sovr", s, 1.0) for s in (1, 2)]  # the sweep's best ratio, re-checked on the other seeds
 AA = "apgd-ce,apgd-t"
+STUDY_RATIO = 0.4  # the sovr and trades-sovr runs without a ratio: sovr.DEFAULT_RATIO when they ran
 STANDARD_ON, N_STANDARD = [(l, 1, None) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
 COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-limit", str(TRAIN),
           "--val", str(VAL), "--compile", "--device", "cpu"]
@@ -79,7 +80,7 @@ def continue_run(loss: str, seed: int, ratio: float | None, start: Path, again: 
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "train.py", *COMMON, "--init", str(start), "--loss", loss, "--seed", str(seed),
            "--lr", "0.01", "--epochs", str(EPOCHS), "--milestones", str(DROP), "--burn-in", "0", "--out", str(out)]
-    cmd += [] if ratio is None else ["--ratio", str(ratio)]
+    cmd += ["--ratio", str(STUDY_RATIO if ratio is None else ratio)] if "sovr" in loss else []
     sh(cmd + (["--resume"] if (out / "last.pt").exists() and not finished(out) else []), out / "console.log")
 
 
@@ -241,7 +242,8 @@ PAIRS = ([((loss, None), ("ce", None)) for loss in MAIN[1:] + ("trades", "trades
 
 
 def label(run: tuple) -> str:
-    return run[0] + ("" if run[1] is None else f" (ratio {run[1]:g})")
+    ratio = STUDY_RATIO if run[1] is None and "sovr" in run[0] else run[1]
+    return run[0] + ("" if ratio is None else f" (ratio {ratio:g})")
 
 
 def fmt(vals: list[float], scale: float) -> str:
@@ -282,7 +284,7 @@ def tables() -> None:
         for (loss, ratio), items in groups.items():
             cells = [fmt([mt[k] for _, mt in items], sc) for k, _, sc in COLS]
             std = [mt["standard"] for _, mt in items if "standard" in mt]
-            lines.append(f"| {loss} | {ratio if ratio is not None else 'default'} | {len(items)} | " + " | ".join(cells)
+            lines.append(f"| {loss} | {ratio if ratio is not None else (STUDY_RATIO if 'sovr' in loss else '-')} | {len(items)} | " + " | ".join(cells)
                          + f" | {fmt(std, 100)} |")
         lines += ["", "Paired differences (same seed, same start and data order), mean ± std over seeds:", "",
                   "| loss | seeds | " + " | ".join(c[1] for c in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]

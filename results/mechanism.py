@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from losses import gair_weights, mail_weights  # noqa: E402  (the project's own weight formulas)
-from sovr import DEFAULT_RATIO, sovr_loss  # noqa: E402
+from sovr import sovr_loss  # noqa: E402
 
 K, D, N, EPS = 10, 32, 600, 0.5
 PRETRAIN, STEPS, LR = 300, 2000, 0.5
 HERE = os.path.dirname(os.path.abspath(__file__))
+RATIO = 0.4  # SOVR's switching ratio here (sovr.DEFAULT_RATIO until the late sweep); at 1.0 it is the OVR curve
 
 
 def problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,7 @@ def loss_fn(name: str, W, b, x, y) -> torch.Tensor:
         return (mail_weights(z, y, 10.0, -0.5) * ce).mean()
     if name == "gairat":
         return (gair_weights(kappa(W.detach(), b.detach(), x, y), 10, -1.0) * ce).mean()
-    return sovr_loss(z, y, 1.0 if name == "ovr" else DEFAULT_RATIO)
+    return sovr_loss(z, y, 1.0 if name == "ovr" else RATIO)
 
 
 def main() -> None:
@@ -88,7 +89,7 @@ def main() -> None:
             gw, gb = torch.autograd.grad(loss_fn(name, w, c, x, y), (w, c))
             w, c = (w - LR * gw).detach().requires_grad_(), (c - LR * gb).detach().requires_grad_()
         curves[name] = rec
-    out = dict(settings=dict(K=K, D=D, N=N, eps=EPS, pretrain_steps=PRETRAIN, steps=STEPS, lr=LR, ratio=DEFAULT_RATIO,
+    out = dict(settings=dict(K=K, D=D, N=N, eps=EPS, pretrain_steps=PRETRAIN, steps=STEPS, lr=LR, ratio=RATIO,
                              robust_share_at_start=(m0 > 0).double().mean().item()),
                start=dict(important=m0[important].mean().item(), rest=m0[~important].mean().item()),
                final={k: dict(important=v[-1][1], rest=v[-1][2], robust_share=v[-1][3]) for k, v in curves.items()},
