@@ -21,8 +21,7 @@ the-Rest Loss to Increase the Margin of Logits for Adversarial Robustness." ICML
 import torch
 import torch.nn.functional as F
 
-DEFAULT_RATIO = 1.0  # our choice, not from the paper: the late CPU sweep in results/README.md ('The ratio');
-# at 1.0 every sample uses OVR; pass a ratio below 1 for the switching (0.4 was the default before that sweep)
+DEFAULT_RATIO = 1.0  # our choice, not the paper's: results/README.md, 'The ratio'; 1.0 = OVR on every sample
 
 
 def _checked(logits: torch.Tensor, target: torch.Tensor, reduction: str = "none") -> torch.Tensor:

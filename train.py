@@ -37,7 +37,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --smoke is looked up by its full name
     a = p.add_argument
-    a("--loss", default="sovr", choices=sorted(OBJECTIVES), help="training objective (default: sovr; at the default --ratio 1.0 every sample uses OVR)")
+    a("--loss", default="sovr", choices=sorted(OBJECTIVES), help="training objective (default: sovr, with --ratio)")
     a("--ratio", type=float, default=DEFAULT_RATIO, help=f"SOVR: fraction of the batch that uses OVR (default {DEFAULT_RATIO}, our choice)")
     a("--arch", default="resnet18", choices=sorted(models.ARCHS), help="network (default resnet18, the paper's main model)")
     a("--width", type=int, default=None, help="ResNet base channels / WRN widen factor (default: the arch's standard)")

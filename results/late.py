@@ -73,6 +73,11 @@ def pretrain() -> Path:
     return ROOT / "start" / "last.pt"
 
 
+def ratio_of(loss: str, ratio: float | None) -> float | None:
+    """The SOVR ratio a run trains with: its own, else STUDY_RATIO for the sovr losses; None for the others."""
+    return STUDY_RATIO if ratio is None and "sovr" in loss else ratio
+
+
 def continue_run(loss: str, seed: int, ratio: float | None, start: Path, again: bool = False) -> None:
     out = ROOT / name(loss, seed, ratio)
     if finished(out) and not again:
@@ -80,7 +85,7 @@ def continue_run(loss: str, seed: int, ratio: float | None, start: Path, again: 
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "train.py", *COMMON, "--init", str(start), "--loss", loss, "--seed", str(seed),
            "--lr", "0.01", "--epochs", str(EPOCHS), "--milestones", str(DROP), "--burn-in", "0", "--out", str(out)]
-    cmd += ["--ratio", str(STUDY_RATIO if ratio is None else ratio)] if "sovr" in loss else []
+    cmd += [] if ratio_of(loss, ratio) is None else ["--ratio", str(ratio_of(loss, ratio))]
     sh(cmd + (["--resume"] if (out / "last.pt").exists() and not finished(out) else []), out / "console.log")
 
 
@@ -242,7 +247,7 @@ PAIRS = ([((loss, None), ("ce", None)) for loss in MAIN[1:] + ("trades", "trades
 
 
 def label(run: tuple) -> str:
-    ratio = STUDY_RATIO if run[1] is None and "sovr" in run[0] else run[1]
+    ratio = ratio_of(*run)
     return run[0] + ("" if ratio is None else f" (ratio {ratio:g})")
 
 
@@ -284,7 +289,7 @@ def tables() -> None:
         for (loss, ratio), items in groups.items():
             cells = [fmt([mt[k] for _, mt in items], sc) for k, _, sc in COLS]
             std = [mt["standard"] for _, mt in items if "standard" in mt]
-            lines.append(f"| {loss} | {ratio if ratio is not None else (STUDY_RATIO if 'sovr' in loss else '-')} | {len(items)} | " + " | ".join(cells)
+            lines.append(f"| {loss} | {'-' if ratio_of(loss, ratio) is None else ratio_of(loss, ratio)} | {len(items)} | " + " | ".join(cells)
                          + f" | {fmt(std, 100)} |")
         lines += ["", "Paired differences (same seed, same start and data order), mean ± std over seeds:", "",
                   "| loss | seeds | " + " | ".join(c[1] for c in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]

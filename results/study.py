@@ -25,6 +25,7 @@ import attack  # noqa: E402  (its result file names and its histogram)
 
 SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 TEST_POINTS = 1017  # the subset's test images
+STUDY_RATIO = 0.4  # the sovr runs without a ratio of their own: sovr.DEFAULT_RATIO when this study ran
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,8 +94,7 @@ def one(r: dict, args, root: Path) -> None:
     cmd = [sys.executable, "train.py", "--dataset", str(SUBSET), "--arch", args.arch, "--width", str(args.width),
            "--loss", r["loss"], "--seed", str(r["seed"]), "--epochs", str(e), "--device", "cpu", "--out", str(out),
            "--milestones", milestones(e), "--val", str(args.val), "--burn-in", str(e // 2 if args.burn_in is None else args.burn_in)]
-    ratio = 0.4 if r["ratio"] is None else r["ratio"]  # 0.4: sovr.DEFAULT_RATIO when this study ran
-    cmd += ["--ratio", str(ratio)] if "sovr" in r["loss"] else []
+    cmd += ["--ratio", str(STUDY_RATIO if r["ratio"] is None else r["ratio"])] if "sovr" in r["loss"] else []
     t0 = time.time()
     if not (out / "log.jsonl").exists() or "final" not in (out / "log.jsonl").read_text():
         sh(cmd + (["--resume"] if (out / "last.pt").exists() else []), log)
@@ -153,7 +153,7 @@ def table(root: Path, args) -> str:
     for (loss, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0)):
         strong = [r["extra"] for r in rs if r["extra"] is not None]
         partial = "" if len(strong) == len(rs) else f" ({len(strong)} of {len(rs)} seeds)"
-        cells = [loss, ("0.4" if "sovr" in loss else "-") if ratio is None else f"{ratio:g}", str(len(rs)),
+        cells = [loss, (f"{STUDY_RATIO:g}" if "sovr" in loss else "-") if ratio is None else f"{ratio:g}", str(len(rs)),
                  fmt([r["clean"] for r in rs], TEST_POINTS), fmt([r["pgd"] for r in rs], TEST_POINTS),
                  fmt([r["aa"] for r in rs], rs[0]["n_aa"])]
         cells += [fmt(strong, TEST_POINTS) + partial if strong else "-"] if extra else []
