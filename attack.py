@@ -20,6 +20,7 @@ from importlib import metadata
 import torch
 import torch.distributed as dist
 
+import losses
 import models
 from data import load_data
 from losses import pgd
@@ -46,11 +47,13 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
     a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
-    a("--plot", default=None, help="histogram PNG for --margins (default margins.png beside the first checkpoint)")
+    a("--plot", default=None, metavar="PNG", help="where --margins draws its histogram (default margins.png beside the first checkpoint)")
     a("--verbose", action="store_true", help="the AutoAttack package's own log lines (off by default)")
     args = p.parse_args(argv)
-    if args.n < 0 or args.bs < 1:
-        p.error("--n must be >= 0 and --bs >= 1")
+    if args.n < 0 or args.bs < 1 or args.seed < 0:
+        p.error("--n and --seed must be >= 0, --bs >= 1")
+    if args.eps is not None and args.eps <= 0:
+        p.error(f"--eps must be > 0 (in 1/255 units), got {args.eps:g}")
     if args.norm == "L2" and args.eps is None:
         p.error("--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)")
     if args.margins and args.norm != "Linf":
@@ -73,7 +76,10 @@ def load_model(path: str, device: str) -> tuple[torch.nn.Module, dict]:
 def test_points(ckpt: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
     name = args.dataset or ckpt["dataset"]
     npz = name.endswith(".npz") or ckpt["dataset"].endswith(".npz")  # e.g. the offline CIFAR-10 subset
-    data = load_data(name, args.data_dir) if name == ckpt["dataset"] or npz else None
+    try:
+        data = load_data(name, args.data_dir) if name == ckpt["dataset"] or npz else None
+    except ValueError as e:
+        raise ValueError(f"{e} (the checkpoint's dataset: point --dataset at it)" if not args.dataset else e) from None
     if data is None or data["num_classes"] != ckpt["num_classes"]:
         raise ValueError(f"the checkpoint was trained on {ckpt['dataset']} ({ckpt['num_classes']} classes), not {name}")
     n = args.n or len(data["y_test"])
@@ -104,22 +110,25 @@ def make_autoattack(model, eps: float, args):
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
 
 
-def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args,
-               state_path: str) -> tuple[torch.Tensor, dict]:
+def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str,
+               settings: dict) -> tuple[torch.Tensor, dict]:
     """Per-point robust flags, and how many points stay robust after each attack. Attacks run in the version's
     order (or --attacks, with the version's settings), each on the points still robust, in batches of --bs as the
     package batches them (it reseeds every batch, so in one process the flags equal one direct call's; under
     torchrun the shards change which points share a batch, see the README); the flags are saved after each
-    attack, so a rerun skips the attacks done."""
+    attack with the run's settings, so a rerun of the same evaluation skips the attacks done (and a state of other
+    settings is refused, never mixed in)."""
     aa, run = make_autoattack(model, eps, args)
     order = args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)
     robust, after = clean.clone(), {}
     if os.path.exists(state_path):
         with open(state_path) as f:
             st = json.load(f)
-        if "after" in st:  # a state file from an older attack.py is ignored
-            robust, after = torch.tensor(st["robust"], dtype=torch.bool), st["after"]
-            print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
+        if st.get("settings") != settings:
+            raise ValueError(f"{state_path} holds the progress of an evaluation with other settings than this one; "
+                             "finish that one with its own flags, or delete the file")
+        robust, after = torch.tensor(st["robust"], dtype=torch.bool), st["after"]
+        print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
     for name in [a for a in order if a not in after]:
         idx = robust.nonzero().flatten()
         aa.attacks_to_run = [name]  # keeps the version's settings for that attack
@@ -137,7 +146,7 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps
         if args.rank == 0:
             print(f"after {name}: robust accuracy {robust.float().mean():.2%}" +
                   (f" on this process's {len(robust)} points" if args.world > 1 else ""), flush=True)
-        write_json(dict(robust=robust.tolist(), after=after), state_path)
+        write_json(dict(settings=settings, robust=robust.tolist(), after=after), state_path)
     return robust, after
 
 
@@ -164,6 +173,11 @@ def margins(model, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int, device
     return torch.cat(out)
 
 
+def objective(trained: dict) -> str | None:
+    """The training objective's name, as train.py names the run (sovr, sovr-r0.2, ...)."""
+    return losses.label(trained) if "loss" in trained and "epochs" in trained else trained.get("loss")
+
+
 def versions() -> dict:
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("pyautoattack", "autoattack"):
@@ -174,9 +188,14 @@ def versions() -> dict:
     return found
 
 
-def result_path(checkpoint: str, mode: str, norm: str, eps_int: float, n: int, seed: int) -> str:
-    """Where evaluate() writes its JSON (results/study.py looks results up by it)."""
-    return f"{os.path.splitext(checkpoint)[0]}.{mode}-{norm}-eps{eps_int}-n{n}-seed{seed}.json"
+def result_path(checkpoint: str, mode: str, norm: str, eps_int: float, n: int, seed: int, bs: int = 500,
+                dataset: str | None = None, version: str = "standard", processes: int = 1, device: str = "cpu") -> str:
+    """Where evaluate() writes its JSON, named by every setting that can change a per-point result (the device by
+    its rounding); those at their defaults stay out of the name (results/study.py and late.py look results up by it)."""
+    extra = [f"-{version}" * (version not in ("standard", mode)), f"-bs{bs}" * (bs != 500),
+             f"-{os.path.splitext(os.path.basename(dataset))[0]}" if dataset else "", f"-p{processes}" * (processes > 1),
+             f"-{device}" * (device != "cpu")]
+    return f"{os.path.splitext(checkpoint)[0]}.{mode}-{norm}-eps{eps_int}-n{n}-seed{seed}{''.join(extra)}.json"
 
 
 def shard(n: int) -> tuple[int, int, slice]:
@@ -208,19 +227,25 @@ def evaluate(path: str, args) -> dict:
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
     eps = eps_int / 255
     mode = "margins" if args.margins else (args.attacks.replace(",", "+") if args.attacks else args.version)
-    settings = dict(checkpoint=os.path.abspath(path), loss=ckpt.get("args", {}).get("loss"), dataset=args.dataset or ckpt["dataset"],
-                    n=n, eps=f"{eps_int}/255", norm=args.norm, mode=mode, bs=args.bs, seed=args.seed, processes=world)
-    out_path = result_path(path, mode, args.norm, eps_int, n, args.seed)
+    other_data = args.dataset if args.dataset and args.dataset != ckpt["dataset"] else None
+    trained = ckpt.get("args", {})
+    settings = dict(checkpoint=os.path.abspath(path), loss=trained.get("loss"), objective=objective(trained),
+                    dataset=args.dataset or ckpt["dataset"], n=n, eps=f"{eps_int}/255", norm=args.norm, mode=mode,
+                    version=args.version, bs=args.bs, seed=args.seed, processes=world,
+                    device=torch.device(args.device).type)
+    out_path = result_path(path, mode, args.norm, eps_int, n, args.seed, args.bs, other_data, args.version, world,
+                           settings["device"])
     state_path = out_path + ".state" + (f".rank{rank}-of-{world}" if world > 1 else "")
     t0 = time.time()
     clean = predict(model, x, args.bs, args.device) == y
     res = dict(settings=settings, versions=versions())
     if args.margins:
+        torch.manual_seed(args.seed)  # PGD's random starts
         m = torch.tensor(gather(margins(model, x, y, eps, args.bs, args.device).tolist()))
         small = m.sort().values[:max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
     else:
-        robust, after = autoattack(model, x, y, clean, eps, args, state_path)
+        robust, after = autoattack(model, x, y, clean, eps, args, state_path, settings)
         robust = gather(robust.int().tolist())
         after = {k: sum(gather([v])) / n for k, v in after.items()}
         res.update(robust_acc=sum(robust) / n, robust_after=after, robust=robust)
@@ -248,7 +273,7 @@ def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
                 eps=eps, eps_str=res["settings"]["eps"],
                 clean_acc=res["clean_acc"], autoattack_acc=res["robust_acc"], attacks=res["settings"]["mode"],
                 n_points=res["settings"]["n"], architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
-                params=sum(p.numel() for p in model.parameters()), training_loss=res["settings"]["loss"],
+                params=sum(p.numel() for p in model.parameters()), training_loss=res["settings"]["objective"],
                 eps_training=f"{ckpt['eps']}/255")
 
 
@@ -265,7 +290,7 @@ def plot(results: list[dict], path: str) -> None:
     for r in results:
         s = r["settings"]
         ax.hist(r["margins"], bins=60, range=(lo, hi), histtype="step", linewidth=1.5,
-                label=f"{s['loss']} ({os.path.basename(os.path.dirname(s['checkpoint']))})")
+                label=f"{s.get('objective') or s['loss']} ({os.path.basename(os.path.dirname(s['checkpoint']))})")
     ax.axvline(0, color="gray", linewidth=0.8)
     ax.set(xlabel="logit margin $z_y - \\max_{k \\neq y} z_k$ on PGD-20 examples", ylabel="test points")
     ax.legend(fontsize=8)
@@ -300,8 +325,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         sys.exit(f"attack.py: error: {e}")
     except torch.cuda.OutOfMemoryError:
-        sys.exit(f"attack.py: error: CUDA out of memory at --bs {args.bs}: lower --bs (finished attacks are kept "
-                 "and a rerun continues from them)")
+        sys.exit(f"attack.py: error: CUDA out of memory at --bs {args.bs}: lower --bs (a new evaluation: the attacks "
+                 "finished so far are kept for a rerun with the same --bs)")
+    except KeyboardInterrupt:
+        sys.exit("attack.py: interrupted; the attacks finished so far are kept (a .state file beside the checkpoint): "
+                 "rerun the same command to continue")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -10,7 +10,7 @@ repeats after --warmup untimed ones; the model is untrained, which does not chan
   textbook   the same step as most public repos write it: a DataLoader with PIL transforms, fp32, NCHW, and
              PGD steps that call loss.backward() (parameter gradients too) and model.zero_grad()
   loss cost  sovr_loss against F.cross_entropy, forward + backward, on float32 logits [512, 10] and [512, 100]
-  eval       PGD-20 (losses.pgd as train.evaluate() runs it) and AutoAttack APGD-CE (fp32, 100 iterations,
+  eval       PGD-20 (losses.pgd in fp32, as train.evaluate() runs it) and AutoAttack APGD-CE (fp32, 100 iterations,
              1 restart as in standard AutoAttack; one timed run, its input checks and clean pass included)
              on the same model. AutoAttack attacks only correctly classified images, so the labels for both
              attacks are the model's own predictions.
@@ -255,9 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         y_eval = model(x_eval).argmax(1)
 
-    def pgd20() -> None:  # as train.evaluate() runs it
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            pgd(net, x_eval, y_eval, targs.eps / 255, targs.step / 255, targs.eval_steps)
+    def pgd20() -> None:  # as train.evaluate() runs it: fp32
+        pgd(net, x_eval, y_eval, targs.eps / 255, targs.step / 255, targs.eval_steps)
     pgd20()  # warm-up: under --compile, eval mode is a graph of its own
     t_pgd = statistics.median(timed(pgd20, device)[0] for _ in range(args.repeats))
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sovr import sovr_loss
+from sovr import DEFAULT_RATIO, ovr_loss, sovr_loss
 
 
 @contextmanager
@@ -203,6 +203,28 @@ def emr_lambda(args, epoch: int) -> float:
     return args.emr * args.emr_decay ** sum(epoch >= m for m in args.milestones)
 
 
+# ---- the objectives' flags: defaults (sources: README, Objectives) and a run's name ----
+
+def defaults(loss: str, epochs: int) -> dict:
+    """The default of every flag an objective reads, for a run of `epochs` epochs with `loss`."""
+    return dict(ratio=DEFAULT_RATIO, beta=6.0, mail_slope=10.0, mail_bias=-0.5, gairat_lambda=-1.0, tau=1.0, nu=1.0,
+                burn_in=round(epochs * 60 / 110), emr=0.0, emr_temp=EMR_TEMP.get(loss, EMR_TEMP_AT), emr_decay=0.1)
+
+
+READS = {"sovr": ("ratio",), "trades": ("beta",), "trades-sovr": ("ratio", "beta"), "mart": ("beta",),
+         "mail": ("mail_slope", "mail_bias", "burn_in"), "gairat": ("gairat_lambda", "burn_in"), "comp-sum": ("tau", "nu")}
+TAGS = dict(ratio="r", beta="b", mail_slope="slope", mail_bias="bias", gairat_lambda="lambda", burn_in="burnin",
+            tau="tau", nu="nu", emr="emr", emr_temp="emrtemp", emr_decay="emrdecay")
+
+
+def label(a: dict) -> str:
+    """A run's objective as a name: --loss, then every flag it reads that differs from its default for the run,
+    e.g. sovr, sovr-r0.2, trades-b1-emr3; so that runs of different objectives never share a name."""
+    d = defaults(a["loss"], a["epochs"])
+    reads = READS.get(a["loss"], ()) + (("emr", "emr_temp", "emr_decay") if a.get("emr") else ())
+    return a["loss"] + "".join(f"-{TAGS[k]}{a[k]:g}" for k in reads if a.get(k, d[k]) != d[k])
+
+
 # ---- objectives ----
 
 OBJECTIVES: dict[str, Callable] = {}
@@ -256,6 +278,14 @@ def sovr(net, atk, x, y, args, epoch):
     x_adv, _ = _attack(atk, x, y, args)
     z = net(x_adv)
     return sovr_loss(z, y, args.ratio), z, x_adv
+
+
+@objective("ovr")
+def ovr(net, atk, x, y, args, epoch):
+    """The one-vs-the-rest loss on every x' (SOVR without its switch, i.e. at ratio 1)."""
+    x_adv, _ = _attack(atk, x, y, args)
+    z = net(x_adv)
+    return ovr_loss(z, y), z, x_adv
 
 
 @objective("trades")

@@ -6,14 +6,14 @@ logits: float tensor [B, K] (K >= 2, any float dtype); target: int64 tensor [B].
   SOVR_i     = OVR_i for the k = round(ratio * B) samples of smallest margin
                (ties: lower index first), CE_i for all the others (sovr_loss).
 Margins are taken without gradient from the logits you pass (the adversarial ones in
-training). ratio=0 is cross-entropy, ratio=1 is OVR. Computed in float32 (float64 stays),
-also under autocast. `reduction`: "mean", "sum", "none". Bad input raises ValueError.
+training). The limits are exact: ratio=0 is cross-entropy, ratio=1 is ovr_loss (no switch).
+Computed in float32 (float64 stays), also under autocast. `reduction`: "mean", "sum", "none". Bad input raises ValueError.
 
 Drop-in for PGD adversarial training:
     from sovr import sovr_loss
     x_adv = pgd(model, x, y)                  # your attack, unchanged
     # loss = F.cross_entropy(model(x_adv), y)
-    loss = sovr_loss(model(x_adv), y)         # ratio=DEFAULT_RATIO
+    loss = sovr_loss(model(x_adv), y)         # ratio=DEFAULT_RATIO: 40% OVR, 60% CE
 
 Cite: S. Kanai, S. Yamaguchi, M. Yamada, H. Takahashi, K. Ohno, Y. Ida. "Switching One-Versus-
 the-Rest Loss to Increase the Margin of Logits for Adversarial Robustness." ICML 2023.
@@ -21,7 +21,7 @@ the-Rest Loss to Increase the Margin of Logits for Adversarial Robustness." ICML
 import torch
 import torch.nn.functional as F
 
-DEFAULT_RATIO = 1.0  # our choice, not the paper's: results/README.md, 'The ratio'; 1.0 = OVR on every sample
+DEFAULT_RATIO = 0.4  # our choice: the paper's value could not be verified (README, 'What is from the paper')
 
 
 def _checked(logits: torch.Tensor, target: torch.Tensor, reduction: str = "none") -> torch.Tensor:
@@ -46,7 +46,7 @@ def _ovr(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def ovr_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return sovr_loss(logits, target, 1.0, reduction)  # every sample uses OVR
+    return sovr_loss(logits, target, 1.0, reduction)  # every sample uses OVR: no switch
 
 
 def sovr_loss(logits: torch.Tensor, target: torch.Tensor, ratio: float = DEFAULT_RATIO,

@@ -56,25 +56,48 @@ def test_custom_attacks_match_a_direct_package_call(ckpt: Path) -> None:
 
 
 def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys) -> None:
+    run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr")
+    result = Path(attack.result_path(str(ckpt), "apgd-ce+apgd-dlr", "Linf", 8, 24, 0, bs=12))
+    settings = json.loads(result.read_text())["settings"]
+    state = Path(str(result) + ".state")
     # A run of apgd-ce,apgd-dlr stopped after apgd-ce left this state: no point survived apgd-ce.
-    state = ckpt.parent / "last.apgd-ce+apgd-dlr-Linf-eps8-n24-seed0.json.state"
-    state.write_text(json.dumps(dict(robust=[False] * 24, after={"apgd-ce": 0.0})))
+    state.write_text(json.dumps(dict(settings=settings, robust=[False] * 24, after={"apgd-ce": 0})))
     run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr")
     assert "resuming from" in capsys.readouterr().out
-    res = json.loads(Path(str(state)[:-len(".state")]).read_text())
+    res = json.loads(result.read_text())
     assert res["robust_acc"] == 0 and res["clean_acc"] > 0 and not state.exists()
     assert res["robust_after"] == {"apgd-ce": 0.0, "apgd-dlr": 0.0}
-    state.write_text(json.dumps(dict(robust=[False] * 24, done=["apgd-ce"])))  # an older attack.py's state: ignored
-    run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr")
-    assert json.loads(Path(str(state)[:-len(".state")]).read_text())["robust_acc"] > 0
+    # the progress of other settings (tampered here; an older attack.py's state has none) is never mixed in
+    for other in ({**settings, "seed": 9}, None):
+        state.write_text(json.dumps(dict(settings=other, robust=[False] * 24, after={"apgd-ce": 0})))
+        expect_error(capsys, [ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr"], "holds the progress of an evaluation "
+                     "with other settings than this one; finish that one with its own flags, or delete the file")
+        assert json.loads(state.read_text())["settings"] == other
+    state.unlink()
+
+
+def test_settings_that_change_a_result_never_share_a_file(ckpt: Path) -> None:
+    """Another --bs, --version (with --attacks) or --dataset writes its own JSON and resumes only its own state."""
+    base = [ckpt, "--n", 24, "--device", "cpu", "--attacks", "apgd-ce", "--seed", 5]
+    for flags in (["--bs", 12], ["--bs", 8], ["--bs", 12, "--version", "rand"], ["--bs", 12, "--dataset", "synthetic"]):
+        run(*base, *flags)
+    names = sorted(p.name for p in result_files(ckpt) if "-seed5" in p.name)
+    assert names == ["last.apgd-ce-Linf-eps8-n24-seed5-bs12.json", "last.apgd-ce-Linf-eps8-n24-seed5-bs8.json",
+                     "last.apgd-ce-Linf-eps8-n24-seed5-rand-bs12.json"]  # --dataset synthetic: the checkpoint's own
+    bs8 = json.loads((ckpt.parent / names[1]).read_text())["settings"]
+    assert (bs8["bs"], bs8["version"], bs8["device"], bs8["processes"]) == (8, "standard", "cpu", 1)
 
 
 def test_margins_writes_json_and_png(ckpt: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     run(ckpt, ckpt.parent / "best.pt", *QUICK, "--margins", "--plot", tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
-    res = json.loads([p for p in result_files(ckpt) if ".margins-" in p.name][0].read_text())
+    path = [p for p in result_files(ckpt) if ".margins-" in p.name][0]
+    res = json.loads(path.read_text())
     assert len(res["margins"]) == 24 and res["mean_margin_smallest30"] <= res["mean_margin"]
+    assert res["settings"]["objective"] == "sovr"  # the histogram's label
+    run(ckpt, *QUICK, "--margins", "--plot", tmp_path / "again.png")  # PGD's starts are seeded from --seed
+    assert json.loads(path.read_text())["margins"] == res["margins"]
 
 
 def expect_error(capsys, argv: list, match: str) -> None:
@@ -107,6 +130,19 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [ckpt, "--device", "cuda:7"], "no such CUDA device")
     expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-xx"], "unknown attack(s) apgd-xx")
     expect_error(capsys, [ckpt, "--margins", "--norm", "L2", "--eps", "127.5"], "--margins uses L-inf PGD")
+    expect_error(capsys, [ckpt, "--eps", "-1"], "--eps must be > 0 (in 1/255 units), got -1")
+    expect_error(capsys, [ckpt, "--seed", "-1"], "--n and --seed must be >= 0, --bs >= 1")
+    torch.save({**good, "dataset": "../elsewhere/x.npz"}, tmp_path / "moved.pt")
+    expect_error(capsys, [tmp_path / "moved.pt", "--device", "cpu"], "no such dataset file: ../elsewhere/x.npz (the "
+                 "checkpoint's dataset: point --dataset at it)")
+
+
+def test_interrupt_is_one_line(ckpt: Path, capsys, monkeypatch) -> None:
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(attack, "evaluate", interrupted)
+    expect_error(capsys, [ckpt, *QUICK], "attack.py: interrupted; the attacks finished so far are kept (a .state "
+                 "file beside the checkpoint): rerun the same command to continue")
 
 
 def test_progress_on_a_terminal_and_package_lines_with_verbose(ckpt: Path, capsys, caplog, monkeypatch) -> None:
@@ -124,7 +160,7 @@ def test_progress_on_a_terminal_and_package_lines_with_verbose(ckpt: Path, capsy
 
 def test_model_card_has_what_robustbench_asks(ckpt: Path) -> None:
     run(ckpt, *QUICK, "--attacks", "apgd-ce", "--seed", 4)
-    res = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce", "Linf", 8, 24, 4)).read_text())
+    res = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce", "Linf", 8, 24, 4, bs=12)).read_text())
     card, model = res["robustbench"], attack.load_model(str(ckpt), "cpu")[0]
     assert card == dict(standard_autoattack_full_test_set=False, dataset="synthetic", threat_model="Linf",
                         eps=8 / 255, eps_str="8/255", clean_acc=res["clean_acc"], autoattack_acc=res["robust_acc"],
@@ -143,9 +179,10 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @CUDA
 def test_cuda_gives_the_cpu_result_point_by_point(ckpt: Path, no_tf32) -> None:
     res = {}
-    for device in ("cpu", "cuda"):  # both write the same file: read it after each
+    for device in ("cpu", "cuda"):  # each writes its own file
         run(ckpt, "--n", 24, "--bs", 12, "--device", device, "--attacks", "apgd-ce,apgd-t", "--eps", 24)
-        res[device] = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce+apgd-t", "Linf", 24, 24, 0)).read_text())
+        res[device] = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce+apgd-t", "Linf", 24, 24, 0, bs=12,
+                                                         device=device)).read_text())
     assert res["cuda"]["clean"] == res["cpu"]["clean"]
     # APGD's random starts are drawn on the CPU, so both devices attack from the same points; only rounding in
     # the kernels differs, and a step-size or sign decision can amplify it for a point at the boundary.
@@ -174,7 +211,7 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "attack.py"),
            str(tmp_path / "last.pt"), *flags]
-    result = Path(attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 24, 24, 0))
+    result = Path(attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 24, 24, 0, bs=6, processes=2))
 
     def torchrun() -> dict:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -188,12 +225,14 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     clean = attack.predict(model, x, 6, "cpu") == y
     ref = []
     for half in (slice(0, 12), slice(12, 24)):
-        robust, _ = attack.autoattack(model, x[half], y[half], clean[half], 24 / 255, args, str(tmp_path / f"{half.start}.st"))
+        robust, _ = attack.autoattack(model, x[half], y[half], clean[half], 24 / 255, args, str(tmp_path / f"{half.start}.st"),
+                                      res["settings"])
         ref += robust.int().tolist()
     assert res["settings"]["processes"] == 2 and res["clean"] == clean.int().tolist() and res["robust"] == ref
     assert 0 < sum(ref) < sum(res["clean"]) and res["robustbench"]["autoattack_acc"] == res["robust_acc"]
     assert not list(tmp_path.glob("*.state*"))
     # rank 1 was interrupted after apgd-ce, having lost every point: only its shard resumes from that
-    Path(str(result) + ".state.rank1-of-2").write_text(json.dumps(dict(robust=[False] * 12, after={"apgd-ce": 0})))
+    Path(str(result) + ".state.rank1-of-2").write_text(json.dumps(dict(settings=res["settings"], robust=[False] * 12,
+                                                                       after={"apgd-ce": 0})))
     again = torchrun()
     assert again["robust"] == ref[:12] + [0] * 12

@@ -5,8 +5,9 @@ Where the two runs cannot agree by design, the equivalence runs remove the cause
     mode; its weight and bias still train) and no per-rank batch can change it.
   - PGD's random start is drawn on each rank from the same seed, not as a slice of the single-process draw,
     so they use --eps 0: the attack still runs (forward and input gradient) but returns the clean images.
-  - SOVR picks its OVR samples within each rank's shard, so they use --loss ce, a mean over the global batch.
-A third run keeps the default model and loss and checks that all ranks end with the same weights and BatchNorm
+  - SOVR picks its OVR samples within each rank's shard, so they use --loss ce, a mean over the global batch; a
+    SOVR pair checks that per-shard switch against one process that switches within each half of its batch.
+A further run keeps the default model and loss and checks that all ranks end with the same weights and BatchNorm
 statistics. The runs go through a launcher that changes nothing in train.py's logic: it swaps the BatchNorm
 class when asked, and saves each rank's weights before final_report reloads best.pt.
 """
@@ -40,6 +41,13 @@ class EvalModeBN(torch.nn.BatchNorm2d):
 if os.environ["TEST_EVAL_BN"] == "1":
     torch.nn.BatchNorm2d = EvalModeBN  # models.py looks the class up when it builds a model
 
+if os.environ.get("TEST_SOVR_SHARDS"):  # one process doing what torchrun's ranks do: SOVR switches within each shard
+    import losses
+    from sovr import sovr_loss
+    shards = int(os.environ["TEST_SOVR_SHARDS"])
+    losses.sovr_loss = lambda z, y, ratio: torch.stack([sovr_loss(a, b, ratio) for a, b in zip(z.chunk(shards),
+                                                                                               y.chunk(shards))]).mean()
+
 
 def final_report(args, model, *rest):
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -55,14 +63,16 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 
-def start(tmp: Path, name: str, nproc: int, eval_bn: bool, *flags: str, launch: bool = False) -> tuple[Path, subprocess.Popen]:
+def start(tmp: Path, name: str, nproc: int, eval_bn: bool, *flags: str, launch: bool = False,
+          sovr_shards: int = 0) -> tuple[Path, subprocess.Popen]:
     """Starts train.py (through the launcher) on nproc CPU processes (torchrun for nproc > 1 or launch);
     finish() waits for it. A --device among the flags overrides the CPU."""
-    launcher, out = tmp / "launch.py", tmp / name
+    launcher, out = tmp / f"launch-{name}.py", tmp / name  # one file a run: a rewrite must not race a start
     launcher.write_text(LAUNCHER)
     outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # in case pytest runs under torchrun
     env = {k: v for k, v in os.environ.items() if k not in outer}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TEST_EVAL_BN="1" if eval_bn else "0")
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TEST_EVAL_BN="1" if eval_bn else "0",
+               TEST_SOVR_SHARDS=str(sovr_shards or ""))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (torchrun if nproc > 1 or launch else [sys.executable]) + [str(launcher), "--smoke", "--device", "cpu",
                                                            "--out", str(out), *flags]
@@ -103,10 +113,12 @@ def assert_checkpoints(out: Path, trained: dict) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """The three runs, side by side: DDP and one process with eval-mode BN, and DDP with the default model."""
-    tmp, eq = tmp_path_factory.mktemp("ddp"), ("--loss", "ce", "--eps", "0")
+    """The runs, side by side: DDP and one process with eval-mode BN, for CE and for SOVR (one process once with
+    the switch within each half of the batch, once over the whole batch), and DDP with the default model."""
+    tmp, eq, sovr = tmp_path_factory.mktemp("ddp"), ("--loss", "ce", "--eps", "0"), ("--loss", "sovr", "--eps", "0")
     jobs = dict(ddp=start(tmp, "ddp", 2, True, *eq), single=start(tmp, "single", 1, True, *eq),
-                ddp_bn=start(tmp, "ddp_bn", 2, False, "--epochs", "1"))
+                ddp_bn=start(tmp, "ddp_bn", 2, False, "--epochs", "1"), ddp_sovr=start(tmp, "ddp_sovr", 2, True, *sovr),
+                halves=start(tmp, "halves", 1, True, *sovr, sovr_shards=2), whole=start(tmp, "whole", 1, True, *sovr))
     try:
         return {name: finish(*job) for name, job in jobs.items()}
     finally:
@@ -125,6 +137,17 @@ def test_ddp_equals_single_process_run(runs: dict[str, Path]) -> None:
     for a, b in zip(log(ddp), log(single)):  # validation and test accuracy, sharded and summed over ranks
         for k in ("val_clean", "val_pgd", "test_clean", "test_pgd"):
             assert k not in a or abs(a[k] - b[k]) <= 0.02, (k, a, b)
+        for k in ("train_loss", "train_adv_acc"):  # the logged training figures are over every rank's shard
+            assert k not in a or a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
+
+
+def test_ddp_sovr_switches_within_each_ranks_shard(runs: dict[str, Path]) -> None:
+    """Under torchrun SOVR's OVR samples are the round(ratio * B_local) smallest margins of each rank's shard: the
+    same weights as one process switching within each half of the batch, other weights than one whole-batch switch."""
+    ddp, halves, whole = (weights(runs[k], 0) for k in ("ddp_sovr", "halves", "whole"))
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], halves[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert any(not torch.allclose(ddp[k], whole[k], rtol=1e-3, atol=1e-4) for k in ddp if ddp[k].is_floating_point())
 
 
 def test_ddp_ranks_agree_with_train_mode_batchnorm(runs: dict[str, Path]) -> None:

@@ -56,11 +56,14 @@ def test_ratio_limits_are_exact() -> None:
         torch.testing.assert_close(sovr_loss(z, y, 1.0, reduction), ovr_loss(z, y, reduction))
 
 
-def test_default_ratio_is_the_late_sweeps_choice() -> None:
-    """DEFAULT_RATIO 1.0 (results/README.md, 'The ratio'): without a ratio, sovr_loss is the OVR loss."""
+def test_default_ratio_switches() -> None:
+    """DEFAULT_RATIO is a switching ratio (our choice, 0.4): without a ratio, sovr_loss is neither CE nor OVR."""
     z, y = batch(33, 10)
-    assert DEFAULT_RATIO == 1.0
-    torch.testing.assert_close(sovr_loss(z, y), ovr_loss(z, y))
+    assert 0 < DEFAULT_RATIO < 1 and DEFAULT_RATIO == 0.4
+    per = sovr_loss(z, y, reduction="none")
+    torch.testing.assert_close(per, sovr_loss(z, y, 0.4, reduction="none"))
+    is_ovr = torch.isclose(per, ovr_loss(z, y, "none")) & ~torch.isclose(per, F.cross_entropy(z, y, reduction="none"))
+    assert int(is_ovr.sum()) == round(0.4 * 33)
 
 
 def test_ties_are_broken_by_index() -> None:

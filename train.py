@@ -24,7 +24,7 @@ from sovr import DEFAULT_RATIO
 
 # Flags that may change between a run and its --resume without changing the result.
 RESUMABLE = {"resume", "stop_after", "device", "compile", "data_dir", "out"}
-SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, milestones="1", batch=64, steps=2, eval_steps=2, width=8)
+SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, batch=64, steps=2, eval_steps=2, width=8)
 
 
 def _auto(value: str) -> str:
@@ -37,60 +37,45 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --smoke is looked up by its full name
     a = p.add_argument
-    a("--loss", default="sovr", choices=sorted(OBJECTIVES), help="training objective (default: sovr, with --ratio)")
-    a("--ratio", type=float, default=DEFAULT_RATIO, help=f"SOVR: fraction of the batch that uses OVR (default {DEFAULT_RATIO}, our choice)")
-    a("--arch", default="resnet18", choices=sorted(models.ARCHS), help="network (default resnet18, the paper's main model)")
+    d = losses.defaults("", 110)  # the objectives' defaults; where each comes from: README, Objectives
+    a("--loss", default="sovr", choices=sorted(OBJECTIVES), help="training objective (default sovr; README, Objectives)")
+    a("--ratio", type=float, default=None, help=f"sovr, trades-sovr: share of the batch that uses OVR (default {d['ratio']})")
+    a("--arch", default="resnet18", choices=sorted(models.ARCHS), help="network (default resnet18)")
     a("--width", type=int, default=None, help="ResNet base channels / WRN widen factor (default: the arch's standard)")
     a("--dataset", default="cifar10", help="cifar10 (default) | cifar100 | synthetic | .npz with x_train, y_train, x_test, y_test")
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--val", type=int, default=1000, help="training images held out for model selection (default 1000)")
     a("--train-limit", type=int, default=0, help="use only the first N training images, 0 = all (for quick checks)")
-    a("--epochs", type=int, default=110, help="default 110 with lr x0.1 at 100 and 105: the baseline of Pang et al., "
-      "Bag of Tricks for AT (ICLR 2021), P2333/Bag-of-Tricks-for-AT README and train_cifar.py, as every recipe default")
-    a("--milestones", default="100,105", help="epochs after which lr (and EMR lambda) is multiplied by 0.1 "
-      "(default 100,105, Bag of Tricks)")
-    a("--lr", type=float, default=0.1, help="SGD learning rate for the global batch (default 0.1, Bag of Tricks)")
-    a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9, Bag of Tricks)")
-    a("--wd", type=float, default=5e-4, help="weight decay (default 5e-4, Bag of Tricks)")
-    a("--batch", type=int, default=128, help="global batch size (default 128, Bag of Tricks)")
+    a("--epochs", type=int, default=110, help="epochs (default 110; the recipe: README, Objectives)")
+    a("--milestones", default=None, help="epochs after which lr and EMR lambda x0.1 (default: 100/110 and 105/110 of --epochs)")
+    a("--lr", type=float, default=0.1, help="SGD learning rate for the global batch (default 0.1)")
+    a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    a("--wd", type=float, default=5e-4, help="weight decay (default 5e-4)")
+    a("--batch", type=int, default=128, help="global batch size (default 128)")
     a("--eps", type=int, default=8, help="L-inf radius in 1/255 units (default 8, i.e. 8/255)")
     a("--step", type=int, default=2, help="PGD step in 1/255 units (default 2)")
     a("--steps", type=int, default=10, help="PGD steps in training (default 10)")
     a("--eval-steps", type=int, default=20, help="PGD steps for validation and test (default 20)")
-    a("--attack-bn", default="eval", choices=["eval", "train"], help="BatchNorm mode while attacking (default eval: Bag "
-      "of Tricks' baseline and the official TRADES, MART, MAIL and GAIRAT attacks)")
-    a("--beta", type=float, default=6.0, help="TRADES / trades-sovr / MART regularization weight (default 6: TRADES' "
-      "CIFAR value and MART's train_wideresnet.py; MART's train_resnet.py uses 5)")
-    a("--burn-in", type=int, default=60, help="MAIL / GAIRAT: unweighted PGD-AT for the first N epochs (default 60, our "
-      "choice for 110 epochs. Official: GAIRAT.py reweights from its 60th epoch of 120 (begin_epoch 60, so 59 "
-      "unweighted); MAIL's train.py (commit dbcedf9) from its 77th of 120 ('epoch <= 75' over range(120): 76 unweighted))")
-    a("--mail-slope", type=float, default=10.0, help="MAIL weight 3 sigmoid(slope (bias - PM)), PM = p_y - max_(k!=y) p_k, "
-      "as the official mail_loss.py (default 10 with --mail-bias -0.5: the MAIL-AT recommendation reported from the "
-      "official README; the README versions we could read say only 'python main.py', and the argparse defaults of "
-      "the official train.py, one setting for every method, are slope 1, bias -1.5)")
-    a("--mail-bias", type=float, default=-0.5, help="MAIL weight bias (default -0.5, see --mail-slope)")
-    a("--gairat-lambda", type=float, default=-1.0, help="GAIRAT tanh shift lambda, constant after --burn-in "
-      "(default -1: GAIRAT.py's --Lambda with its default 'fixed' --Lambda_schedule)")
-    a("--tau", type=float, default=1.0, help="comp-sum tau >= 0: 0 sum-exp, 1 CE, (1, 2) generalized CE, 2 MAE "
-      "(default 1, our choice)")
-    a("--nu", type=float, default=1.0, help="comp-sum weight of the logit-difference distance (default 1, our choice)")
-    a("--emr", type=float, default=0.0, help="EMR lambda, added to any --loss (default 0 = off). The same regularizer as "
-      "lambda_EMR in the official main-AT-EMR.py at the same batch size: its scripts use 3 with AT "
-      "(train-AT-EMR.sh), 1 with TRADES and with MAIL. Under --compile its double backward runs uncompiled")
-    a("--emr-temp", type=float, default=None, help="EMR softmax temperature (default by --loss, as the official scripts: "
-      f"{losses.EMR_TEMP_AT:g} for AT-style losses (train-AT-EMR.sh), "
-      + ", ".join(f"{v:g} for {k}" for k, v in losses.EMR_TEMP.items()) + " (TRADES-EMR and MAIL-AT-EMR scripts))")
-    a("--emr-decay", type=float, default=0.1, help="EMR lambda is multiplied by this at each --milestones epoch "
-      "(default 0.1, EMR_decay in the official src/argument.py)")
+    a("--attack-bn", default="eval", choices=["eval", "train"], help="BatchNorm mode while attacking (default eval)")
+    a("--beta", type=float, default=None, help=f"trades, trades-sovr, mart: weight of the KL term (default {d['beta']:g})")
+    a("--burn-in", type=int, default=None, help="mail, gairat: unweighted epochs first (default: 60/110 of --epochs)")
+    a("--mail-slope", type=float, default=None, help=f"mail: weight 3 sigmoid(slope (bias - PM)) (default {d['mail_slope']:g})")
+    a("--mail-bias", type=float, default=None, help=f"mail: weight bias (default {d['mail_bias']:g})")
+    a("--gairat-lambda", type=float, default=None, help=f"gairat: tanh shift lambda (default {d['gairat_lambda']:g})")
+    a("--tau", type=float, default=None, help=f"comp-sum: tau >= 0; 0 sum-exp, 1 CE, 2 MAE (default {d['tau']:g})")
+    a("--nu", type=float, default=None, help=f"comp-sum: weight of the logit-difference distance (default {d['nu']:g})")
+    a("--emr", type=float, default=None, help="EMR lambda, added to any --loss (default 0 = off)")
+    a("--emr-temp", type=float, default=None, help=f"EMR softmax temperature (default {losses.EMR_TEMP_AT:g}; "
+      + ", ".join(f"{v:g} for {k}" for k, v in losses.EMR_TEMP.items()) + ")")
+    a("--emr-decay", type=float, default=None, help=f"EMR lambda factor at each milestone (default {d['emr_decay']:g})")
     a("--seed", type=int, default=0, help="random seed (default 0)")
-    a("--out", default=None, help="output directory (default runs/<dataset>-<arch>-<loss>-s<seed>)")
-    a("--resume", nargs="?", const=True, default=False, type=_auto, metavar="auto", help="continue from <out>/last.pt; '--resume auto' continues if it exists and starts afresh if not, so that "
-      "a restarted or requeued command (torchrun --max-restarts, a cluster's requeue) recovers by itself")
-    a("--init", default=None, help="start from the weights (and normalization) of this train.py checkpoint, with a fresh "
-      "optimizer and schedule: fine-tuning a robust model, or one pre-trained run continued with each loss")
+    a("--out", default=None, help="run folder (default runs/<dataset>-<arch>-<objective>-s<seed>)")
+    a("--resume", nargs="?", const=True, default=False, type=_auto, metavar="auto",
+      help="continue from <out>/last.pt; 'auto': continue if it exists, else start (safe to requeue)")
+    a("--init", default=None, help="start from this checkpoint's weights, with a fresh optimizer and schedule")
     a("--stop-after", type=int, default=0, help="train at most N epochs in this invocation, then exit (0 = all)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
-    a("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default on for CUDA)")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast in training (default on for CUDA)")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (default on)")
     a("--compile", action="store_true", help="torch.compile the model (off by default)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (off by default)")
@@ -98,27 +83,61 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "--smoke" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**SMOKE)  # explicit flags still win
     args = p.parse_args(argv)
-    for name in ("epochs", "batch", "steps", "eval_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= args.ratio <= 1:
-        p.error("--ratio must lie in [0, 1]")
-    for name in ("eps", "step", "train_limit", "tau"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
-    if args.emr_temp is None:
-        args.emr_temp = losses.EMR_TEMP.get(args.loss, losses.EMR_TEMP_AT)
-    if args.width is not None and args.width < 1 or args.emr_temp <= 0 or args.emr < 0 or args.emr_decay < 0:
-        p.error("--width must be >= 1, --emr-temp > 0, --emr and --emr-decay >= 0")
     try:
-        args.milestones = [int(m) for m in str(args.milestones).replace(" ", "").split(",") if m]
-    except ValueError:
-        p.error(f"--milestones must be comma-separated integers, got {args.milestones!r}")
-    name = os.path.splitext(os.path.basename(args.dataset))[0]
-    args.out = args.out or os.path.join("runs", f"{name}-{args.arch}-{args.loss}-s{args.seed}")
+        check(args)
+    except ValueError as e:
+        p.error(str(e))
+    args.out = args.out or os.path.join("runs", f"{data_name(args.dataset)}-{args.arch}-{losses.label(vars(args))}-s{args.seed}")
     if args.resume == "auto":
         args.resume = os.path.isfile(os.path.join(args.out, "last.pt"))
     return args
+
+
+def check(args: argparse.Namespace) -> None:
+    """Fills in the defaults that depend on other flags and refuses values no run can use (ValueError)."""
+    for name in ("epochs", "batch", "steps", "eval_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for k, v in losses.defaults(args.loss, args.epochs).items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    if not 0 <= args.ratio <= 1:
+        raise ValueError("--ratio must lie in [0, 1]")
+    for name in ("eps", "step", "train_limit", "tau", "burn_in"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.width is not None and args.width < 1 or args.emr_temp <= 0 or args.emr < 0 or args.emr_decay < 0:
+        raise ValueError("--width must be >= 1, --emr-temp > 0, --emr and --emr-decay >= 0")
+    if args.milestones is None:  # the recipe's 100 and 105 of 110 epochs, scaled, each before the last epoch
+        args.milestones = sorted({min(round(args.epochs * f / 110), args.epochs - 1) for f in (100, 105)} - {0})
+    else:
+        try:
+            args.milestones = [int(m) for m in args.milestones.replace(" ", "").split(",") if m]
+        except ValueError:
+            raise ValueError(f"--milestones must be comma-separated integers, got {args.milestones!r}") from None
+    if any(m < 1 for m in args.milestones):
+        raise ValueError("--milestones must be >= 1 (a drop after epoch 0 would lower the lr from the start)")
+
+
+def data_name(dataset: str) -> str:
+    return os.path.splitext(os.path.basename(dataset))[0]
+
+
+def data_path(dataset: str) -> str:
+    """The dataset as a checkpoint stores it: a file by its absolute path, so that it is found from anywhere."""
+    return os.path.abspath(dataset) if dataset.endswith(".npz") else dataset
+
+
+def notes(args: argparse.Namespace) -> list[str]:
+    """What a combination of flags means that its names do not say: a schedule that never takes effect."""
+    out = []
+    late = [m for m in args.milestones if m >= args.epochs]
+    if late:
+        out.append(f"note: the lr drops after epochs {','.join(map(str, late))} (--milestones) never happen in "
+                   f"--epochs {args.epochs}")
+    if args.loss in ("mail", "gairat") and args.burn_in >= args.epochs:
+        out.append(f"note: --burn-in {args.burn_in} >= --epochs {args.epochs}: {args.loss} never reweights, this run "
+                   "is plain PGD-AT")
+    return out
 
 
 def train_step(net, atk, opt: torch.optim.Optimizer, objective, x: torch.Tensor, y: torch.Tensor, args, epoch: int,
@@ -134,18 +153,19 @@ def train_step(net, atk, opt: torch.optim.Optimizer, objective, x: torch.Tensor,
     return torch.stack([loss.detach().float(), (z.argmax(1) == y).float().mean()])
 
 
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, amp: bool, bs: int = 500) -> tuple[float, float]:
-    """Clean and PGD accuracy (eval-mode BN, --eval-steps); counts are summed over ranks."""
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, bs: int = 500) -> tuple[float, float]:
+    """Clean and PGD accuracy in fp32 (as attack.py), eval-mode BN, --eval-steps, random starts seeded from --seed
+    (the same weights give the same figures); counts are summed over ranks."""
     model.eval()
+    torch.manual_seed(args.seed)  # training reseeds every epoch, so this draws nothing away from it
     if dist.is_initialized():  # each rank evaluates its shard
         x, y = x[dist.get_rank()::dist.get_world_size()], y[dist.get_rank()::dist.get_world_size()]
     counts = torch.zeros(2, device=x.device)
     for k in range(0, len(x), bs):
         xb, yb = x[k:k + bs].float() / 255, y[k:k + bs]
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            x_adv, _ = pgd(model, xb, yb, args.eps / 255, args.step / 255, args.eval_steps)
-            with torch.no_grad():
-                counts += torch.stack([(model(xb).argmax(1) == yb).sum(), (model(x_adv).argmax(1) == yb).sum()])
+        x_adv, _ = pgd(model, xb, yb, args.eps / 255, args.step / 255, args.eval_steps)
+        with torch.no_grad():
+            counts += torch.stack([(model(xb).argmax(1) == yb).sum(), (model(x_adv).argmax(1) == yb).sum()])
     n = torch.tensor(float(len(x)), device=x.device)
     if dist.is_initialized():
         dist.all_reduce(counts), dist.all_reduce(n)
@@ -154,7 +174,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, amp: bool, bs: int =
 
 def checkpoint(model, args, data: dict, epoch: int, metrics: dict) -> dict:
     return dict(model=model.state_dict(), arch=args.arch, width=args.width, num_classes=data["num_classes"],
-                dataset=args.dataset, mean=list(data["mean"]), std=list(data["std"]), eps=args.eps,
+                dataset=data_path(args.dataset), mean=list(data["mean"]), std=list(data["std"]), eps=args.eps,
                 epoch=epoch, metrics=metrics, args=vars(args))
 
 
@@ -183,6 +203,8 @@ def resume_state(args, path: str) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
         raise ValueError(f"--resume: {path} is not a train.py checkpoint")
     old = state["args"]
+    if args.init and args.width is None:
+        args.width = old.get("width")  # --init filled it in from its checkpoint when the run started
     diff = [k for k, v in vars(args).items() if k not in RESUMABLE and k in old and old[k] != v]  # absent: older flag set
     if diff:
         k = diff[0]
@@ -226,10 +248,11 @@ def load_split(args, device: torch.device, rank: int, world: int) -> tuple[dict,
 
 def make_model(args, data: dict, device: torch.device, world: int) -> tuple:
     """Model, optimizer, scheduler, first epoch and best validation score: fresh, from --init, or resumed."""
-    init = None
-    if args.init and not args.resume:
-        init = init_state(args, data["num_classes"])
-        data["mean"], data["std"] = init["mean"], init["std"]  # the model keeps the normalization it was trained with
+    state = resume_state(args, os.path.join(args.out, "last.pt")) if args.resume else None
+    init = init_state(args, data["num_classes"]) if args.init and not args.resume else None
+    if state or init:  # the model keeps the normalization it was first trained with
+        data["mean"], data["std"] = (state or init)["mean"], (state or init)["std"]
+    if init:
         args.width = init.get("width") if args.width is None else args.width
     model = models.build(args.arch, data["num_classes"], data["mean"], data["std"], args.width)
     if init:
@@ -243,14 +266,10 @@ def make_model(args, data: dict, device: torch.device, world: int) -> tuple:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, 0.1)
-    start, best = 0, -1.0
-    if args.resume:
-        state = resume_state(args, os.path.join(args.out, "last.pt"))
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
-        data["mean"], data["std"] = state["mean"], state["std"]  # an --init run keeps its checkpoint's
-        sched.load_state_dict(state["scheduler"])
-        start, best = state["epoch"], state["best"]
-    return model, opt, sched, start, best
+    if not state:
+        return model, opt, sched, 0, -1.0
+    model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+    return model, opt, sched, state["epoch"], state["best"]
 
 
 def train_epoch(net, atk, opt, x_tr: torch.Tensor, y_tr: torch.Tensor, args, epoch: int, amp: bool, rank: int,
@@ -341,11 +360,15 @@ def trim_log(out: str, epochs_done: int) -> None:
         os.replace(f"{path}.tmp", path)
 
 
+FINAL = 10**9  # where the final report sorts among the epochs of a log
+
+
 def _epoch(line: str) -> int:
     try:
-        return json.loads(line)["epoch"]
+        rec = json.loads(line)
+        return FINAL if "final" in rec else rec["epoch"]
     except (ValueError, KeyError, TypeError):
-        return 10**9  # the final report, or a line cut short
+        return FINAL + 1  # a line cut short
 
 
 _NO_MATPLOTLIB = []
@@ -394,45 +417,59 @@ def wrap(model, args, world: int) -> tuple:
     return (torch.compile(net) if world > 1 else atk), atk
 
 
-def validate(model, atk, opt, sched, x_val: torch.Tensor, y_val: torch.Tensor, args, amp: bool, world: int,
-             epoch: int, stats: torch.Tensor, t0: float) -> dict:
+def validate(model, atk, opt, sched, x_val: torch.Tensor, y_val: torch.Tensor, args, world: int, epoch: int,
+             stats: torch.Tensor, t0: float) -> dict:
     """After an epoch's steps: the schedule steps, every rank takes rank 0's BN statistics (they drift apart per
-    rank; rank 0's are the ones evaluated and saved), validation clean and PGD accuracy; the epoch's record."""
+    rank; rank 0's are the ones evaluated and saved), validation clean and PGD accuracy; the epoch's record,
+    with the training loss and accuracy averaged over every rank's shard."""
     lr = opt.param_groups[0]["lr"]
     sched.step()
+    train_stats = stats.mean(0)
     if world > 1:
         for b in model.buffers():
             dist.broadcast(b, 0)
-    clean, rob = evaluate(atk, x_val, y_val, args, amp)
-    tr_loss, tr_acc = stats.mean(0).tolist()
-    return dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, train_loss=tr_loss, train_adv_acc=tr_acc,
-                val_clean=clean, val_pgd=rob)
+        dist.all_reduce(train_stats)
+        train_stats /= world
+    t_val = time.time()
+    clean, rob = evaluate(atk, x_val, y_val, args)
+    tr_loss, tr_acc = train_stats.tolist()
+    return dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, val_time=time.time() - t_val, train_loss=tr_loss,
+                train_adv_acc=tr_acc, val_clean=clean, val_pgd=rob)
 
 
 def train(args) -> dict:
     device, rank, world = setup(args)
     amp = device.type == "cuda" if args.amp is None else args.amp
     log = print if rank == 0 else (lambda *a, **k: None)
+    if not args.resume and os.path.isfile(os.path.join(args.out, "last.pt")):
+        raise ValueError(f"{args.out} holds a run already (last.pt): continue it with --resume (or --resume auto), "
+                         "or choose another --out")
     torch.manual_seed(args.seed)
     data, (x_tr, y_tr), (x_val, y_val) = load_split(args, device, rank, world)
+    model, opt, sched, start, best = make_model(args, data, device, world)  # refuses a bad --init or --resume
+    if start >= args.epochs and final_record(args.out):
+        log(f"{args.out} has finished its {args.epochs} epochs; its test results are in log.jsonl")
+        return final_record(args.out)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if not os.access(args.out, os.W_OK):
             raise ValueError(f"output directory {args.out} is not writable")
-    model, opt, sched, start, best = make_model(args, data, device, world)
-    if rank == 0:
         trim_log(args.out, start)  # a fresh start empties an old log; a resume drops epochs last.pt lacks
     net, atk = wrap(model, args, world)
     steps = len(x_tr) // args.batch
-    log(f"{args.loss} {args.arch} on {args.dataset}: {len(x_tr)} train / {len(x_val)} val images, {steps} "
-        f"steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr {args.lr}, eps {args.eps}/255, "
-        f"device {device}, amp {amp}" + (f", resumed after epoch {start}" if start else ""))
+    log(f"run folder {args.out}" + (f", resumed after epoch {start}" if start else "") +
+        (f", starting from the weights of {args.init}" if args.init and not start else ""))
+    log(f"{losses.label(vars(args))} {args.arch} on {args.dataset}: {len(x_tr)} train / {len(x_val)} val images, "
+        f"{steps} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr {args.lr} (x0.1 after "
+        f"epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, device {device}, bf16 training {amp}, fp32 evaluation")
+    for line in notes(args):
+        log(line)
     end = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after)
     t_run = time.time()
     for epoch in range(start, end):
         t0 = time.time()
         stats = train_epoch(net, atk, opt, x_tr, y_tr, args, epoch, amp, rank, world)
-        rec = validate(model, atk, opt, sched, x_val, y_val, args, amp, world, epoch, stats, t0)
+        rec = validate(model, atk, opt, sched, x_val, y_val, args, world, epoch, stats, t0)
         eta = (time.time() - t_run) / (epoch + 1 - start) * (args.epochs - epoch - 1)
         log(f"epoch {epoch + 1:3d}/{args.epochs} lr {rec['lr']:.4f} {rec['time']:6.1f}s eta {eta / 60:6.1f}m | "
             f"train loss {rec['train_loss']:.4f} adv {rec['train_adv_acc']:6.2%} | val clean {rec['val_clean']:6.2%} "
@@ -444,17 +481,27 @@ def train(args) -> dict:
         return {}
     if world > 1:
         dist.barrier()  # rank 0 has written best.pt and last.pt
-    return final_report(args, model, atk, data, device, amp, log, rank)
+    return final_report(args, model, atk, data, device, log, rank)
 
 
-def final_report(args, model, atk, data: dict, device, amp: bool, log, rank: int) -> dict:
+def final_record(out: str) -> dict | None:
+    """The test report a finished run appended to its log.jsonl, if any."""
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        finals = [line for line in f if _epoch(line) == FINAL]
+    return json.loads(finals[-1])["final"] if finals else None
+
+
+def final_report(args, model, atk, data: dict, device, log, rank: int) -> dict:
     """Test accuracy of best.pt (chosen on validation) and last.pt; the test set never selects a model."""
     x, y = data["x_test"].to(device), data["y_test"].to(device)
     out = {}
     for name in ("best", "last"):
-        state = torch.load(os.path.join(args.out, f"{name}.pt"), map_location=device, weights_only=True)
+        state = models.read_checkpoint(os.path.join(args.out, f"{name}.pt"))
         model.load_state_dict(state["model"])
-        clean, rob = evaluate(atk, x, y, args, amp)
+        clean, rob = evaluate(atk, x, y, args)
         out[name] = dict(epoch=state["epoch"], test_clean=clean, test_pgd=rob)
         log(f"test {name}.pt (epoch {state['epoch']}): clean {clean:.2%} pgd{args.eval_steps} {rob:.2%}")
     if rank == 0:

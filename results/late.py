@@ -36,10 +36,10 @@ ARCH, WIDTH, TRAIN, VAL = "preact18", 16, 2000, 500  # PreAct ResNet-18 at width
 PRE_EPOCHS, PRE_LOW = 120, 10  # pre-training: 120 epochs at lr 0.1, then 10 at 0.01, where most points get fitted
 EPOCHS, DROP = 15, 10  # the continuation: lr 0.01 for 10 epochs, then 0.001 for 5
 MAIN, SEEDS = ("ce", "mail", "gairat", "sovr"), (0, 1, 2)
-EXTRA = [("trades", 0, None), ("trades-sovr", 0, None)] + [("sovr", 0, r) for r in (0.1, 0.2, 0.6, 1.0)]
-EXTRA += [("sovr", s, 1.0) for s in (1, 2)]  # the sweep's best ratio, re-checked on the other seeds
+EXTRA = [("trades", 0, None), ("trades-sovr", 0, None)] + [("sovr", 0, r) for r in (0.1, 0.2, 0.6)]
+EXTRA += [("ovr", s, None) for s in SEEDS]  # the sweep's best, ratio 1 (pure OVR; these ran as --loss sovr --ratio 1.0)
 AA = "apgd-ce,apgd-t"
-STUDY_RATIO = 0.4  # the sovr and trades-sovr runs without a ratio: sovr.DEFAULT_RATIO when they ran
+STUDY_RATIO = 0.4  # the sovr and trades-sovr runs without a ratio of their own, pinned
 STANDARD_ON, N_STANDARD = [(l, 1, None) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
 COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-limit", str(TRAIN),
           "--val", str(VAL), "--compile", "--device", "cpu"]
@@ -178,7 +178,7 @@ def unit(r: tuple, start: Path) -> None:
         todo = [c for c in wanted(out) if pending_eval(c)] + ([out / "last.pt"] if std_pending(r) else [])
         again = any(not c.exists() for c in todo)
     if again:  # trained again, and not bit for bit on another CPU: its old evaluations are of other weights
-        for f in [*out.glob("*.json"), *out.glob("eval-*.log")]:
+        for f in [*out.glob("*.json"), *out.glob("eval-*.log"), *out.glob("*.pt"), out / "log.jsonl"]:
             f.unlink()
     continue_run(*r, start, again)
     for ckpt in wanted(out):
@@ -242,8 +242,8 @@ COLS = [("clean", "clean %", 100), ("pgd20", "PGD-20 %", 100), ("apgd_ce", "APGD
 # paired differences, same seed: each loss against ce, SOVR inside TRADES against TRADES, each ratio against ce
 PAIRS = ([((loss, None), ("ce", None)) for loss in MAIN[1:] + ("trades", "trades-sovr")]
          + [(("trades-sovr", None), ("trades", None))]
-         + list(dict.fromkeys([((l, r), ("ce", None)) for l, _, r in EXTRA if r is not None]))
-         + [(("sovr", 1.0), ("sovr", None))])
+         + list(dict.fromkeys([((l, r), ("ce", None)) for l, _, r in EXTRA if r is not None or l == "ovr"]))
+         + [(("ovr", None), ("sovr", None))])
 
 
 def label(run: tuple) -> str:

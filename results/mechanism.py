@@ -28,7 +28,7 @@ from sovr import sovr_loss  # noqa: E402
 K, D, N, EPS = 10, 32, 600, 0.5
 PRETRAIN, STEPS, LR = 300, 2000, 0.5
 HERE = os.path.dirname(os.path.abspath(__file__))
-RATIO = 0.4  # SOVR's switching ratio here (sovr.DEFAULT_RATIO until the late sweep); at 1.0 it is the OVR curve
+RATIO = 0.4  # SOVR's switching ratio here (sovr.DEFAULT_RATIO), pinned; at 1.0 it is the OVR curve
 
 
 def problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
