@@ -219,10 +219,12 @@ TAGS = dict(ratio="r", beta="b", mail_slope="slope", mail_bias="bias", gairat_la
 
 def label(a: dict) -> str:
     """A run's objective as a name: --loss, then every flag it reads that differs from its default for the run,
-    e.g. sovr, sovr-r0.2, trades-b1-emr3; so that runs of different objectives never share a name."""
+    e.g. sovr, sovr-r0.2, trades-b1-emr3, and -ema for weight averaging; so that runs of different objectives
+    never share a name."""
     d = defaults(a["loss"], a["epochs"])
     reads = READS.get(a["loss"], ()) + (("emr", "emr_temp", "emr_decay") if a.get("emr") else ())
-    return a["loss"] + "".join(f"-{TAGS[k]}{a[k]:g}" for k in reads if a.get(k, d[k]) != d[k])
+    ema = "" if a.get("ema") is None else "-ema" + (f"{a['ema']:g}" if a["ema"] != 0.995 else "")
+    return a["loss"] + "".join(f"-{TAGS[k]}{a[k]:g}" for k in reads if a.get(k, d[k]) != d[k]) + ema
 
 
 # ---- objectives ----

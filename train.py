@@ -8,6 +8,7 @@
 Writes <out>/last.pt (resumable), <out>/best.pt (best validation PGD-20), <out>/log.jsonl.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from sovr import DEFAULT_RATIO
 
 # Flags that may change between a run and its --resume without changing the result.
 RESUMABLE = {"resume", "stop_after", "device", "compile", "data_dir", "out"}
+EMA_DECAY = 0.995  # DM-Improves-AT's train-wa.py: --tau default
 SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, batch=64, steps=2, eval_steps=2, width=8)
 
 
@@ -57,6 +59,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--steps", type=int, default=10, help="PGD steps in training (default 10)")
     a("--eval-steps", type=int, default=20, help="PGD steps for validation and test (default 20)")
     a("--attack-bn", default="eval", choices=["eval", "train"], help="BatchNorm mode while attacking (default eval)")
+    a("--ema", type=float, nargs="?", const=EMA_DECAY, default=None, metavar="DECAY",
+      help=f"evaluate and save an exponential moving average of the weights (off by default; --ema: {EMA_DECAY})")
     a("--beta", type=float, default=None, help=f"trades, trades-sovr, mart: weight of the KL term (default {d['beta']:g})")
     a("--burn-in", type=int, default=None, help="mail, gairat: unweighted epochs first (default: 60/110 of --epochs)")
     a("--mail-slope", type=float, default=None, help=f"mail: weight 3 sigmoid(slope (bias - PM)) (default {d['mail_slope']:g})")
@@ -102,6 +106,8 @@ def check(args: argparse.Namespace) -> None:
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if not 0 <= args.ratio <= 1:
         raise ValueError("--ratio must lie in [0, 1]")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ValueError(f"--ema must lie in (0, 1), got {args.ema:g}")
     for name in ("eps", "step", "train_limit", "tau", "burn_in"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
@@ -140,16 +146,45 @@ def notes(args: argparse.Namespace) -> list[str]:
     return out
 
 
+class EMA:
+    """Weight averaging as DM-Improves-AT's gowal21uncovering/utils/watrain.py does it (ema_update, update_bn):
+    a copy of the model whose parameters follow p_ema = d p_ema + (1 - d) p after every optimizer step, with
+    d = 0 (a plain copy) for the first 2.5% of the run's steps, then d = min(decay, (1 + t) / (10 + t)) t steps
+    later; the BatchNorm statistics are not averaged but taken from the trained model before each use."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, steps: int):
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.source, self.decay, self.warmup = list(model.parameters()), decay, 0.025 * steps
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """After optimizer step `step` (1 for the run's first); no host-device synchronisation."""
+        t = step - self.warmup
+        d = 0.0 if t < 0 else min(self.decay, (1 + t) / (10 + t))
+        params = list(self.model.parameters())
+        torch._foreach_mul_(params, d)
+        torch._foreach_add_(params, self.source, alpha=1 - d)
+
+    @torch.no_grad()
+    def take_buffers(self, model: torch.nn.Module) -> torch.nn.Module:
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        return self.model
+
+
 def train_step(net, atk, opt: torch.optim.Optimizer, objective, x: torch.Tensor, y: torch.Tensor, args, epoch: int,
-               amp: bool) -> torch.Tensor:
-    """One optimizer step of `objective` (which crafts its own adversarial examples) under bf16 autocast if amp.
-    Returns [loss, adversarial accuracy] as a device tensor: reading it is left to the caller, so that the
-    step never waits for the GPU (tests run it under torch.cuda.set_sync_debug_mode("error"))."""
+               amp: bool, ema: EMA | None = None, step: int = 0) -> torch.Tensor:
+    """One optimizer step of `objective` (which crafts its own adversarial examples) under bf16 autocast if amp,
+    then the weight average's update (run step `step`). Returns [loss, adversarial accuracy] as a device tensor:
+    reading it is left to the caller, so that the step never waits for the GPU (tests run it under
+    torch.cuda.set_sync_debug_mode("error"))."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
         loss, z = objective(net, atk, x, y, args, epoch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    if ema is not None:
+        ema.update(step)
     return torch.stack([loss.detach().float(), (z.argmax(1) == y).float().mean()])
 
 
@@ -246,8 +281,9 @@ def load_split(args, device: torch.device, rank: int, world: int) -> tuple[dict,
     return data, on(tr_idx), on(val_idx)
 
 
-def make_model(args, data: dict, device: torch.device, world: int) -> tuple:
-    """Model, optimizer, scheduler, first epoch and best validation score: fresh, from --init, or resumed."""
+def make_model(args, data: dict, device: torch.device, world: int, steps: int) -> tuple:
+    """Model, weight average (None without --ema), optimizer, scheduler, first epoch and best validation score:
+    fresh, from --init, or resumed (`steps` per epoch)."""
     state = resume_state(args, os.path.join(args.out, "last.pt")) if args.resume else None
     init = init_state(args, data["num_classes"]) if args.init and not args.resume else None
     if state or init:  # the model keeps the normalization it was first trained with
@@ -266,14 +302,18 @@ def make_model(args, data: dict, device: torch.device, world: int) -> tuple:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, 0.1)
+    ema = EMA(model, args.ema, args.epochs * steps) if args.ema else None
     if not state:
-        return model, opt, sched, 0, -1.0
-    model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
-    return model, opt, sched, state["epoch"], state["best"]
+        return model, ema, opt, sched, 0, -1.0
+    model.load_state_dict(state.get("unaveraged", state["model"]))  # with --ema, "model" holds the average
+    if ema:
+        ema.model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+    return model, ema, opt, sched, state["epoch"], state["best"]
 
 
-def train_epoch(net, atk, opt, x_tr: torch.Tensor, y_tr: torch.Tensor, args, epoch: int, amp: bool, rank: int,
-                world: int) -> torch.Tensor:
+def train_epoch(net, atk, opt, ema: EMA | None, x_tr: torch.Tensor, y_tr: torch.Tensor, args, epoch: int, amp: bool,
+                rank: int, world: int) -> torch.Tensor:
     """One epoch of steps, with the live line on a terminal; [steps, 2] losses and adversarial accuracies, left on
     the device. Every epoch reseeds from --seed and its number, so that a resumed run repeats exactly what an
     uninterrupted one does."""
@@ -291,7 +331,7 @@ def train_epoch(net, atk, opt, x_tr: torch.Tensor, y_tr: torch.Tensor, args, epo
             idx = perm[s * args.batch:(s + 1) * args.batch]  # global batch: crops as in a 1-process run
             x = augment(x_tr[idx], g)[rank * per_rank:(rank + 1) * per_rank].contiguous(memory_format=fmt)
             y = y_tr[idx][rank * per_rank:(rank + 1) * per_rank]
-            stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp)
+            stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp, ema, epoch * steps + s + 1)
             if bar is not None:
                 bar.step(s + 1, steps, stats)
     finally:
@@ -334,16 +374,18 @@ def progress(args, epoch: int, rank: int, steps: int) -> Progress | None:
         return None
 
 
-def end_epoch(model, opt, sched, args, data: dict, rec: dict, best: float) -> float:
-    """Rank 0's bookkeeping: best.pt if validation PGD improved, last.pt, log.jsonl and curves.png."""
+def end_epoch(model, ema: EMA | None, opt, sched, args, data: dict, rec: dict, best: float) -> float:
+    """Rank 0's bookkeeping: best.pt if validation PGD improved, last.pt, log.jsonl and curves.png. "model" is
+    the evaluated model (the average with --ema); last.pt also keeps the trained weights for --resume."""
+    judged = ema.model if ema else model
     if rec["val_pgd"] > best:
         best = rec["val_pgd"]
-        models.save(checkpoint(model, args, data, rec["epoch"], rec), os.path.join(args.out, "best.pt"))
-    last = checkpoint(model, args, data, rec["epoch"], rec)
+        models.save(checkpoint(judged, args, data, rec["epoch"], rec), os.path.join(args.out, "best.pt"))
+    last = checkpoint(judged, args, data, rec["epoch"], rec)
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # before last.pt: a restart trims what last.pt lacks
         f.write(json.dumps(rec) + "\n")
-    models.save({**last, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best},
-         os.path.join(args.out, "last.pt"))
+    models.save({**last, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best,
+                 **({"unaveraged": model.state_dict()} if ema else {})}, os.path.join(args.out, "last.pt"))
     draw_curves(args.out)
     return best
 
@@ -417,8 +459,8 @@ def wrap(model, args, world: int) -> tuple:
     return (torch.compile(net) if world > 1 else atk), atk
 
 
-def validate(model, atk, opt, sched, x_val: torch.Tensor, y_val: torch.Tensor, args, world: int, epoch: int,
-             stats: torch.Tensor, t0: float) -> dict:
+def validate(model, atk, ema: EMA | None, opt, sched, x_val: torch.Tensor, y_val: torch.Tensor, args, world: int,
+             epoch: int, stats: torch.Tensor, t0: float) -> dict:
     """After an epoch's steps: the schedule steps, every rank takes rank 0's BN statistics (they drift apart per
     rank; rank 0's are the ones evaluated and saved), validation clean and PGD accuracy; the epoch's record,
     with the training loss and accuracy averaged over every rank's shard."""
@@ -431,7 +473,7 @@ def validate(model, atk, opt, sched, x_val: torch.Tensor, y_val: torch.Tensor, a
         dist.all_reduce(train_stats)
         train_stats /= world
     t_val = time.time()
-    clean, rob = evaluate(atk, x_val, y_val, args)
+    clean, rob = evaluate(ema.take_buffers(model) if ema else atk, x_val, y_val, args)
     tr_loss, tr_acc = train_stats.tolist()
     return dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, val_time=time.time() - t_val, train_loss=tr_loss,
                 train_adv_acc=tr_acc, val_clean=clean, val_pgd=rob)
@@ -446,7 +488,8 @@ def train(args) -> dict:
                          "or choose another --out")
     torch.manual_seed(args.seed)
     data, (x_tr, y_tr), (x_val, y_val) = load_split(args, device, rank, world)
-    model, opt, sched, start, best = make_model(args, data, device, world)  # refuses a bad --init or --resume
+    steps = len(x_tr) // args.batch
+    model, ema, opt, sched, start, best = make_model(args, data, device, world, steps)  # refuses a bad --init, --resume
     if start >= args.epochs and final_record(args.out):
         log(f"{args.out} has finished its {args.epochs} epochs; its test results are in log.jsonl")
         return final_record(args.out)
@@ -456,7 +499,6 @@ def train(args) -> dict:
             raise ValueError(f"output directory {args.out} is not writable")
         trim_log(args.out, start)  # a fresh start empties an old log; a resume drops epochs last.pt lacks
     net, atk = wrap(model, args, world)
-    steps = len(x_tr) // args.batch
     log(f"run folder {args.out}" + (f", resumed after epoch {start}" if start else "") +
         (f", starting from the weights of {args.init}" if args.init and not start else ""))
     log(f"{losses.label(vars(args))} {args.arch} on {args.dataset}: {len(x_tr)} train / {len(x_val)} val images, "
@@ -468,20 +510,21 @@ def train(args) -> dict:
     t_run = time.time()
     for epoch in range(start, end):
         t0 = time.time()
-        stats = train_epoch(net, atk, opt, x_tr, y_tr, args, epoch, amp, rank, world)
-        rec = validate(model, atk, opt, sched, x_val, y_val, args, world, epoch, stats, t0)
+        stats = train_epoch(net, atk, opt, ema, x_tr, y_tr, args, epoch, amp, rank, world)
+        rec = validate(model, atk, ema, opt, sched, x_val, y_val, args, world, epoch, stats, t0)
         eta = (time.time() - t_run) / (epoch + 1 - start) * (args.epochs - epoch - 1)
         log(f"epoch {epoch + 1:3d}/{args.epochs} lr {rec['lr']:.4f} {rec['time']:6.1f}s eta {eta / 60:6.1f}m | "
             f"train loss {rec['train_loss']:.4f} adv {rec['train_adv_acc']:6.2%} | val clean {rec['val_clean']:6.2%} "
             f"pgd{args.eval_steps} {rec['val_pgd']:6.2%}")
         if rank == 0:
-            best = end_epoch(model, opt, sched, args, data, rec, best)
+            best = end_epoch(model, ema, opt, sched, args, data, rec, best)
     if end < args.epochs:
         log(f"stopped after epoch {end} (--stop-after); continue with --resume")
         return {}
     if world > 1:
         dist.barrier()  # rank 0 has written best.pt and last.pt
-    return final_report(args, model, atk, data, device, log, rank)
+    judged = (ema.model, ema.model) if ema else (model, atk)  # the module that loads weights, and how it is run
+    return final_report(args, *judged, data, device, log, rank)
 
 
 def final_record(out: str) -> dict | None:

@@ -36,17 +36,19 @@ ARCH, WIDTH, TRAIN, VAL = "preact18", 16, 2000, 500  # PreAct ResNet-18 at width
 PRE_EPOCHS, PRE_LOW = 120, 10  # pre-training: 120 epochs at lr 0.1, then 10 at 0.01, where most points get fitted
 EPOCHS, DROP = 15, 10  # the continuation: lr 0.01 for 10 epochs, then 0.001 for 5
 MAIN, SEEDS = ("ce", "mail", "gairat", "sovr"), (0, 1, 2)
-EXTRA = [("trades", 0, None), ("trades-sovr", 0, None)] + [("sovr", 0, r) for r in (0.1, 0.2, 0.6)]
-EXTRA += [("ovr", s, None) for s in SEEDS]  # the sweep's best, ratio 1 (pure OVR; these ran as --loss sovr --ratio 1.0)
+# A run is (loss, seed, ratio or None, ema): --ratio for sovr losses, train.py --ema (weight averaging) or not.
+EXTRA = [("trades", 0, None, False), ("trades-sovr", 0, None, False)] + [("sovr", 0, r, False) for r in (0.1, 0.2, 0.6)]
+EXTRA += [("ovr", s, None, False) for s in SEEDS]  # the sweep's best, ratio 1 (pure OVR; ran as --loss sovr --ratio 1.0)
+EXTRA += [(loss, 0, None, True) for loss in ("ce", "sovr")]  # weight averaging (issue 22)
 AA = "apgd-ce,apgd-t"
 STUDY_RATIO = 0.4  # the sovr and trades-sovr runs without a ratio of their own, pinned
-STANDARD_ON, N_STANDARD = [(l, 1, None) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
+STANDARD_ON, N_STANDARD = [(l, 1, None, False) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
 COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-limit", str(TRAIN),
           "--val", str(VAL), "--compile", "--device", "cpu"]
 
 
-def name(loss: str, seed: int, ratio: float | None) -> str:
-    return f"{loss}-s{seed}" + ("" if ratio is None else f"-ratio{ratio:g}")
+def name(loss: str, seed: int, ratio: float | None, ema: bool = False) -> str:
+    return f"{loss}-s{seed}" + ("" if ratio is None else f"-ratio{ratio:g}") + ("-ema" if ema else "")
 
 
 def sh(cmd: list, log: Path, threads: int = 1) -> None:
@@ -78,14 +80,14 @@ def ratio_of(loss: str, ratio: float | None) -> float | None:
     return STUDY_RATIO if ratio is None and "sovr" in loss else ratio
 
 
-def continue_run(loss: str, seed: int, ratio: float | None, start: Path, again: bool = False) -> None:
-    out = ROOT / name(loss, seed, ratio)
+def continue_run(loss: str, seed: int, ratio: float | None, ema: bool, start: Path, again: bool = False) -> None:
+    out = ROOT / name(loss, seed, ratio, ema)
     if finished(out) and not again:
         return
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "train.py", *COMMON, "--init", str(start), "--loss", loss, "--seed", str(seed),
            "--lr", "0.01", "--epochs", str(EPOCHS), "--milestones", str(DROP), "--burn-in", "0", "--out", str(out)]
-    cmd += [] if ratio_of(loss, ratio) is None else ["--ratio", str(ratio_of(loss, ratio))]
+    cmd += ([] if ratio_of(loss, ratio) is None else ["--ratio", str(ratio_of(loss, ratio))]) + ["--ema"] * ema
     sh(cmd + (["--resume"] if (out / "last.pt").exists() and not finished(out) else []), out / "console.log")
 
 
@@ -194,7 +196,7 @@ def run_all() -> None:
     start = pretrain()
     if not margins_result(start).exists():
         margins(start)
-    runs = [(l, s, None) for s in SEEDS for l in MAIN] + EXTRA
+    runs = [(l, s, None, False) for s in SEEDS for l in MAIN] + EXTRA
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda r: unit(r, start), runs))
     tables()
@@ -239,16 +241,18 @@ COLS = [("clean", "clean %", 100), ("pgd20", "PGD-20 %", 100), ("apgd_ce", "APGD
         ("test_imp", "test margin, important", 1), ("test_rest", "test margin, rest", 1)]
 
 
-# paired differences, same seed: each loss against ce, SOVR inside TRADES against TRADES, each ratio against ce
-PAIRS = ([((loss, None), ("ce", None)) for loss in MAIN[1:] + ("trades", "trades-sovr")]
-         + [(("trades-sovr", None), ("trades", None))]
-         + list(dict.fromkeys([((l, r), ("ce", None)) for l, _, r in EXTRA if r is not None or l == "ovr"]))
-         + [(("ovr", None), ("sovr", None))])
+# paired differences, same seed, between variants (loss, ratio, ema): each loss against ce, SOVR inside TRADES against
+# TRADES, each ratio against ce, weight averaging against none and SOVR against CE under it
+PAIRS = ([((loss, None, False), ("ce", None, False)) for loss in MAIN[1:] + ("trades", "trades-sovr")]
+         + [(("trades-sovr", None, False), ("trades", None, False))]
+         + list(dict.fromkeys([((l, r, False), ("ce", None, False)) for l, _, r, e in EXTRA if r is not None or l == "ovr"]))
+         + [(("ovr", None, False), ("sovr", None, False))]
+         + [((loss, None, True), (loss, None, False)) for loss in ("ce", "sovr")] + [(("sovr", None, True), ("ce", None, True))])
 
 
-def label(run: tuple) -> str:
-    ratio = ratio_of(*run)
-    return run[0] + ("" if ratio is None else f" (ratio {ratio:g})")
+def label(variant: tuple) -> str:
+    loss, ratio, ema = variant
+    return loss + ("" if ratio_of(loss, ratio) is None else f" (ratio {ratio_of(loss, ratio):g})") + (" + ema" if ema else "")
 
 
 def fmt(vals: list[float], scale: float) -> str:
@@ -262,7 +266,7 @@ def fmt(vals: list[float], scale: float) -> str:
 def tables() -> None:
     if not margins_result(ROOT / "start" / "last.pt").exists():
         return
-    rows = [(l, s, None) for l in MAIN for s in SEEDS] + EXTRA
+    rows = [(l, s, None, False) for l in MAIN for s in SEEDS] + EXTRA
     found = {}
     for r in rows:
         out = ROOT / name(*r)
@@ -280,21 +284,21 @@ def tables() -> None:
              f"PGD-20 {mean([v > 0 for v in start['train']]):.1%}; test PGD-20 {mean([v > 0 for v in start['test']]):.1%}.", ""]
     for which in ("last", "best"):
         lines += [f"### {'Final' if which == 'last' else 'Best-by-validation'} checkpoints", "",
-                  "| loss | ratio | seeds | " + " | ".join(c[1] for c in COLS) + " | standard AA % (n=500) |",
-                  "|" + "---|" * (len(COLS) + 4)]
+                  "| loss | ratio | ema | seeds | " + " | ".join(c[1] for c in COLS) + " | standard AA % (n=500) |",
+                  "|" + "---|" * (len(COLS) + 5)]
         groups = {}
         for (r, w), mt in found.items():
             if w == which:
-                groups.setdefault((r[0], r[2]), []).append((r[1], mt))
-        for (loss, ratio), items in groups.items():
+                groups.setdefault((r[0], r[2], r[3]), []).append((r[1], mt))
+        for (loss, ratio, ema), items in groups.items():
             cells = [fmt([mt[k] for _, mt in items], sc) for k, _, sc in COLS]
             std = [mt["standard"] for _, mt in items if "standard" in mt]
-            lines.append(f"| {loss} | {'-' if ratio_of(loss, ratio) is None else ratio_of(loss, ratio)} | {len(items)} | " + " | ".join(cells)
-                         + f" | {fmt(std, 100)} |")
+            lines.append(f"| {loss} | {'-' if ratio_of(loss, ratio) is None else ratio_of(loss, ratio)} | {'yes' if ema else '-'} "
+                         f"| {len(items)} | " + " | ".join(cells) + f" | {fmt(std, 100)} |")
         lines += ["", "Paired differences (same seed, same start and data order), mean ± std over seeds:", "",
                   "| loss | seeds | " + " | ".join(c[1] for c in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
         for a, b in PAIRS:
-            pairs = [(found.get(((a[0], s, a[1]), which)), found.get(((b[0], s, b[1]), which))) for s in SEEDS]
+            pairs = [(found.get(((a[0], s, a[1], a[2]), which)), found.get(((b[0], s, b[1], b[2]), which))) for s in SEEDS]
             pairs = [(x, y) for x, y in pairs if x and y]
             if pairs:
                 cells = [fmt([x[k] - y[k] for x, y in pairs], sc) for k, _, sc in COLS]
