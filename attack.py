@@ -2,75 +2,60 @@
 
     python attack.py runs/cifar10-resnet18-sovr-s0/best.pt          # standard AA, the training eps, full test set
     python attack.py best.pt --n 200 --attacks apgd-ce              # quick check with a subset of attacks
-    python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins # margin histograms of PGD-20 examples
+    python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins --plot m.png   # margin histograms of PGD-20 examples
 
-Results go to <checkpoint>.<settings>.json beside each checkpoint. AutoAttack runs in fp32, in eval
-mode, one attack after another on the points still robust (as the package does internally), and
-records each finished attack, so an interrupted run continues where it stopped.
+Results go to <checkpoint>.<settings>.json beside each checkpoint. AutoAttack runs in fp32, in eval mode, one
+attack after another on the points still robust (as the package does internally), and records each finished
+attack with its settings, so an interrupted run continues where it stopped.
 """
-import argparse
 import json
 import logging
 import os
 import platform
-import sys
 import time
 from importlib import metadata
 
 import torch
 import torch.distributed as dist
 
+import cli
 import losses
 import models
 from data import load_data
-from losses import pgd
-from models import pick_device, write_json
+from sovr import logit_margin
 
 VERSIONS = ("standard", "plus", "rand")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
-def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args(argv: list[str] | None = None):
+    p = cli.parser(__doc__)
     a = p.add_argument
     a("checkpoints", nargs="+", help="train.py checkpoints (best.pt or last.pt)")
-    a("--n", "--points", type=int, default=0, dest="n", help="evaluate the first N test points (default 0 = the whole "
-      "test set); under torchrun write --points, since torchrun takes --n for an abbreviation of its own options")
+    a("--n", "--points", type=int, default=0, dest="n", help="evaluate the first N test points (default 0 = all); "
+      "under torchrun write --points (torchrun reads --n as its own)")
     a("--bs", type=int, default=500, help="batch size (default 500)")
-    a("--eps", type=float, default=None, help="radius in 1/255 units (default: the training eps for Linf; "
-      "L2 needs it, e.g. 127.5 for RobustBench's 0.5)")
+    a("--eps", type=float, default=None, help="radius in 1/255 units (default: the training eps; L2 needs it, e.g. 127.5)")
     a("--norm", default="Linf", choices=["Linf", "L2"], help="threat model (default Linf)")
     a("--version", default="standard", choices=VERSIONS, help="AutoAttack version (default standard, as RobustBench)")
-    a("--attacks", default=None, help="comma-separated custom subset, e.g. apgd-ce,apgd-t (overrides --version)")
-    a("--seed", type=int, default=0, help="AutoAttack seed (default 0)")
+    a("--attacks", default=None, help="comma-separated custom subset, e.g. apgd-ce,apgd-t, with the version's settings")
+    a("--seed", type=int, default=0, help="AutoAttack's and --margins' seed (default 0)")
     a("--dataset", default=None, help="test data (default: the checkpoint's dataset); cifar10 | cifar100 | .npz")
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
     a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
-    a("--plot", default=None, metavar="PNG", help="where --margins draws its histogram (default margins.png beside the first checkpoint)")
+    a("--plot", default=None, metavar="PNG", help="where --margins draws (default margins.png beside the first checkpoint)")
     a("--verbose", action="store_true", help="the AutoAttack package's own log lines (off by default)")
     args = p.parse_args(argv)
-    if args.n < 0 or args.bs < 1 or args.seed < 0:
-        p.error("--n and --seed must be >= 0, --bs >= 1")
-    if args.eps is not None and args.eps <= 0:
-        p.error(f"--eps must be > 0 (in 1/255 units), got {args.eps:g}")
-    if args.norm == "L2" and args.eps is None:
-        p.error("--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)")
-    if args.margins and args.norm != "Linf":
-        p.error("--margins uses L-inf PGD; it takes --norm Linf only")
     unknown = set(args.attacks.split(",")) - set(ATTACKS) if args.attacks else set()
-    if unknown:
-        p.error(f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}")
+    for bad, message in [(args.n < 0 or args.bs < 1 or args.seed < 0, "--n and --seed must be >= 0, --bs >= 1"),
+                         (args.eps is not None and args.eps <= 0, f"--eps must be > 0 (in 1/255 units), got {args.eps or 0:g}"),
+                         (args.norm == "L2" and args.eps is None, "--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)"),
+                         (args.margins and args.norm != "Linf", "--margins uses L-inf PGD; it takes --norm Linf only"),
+                         (unknown, f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}")]:
+        if bad:
+            p.error(message)
     return args
-
-
-def load_model(path: str, device: str) -> tuple[torch.nn.Module, dict]:
-    """The checkpoint's model in eval mode, and the checkpoint (its eps, dataset and flags)."""
-    ckpt = models.read(path)
-    try:
-        return models.from_checkpoint(ckpt, device), ckpt
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
 
 
 def test_points(ckpt: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,10 +89,23 @@ def make_autoattack(model, eps: float, args):
         try:
             from autoattack import AutoAttack
         except ImportError:
-            raise ValueError("AutoAttack is not installed: pip install pyautoattack==0.2.0")
+            raise ValueError("AutoAttack is not installed: pip install pyautoattack==0.2.0") from None
         aa = AutoAttack(model, norm=args.norm, eps=eps, version=args.version, device=args.device, seed=args.seed,
                         verbose=args.verbose)
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
+
+
+def resumed(state_path: str, settings: dict, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The robust flags and counts an interrupted run of the same settings saved, or a fresh start."""
+    if not os.path.exists(state_path):
+        return clean.clone(), {}
+    with open(state_path) as f:
+        st = json.load(f)
+    if st.get("settings") != settings:
+        raise ValueError(f"{state_path} holds the progress of an evaluation with other settings than this one; "
+                         "finish that one with its own flags, or delete the file")
+    print(f"resuming from {state_path}: {', '.join(st['after'])} already run", flush=True)
+    return torch.tensor(st["robust"], dtype=torch.bool), st["after"]
 
 
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str,
@@ -119,73 +117,33 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps
     attack with the run's settings, so a rerun of the same evaluation skips the attacks done (and a state of other
     settings is refused, never mixed in)."""
     aa, run = make_autoattack(model, eps, args)
-    order = args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)
-    robust, after = clean.clone(), {}
-    if os.path.exists(state_path):
-        with open(state_path) as f:
-            st = json.load(f)
-        if st.get("settings") != settings:
-            raise ValueError(f"{state_path} holds the progress of an evaluation with other settings than this one; "
-                             "finish that one with its own flags, or delete the file")
-        robust, after = torch.tensor(st["robust"], dtype=torch.bool), st["after"]
-        print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
-    for name in [a for a in order if a not in after]:
+    robust, after = resumed(state_path, settings, clean)
+    for name in [a for a in (args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)) if a not in after]:
         idx = robust.nonzero().flatten()
         aa.attacks_to_run = [name]  # keeps the version's settings for that attack
-        bar = progress_bar(name, len(idx), args)
-        for k in range(0, len(idx), args.bs):
-            part = idx[k:k + args.bs]
-            _, y_adv = run(x[part], y[part])
-            robust[part] = y_adv.cpu() == y[part]
-            if bar is not None:
+        with cli.progress(len(idx), name, "pt", args.rank) as bar:
+            for k in range(0, len(idx), args.bs):
+                part = idx[k:k + args.bs]
+                robust[part] = run(x[part], y[part])[1].cpu() == y[part]
                 bar.update(len(part))
                 bar.set_postfix_str(f"robust so far {robust.float().mean():.2%}")
-        if bar is not None:
-            bar.close()
         after[name] = int(robust.sum())
         if args.rank == 0:
             print(f"after {name}: robust accuracy {robust.float().mean():.2%}" +
                   (f" on this process's {len(robust)} points" if args.world > 1 else ""), flush=True)
-        write_json(dict(settings=settings, robust=robust.tolist(), after=after), state_path)
+        models.write_json(dict(settings=settings, robust=robust.tolist(), after=after), state_path)
     return robust, after
-
-
-def progress_bar(name: str, total: int, args):
-    """A live line per attack (points done, robust accuracy so far, time left): on a terminal, on rank 0."""
-    if args.rank > 0 or not sys.stderr.isatty() or total == 0:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=name, unit="pt", leave=False, dynamic_ncols=True)
 
 
 def margins(model, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int, device: str) -> torch.Tensor:
     """z_y - max_{k != y} z_k on PGD-20 (step eps/4, CE) adversarial examples."""
-    from sovr import logit_margin
     out = []
     for k in range(0, len(x), bs):
         xb, yb = x[k:k + bs].to(device), y[k:k + bs].to(device)
-        x_adv, _ = pgd(model, xb, yb, eps, eps / 4, 20)
+        x_adv, _ = losses.pgd(model, xb, yb, eps, eps / 4, 20)
         with torch.no_grad():
             out.append(logit_margin(model(x_adv), yb).cpu())
     return torch.cat(out)
-
-
-def objective(trained: dict) -> str | None:
-    """The training objective's name, as train.py names the run (sovr, sovr-r0.2, ...)."""
-    return losses.label(trained) if "loss" in trained and "epochs" in trained else trained.get("loss")
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("pyautoattack", "autoattack"):
-        try:
-            found[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def result_path(checkpoint: str, mode: str, norm: str, eps_int: float, n: int, seed: int, bs: int = 500,
@@ -198,14 +156,6 @@ def result_path(checkpoint: str, mode: str, norm: str, eps_int: float, n: int, s
     return f"{os.path.splitext(checkpoint)[0]}.{mode}-{norm}-eps{eps_int}-n{n}-seed{seed}{''.join(extra)}.json"
 
 
-def shard(n: int) -> tuple[int, int, slice]:
-    """(rank, processes, this process's contiguous share of the n points); all of them outside torchrun."""
-    if not dist.is_initialized():
-        return 0, 1, slice(0, n)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return rank, world, slice(n * rank // world, n * (rank + 1) // world)
-
-
 def gather(values: list) -> list:
     """Every process's list, concatenated in rank order (the order of the shards)."""
     if not dist.is_initialized():
@@ -215,50 +165,53 @@ def gather(values: list) -> list:
     return [v for part in parts for v in part]
 
 
+def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
+    """Every setting of an evaluation that can change its per-point result, and the training objective's name."""
+    trained = ckpt.get("args", {})
+    return dict(checkpoint=os.path.abspath(path), loss=trained.get("loss"),
+                objective=losses.label(trained) if "epochs" in trained else trained.get("loss"),
+                dataset=args.dataset or ckpt["dataset"], n=n, eps=f"{eps}/255",
+                norm=args.norm, mode="margins" if args.margins else (args.attacks or args.version).replace(",", "+"),
+                version=args.version, bs=args.bs, seed=args.seed, processes=args.world, device=torch.device(args.device).type)
+
+
 def evaluate(path: str, args) -> dict:
-    model, ckpt = load_model(path, args.device)
+    ckpt = models.read(path)
+    model = models.from_checkpoint(ckpt, args.device, path)
     x, y = test_points(ckpt, args)
-    n = len(y)
-    rank, world, mine = shard(n)
-    if n < world:
-        raise ValueError(f"{n} points for {world} processes: every process needs at least one")
-    x, y = x[mine], y[mine]
     eps_int = ckpt["eps"] if args.eps is None else args.eps
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
-    eps = eps_int / 255
-    mode = "margins" if args.margins else (args.attacks.replace(",", "+") if args.attacks else args.version)
+    s, eps = settings_of(path, ckpt, len(y), eps_int, args), eps_int / 255
+    if len(y) < args.world:
+        raise ValueError(f"{len(y)} points for {args.world} processes: every process needs at least one")
+    mine = slice(len(y) * args.rank // args.world, len(y) * (args.rank + 1) // args.world)  # contiguous shards
+    x, y = x[mine], y[mine]
     other_data = args.dataset if args.dataset and args.dataset != ckpt["dataset"] else None
-    trained = ckpt.get("args", {})
-    settings = dict(checkpoint=os.path.abspath(path), loss=trained.get("loss"), objective=objective(trained),
-                    dataset=args.dataset or ckpt["dataset"], n=n, eps=f"{eps_int}/255", norm=args.norm, mode=mode,
-                    version=args.version, bs=args.bs, seed=args.seed, processes=world,
-                    device=torch.device(args.device).type)
-    out_path = result_path(path, mode, args.norm, eps_int, n, args.seed, args.bs, other_data, args.version, world,
-                           settings["device"])
-    state_path = out_path + ".state" + (f".rank{rank}-of-{world}" if world > 1 else "")
-    t0 = time.time()
-    clean = predict(model, x, args.bs, args.device) == y
-    res = dict(settings=settings, versions=versions())
+    out_path = result_path(path, s["mode"], args.norm, eps_int, s["n"], args.seed, args.bs, other_data, args.version,
+                           args.world, s["device"])
+    state_path = out_path + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
+    t0, clean = time.time(), predict(model, x, args.bs, args.device) == y
+    res = dict(settings=s, versions=versions())
     if args.margins:
         torch.manual_seed(args.seed)  # PGD's random starts
         m = torch.tensor(gather(margins(model, x, y, eps, args.bs, args.device).tolist()))
         small = m.sort().values[:max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
     else:
-        robust, after = autoattack(model, x, y, clean, eps, args, state_path, settings)
+        robust, after = autoattack(model, x, y, clean, eps, args, state_path, s)
         robust = gather(robust.int().tolist())
-        after = {k: sum(gather([v])) / n for k, v in after.items()}
-        res.update(robust_acc=sum(robust) / n, robust_after=after, robust=robust)
+        res.update(robust_acc=sum(robust) / s["n"], robust=robust,
+                   robust_after={k: sum(gather([v])) / s["n"] for k, v in after.items()})
     clean = gather(clean.int().tolist())
-    res.update(clean_acc=sum(clean) / n, clean=clean, time_s=time.time() - t0)
+    res.update(clean_acc=sum(clean) / s["n"], clean=clean, time_s=time.time() - t0)
     if not args.margins:
         res["robustbench"] = model_card(ckpt, model, res, eps, args)
-    if rank == 0:
-        write_json(res, out_path)
+    if args.rank == 0:
+        models.write_json(res, out_path)
         print(f"{path}: clean {res['clean_acc']:.2%}, " + (
             f"mean margin {res['mean_margin']:.3f}, mean of the 30% smallest {res['mean_margin_smallest30']:.3f}"
-            if args.margins else f"AutoAttack ({mode}, {args.norm} {eps_int}/255, n={n}) {res['robust_acc']:.2%}") +
-            f", {res['time_s']:.0f}s" + (f" on {world} processes" if world > 1 else "") + f"\nwrote {out_path}")
+            if args.margins else f"AutoAttack ({s['mode']}, {args.norm} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}")
+            + f", {res['time_s']:.0f}s" + (f" on {args.world} processes" if args.world > 1 else "") + f"\nwrote {out_path}")
     if dist.is_initialized():
         dist.barrier()  # the result is written: every shard's state can go
     if os.path.exists(state_path):
@@ -266,27 +219,33 @@ def evaluate(path: str, args) -> dict:
     return res
 
 
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("pyautoattack", "autoattack"):
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
     """What a RobustBench model card asks for, so that a result is reported without retyping."""
-    full = args.version == "standard" and not args.attacks and not args.n  # what RobustBench reports
-    return dict(standard_autoattack_full_test_set=full, dataset=res["settings"]["dataset"], threat_model=args.norm,
-                eps=eps, eps_str=res["settings"]["eps"],
-                clean_acc=res["clean_acc"], autoattack_acc=res["robust_acc"], attacks=res["settings"]["mode"],
-                n_points=res["settings"]["n"], architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
-                params=sum(p.numel() for p in model.parameters()), training_loss=res["settings"]["objective"],
+    s = res["settings"]
+    return dict(standard_autoattack_full_test_set=args.version == "standard" and not args.attacks and not args.n,
+                dataset=s["dataset"], threat_model=args.norm, eps=eps, eps_str=s["eps"], clean_acc=res["clean_acc"],
+                autoattack_acc=res["robust_acc"], attacks=s["mode"], n_points=s["n"],
+                architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
+                params=sum(p.numel() for p in model.parameters()), training_loss=s["objective"],
                 eps_training=f"{ckpt['eps']}/255")
 
 
 def plot(results: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = cli.pyplot()
+    if plt is None:
         raise ValueError("--margins draws with matplotlib: pip install matplotlib (the margins are in the JSON files)")
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    lo = min(min(r["margins"]) for r in results)
-    hi = max(max(r["margins"]) for r in results)
+    lo, hi = min(min(r["margins"]) for r in results), max(max(r["margins"]) for r in results)
     for r in results:
         s = r["settings"]
         ax.hist(r["margins"], bins=60, range=(lo, hi), histtype="step", linewidth=1.5,
@@ -299,40 +258,20 @@ def plot(results: list[dict], path: str) -> None:
     print(f"wrote {path}")
 
 
-def setup(args) -> None:
-    """args.device, args.rank, args.world; under torchrun one process per GPU (gloo on CPU), each with a shard."""
-    args.rank, args.world = 0, 1
-    if "RANK" not in os.environ:
-        args.device = str(pick_device(args.device))
-        return
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    args.rank, args.world = dist.get_rank(), dist.get_world_size()
-    args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(args.device)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = get_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("auto-attack").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    try:
-        setup(args)
+
+    def job() -> None:
+        device, args.rank, args.world = cli.setup(args.device, benchmark=False)  # cuDNN's fixed kernels: per-point repeatable
+        args.device = str(device)
         results = [evaluate(p, args) for p in args.checkpoints]
         if args.margins and args.rank == 0:
             plot(results, args.plot or os.path.join(os.path.dirname(args.checkpoints[0]) or ".", "margins.png"))
-    except (ValueError, OSError) as e:
-        sys.exit(f"attack.py: error: {e}")
-    except torch.cuda.OutOfMemoryError:
-        sys.exit(f"attack.py: error: CUDA out of memory at --bs {args.bs}: lower --bs (a new evaluation: the attacks "
-                 "finished so far are kept for a rerun with the same --bs)")
-    except KeyboardInterrupt:
-        sys.exit("attack.py: interrupted; the attacks finished so far are kept (a .state file beside the checkpoint): "
-                 "rerun the same command to continue")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cli.run("attack.py", job, f"at --bs {args.bs}: lower --bs (a new evaluation: the attacks finished so far are "
+            "kept for a rerun with the same --bs)", "the attacks finished so far are kept (a .state file beside the "
+            "checkpoint): rerun the same command to continue")
 
 
 if __name__ == "__main__":

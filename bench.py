@@ -20,6 +20,7 @@ Prints a table and writes the figures to --out (JSON, written atomically).
 """
 import argparse
 import contextlib
+import itertools
 import logging
 import platform
 import shlex
@@ -36,6 +37,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import data
 import models
 import train
@@ -49,7 +51,7 @@ EPOCH_IMAGES, EPOCHS = 50_000 - 1_000, 110  # CIFAR-10 less train.py's validatio
 
 
 def get_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     a = p.add_argument
     a("--arch", default="preact18", choices=sorted(models.ARCHS), help="network (default preact18)")
     a("--width", type=int, default=None, help="ResNet base channels / WRN widen factor (default: the arch's "
@@ -66,6 +68,7 @@ def get_args(argv: list[str]) -> argparse.Namespace:
       "with other jobs, where two threads can run 10x slower; 0 = torch's default)")
     a("--compile", action="store_true", help="torch.compile the project's model, as train.py --compile (the "
       "compile time is reported apart; the textbook loop stays eager)")
+    a("--ema", type=float, default=None, help="the project's step with train.py --ema DECAY's update (default off)")
     a("--quick", action="store_true", help="tiny counts for tests (APGD 2 iterations, 3 loss calls); no benchmark")
     a("--out", default="bench.json", help="JSON file for the figures (default bench.json)")
     args = p.parse_args(argv)
@@ -105,16 +108,17 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({n} thread{'s' * (n != 1)})"
 
 
-# ---- the project's training step, as train.py's loop runs it
+# ---- the project's training step: train.py's own batches and step
 
-def project_step(net, opt, targs: argparse.Namespace, x_pool, y_pool, g: torch.Generator, amp: bool):
-    """train.py's step; `net` is the model, or torch.compile(model) as train.py --compile uses it."""
+def project_step(net, opt, targs: argparse.Namespace, x_pool, y_pool, amp: bool, ema=None):
+    """train.py's step on its own batches (data.batches, train.train_step); `net` is the model, or
+    torch.compile(model) as train.py --compile uses it."""
     objective = OBJECTIVES[targs.loss]
+    batches = itertools.chain.from_iterable(data.batches(x_pool, y_pool, targs.batch, 0, e) for e in itertools.count())
+    steps = itertools.count(1)
 
     def step() -> None:
-        idx = torch.randperm(len(x_pool), device=x_pool.device, generator=g)[:targs.batch]
-        x = data.augment(x_pool[idx], g).contiguous(memory_format=torch.channels_last)
-        train.train_step(net, net, opt, objective, x, y_pool[idx], targs, 0, amp)
+        train.train_step(net, net, opt, objective, *next(batches), targs, 0, amp, ema, next(steps))
     return step
 
 
@@ -183,109 +187,113 @@ def count_flops(fn: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = get_args(argv)
-    try:
-        device = models.pick_device(args.device)
-    except ValueError as e:
-        sys.exit(f"bench.py: error: {e}")
+def time_training(args, targs, model, net, pool: tuple, width: int | None, device: torch.device) -> tuple[dict, tuple]:
+    """The project's step against the textbook one, warmed up, then alternated so that a change of load on a shared
+    machine hits both; the figures, and the peak memory of each (CUDA)."""
     cuda = amp = device.type == "cuda"  # train.py's default: bf16 autocast on CUDA only
-    width = args.width or (None if cuda else 16)
-    eval_batch = args.eval_batch or args.batch
-    targs = train.get_args(["--loss", args.loss, "--arch", args.arch, "--batch", str(args.batch)])  # its defaults
-    n_loss_calls, apgd_iters = (3, 2) if args.quick else (100, 100)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    # Synthetic CIFAR-sized uint8 images: on the device for the project, PIL-ready HWC arrays for the textbook.
-    n_pool, n_steps = 4 * max(args.batch, eval_batch), args.warmup + args.repeats
-    x_pool = torch.randint(0, 256, (n_pool, 3, 32, 32), dtype=torch.uint8).to(device)
-    y_pool = torch.randint(0, 10, (n_pool,)).to(device)
+    ema = models.EMA(model, targs.ema, 1000) if targs.ema else None
+    ours = project_step(net, sgd(model, targs), targs, *pool, amp, ema)
+    n_steps = args.warmup + args.repeats
     rng = np.random.default_rng(0)
-    dataset = PILDataset(rng.integers(0, 256, (args.batch * n_steps, 32, 32, 3), dtype=np.uint8),
-                         rng.integers(0, 10, args.batch * n_steps),
-                         T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()]))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, pin_memory=cuda)
-
-    def sgd(m: torch.nn.Module) -> torch.optim.SGD:
-        return torch.optim.SGD(m.parameters(), lr=targs.lr, momentum=targs.momentum, weight_decay=targs.wd)
-
-    torch.backends.cudnn.benchmark = cuda  # as train.py sets it; the textbook loop gets it too
-    model = models.build(args.arch, 10, width=width).to(device).to(memory_format=torch.channels_last).train()
-    net = torch.compile(model) if args.compile else model
-    ours = project_step(net, sgd(model), targs, x_pool, y_pool, torch.Generator(device).manual_seed(0), amp)
+    loader = torch.utils.data.DataLoader(
+        PILDataset(rng.integers(0, 256, (args.batch * n_steps, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, args.batch * n_steps),
+                   T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])),
+        batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers, pin_memory=cuda)
     tb_model = models.build(args.arch, 10, width=width).to(device).train()  # fp32, NCHW
     batches = iter(loader)
-    theirs = textbook_step(tb_model, sgd(tb_model), batches, targs, device)
-
-    # Training steps: warm both up, then alternate them, so that a change of load on a shared machine hits both.
+    theirs = textbook_step(tb_model, sgd(tb_model, targs), batches, targs, device)
     t_first = timed(ours, device)[0]  # compilation (and cuDNN autotuning) happen here
     theirs()
     for _ in range(args.warmup - 1):
         ours(), theirs()
-    t_ours, t_theirs, mem_ours, mem_theirs = [], [], 0, 0
-    for _ in range(args.repeats):
-        (t, m), (u, n) = timed(ours, device), timed(theirs, device)
-        t_ours.append(t), t_theirs.append(u)
-        mem_ours, mem_theirs = max(mem_ours, m), max(mem_theirs, n)
+    runs = [(timed(ours, device), timed(theirs, device)) for _ in range(args.repeats)]
     del batches  # ends the DataLoader workers
-    step_s, tb_step_s = statistics.median(t_ours), statistics.median(t_theirs)
-    result = dict(train=dict(img_s=args.batch / step_s, step_s=t_ours, first_step_s=t_first),
-                  textbook=dict(img_s=args.batch / tb_step_s, step_s=t_theirs),
-                  speedup=tb_step_s / step_s, loss_cost={})
+    step_s, tb_step_s = statistics.median(r[0][0] for r in runs), statistics.median(r[1][0] for r in runs)
+    result = dict(train=dict(img_s=args.batch / step_s, step_s=[r[0][0] for r in runs], first_step_s=t_first),
+                  textbook=dict(img_s=args.batch / tb_step_s, step_s=[r[1][0] for r in runs]), speedup=tb_step_s / step_s)
+    return result, (max(r[0][1] for r in runs), max(r[1][1] for r in runs))
 
-    # Loss cost: blocks of sovr_loss and F.cross_entropy calls, forward + backward, alternating.
+
+def time_loss(args, targs, device: torch.device) -> dict:
+    """Blocks of sovr_loss and F.cross_entropy calls, forward + backward, alternating."""
+    calls, out = 3 if args.quick else 100, {}
     for k in (10, 100):
         logits, y = torch.randn(512, k, device=device), torch.randint(0, k, (512,), device=device)
-        ce = loss_calls(F.cross_entropy, logits, y, n_loss_calls)
-        sovr = loss_calls(lambda z, t: sovr_loss(z, t, targs.ratio), logits, y, n_loss_calls)
+        ce = loss_calls(F.cross_entropy, logits, y, calls)
+        sovr = loss_calls(lambda z, t: sovr_loss(z, t, targs.ratio), logits, y, calls)
         ce(), sovr()  # warm-up
-        t_ce, t_sovr = [], []
-        for _ in range(args.repeats):
-            t_ce.append(timed(ce, device)[0] / n_loss_calls), t_sovr.append(timed(sovr, device)[0] / n_loss_calls)
-        ce_us, sovr_us = 1e6 * statistics.median(t_ce), 1e6 * statistics.median(t_sovr)
-        result["loss_cost"][f"512x{k}"] = dict(ce_us=ce_us, sovr_us=sovr_us, ratio=sovr_us / ce_us)
+        t = [(timed(ce, device)[0] / calls, timed(sovr, device)[0] / calls) for _ in range(args.repeats)]
+        ce_us, sovr_us = 1e6 * statistics.median(a for a, _ in t), 1e6 * statistics.median(b for _, b in t)
+        out[f"512x{k}"] = dict(ce_us=ce_us, sovr_us=sovr_us, ratio=sovr_us / ce_us)
+    return out
 
-    # Evaluation attacks on the trained-a-little model, in eval mode, with its own predictions as labels.
+
+def time_eval(args, targs, model, net, x_pool: torch.Tensor, device: torch.device) -> dict:
+    """PGD-20 as train.evaluate() runs it and AutoAttack's APGD-CE, on the model in eval mode, with its own
+    predictions as labels (AutoAttack attacks only correctly classified images)."""
+    eval_batch, iters = args.eval_batch or args.batch, 2 if args.quick else 100
     model.eval()
     x_eval = x_pool[:eval_batch].float() / 255
     with torch.no_grad():
         y_eval = model(x_eval).argmax(1)
-
-    def pgd20() -> None:  # as train.evaluate() runs it: fp32
-        pgd(net, x_eval, y_eval, targs.eps / 255, targs.step / 255, targs.eval_steps)
+    pgd20 = lambda: pgd(net, x_eval, y_eval, targs.eps / 255, targs.step / 255, targs.eval_steps)  # noqa: E731
     pgd20()  # warm-up: under --compile, eval mode is a graph of its own
     t_pgd = statistics.median(timed(pgd20, device)[0] for _ in range(args.repeats))
-
     from pyautoattack import AutoAttack  # imported here: slow to import, and only this figure needs it
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
     adversary = AutoAttack(model, eps=targs.eps / 255, norm="Linf", version="custom", attacks=["apgd-ce"],
                            device=device, seed=0)
-    adversary.apgd.n_restarts, adversary.apgd.n_iter = 1, apgd_iters  # "custom" keeps the class default of 5
+    adversary.apgd.n_restarts, adversary.apgd.n_iter = 1, iters  # "custom" keeps the class default of 5
     t_aa, _ = timed(lambda: adversary.run_standard_evaluation(x_eval, y_eval, batch_size=eval_batch), device)
-    result["eval"] = dict(pgd20_img_s=eval_batch / t_pgd, apgd_ce_img_s=eval_batch / t_aa, apgd_iters=apgd_iters)
+    return dict(pgd20_img_s=eval_batch / t_pgd, apgd_ce_img_s=eval_batch / t_aa, apgd_iters=iters)
 
+
+def cuda_figures(result: dict, memory: tuple, targs, model, pool: tuple, device: torch.device) -> dict:
+    """Peak memory, achieved TFLOP/s against the device's bf16 dense peak, hours of a 110-epoch run."""
+    model.train()
+    flops = count_flops(project_step(model, sgd(model, targs), targs, *pool, True))
+    tflops = flops / statistics.median(result["train"]["step_s"]) / 1e12
+    peak = next((v for k, v in BF16_PEAK_TFLOPS if k in device_name(device)), None)
+    mem, tb_mem = memory
+    return dict(train_peak_mem_gib=mem / 2**30, textbook_peak_mem_gib=tb_mem / 2**30, train_flops_per_step=flops,
+                train_tflops=tflops, **(dict(bf16_peak_tflops=peak, mfu=tflops / peak) if peak else {}),
+                hours_110_epochs=EPOCH_IMAGES * EPOCHS / result["train"]["img_s"] / 3600)
+
+
+def sgd(model: torch.nn.Module, targs) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=targs.lr, momentum=targs.momentum, weight_decay=targs.wd)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args(argv)
+    try:
+        device = cli.pick_device(args.device)
+    except ValueError as e:
+        sys.exit(f"bench.py: error: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    targs = train.get_args(["--loss", args.loss, "--arch", args.arch, "--batch", str(args.batch)]
+                           + (["--ema", str(args.ema)] if args.ema else []))  # train.py's defaults
+    width = args.width or (None if cuda else 16)
+    torch.backends.cudnn.benchmark = cuda  # as train.py sets it; the textbook loop gets it too
+    model = models.build(args.arch, 10, width=width).to(device).to(memory_format=torch.channels_last).train()
+    net = torch.compile(model) if args.compile else model
+    n_pool = 4 * max(args.batch, args.eval_batch or args.batch)  # synthetic CIFAR-sized uint8 images on the device
+    pool = torch.randint(0, 256, (n_pool, 3, 32, 32), dtype=torch.uint8).to(device), torch.randint(0, 10, (n_pool,)).to(device)
+    result, memory = time_training(args, targs, model, net, pool, width, device)
+    result.update(loss_cost=time_loss(args, targs, device), eval=time_eval(args, targs, model, net, pool[0], device))
     if cuda:
-        model.train()
-        flops = count_flops(project_step(model, sgd(model), targs, x_pool, y_pool, torch.Generator(device), amp))
-        tflops = flops / step_s / 1e12
-        peak = next((v for k, v in BF16_PEAK_TFLOPS if k in device_name(device)), None)
-        result["cuda"] = dict(train_peak_mem_gib=mem_ours / 2**30, textbook_peak_mem_gib=mem_theirs / 2**30,
-                              train_flops_per_step=flops, train_tflops=tflops,
-                              **(dict(bf16_peak_tflops=peak, mfu=tflops / peak) if peak else {}),
-                              hours_110_epochs=EPOCH_IMAGES * EPOCHS / result["train"]["img_s"] / 3600)
-
+        result["cuda"] = cuda_figures(result, memory, targs, model, pool, device)
     report = dict(
         device=str(device), device_name=device_name(device), torch=torch.__version__,
-        command=shlex.join(["python", "bench.py", *argv]),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=shlex.join(["python", "bench.py", *argv]), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         settings=dict(arch=args.arch, width=width or "standard", params=sum(p.numel() for p in model.parameters()),
-                      loss=args.loss, ratio=targs.ratio, batch=args.batch, eval_batch=eval_batch, compile=args.compile,
-                      repeats=args.repeats, warmup=args.warmup, workers=args.workers,
-                      threads=torch.get_num_threads(), amp_bf16=amp, eps=targs.eps, pgd_steps=targs.steps,
+                      loss=args.loss, ratio=targs.ratio, ema=targs.ema, batch=args.batch, eval_batch=args.eval_batch or args.batch,
+                      compile=args.compile, repeats=args.repeats, warmup=args.warmup, workers=args.workers,
+                      threads=torch.get_num_threads(), amp_bf16=cuda, eps=targs.eps, pgd_steps=targs.steps,
                       eval_steps=targs.eval_steps, quick=args.quick),
         **result)
     print_table(report)

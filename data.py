@@ -3,6 +3,8 @@ y_train, x_test, y_test; and the training augmentation as batched tensor ops on 
 
 Images stay uint8 NCHW until a batch is used; models normalize inside, so every consumer feeds [0, 1] images.
 """
+from typing import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,3 +76,78 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     out = pad[torch.arange(b, device=x.device).view(b, 1, 1, 1), torch.arange(3, device=x.device).view(1, 3, 1, 1), rows, cols]
     flip = torch.rand(b, device=x.device, generator=g) < 0.5
     return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+
+
+def train_val(d: dict, val: int, train_limit: int, batch: int, device: torch.device) -> tuple[tuple, tuple]:
+    """The training and validation tensors on the device: the same `val` held-out training images for every seed
+    (a permutation seeded 0), and the first `train_limit` of the rest (0 = all)."""
+    n = len(d["x_train"])
+    if not 0 < val < n:
+        raise ValueError(f"--val must lie in [1, {n - 1}] for {n} training images, got {val}")
+    split = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    val_idx, tr_idx = split[:val], split[val:]
+    if train_limit:
+        tr_idx = tr_idx[:train_limit]
+    if len(tr_idx) < batch:
+        raise ValueError(f"--batch {batch} is larger than the {len(tr_idx)} training images")
+    return tuple((d["x_train"][idx].to(device), d["y_train"][idx].to(device)) for idx in (tr_idx, val_idx))
+
+
+def load_aux(path: str, d: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated training images and labels for --aux-data: DM-Improves-AT's file (its core/data/semisup.py reads
+    `image`, uint8 N x 32 x 32 x 3, and `label`) or this project's .npz layout (x_train, y_train), checked against
+    the dataset `d`. On the device where they fit in half its free memory; on the host otherwise (a batch's share
+    then moves to the device per step)."""
+    try:
+        raw = np.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"--aux-data: no such file: {path}") from None
+    except Exception as e:
+        raise ValueError(f"--aux-data: {path} is not a readable .npz file ({type(e).__name__})") from None
+    keys = ("image", "label") if "image" in raw.files else ("x_train", "y_train")
+    if any(k not in raw.files for k in keys):
+        raise ValueError(f"--aux-data: {path} lacks array '{[k for k in keys if k not in raw.files][0]}'; it needs "
+                         "image and label (DM-Improves-AT's format) or x_train and y_train")
+    x, y = (torch.from_numpy(np.ascontiguousarray(raw[k])) for k in keys)
+    x = x.permute(0, 3, 1, 2) if keys[0] == "image" and x.dim() == 4 else x  # a view: NHWC stays where it is
+    shape, k = tuple(d["x_train"].shape[1:]), d["num_classes"]
+    if x.dtype != torch.uint8 or tuple(x.shape[1:]) != shape or y.dim() != 1 or len(x) != len(y) or not len(y):
+        raise ValueError(f"--aux-data: {path}: {keys[0]} must be uint8 images of the dataset's size ({shape[1]} x "
+                         f"{shape[2]} x 3) and {keys[1]} as many labels")
+    if y.min() < 0 or int(y.max()) + 1 != k:
+        raise ValueError(f"--aux-data: {path}: its labels run from {int(y.min())} to {int(y.max())}; the dataset's "
+                         f"classes are 0..{k - 1}")
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
+    where = device if 2 * x.numel() < free else torch.device("cpu")
+    return x.to(where), y.long().to(where)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+            fmt: torch.memory_format = torch.channels_last, aux: tuple | None = None,
+            aux_fraction: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of this process's training batches: len(x) // batch global batches, their real images drawn without
+    replacement from a permutation seeded by (seed, epoch), so that a resumed run repeats an uninterrupted one;
+    crops and flips are drawn for the global batch, then each of `world` processes takes its share.
+    With `aux` (images, labels), int(aux_fraction * batch) images of each batch are drawn from it with replacement
+    and the rest from x, and the batch is shuffled, as DM-Improves-AT's SemiSupervisedSampler (core/data/semisup.py)
+    does; its epoch also counts the batches of one pass over the real set without generated data."""
+    g = torch.Generator(x.device).manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(len(x), device=x.device, generator=g)
+    n_aux = int(batch * aux_fraction) if aux else 0
+    g_aux = torch.Generator(aux[0].device).manual_seed(seed * 100_003 + epoch) if n_aux else None
+    share, real = batch // world, batch - n_aux
+    for s in range(len(x) // batch):
+        idx = perm[s * real:(s + 1) * real]
+        xb, yb = x[idx], y[idx]
+        if n_aux:
+            j = torch.randint(len(aux[0]), (n_aux,), device=aux[0].device, generator=g_aux)
+            order = torch.randperm(batch, device=x.device, generator=g)  # every process's share mixes both
+            xb = torch.cat([xb, _on(aux[0][j], x.device)])[order]
+            yb = torch.cat([yb, _on(aux[1][j], x.device)])[order]
+        mine = slice(rank * share, (rank + 1) * share)
+        yield augment(xb, g)[mine].contiguous(memory_format=fmt), yb[mine]
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on the device, from pinned host memory without a host-device synchronisation."""
+    return t.pin_memory().to(device, non_blocking=True) if t.device != device and device.type == "cuda" else t.to(device)

@@ -211,6 +211,34 @@ def defaults(loss: str, epochs: int) -> dict:
                 burn_in=round(epochs * 60 / 110), emr=0.0, emr_temp=EMR_TEMP.get(loss, EMR_TEMP_AT), emr_decay=0.1)
 
 
+def flags(a: Callable) -> None:
+    """train.py's flags of the objectives (a: argparse's add_argument); None means defaults(), filled by resolve()."""
+    d = defaults("", 110)
+    a("--loss", default="sovr", choices=sorted(OBJECTIVES), help="training objective (default sovr)")
+    a("--ratio", type=float, default=None, help=f"sovr, trades-sovr: share of the batch that uses OVR (default {d['ratio']})")
+    a("--beta", type=float, default=None, help=f"trades, trades-sovr, mart: weight of the KL term (default {d['beta']:g})")
+    a("--burn-in", type=int, default=None, help="mail, gairat: unweighted epochs first (default: 60/110 of --epochs)")
+    a("--mail-slope", type=float, default=None, help=f"mail: weight 3 sigmoid(slope (bias - PM)) (default {d['mail_slope']:g})")
+    a("--mail-bias", type=float, default=None, help=f"mail: weight bias (default {d['mail_bias']:g})")
+    a("--gairat-lambda", type=float, default=None, help=f"gairat: tanh shift lambda (default {d['gairat_lambda']:g})")
+    a("--tau", type=float, default=None, help=f"comp-sum: tau >= 0; 0 sum-exp, 1 CE, 2 MAE (default {d['tau']:g})")
+    a("--nu", type=float, default=None, help=f"comp-sum: weight of the logit-difference distance (default {d['nu']:g})")
+    a("--emr", type=float, default=None, help="any loss: EMR lambda (default 0 = off)")
+    a("--emr-temp", type=float, default=None, help=f"EMR softmax temperature (default {EMR_TEMP_AT:g}; "
+      + ", ".join(f"{v:g} for {k}" for k, v in EMR_TEMP.items()) + ")")
+    a("--emr-decay", type=float, default=None, help=f"EMR lambda factor at each milestone (default {d['emr_decay']:g})")
+
+
+def resolve(args) -> None:
+    """Gives every objective flag left at None its default for the run; ValueError for a value no run can use."""
+    for k, v in defaults(args.loss, args.epochs).items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    if not 0 <= args.ratio <= 1:
+        raise ValueError("--ratio must lie in [0, 1]")
+    if args.tau < 0 or args.burn_in < 0 or args.emr_temp <= 0 or args.emr < 0 or args.emr_decay < 0:
+        raise ValueError("--tau, --burn-in, --emr and --emr-decay must be >= 0, --emr-temp > 0")
+
+
 READS = {"sovr": ("ratio",), "trades": ("beta",), "trades-sovr": ("ratio", "beta"), "mart": ("beta",),
          "mail": ("mail_slope", "mail_bias", "burn_in"), "gairat": ("gairat_lambda", "burn_in"), "comp-sum": ("tau", "nu")}
 TAGS = dict(ratio="r", beta="b", mail_slope="slope", mail_bias="bias", gairat_lambda="lambda", burn_in="burnin",
@@ -219,12 +247,13 @@ TAGS = dict(ratio="r", beta="b", mail_slope="slope", mail_bias="bias", gairat_la
 
 def label(a: dict) -> str:
     """A run's objective as a name: --loss, then every flag it reads that differs from its default for the run,
-    e.g. sovr, sovr-r0.2, trades-b1-emr3, and -ema for weight averaging; so that runs of different objectives
-    never share a name."""
+    e.g. sovr, sovr-r0.2, trades-b1-emr3, then -ema for weight averaging and -aux for generated data; so that runs
+    of different objectives never share a name."""
     d = defaults(a["loss"], a["epochs"])
     reads = READS.get(a["loss"], ()) + (("emr", "emr_temp", "emr_decay") if a.get("emr") else ())
     ema = "" if a.get("ema") is None else "-ema" + (f"{a['ema']:g}" if a["ema"] != 0.995 else "")
-    return a["loss"] + "".join(f"-{TAGS[k]}{a[k]:g}" for k in reads if a.get(k, d[k]) != d[k]) + ema
+    aux = "" if not a.get("aux_data") else "-aux" + (f"{a['aux_fraction']:g}" if a["aux_fraction"] != 0.7 else "")
+    return a["loss"] + "".join(f"-{TAGS[k]}{a[k]:g}" for k in reads if a.get(k, d[k]) != d[k]) + ema + aux
 
 
 # ---- objectives ----
@@ -266,34 +295,24 @@ def _trades_attack(atk, x, y, args) -> torch.Tensor:
     return _attack_from_clean(atk, x, y, args, lambda za, zc, _: kl_rows(zc, za), start="normal")
 
 
-@objective("ce")
-def ce(net, atk, x, y, args, epoch):
-    """Madry et al. 2018, PGD-AT: CE(f(x'), y), x' from PGD on CE."""
-    x_adv, _ = _attack(atk, x, y, args)
-    z = net(x_adv)
-    return F.cross_entropy(z.float(), y), z, x_adv
+def _on_pgd(loss: Callable) -> Callable:
+    """The body of an objective that trains loss(f(x'), y, args) on x' from PGD on CE."""
+    def body(net, atk, x, y, args, epoch):
+        x_adv, _ = _attack(atk, x, y, args)
+        z = net(x_adv)
+        return loss(z, y, args), z, x_adv
+    return body
 
 
-@objective("sovr")
-def sovr(net, atk, x, y, args, epoch):
-    """Kanai et al. 2023: OVR for the round(ratio * B) smallest-margin x', CE for the rest (--ratio)."""
-    x_adv, _ = _attack(atk, x, y, args)
-    z = net(x_adv)
-    return sovr_loss(z, y, args.ratio), z, x_adv
-
-
-@objective("ovr")
-def ovr(net, atk, x, y, args, epoch):
-    """The one-vs-the-rest loss on every x' (SOVR without its switch, i.e. at ratio 1)."""
-    x_adv, _ = _attack(atk, x, y, args)
-    z = net(x_adv)
-    return ovr_loss(z, y), z, x_adv
+ce = objective("ce")(_on_pgd(lambda z, y, a: F.cross_entropy(z.float(), y)))  # Madry et al. 2018, PGD-AT
+sovr = objective("sovr")(_on_pgd(lambda z, y, a: sovr_loss(z, y, a.ratio)))  # Kanai et al. 2023, --ratio
+ovr = objective("ovr")(_on_pgd(lambda z, y, a: ovr_loss(z, y)))  # OVR on every x': SOVR without its switch
 
 
 @objective("trades")
 def trades(net, atk, x, y, args, epoch):
-    """Zhang et al. 2019, TRADES: mean over the batch of CE(f(x), y) + beta * KL(p(x) || p(x')) (--beta 6),
-    i.e. the official code's batchmean KL; x' from PGD on the KL from 0.001 * N(0, 1), as there."""
+    """Zhang et al. 2019, TRADES: mean of CE(f(x), y) + beta KL(p(x) || p(x')) (batchmean KL), x' from PGD on
+    the KL from 0.001 N(0, 1)."""
     x_adv = _trades_attack(atk, x, y, args)
     z_nat, z_adv = net(x), net(x_adv)
     return trades_loss(z_nat, z_adv, y, args.beta).mean(), z_adv, x_adv
@@ -301,8 +320,7 @@ def trades(net, atk, x, y, args, epoch):
 
 @objective("trades-sovr")
 def trades_sovr(net, atk, x, y, args, epoch):
-    """This project's combination (the paper's exact form is unknown to us): TRADES with its CE
-    term replaced by SOVR on the adversarial logits, SOVR(f(x'), y) + beta * KL(p(x) || p(x'))."""
+    """This project's combination: TRADES with its CE term replaced by SOVR(f(x'), y)."""
     x_adv = _trades_attack(atk, x, y, args)
     z_nat, z_adv = net(x), net(x_adv)
     return trades_sovr_loss(z_nat, z_adv, y, args.beta, args.ratio).mean(), z_adv, x_adv
@@ -310,8 +328,8 @@ def trades_sovr(net, atk, x, y, args, epoch):
 
 @objective("mart")
 def mart(net, atk, x, y, args, epoch):
-    """Wang et al. 2020, MART: mean BCE(f(x'), y) + beta * KL(p(x) || p(x')) (1 - p_y(x)) (--beta 6).
-    x' from PGD on CE from 0.001 * N(0, 1), as in the official code."""
+    """Wang et al. 2020, MART: mean BCE(f(x'), y) + beta KL(p(x) || p(x')) (1 - p_y(x)), x' from PGD on CE from
+    0.001 N(0, 1)."""
     x_adv, _ = _attack(atk, x, y, args, start="normal")
     z_nat, z_adv = net(x), net(x_adv)
     return mart_loss(z_nat, z_adv, y, args.beta).mean(), z_adv, x_adv
@@ -329,21 +347,16 @@ def _reweighted_ce(net, atk, x, y, args, epoch, weights: Callable):
 
 @objective("mail")
 def mail(net, atk, x, y, args, epoch):
-    """Wang, Liu et al. 2021, MAIL-AT: mean w * CE(f(x'), y), w = mail_weights (3 sigmoid(slope (bias - PM(x'))),
-    official mail_loss.py), --mail-slope 10 --mail-bias -0.5 (MAIL-AT's recommendation; see train.py --help),
-    reweighting after --burn-in epochs. x' as for ce (the official attack starts from 0.001 N(0, 1) with step
-    0.007; every objective here shares one PGD, so that comparisons are paired)."""
+    """Wang, Liu et al. 2021, MAIL-AT: mean w CE(f(x'), y), w = mail_weights, after --burn-in epochs; x' as for
+    ce (every objective shares one PGD, so that comparisons are paired)."""
     return _reweighted_ce(net, atk, x, y, args, epoch,
                           lambda z, _: mail_weights(z, y, args.mail_slope, args.mail_bias))
 
 
 @objective("gairat")
 def gairat(net, atk, x, y, args, epoch):
-    """Zhang et al. 2021, GAIRAT: mean w * CE(f(x'), y), w = (1 + tanh(lambda + 5 (h - kappa) / h)) / 2,
-    h = int(K / 2), rescaled to mean 1 (GAIR.py), kappa = PGD steps (of K = --steps) that began correctly
-    classified, as the official GA_PGD counts it (attack_generator.py). --gairat-lambda -1: GAIRAT.py's --Lambda
-    with its 'fixed' schedule. --burn-in counts unweighted epochs (default 60, ours; GAIRAT.py reweights from
-    its 60th of 120)."""
+    """Zhang et al. 2021, GAIRAT: mean w CE(f(x'), y), w = gair_weights of kappa, the PGD steps (of --steps) that
+    began correctly classified (as GA_PGD counts them), after --burn-in epochs."""
     return _reweighted_ce(net, atk, x, y, args, epoch,
                           lambda _, kappa: gair_weights(kappa, args.steps, args.gairat_lambda))
 
@@ -351,7 +364,7 @@ def gairat(net, atk, x, y, args, epoch):
 @objective("comp-sum")
 def comp_sum(net, atk, x, y, args, epoch):
     """Mao, Mohri, Zhong 2023, smooth adversarial comp-sum: mean Phi_tau(f(x), y) + nu ||Delta(x') - Delta(x)||_2,
-    x' from PGD on that distance, uniform start (--tau 1, --nu 1: our choices)."""
+    x' from PGD on that distance, uniform start."""
     x_adv = _attack_from_clean(atk, x, y, args, logit_diff_distance, start="uniform")
     z_nat, z_adv = net(x), net(x_adv)
     loss = comp_sum_loss(z_nat, y, args.tau) + args.nu * logit_diff_distance(z_adv, z_nat, y)

@@ -1,20 +1,23 @@
-"""CIFAR models that take images in [0, 1]: input normalization is a buffer inside each model; and the
-checkpoint I/O beside them: `models.load(path)` rebuilds a train.py checkpoint's model in eval mode.
+"""CIFAR models that take images in [0, 1]: input normalization is a buffer inside each model; the weight average
+of train.py --ema; and the checkpoint I/O: `models.load(path)` rebuilds a train.py checkpoint's model in eval mode.
 
     import models
     model = models.load("runs/cifar10-wrn34-sovr-s0/best.pt", device="cuda")  # images in [0, 1], eval mode
 
-resnet18 (He et al., CIFAR variant used by MART/MAIL: 3x3 stem, no max-pool), preact18 (Rice et al.
-2020), wrn34 (WRN-34-10, Madry/TRADES) and wrn16 (WRN-16-k, a small net for CPU studies).
-`width` is the first stage's channel count for the ResNets (default 64) and the widen factor k for
-the WRNs (default 10 for wrn34, 4 for wrn16).
+resnet18 (He et al., CIFAR variant used by MART/MAIL: 3x3 stem, no max-pool), preact18 (Rice et al. 2020), wrn34
+(WRN-34-10, Madry/TRADES), wrn28 (WRN-28-10, Gowal et al., with ReLU) and wrn16 (WRN-16-k, a small net for CPU
+studies). `width` is the first stage's channel count for the ResNets (default 64) and the widen factor k for the
+WRNs (default 10, 4 for wrn16).
 """
+import copy
 import json
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import cli
 
 STATS = {  # per-channel mean and true (population) std of each training set
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -95,6 +98,7 @@ ARCHS = {
     "resnet18": lambda n, w: resnet(n, w or 64, preact=False),
     "preact18": lambda n, w: resnet(n, w or 64, preact=True),
     "wrn34": lambda n, w: wrn(n, 34, w or 10),
+    "wrn28": lambda n, w: wrn(n, 28, w or 10),
     "wrn16": lambda n, w: wrn(n, 16, w or 4),
 }
 
@@ -107,60 +111,78 @@ def build(arch: str, num_classes: int, mean: tuple = STATS["cifar10"][0], std: t
     return Normalized(ARCHS[arch](num_classes, width), tuple(mean), tuple(std))
 
 
-# ---- checkpoints: written by train.py, read by attack.py and by anyone using a trained model ----
+# ---- the weight average that train.py --ema evaluates and saves
+
+class EMA:
+    """Weight averaging as DM-Improves-AT's gowal21uncovering/utils/watrain.py does it (ema_update, update_bn):
+    a copy of the model whose parameters follow p_ema = d p_ema + (1 - d) p after every optimizer step, with
+    d = 0 (a plain copy) for the first 2.5% of the run's steps, then d = min(decay, (1 + t) / (10 + t)) t steps
+    later; the BatchNorm statistics are not averaged but taken from the trained model before each use."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, steps: int):
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.source, self.decay, self.warmup = list(model.parameters()), decay, 0.025 * steps
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """After optimizer step `step` (1 for the run's first); no host-device synchronisation."""
+        t = step - self.warmup
+        d = 0.0 if t < 0 else min(self.decay, (1 + t) / (10 + t))
+        params = list(self.model.parameters())
+        torch._foreach_mul_(params, d)
+        torch._foreach_add_(params, self.source, alpha=1 - d)
+
+    @torch.no_grad()
+    def take_buffers(self, model: torch.nn.Module) -> torch.nn.Module:
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        return self.model
+
+
+# ---- checkpoints: written by train.py, read here for training, resuming, --init, attack.py and anyone else ----
 
 CHECKPOINT_KEYS = ("model", "arch", "num_classes", "mean", "std", "eps", "dataset")
 
 
-def pick_device(name: str | None) -> torch.device:
-    """--device, defaulting to CUDA when present; ValueError for a name torch or this machine lacks."""
+def read(path: str, flag: str | None = None) -> dict:
+    """A train.py checkpoint as a dict of CPU tensors and primitives (torch.load with weights_only=True);
+    ValueError with a readable message (after "--flag: " where a flag named the file) for a missing file, a file
+    that is no checkpoint, or any other dict."""
+    said = f"{flag}: " if flag else ""
+    if not os.path.isfile(path):
+        raise ValueError(f"{said}no such checkpoint: {path}")
     try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N)")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"--device {name}: no such CUDA device on this machine")
-    return device
-
-
-def read_checkpoint(path: str) -> dict:
-    """torch.load(weights_only=True) of an existing file; ValueError with a readable message otherwise."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "Weights only load failed" in str(e):
-            raise ValueError(f"{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
-                             "it is not a train.py checkpoint (load it only if you trust its source)")
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__})")
-
-
-def from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> nn.Module:
-    """The model a train.py checkpoint dict describes, with its weights, on `device`, in eval mode."""
-    model = build(ckpt["arch"], ckpt["num_classes"], ckpt["mean"], ckpt["std"], ckpt.get("width"))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise ValueError(f"its weights do not fit arch {ckpt['arch']} with {ckpt['num_classes']} classes")
-    return model.to(device).eval()
-
-
-def read(path: str) -> dict:
-    """A train.py checkpoint as a dict (weights_only); ValueError with a readable message for anything else."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no such checkpoint: {path}")
-    ckpt = read_checkpoint(path)
+            raise ValueError(f"{said}{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
+                             "it is not a train.py checkpoint (load it only if you trust its source)") from None
+        raise ValueError(f"{said}{path} is not a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)})")
+        raise ValueError(f"{said}{path} is not a train.py checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)})")
     return ckpt
+
+
+def with_weights(model: nn.Module, weights: dict, error: str) -> nn.Module:
+    """model with `weights` loaded; ValueError(error) where they do not fit it."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        raise ValueError(error) from None
+    return model
+
+
+def from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", path: str = "checkpoint") -> nn.Module:
+    """The model a train.py checkpoint describes, with its weights (the average, for a run with --ema), on
+    `device`, in eval mode."""
+    model = build(ckpt["arch"], ckpt["num_classes"], ckpt["mean"], ckpt["std"], ckpt.get("width"))
+    error = f"{path}: its weights do not fit arch {ckpt['arch']} with {ckpt['num_classes']} classes"
+    return with_weights(model, ckpt["model"], error).to(device).eval()
 
 
 def load(path: str, device: str | torch.device = "cpu") -> nn.Module:
     """The model of a train.py checkpoint, in eval mode: images in [0, 1], normalization inside, nothing else to do."""
-    ckpt = read(path)
-    try:
-        return from_checkpoint(ckpt, pick_device(str(device)))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return from_checkpoint(read(path), cli.pick_device(str(device)), path)
 
 
 def _cpu(obj):

@@ -11,6 +11,7 @@ import torch
 
 import attack
 import data
+import models
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +47,7 @@ def test_custom_attacks_match_a_direct_package_call(ckpt: Path) -> None:
     assert not os.path.exists(str(path) + ".state")
 
     from pyautoattack import AutoAttack
-    model, _ = attack.load_model(str(ckpt), "cpu")
+    model = models.load(str(ckpt))
     d = data.load_data("synthetic", "")
     x, y = d["x_test"][:24].float() / 255, d["y_test"][:24]
     aa = AutoAttack(model, eps=24 / 255, norm="Linf", version="standard", device="cpu", seed=0)
@@ -161,7 +162,7 @@ def test_progress_on_a_terminal_and_package_lines_with_verbose(ckpt: Path, capsy
 def test_model_card_has_what_robustbench_asks(ckpt: Path) -> None:
     run(ckpt, *QUICK, "--attacks", "apgd-ce", "--seed", 4)
     res = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce", "Linf", 8, 24, 4, bs=12)).read_text())
-    card, model = res["robustbench"], attack.load_model(str(ckpt), "cpu")[0]
+    card, model = res["robustbench"], models.load(str(ckpt))
     assert card == dict(standard_autoattack_full_test_set=False, dataset="synthetic", threat_model="Linf",
                         eps=8 / 255, eps_str="8/255", clean_acc=res["clean_acc"], autoattack_acc=res["robust_acc"],
                         attacks="apgd-ce", n_points=24, architecture="wrn16 width 1",
@@ -220,7 +221,8 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     res = torchrun()
     args = attack.get_args([str(tmp_path / "last.pt"), *flags])
     args.rank, args.world, args.device = 0, 1, "cpu"
-    model, c = attack.load_model(str(tmp_path / "last.pt"), "cpu")
+    c = models.read(str(tmp_path / "last.pt"))
+    model = models.from_checkpoint(c)
     x, y = attack.test_points(c, args)
     clean = attack.predict(model, x, 6, "cpu") == y
     ref = []

@@ -18,11 +18,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent
+
+
+def aux_file(path: Path) -> str:
+    """Generated images in DM-Improves-AT's format: `image` uint8 N x 32 x 32 x 3, `label`."""
+    rng = np.random.default_rng(1)
+    np.savez(path, image=(rng.random((100, 32, 32, 3)) * 255).astype(np.uint8), label=np.arange(100) % 10)
+    return str(path)
 
 LAUNCHER = '''
 import os, sys
@@ -117,7 +125,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     the switch within each half of the batch, once over the whole batch), and DDP with the default model."""
     tmp, eq, sovr = tmp_path_factory.mktemp("ddp"), ("--loss", "ce", "--eps", "0"), ("--loss", "sovr", "--eps", "0")
     jobs = dict(ddp=start(tmp, "ddp", 2, True, *eq), single=start(tmp, "single", 1, True, *eq),
-                ddp_bn=start(tmp, "ddp_bn", 2, False, "--epochs", "1"), ddp_sovr=start(tmp, "ddp_sovr", 2, True, *sovr),
+                ddp_bn=start(tmp, "ddp_bn", 2, False, "--epochs", "1", "--ema", "--aux-data", aux_file(tmp / "aux.npz")),
+                ddp_sovr=start(tmp, "ddp_sovr", 2, True, *sovr),
                 halves=start(tmp, "halves", 1, True, *sovr, sovr_shards=2), whole=start(tmp, "whole", 1, True, *sovr))
     try:
         return {name: finish(*job) for name, job in jobs.items()}
@@ -151,7 +160,8 @@ def test_ddp_sovr_switches_within_each_ranks_shard(runs: dict[str, Path]) -> Non
 
 
 def test_ddp_ranks_agree_with_train_mode_batchnorm(runs: dict[str, Path]) -> None:
-    """Default model and loss: weights and BatchNorm statistics end the same on every rank."""
+    """Default model and loss, with weight averaging and generated data: the average's weights and BatchNorm
+    statistics end the same on every rank."""
     w0, w1 = weights(runs["ddp_bn"], 0), weights(runs["ddp_bn"], 1)
     for k in w0:
         assert torch.equal(w0[k], w1[k]), f"ranks differ at {k}"

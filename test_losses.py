@@ -320,12 +320,15 @@ def datasets(tmp_path_factory) -> dict:
         x = (rng.random((112, 3, 8, 8)) * 128 + (y % 10)[:, None, None, None] * 12).astype(np.uint8)
         out[k] = str(root / f"tiny{k}.npz")
         np.savez(out[k], x_train=x[:96], y_train=y[:96], x_test=x[96:], y_test=y[96:])
+    out["aux"] = str(root / "aux100.npz")  # generated images for the 100-class data, in DM-Improves-AT's format
+    np.savez(out["aux"], image=(rng.random((200, 8, 8, 3)) * 255).astype(np.uint8), label=np.arange(200) % 100)
     return out
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # On CUDA (bf16 autocast, channels_last), eagerly and compiled, every objective runs once, on the 100-class data
-# with EMR riding along: enough to catch a dtype or device error without doubling the GPU suite's time.
+# with EMR, weight averaging and generated data riding along: enough to catch a dtype or device error without
+# doubling the GPU suite's time.
 RUNS = [(c, d, []) for c in (10, 100) for d in ("cpu",)] + [
     pytest.param(100, "cuda", flags, marks=CUDA) for flags in ([], ["--compile"])]
 
@@ -334,7 +337,7 @@ RUNS = [(c, d, []) for c in (10, 100) for d in ("cpu",)] + [
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_trains_without_nan_and_writes_checkpoints(name: str, classes: int, device: str, flags: list, datasets: dict,
                                                    tmp_path) -> None:
-    emr = ["--emr", "0.1"] if classes == 100 else []  # EMR rides along on the 100-class runs
+    emr = ["--emr", "0.1", "--ema", "--aux-data", datasets["aux"]] if classes == 100 else []  # ride along
     train.main(["--dataset", datasets[classes], "--arch", "wrn16", "--width", "1", "--val", "16", "--epochs", "2",
                 "--milestones", "1", "--batch", "32", "--steps", "2", "--eval-steps", "1", "--burn-in", "1",
                 "--loss", name, "--device", device, "--out", str(tmp_path), *emr, *flags])

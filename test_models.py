@@ -15,6 +15,7 @@ def n_params(m: torch.nn.Module) -> int:
     ("resnet18", 11_173_962),  # CIFAR ResNet-18 as in MART/MAIL code: 11.17M
     ("preact18", 11_172_170),  # PreAct ResNet-18 (Rice et al.)
     ("wrn34", 46_160_474),     # WRN-34-10 (Madry/TRADES): 46.16M
+    ("wrn28", 36_479_194),     # WRN-28-10 (Gowal et al., DM-Improves-AT with Swish): 36.48M
 ])
 def test_parameter_counts(arch: str, expected: int) -> None:
     assert n_params(models.build(arch, 10)) == expected

@@ -65,13 +65,85 @@ def test_real_subset_trains(tmp_path: Path) -> None:
     assert ckpt["mean"] == pytest.approx(models.STATS["cifar10"][0], abs=0.02)
 
 
-def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    run(*SMOKE, "--out", tmp_path / "a")
-    run(*SMOKE, "--out", tmp_path / "b", "--stop-after", 1)
+def aux_file(path: Path, n: int = 300, size: int = 32, classes: int = 10) -> Path:
+    """Generated images in DM-Improves-AT's format: `image` uint8 N x H x W x 3, `label`."""
+    rng = np.random.default_rng(1)
+    np.savez(path, image=(rng.random((n, size, size, 3)) * 255).astype(np.uint8), label=np.arange(n) % classes)
+    return path
+
+
+@pytest.mark.parametrize("extra", [[], ["--ema", "--aux-data"]])
+def test_resume_matches_uninterrupted_run(tmp_path: Path, extra: list) -> None:
+    flags = [*SMOKE, *extra] + ([aux_file(tmp_path / "aux.npz")] if extra else [])
+    run(*flags, "--out", tmp_path / "a")
+    run(*flags, "--out", tmp_path / "b", "--stop-after", 1)
     assert load(tmp_path / "b" / "last.pt")["epoch"] == 1
-    run(*SMOKE, "--out", tmp_path / "b", "--resume")
+    run(*flags, "--out", tmp_path / "b", "--resume")
     a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for weights in ("model", "unaveraged") if extra else ("model",):  # with --ema, the average and the trained model
+        assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
+
+
+def test_ema_is_the_model_that_is_validated_saved_and_loaded(tmp_path: Path) -> None:
+    run(*SMOKE, "--ema", "0.9", "--out", tmp_path)
+    last, best = load(tmp_path / "last.pt"), load(tmp_path / "best.pt")
+    assert "unaveraged" in last and "unaveraged" not in best
+    assert any(not torch.equal(last["model"][k], last["unaveraged"][k]) for k in last["model"])
+    loaded = models.load(str(tmp_path / "last.pt"))  # as attack.py rebuilds it: the average
+    assert all(torch.equal(v, last["model"][k]) for k, v in loaded.state_dict().items())
+    d = data.load_data("synthetic", "")
+    args = train.get_args([*SMOKE, "--ema", "0.9"])
+    final = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]["final"]
+    assert train.evaluate(loaded, d["x_test"], d["y_test"], args) == (final["last"]["test_clean"], final["last"]["test_pgd"])
+
+
+def test_ema_update_follows_dm_improves_at() -> None:
+    """watrain.py's ema_update: a copy until 2.5% of the run's steps, then decay min(tau, (1 + t) / (10 + t))."""
+    model = torch.nn.Linear(2, 1)
+    ema = models.EMA(model, 0.995, steps=400)  # warm-up: 10 steps
+    for step, decay in ((3, 0.0), (10, 0.1), (11, 2 / 11), (2000, 0.995)):
+        before = ema.model.weight.clone()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(step)
+        torch.testing.assert_close(ema.model.weight, decay * before + (1 - decay) * model.weight)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    bn = torch.nn.BatchNorm1d(2)
+    ema = models.EMA(bn, 0.9, 1)
+    bn.running_mean.fill_(3.0)  # the trained model's statistics move: the average takes them over (update_bn)
+    assert ema.take_buffers(bn).running_mean.tolist() == [3.0, 3.0] and ema.model is not bn
+
+
+def test_generated_data_fills_its_share_of_every_batch() -> None:
+    """int(0.7 * 64) = 44 generated images in every batch of 64 (semisup.py's int(batch_size * unsup_fraction)), the
+    rest from the training tensors, never from elsewhere (the held-out validation images are not among them)."""
+    x = torch.zeros(256, 3, 32, 32, dtype=torch.uint8)  # real images: black, labels 0..4
+    aux = torch.full((50, 3, 32, 32), 255, dtype=torch.uint8), torch.arange(50) % 5 + 5  # generated: white, labels 5..9
+    seen = []
+    for xb, yb in data.batches(x, torch.arange(256) % 5, 64, 0, 0, aux=aux, aux_fraction=0.7):
+        white = xb[:, :, 16, 16].mean(1) == 1.0  # the centre pixel survives every crop
+        assert white.sum() == 44 and torch.equal(white, yb >= 5) and not white[:20].all()  # shuffled in
+        seen.append(yb)
+    assert len(seen) == 4  # an epoch counts the batches of one pass over the real set, as without generated data
+    halves = list(data.batches(x, torch.arange(256) % 5, 64, 0, 0, rank=1, world=2, aux=aux, aux_fraction=0.7))
+    assert all(0 < (yb >= 5).sum() < 32 for _, yb in halves)  # each process's share mixes both
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(img=np.zeros((4, 32, 32, 3), np.uint8), label=np.arange(4)), "lacks array 'x_train'"),
+    (dict(image=np.zeros((4, 28, 28, 3), np.uint8), label=np.arange(4)), "must be uint8 images of the dataset's size"),
+    (dict(image=np.zeros((4, 32, 32, 3), np.float32), label=np.arange(4)), "must be uint8 images"),
+    (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.arange(3)), "as many labels"),
+    (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.array([0, 1, 2, 10])), "labels run from 0 to 10"),
+    (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.array([0, 1, 2, 3])), "labels run from 0 to 3; the dataset's classes are 0..9"),
+    (dict(x_train=np.zeros((4, 3, 32, 32), np.uint8), y_train=np.array([0, 1, 2, 3])), "labels run from 0 to 3"),
+])
+def test_bad_generated_data_gives_one_clear_line(tmp_path: Path, capsys, arrays: dict, match: str) -> None:
+    np.savez(tmp_path / "aux.npz", **arrays)
+    expect_error(capsys, [*SMOKE, "--aux-data", tmp_path / "aux.npz", "--out", tmp_path / "o"], match)
+    assert not (tmp_path / "o").exists()
+    expect_error(capsys, [*SMOKE, "--aux-data", tmp_path / "no.npz", "--out", tmp_path / "o"], "--aux-data: no such file")
+    expect_error(capsys, [*SMOKE, "--aux-fraction", "0.5", "--out", tmp_path / "o"], "--aux-fraction needs --aux-data")
 
 
 def test_evaluation_is_seeded_so_the_same_weights_give_the_same_figures() -> None:
@@ -105,7 +177,7 @@ def expect_error(capsys, argv: list, match: str) -> None:
     (["--ratio", "1.5"], "--ratio must lie in [0, 1]"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--val", "5000"], "--val must lie in"),
-    (["--resume"], "no checkpoint at"),
+    (["--resume"], "--resume: no such checkpoint"),
     (["--resume", "yes"], "takes no value or 'auto', not 'yes'"),
     (["--device", "gpu"], "--device 'gpu' is not a device name"),
     (["--width", "0"], "--width must be >= 1"),
@@ -148,8 +220,8 @@ def test_resume_auto_of_a_finished_run_says_so(tmp_path: Path, capsys) -> None:
 
 
 def test_refused_init_or_resume_leaves_no_folder(tmp_path: Path, capsys) -> None:
-    expect_error(capsys, [*SMOKE, "--out", tmp_path / "a", "--init", tmp_path / "nope.pt"], "--init: no checkpoint at")
-    expect_error(capsys, [*SMOKE, "--out", tmp_path / "b", "--resume"], "--resume: no checkpoint at")
+    expect_error(capsys, [*SMOKE, "--out", tmp_path / "a", "--init", tmp_path / "nope.pt"], "--init: no such checkpoint")
+    expect_error(capsys, [*SMOKE, "--out", tmp_path / "b", "--resume"], "--resume: no such checkpoint")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -205,7 +277,7 @@ def test_init_starts_from_the_checkpoint_weights_with_a_fresh_schedule(tmp_path:
                  "holds a resnet18 with 10 classes, not a preact18 with 10")
     expect_error(capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "a" / "last.pt", "--width", 4],
                  "do not fit --arch resnet18 --width 4")
-    expect_error(capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "nope.pt"], "--init: no checkpoint at")
+    expect_error(capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "nope.pt"], "--init: no such checkpoint")
 
 
 def test_resume_from_other_configuration_and_unwritable_out(tmp_path: Path, capsys) -> None:
@@ -245,12 +317,12 @@ def test_offline_download_says_what_to_do(tmp_path: Path, capsys, monkeypatch) -
     assert want in str(e.value.code) and "--dataset file.npz" in str(e.value.code), msg
 
 
-@pytest.mark.parametrize("init", [False, True])
-def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path, init: bool) -> None:
+@pytest.mark.parametrize("variant", ["plain", "init", "ema"])
+def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path, variant: str) -> None:
     """A run killed mid-epoch and restarted with the identical command ends as an uninterrupted run; also a run
-    that starts from --init without --width (which --init fills in from its checkpoint)."""
-    flags = ["--smoke"]
-    if init:
+    that starts from --init without --width (which --init fills in from its checkpoint), and one with --ema."""
+    flags = ["--smoke"] + ["--ema"] * (variant == "ema")
+    if variant == "init":
         run(*SMOKE, "--epochs", 1, "--out", tmp_path / "pre")
         flags = ["--dataset", "synthetic", "--val", 64, "--batch", 64, "--steps", 2, "--eval-steps", 2,
                  "--init", tmp_path / "pre" / "last.pt"]
@@ -271,7 +343,8 @@ def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path, i
     again = call(tmp_path / "b")
     assert again.returncode == 0 and "resumed after epoch" in again.stdout, again.stdout + again.stderr
     a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for weights in ("model", "unaveraged") if variant == "ema" else ("model",):
+        assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
     assert a["width"] == b["width"] == 8
     recs = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs[:-1]] == [1, 2, 3] and "final" in recs[-1]
@@ -323,9 +396,11 @@ def test_compiled_step_matches_eager_step_on_cpu() -> None:
         args.compile = compiled
         net, atk = train.wrap(model, args, world=1)
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+        ema = models.EMA(model, 0.995, steps=0)
         torch.manual_seed(1)  # the same PGD start
-        stats = train.train_step(net, atk, opt, losses.OBJECTIVES["sovr"], x8.float() / 255, y, args, 0, amp=False)
-        out[compiled] = stats, model.state_dict()
+        stats = train.train_step(net, atk, opt, losses.OBJECTIVES["sovr"], x8.float() / 255, y, args, 0, amp=False,
+                                 ema=ema, step=1)
+        out[compiled] = stats, {**model.state_dict(), **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}}
     assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-5)
     for k, v in out[False][1].items():
@@ -370,20 +445,20 @@ def test_pgd_on_cuda_matches_cpu(no_tf32) -> None:
 
 
 @CUDA
-@pytest.mark.parametrize("loss, flags", [(name, []) for name in sorted(losses.OBJECTIVES)] + [("ce", ["--emr", "1"])])
+@pytest.mark.parametrize("loss, flags", [(name, []) for name in sorted(losses.OBJECTIVES)] + [("ce", ["--emr", "1"]),
+                                                                                         ("sovr", ["--ema"])])
 def test_cuda_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> None:
     """A host-device synchronisation inside the step would stall the GPU at every step: none may happen."""
     args = train.get_args(["--smoke", "--loss", loss, "--burn-in", "0", *flags])  # reweighting on from step 1
     model = models.build("resnet18", 10, width=8).cuda().to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     x_pool, y_pool = tiny_batch("cuda", 64)
-    g = torch.Generator("cuda").manual_seed(0)
-    perm = torch.randperm(len(x_pool), device="cuda", generator=g)  # drawn once per epoch
+    batches = data.batches(x_pool, y_pool, 32, 0, 0)  # train.py's own batches and step
+    ema = models.EMA(model, 0.995, 10) if "--ema" in flags else None
 
-    def step() -> torch.Tensor:  # train.py's loop body
-        idx = perm[:32]
-        x = data.augment(x_pool[idx], g).contiguous(memory_format=torch.channels_last)
-        return train.train_step(model, model, opt, losses.OBJECTIVES[loss], x, y_pool[idx], args, 0, amp=True)
+    def step() -> torch.Tensor:
+        return train.train_step(model, model, opt, losses.OBJECTIVES[loss], *next(batches), args, 0, amp=True,
+                                ema=ema, step=20)
     step()  # warm-up: cuDNN autotuning and lazy initialisation may synchronise once
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -13,11 +13,8 @@ and the logit margins of PGD-20 examples of the training points the losses act o
 important points are the 30% with the smallest margin under the common starting checkpoint, the same points
 for every loss. Runs go two at a time with one CPU thread each; the pre-training alone uses both.
 """
-import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +24,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import attack  # noqa: E402
+import cli  # noqa: E402
 import models  # noqa: E402
 from data import load_data  # noqa: E402
+from study import STUDY_RATIO, sh  # noqa: E402  (one runner and one pinned ratio for the CPU studies)
 
 SUBSET = "../shared/data/cifar10_subset.npz"  # as train.py is run from the repository root
 ROOT = HERE / "late"
@@ -41,7 +40,6 @@ EXTRA = [("trades", 0, None, False), ("trades-sovr", 0, None, False)] + [("sovr"
 EXTRA += [("ovr", s, None, False) for s in SEEDS]  # the sweep's best, ratio 1 (pure OVR; ran as --loss sovr --ratio 1.0)
 EXTRA += [(loss, 0, None, True) for loss in ("ce", "sovr")]  # weight averaging (issue 22)
 AA = "apgd-ce,apgd-t"
-STUDY_RATIO = 0.4  # the sovr and trades-sovr runs without a ratio of their own, pinned
 STANDARD_ON, N_STANDARD = [(l, 1, None, False) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
 COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-limit", str(TRAIN),
           "--val", str(VAL), "--compile", "--device", "cpu"]
@@ -49,14 +47,6 @@ COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-l
 
 def name(loss: str, seed: int, ratio: float | None, ema: bool = False) -> str:
     return f"{loss}-s{seed}" + ("" if ratio is None else f"-ratio{ratio:g}") + ("-ema" if ema else "")
-
-
-def sh(cmd: list, log: Path, threads: int = 1) -> None:
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO,
-                       env={**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""})
 
 
 def finished(out: Path) -> bool:
@@ -120,7 +110,8 @@ def margins(ckpt: Path) -> None:
     import torch
     from losses import pgd
     torch.manual_seed(0)
-    model, c = attack.load_model(str(ckpt), "cpu")
+    c = models.read(str(ckpt))
+    model = models.from_checkpoint(c)
     data = load_data(str(REPO / SUBSET), "")
     split = torch.randperm(len(data["x_train"]), generator=torch.Generator().manual_seed(0))  # as train.py
     tr = split[VAL:][:TRAIN]
@@ -338,7 +329,7 @@ def histograms(found: dict) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--table", action="store_true", help="only re-write the table and figures from what exists")
     p.add_argument("--margins", default=None, help="(internal) compute the margins JSON of one checkpoint")
     a = p.parse_args()

@@ -22,14 +22,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import attack  # noqa: E402  (its result file names and its histogram)
+import cli  # noqa: E402
 
 SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 TEST_POINTS = 1017  # the subset's test images
-STUDY_RATIO = 0.4  # the sovr runs without a ratio of their own: sovr.DEFAULT_RATIO when this study ran
+STUDY_RATIO = 0.4  # the CPU studies' sovr and trades-sovr runs without a ratio of their own, pinned
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     a = p.add_argument
     a("--losses", default="ce,mail,sovr,gairat,trades,trades-sovr", help="comma-separated --loss values")
     a("--seeds", default="0,1", help="comma-separated seeds for every loss (default 0,1)")
@@ -61,12 +62,13 @@ def name(r: dict) -> str:
     return f"{r['loss']}-s{r['seed']}" + ("" if r["ratio"] is None else f"-ratio{r['ratio']:g}")
 
 
-def sh(cmd: list, log: Path) -> None:
+def sh(cmd: list, log: Path, threads: int = 1) -> None:
+    """Runs cmd from the repository root on the CPU with `threads` threads, appending it and its output to log."""
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""})
 
 
 def milestones(e: int) -> str:

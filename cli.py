@@ -1,0 +1,82 @@
+"""What train.py, attack.py and bench.py share as command-line programs: their argument parser, the device and
+torchrun setup, one clear line for an error a user can cause, a live progress line, and matplotlib."""
+import argparse
+import os
+import sys
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def parser(doc: str, **kw) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device, defaulting to CUDA when present; ValueError for a name torch or this machine lacks."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device on this machine")
+    return device
+
+
+def setup(name: str | None, benchmark: bool = True) -> tuple[torch.device, int, int]:
+    """Device, rank and process count: one process, or under torchrun one per GPU (gloo processes on the CPU).
+    With `benchmark`, cuDNN times its kernels once for the fixed shapes of training."""
+    if "RANK" in os.environ:
+        cuda = torch.cuda.is_available() and name != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        device = pick_device(name)
+    torch.backends.cudnn.benchmark = benchmark and device.type == "cuda"
+    return device, dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1
+
+
+def run(prog: str, job: Callable[[], object], out_of_memory: str, interrupted: str) -> None:
+    """Runs job(); an error a user can cause ends in one line and a non-zero exit, never a traceback."""
+    try:
+        job()
+    except (ValueError, FloatingPointError, OSError) as e:
+        sys.exit(f"{prog}: error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"{prog}: error: CUDA out of memory {out_of_memory}")
+    except KeyboardInterrupt:
+        sys.exit(f"{prog}: interrupted; {interrupted}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def progress(total: int, desc: str, unit: str, rank: int = 0):
+    """A live tqdm line on a terminal, on rank 0; elsewhere (logs, CI, other ranks, no tqdm) a silent one."""
+    quiet = rank > 0 or not sys.stderr.isatty() or total == 0
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is in requirements.txt; without it there is just no live line
+        tqdm, quiet = _Silent, True
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=quiet)
+
+
+class _Silent:
+    disable = True
+
+    def __init__(self, **kw):
+        self.update = self.set_postfix_str = self.close = lambda *a: None
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
