@@ -110,12 +110,9 @@ def resumed(state_path: str, settings: dict, clean: torch.Tensor) -> tuple[torch
 
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str,
                settings: dict) -> tuple[torch.Tensor, dict]:
-    """Per-point robust flags, and how many points stay robust after each attack. Attacks run in the version's
-    order (or --attacks, with the version's settings), each on the points still robust, in batches of --bs as the
-    package batches them (it reseeds every batch, so in one process the flags equal one direct call's; under
-    torchrun the shards change which points share a batch, see the README); the flags are saved after each
-    attack with the run's settings, so a rerun of the same evaluation skips the attacks done (and a state of other
-    settings is refused, never mixed in)."""
+    """Per-point robust flags, and how many points stay robust after each attack: the version's attacks (or
+    --attacks) in order, each on the points still robust, in batches of --bs as the package batches them (it reseeds
+    every batch: in one process the flags equal one direct call's); saved after each attack, for a rerun."""
     aa, run = make_autoattack(model, eps, args)
     robust, after = resumed(state_path, settings, clean)
     for name in [a for a in (args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)) if a not in after]:
@@ -190,8 +187,7 @@ def evaluate(path: str, args) -> dict:
     out_path = result_path(path, s["mode"], args.norm, eps_int, s["n"], args.seed, args.bs, other_data, args.version,
                            args.world, s["device"])
     state_path = out_path + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
-    t0, clean = time.time(), predict(model, x, args.bs, args.device) == y
-    res = dict(settings=s, versions=versions())
+    t0, clean, res = time.time(), predict(model, x, args.bs, args.device) == y, dict(settings=s, versions=versions())
     if args.margins:
         torch.manual_seed(args.seed)  # PGD's random starts
         m = torch.tensor(gather(margins(model, x, y, eps, args.bs, args.device).tolist()))
@@ -208,15 +204,20 @@ def evaluate(path: str, args) -> dict:
         res["robustbench"] = model_card(ckpt, model, res, eps, args)
     if args.rank == 0:
         models.write_json(res, out_path)
-        print(f"{path}: clean {res['clean_acc']:.2%}, " + (
-            f"mean margin {res['mean_margin']:.3f}, mean of the 30% smallest {res['mean_margin_smallest30']:.3f}"
-            if args.margins else f"AutoAttack ({s['mode']}, {args.norm} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}")
-            + f", {res['time_s']:.0f}s" + (f" on {args.world} processes" if args.world > 1 else "") + f"\nwrote {out_path}")
+        print(f"{path}: clean {res['clean_acc']:.2%}, {summary(res)}, {res['time_s']:.0f}s"
+              + (f" on {args.world} processes" if args.world > 1 else "") + f"\nwrote {out_path}")
     if dist.is_initialized():
         dist.barrier()  # the result is written: every shard's state can go
     if os.path.exists(state_path):
         os.remove(state_path)
     return res
+
+
+def summary(res: dict) -> str:
+    s = res["settings"]
+    if s["mode"] == "margins":
+        return f"mean margin {res['mean_margin']:.3f}, mean of the 30% smallest {res['mean_margin_smallest30']:.3f}"
+    return f"AutoAttack ({s['mode']}, {s['norm']} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}"
 
 
 def versions() -> dict:

@@ -5,8 +5,9 @@
 
 Measured in one run on one device, by the same code for CPU and CUDA. Times are medians of --repeats timed
 repeats after --warmup untimed ones; the model is untrained, which does not change its speed.
-  train      one step of train.py's loop: augment() + losses.OBJECTIVES[--loss] (PGD-10 taking only input
-             gradients, then the training forward) + backward + SGD; channels_last, bf16 autocast on CUDA
+  train      one step of train.py's loop, by its own code: data.batches() (crop and flip on the device) and
+             train.train_step() (PGD-10 taking only input gradients, the training forward, backward, SGD, and
+             with --ema the average's update); channels_last, bf16 autocast on CUDA
   textbook   the same step as most public repos write it: a DataLoader with PIL transforms, fp32, NCHW, and
              PGD steps that call loss.backward() (parameter gradients too) and model.zero_grad()
   loss cost  sovr_loss against F.cross_entropy, forward + backward, on float32 logits [512, 10] and [512, 100]

@@ -1,15 +1,10 @@
-"""PGD and the training objectives that train.py selects with --loss.
+"""PGD, the training objectives that train.py selects with --loss, and their flags (defaults; sources: README).
 
-Every objective has the signature (net, atk, x, y, args, epoch) -> (loss, adversarial logits):
-`net` is the model used for the training forward pass (DDP-wrapped or compiled),
-`atk` the plain model the attack runs on, `args` train.py's flags. It crafts its own
-adversarial examples, so the training loop is the same for all of them.
-
-Objectives are declared with @objective(name): the body returns (loss, z_adv, x_adv) and the
-registered wrapper adds --emr's regularizer at x_adv when args.emr > 0, then returns (loss, z_adv);
-so EMR combines with every loss and the loop never changes. The formulas live in pure functions
-of logits that return one value per sample ([B], float32, float64 if given), testable on
-hand-made logits. Defaults not verified from a paper or its official code say "our choice".
+Every objective is (net, atk, x, y, args, epoch) -> (loss, adversarial logits): `net` is the model of the training
+forward pass (DDP-wrapped or compiled), `atk` the plain model the attack runs on, `args` train.py's flags; it
+crafts its own adversarial examples, so the training loop is the same for all. @objective(name) registers a body
+returning (loss, z_adv, x_adv) and adds --emr's regularizer at x_adv, so EMR combines with every loss. The
+formulas are pure functions of logits, one value per sample ([B], float32, float64 if given).
 """
 import functools
 from contextlib import contextmanager
@@ -135,10 +130,9 @@ MAIL_SCALE = 3.0  # mail_loss.py: normalized_reweight = reweight * 3
 
 
 def mail_weights(z_adv, y, slope: float, bias: float) -> torch.Tensor:
-    """MAIL, as the official mail_loss.py computes it: w = 3 sigmoid(slope (PM' + bias)) with PM' = p_2nd - p_y
-    = -prob_margin, on the adversarial logits, without gradient; no rescaling to mean 1. The weights lie in
-    (0, 3), so the batch's mean weight scales the step: the effective learning rate is lr * mean(w), which
-    moves with training (near 3 lr for a batch of badly misclassified points, near 0 for a well-fitted one)."""
+    """MAIL, as the official mail_loss.py computes it: w = 3 sigmoid(slope (PM' + bias)), PM' = p_2nd - p_y =
+    -prob_margin, without gradient and without rescaling to mean 1, so that the step scales with the batch's
+    mean weight (near 3 lr for badly misclassified points, near 0 for well-fitted ones)."""
     return MAIL_SCALE * torch.sigmoid(slope * (bias - prob_margin(z_adv.detach(), y)))
 
 
@@ -166,9 +160,7 @@ def logit_diff_distance(z_adv, z_clean, y) -> torch.Tensor:
     return torch.linalg.vector_norm(d, dim=1)
 
 
-# EMR's softmax temperature in the official scripts (ziquanliu/Effective_Margin_Reg): train-AT-EMR.sh passes
-# temp=40.0 (with lambda 3.0), train-TRADES-EMR.sh temp=1.0 (lambda 1.0), train-MAIL-AT-EMR.sh none, so
-# src/argument.py's default --EMR_softmax_temp 0.1 (lambda 1.0). Losses without an official EMR script take AT's.
+# EMR's softmax temperature by loss, as the official scripts set it (README, Objectives); the others take AT's.
 EMR_TEMP = {"trades": 1.0, "trades-sovr": 1.0, "mail": 0.1}
 EMR_TEMP_AT = 40.0
 
@@ -187,19 +179,14 @@ def emr_penalty(model: nn.Module, x_adv: torch.Tensor, temp: float) -> torch.Ten
 
 
 def emr_regularizer(model: nn.Module, x_adv: torch.Tensor, temp: float, batch: int) -> torch.Tensor:
-    """The official AT-EMR regularizer (main-AT-EMR.py): it averages s over the batch, takes the gradient of
-    that mean, and sums its squares, i.e. (1/B^2) sum_i ||grad_x s_i||^2 for a batch of B. It shrinks as 1/B
-    per sample: lambda means the same only at the same batch size (128 in the official scripts).
-    `batch` is the global batch (--batch); x_adv holds this process's share of it. Under torchrun each of W
-    ranks adds sum_local / (B_local * B) and DDP averages the gradients over ranks, which gives exactly the
-    one-process value (1/B^2) sum_i over the global batch."""
+    """The official AT-EMR regularizer: the gradient of the batch mean of s, squared and summed, i.e.
+    (1/B^2) sum_i ||grad_x s_i||^2 for the global batch B (--batch; x_adv is this process's share). Under torchrun
+    each rank adds sum_local / (B_local B) and DDP averages over ranks: exactly the one-process value."""
     return emr_penalty(model, x_adv, temp).sum() / (len(x_adv) * batch)
 
 
 def emr_lambda(args, epoch: int) -> float:
-    """--emr, multiplied by --emr-decay at each --milestones epoch, as the learning rate is (the official code
-    multiplies lambda_EMR by EMR_decay = 0.1 where its lr drops: at epochs 60 and 90 of main-AT-EMR.py, where
-    it decays lambda one epoch before its per-iteration lr schedule does)."""
+    """--emr, multiplied by --emr-decay at each --milestones epoch, as the learning rate is."""
     return args.emr * args.emr_decay ** sum(epoch >= m for m in args.milestones)
 
 

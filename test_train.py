@@ -16,6 +16,7 @@ import torch
 import data
 import losses
 import models
+import runlog
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -365,7 +366,7 @@ def test_live_progress_only_on_a_terminal(tmp_path: Path, capsys, monkeypatch) -
 
 def test_training_goes_on_without_matplotlib(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    monkeypatch.setattr(train, "_NO_MATPLOTLIB", [])
+    monkeypatch.setattr(runlog, "_SAID", [])
     run(*SMOKE, "--out", tmp_path)
     err = capsys.readouterr().err
     assert err.count("matplotlib is not installed: no curves.png is drawn") == 1  # said once, not every epoch

@@ -9,8 +9,6 @@ Writes <out>/last.pt (resumable), <out>/best.pt (best validation PGD-20), <out>/
 Where each default comes from: README.md, Objectives.
 """
 import argparse
-import contextlib
-import json
 import os
 import sys
 import time
@@ -22,6 +20,7 @@ import cli
 import data
 import losses
 import models
+import runlog
 from losses import OBJECTIVES, pgd
 
 # Flags that may change between a run and its --resume without changing the result.
@@ -288,67 +287,36 @@ def end_epoch(model, ema: models.EMA | None, opt, sched, args, d: dict, rec: dic
     if rec["val_pgd"] > best:
         best = rec["val_pgd"]
         models.save(checkpoint(judged, args, d, rec["epoch"], rec), os.path.join(args.out, "best.pt"))
-    with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # before last.pt: a restart trims what last.pt lacks
-        f.write(json.dumps(rec) + "\n")
+    runlog.append(args.out, rec)  # before last.pt: a restart trims what last.pt lacks
     models.save({**checkpoint(judged, args, d, rec["epoch"], rec), "optimizer": opt.state_dict(), "best": best,
                  "scheduler": sched.state_dict(), **({"unaveraged": model.state_dict()} if ema else {})},
                 os.path.join(args.out, "last.pt"))
-    draw_curves(args.out)
+    runlog.curves(args.out)
     return best
 
 
-def log_records(out: str) -> list[dict]:
-    """log.jsonl's records (epochs, then the test report), without a line that a killed run left half-written."""
-    path, recs = os.path.join(out, "log.jsonl"), []
-    with open(path) if os.path.exists(path) else contextlib.nullcontext([]) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                recs.append(json.loads(line))
-    return recs
+def load(args, device: torch.device, rank: int, world: int) -> tuple:
+    """The dataset (rank 0 downloads first), its training and validation tensors on the device, and the generated
+    images of --aux-data or None (validation stays on real images)."""
+    if rank > 0:
+        dist.barrier()
+    d = data.load_data(args.dataset, args.data_dir)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    train_set, val_set = data.train_val(d, args.val, args.train_limit, args.batch, device)
+    return d, train_set, val_set, data.load_aux(args.aux_data, d, device) if args.aux_data else None
 
 
-def trim_log(out: str, epochs_done: int) -> None:
-    """Keep the records of the epochs last.pt holds: none for a fresh run, and on resume not the one a killed run
-    may have logged after its last checkpoint."""
-    keep = [json.dumps(r) + "\n" for r in log_records(out) if r.get("epoch", epochs_done + 1) <= epochs_done]
-    with open(os.path.join(out, "log.jsonl.tmp"), "w") as f:
-        f.writelines(keep)
-    os.replace(os.path.join(out, "log.jsonl.tmp"), os.path.join(out, "log.jsonl"))
-
-
-def final_record(out: str) -> dict | None:
-    """The test report a finished run appended to its log.jsonl, if any."""
-    return next((r["final"] for r in reversed(log_records(out)) if "final" in r), None)
-
-
-_NO_MATPLOTLIB = []
-
-
-def draw_curves(out: str) -> None:
-    """curves.png from log.jsonl: validation clean and PGD accuracy with the best epoch marked, training
-    adversarial accuracy and loss, learning rate. Robust overfitting shows as a falling PGD curve."""
-    plt = cli.pyplot()
-    if plt is None:
-        if not _NO_MATPLOTLIB:
-            print("matplotlib is not installed: no curves.png is drawn (pip install matplotlib)", file=sys.stderr)
-            _NO_MATPLOTLIB.append(True)
-        return
-    recs = [r for r in log_records(out) if "epoch" in r]
-    e, best = [r["epoch"] for r in recs], max(recs, key=lambda r: r["val_pgd"])
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.3))
-    for key, name, style in (("val_clean", "val clean", "-"), ("val_pgd", "val PGD", "-"), ("train_adv_acc", "train adversarial", ":")):
-        a1.plot(e, [100 * r[key] for r in recs], label=name, linestyle=style)
-    a1.axvline(best["epoch"], color="gray", linewidth=0.8)
-    a1.annotate(f"best.pt: epoch {best['epoch']}", (best["epoch"], 100 * best["val_pgd"]), fontsize=8)
-    a1.legend(fontsize=8)
-    a2.plot(e, [r["train_loss"] for r in recs])
-    a3.plot(e, [r["lr"] for r in recs])
-    for ax, name in ((a1, "accuracy %"), (a2, "training loss"), (a3, "learning rate")):
-        ax.set(xlabel="epoch", ylabel=name)
-    a3.set_yscale("log" if min(r["lr"] for r in recs) > 0 else "linear")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
-    plt.close(fig)
+def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, world: int, device, amp: bool) -> str:
+    """The run in a few lines: where it writes, what it starts from, what it trains, and what its flags imply."""
+    return "\n".join([
+        f"run folder {args.out}" + (f", resumed after epoch {start}" if start else "")
+        + (f", starting from the weights of {args.init}" if args.init and not start else ""),
+        f"{losses.label(vars(args))} {args.arch} on {args.dataset}: {n_train} train / {n_val} val images"
+        + (f" + {len(aux[0])} from {args.aux_data} ({args.aux_fraction:g} of each batch, on {aux[0].device})" if aux else "")
+        + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr "
+        f"{args.lr} (x0.1 after epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, "
+        f"device {device}, bf16 training {amp}, fp32 evaluation", *notes(args)])
 
 
 def train(args) -> dict:
@@ -360,34 +328,20 @@ def train(args) -> dict:
         raise ValueError(f"{args.out} holds a run already (last.pt): continue it with --resume (or --resume auto), "
                          "or choose another --out")
     torch.manual_seed(args.seed)
-    if rank > 0:
-        dist.barrier()  # rank 0 downloads first
-    d = data.load_data(args.dataset, args.data_dir)
-    if rank == 0 and world > 1:
-        dist.barrier()
-    (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
-    aux = data.load_aux(args.aux_data, d, device) if args.aux_data else None  # validation stays on real images
+    d, (x_tr, y_tr), (x_val, y_val), aux = load(args, device, rank, world)
     model, ema, opt, sched, start, best = make_model(args, d, device, world, len(x_tr) // args.batch)
-    if start >= args.epochs and final_record(args.out):
+    if start >= args.epochs and runlog.final(args.out):
         log(f"{args.out} has finished its {args.epochs} epochs; its test results are in log.jsonl")
-        return final_record(args.out)
+        return runlog.final(args.out)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)  # only now: a refused --init or --resume leaves no folder
         if not os.access(args.out, os.W_OK):
             raise ValueError(f"output directory {args.out} is not writable")
-        trim_log(args.out, start)  # a fresh start empties an old log; a resume drops epochs last.pt lacks
+        runlog.trim(args.out, start)  # a fresh start empties an old log; a resume drops epochs last.pt lacks
     amp = device.type == "cuda" if args.amp is None else args.amp
-    log(f"run folder {args.out}" + (f", resumed after epoch {start}" if start else "") +
-        (f", starting from the weights of {args.init}" if args.init and not start else ""))
-    log(f"{losses.label(vars(args))} {args.arch} on {args.dataset}: {len(x_tr)} train / {len(x_val)} val images"
-        + (f" + {len(aux[0])} from {args.aux_data} ({args.aux_fraction:g} of each batch, on {aux[0].device})" if aux else "")
-        + ", "
-        f"{len(x_tr) // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr "
-        f"{args.lr} (x0.1 after epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, "
-        f"device {device}, bf16 training {amp}, fp32 evaluation", *notes(args), sep="\n")
+    log(describe(args, len(x_tr), len(x_val), aux, start, world, device, amp))
     net, atk = wrap(model, args, world)
-    end = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after)
-    t_run = time.time()
+    end, t_run = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after), time.time()
     for epoch in range(start, end):
         t0 = time.time()
         stats = train_epoch(net, atk, opt, ema, x_tr, y_tr, aux, args, epoch, amp, rank, world)
@@ -418,8 +372,7 @@ def final_report(args, model, atk, d: dict, device, log, rank: int) -> dict:
         out[name] = dict(epoch=state["epoch"], test_clean=clean, test_pgd=rob)
         log(f"test {name}.pt (epoch {state['epoch']}): clean {clean:.2%} pgd{args.eval_steps} {rob:.2%}")
     if rank == 0:
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"final": out}) + "\n")
+        runlog.append(args.out, {"final": out})
     return out
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 import attack  # noqa: E402
 import cli  # noqa: E402
 import models  # noqa: E402
+import runlog  # noqa: E402
 from data import load_data  # noqa: E402
 from study import STUDY_RATIO, sh  # noqa: E402  (one runner and one pinned ratio for the CPU studies)
 
@@ -50,7 +51,7 @@ def name(loss: str, seed: int, ratio: float | None, ema: bool = False) -> str:
 
 
 def finished(out: Path) -> bool:
-    return (out / "log.jsonl").exists() and '"final"' in (out / "log.jsonl").read_text()
+    return runlog.final(str(out)) is not None
 
 
 def pretrain() -> Path:
@@ -83,8 +84,7 @@ def continue_run(loss: str, seed: int, ratio: float | None, ema: bool, start: Pa
 
 def checkpoints(out: Path) -> list[Path]:
     """last.pt, and best.pt unless it is the same epoch (then the same weights)."""
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    final = [r["final"] for r in log if "final" in r][-1]
+    final = runlog.final(str(out))
     return [out / "last.pt"] + ([out / "best.pt"] if final["best"]["epoch"] != final["last"]["epoch"] else [])
 
 
@@ -212,8 +212,7 @@ def metrics(ckpt: Path) -> dict | None:
     if pending_eval(ckpt):
         return None
     aa, mg = json.loads(aa_result(ckpt).read_text()), json.loads(margins_result(ckpt).read_text())
-    log = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
-    final = [r["final"] for r in log if "final" in r][-1][ckpt.stem]
+    final = runlog.final(str(ckpt.parent))[ckpt.stem]
     out = dict(epoch=final["epoch"], clean=aa["clean_acc"], pgd20=final["test_pgd"], apgd_ce=aa["robust_after"]["apgd-ce"],
                aa=aa["robust_acc"], train_pgd20=mean([v > 0 for v in mg["train"]]))
     for part in ("train", "test"):
@@ -266,7 +265,7 @@ def tables() -> None:
                 ckpt = out / f"{which}.pt"
                 if which == "best" and out / "best.pt" not in checkpoints(out):
                     ckpt = out / "last.pt"  # best is the last epoch
-                mt = metrics(ckpt) if (out / "log.jsonl").exists() else None
+                mt = metrics(ckpt)
                 if mt:
                     mt["gap"] = mt["pgd20"] - mt["aa"]
                     found[(r, which)] = mt

@@ -23,6 +23,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import attack  # noqa: E402  (its result file names and its histogram)
 import cli  # noqa: E402
+import runlog  # noqa: E402
 
 SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 TEST_POINTS = 1017  # the subset's test images
@@ -98,7 +99,7 @@ def one(r: dict, args, root: Path) -> None:
            "--milestones", milestones(e), "--val", str(args.val), "--burn-in", str(e // 2 if args.burn_in is None else args.burn_in)]
     cmd += ["--ratio", str(STUDY_RATIO if r["ratio"] is None else r["ratio"])] if "sovr" in r["loss"] else []
     t0 = time.time()
-    if not (out / "log.jsonl").exists() or "final" not in (out / "log.jsonl").read_text():
+    if runlog.final(str(out)) is None:
         sh(cmd + (["--resume"] if (out / "last.pt").exists() else []), log)
     aa = ["--version", args.aa] if args.aa in ("standard", "plus", "rand") else ["--attacks", args.aa]
     common = [str(out / "best.pt"), "--device", "cpu", "--bs", "500"]
@@ -112,9 +113,7 @@ def one(r: dict, args, root: Path) -> None:
 
 
 def row(out: Path, args) -> dict:
-    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    final = [r["final"]["best"] for r in log if "final" in r][-1]
-    recs = [r for r in log if "final" not in r]
+    final, recs = runlog.final(str(out))["best"], [r for r in runlog.records(str(out)) if "final" not in r]
     aa = json.loads(result(out, mode(args.aa), args.n_aa).read_text())
     m = json.loads(result(out, "margins", 0).read_text())
     found = args.extra_aa and result(out, mode(args.extra_aa), 0)
@@ -139,11 +138,11 @@ def fmt(vals: list[float], n: int) -> str:
 def table(root: Path, args) -> str:
     groups: dict = {}
     for r in runs(args):
-        if (root / name(r)).exists():
+        if runlog.final(str(root / name(r))):
             try:
                 found = row(root / name(r), args)
-            except (IndexError, FileNotFoundError, AttributeError):
-                continue  # unfinished
+            except AttributeError:
+                continue  # trained, not yet evaluated
             groups.setdefault((r["loss"], r["ratio"]), []).append(found)
     if not groups:
         return ""
