@@ -39,7 +39,7 @@ MAIN, SEEDS = ("ce", "mail", "gairat", "sovr"), (0, 1, 2)
 # A run is (loss, seed, ratio or None, ema): --ratio for sovr losses, train.py --ema (weight averaging) or not.
 EXTRA = [("trades", 0, None, False), ("trades-sovr", 0, None, False)] + [("sovr", 0, r, False) for r in (0.1, 0.2, 0.6)]
 EXTRA += [("ovr", s, None, False) for s in SEEDS]  # the sweep's best, ratio 1 (pure OVR; ran as --loss sovr --ratio 1.0)
-EXTRA += [(loss, 0, None, True) for loss in ("ce", "sovr")]  # weight averaging (issue 22)
+EXTRA += [(loss, s, None, True) for s in SEEDS for loss in ("ce", "sovr")]  # weight averaging (issue 22)
 AA = "apgd-ce,apgd-t"
 STANDARD_ON, N_STANDARD = [(l, 1, None, False) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
 COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-limit", str(TRAIN),
