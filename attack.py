@@ -8,6 +8,7 @@ Results go to <checkpoint>.<settings>.json beside each checkpoint. AutoAttack ru
 attack after another on the points still robust (as the package does internally), and records each finished
 attack with its settings, so an interrupted run continues where it stopped.
 """
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,6 @@ import cli
 import losses
 import models
 from data import load_data
-from sovr import logit_margin
 
 VERSIONS = ("standard", "plus", "rand")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -132,17 +132,6 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps
     return robust, after
 
 
-def margins(model, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int, device: str) -> torch.Tensor:
-    """z_y - max_{k != y} z_k on PGD-20 (step eps/4, CE) adversarial examples."""
-    out = []
-    for k in range(0, len(x), bs):
-        xb, yb = x[k:k + bs].to(device), y[k:k + bs].to(device)
-        x_adv, _ = losses.pgd(model, xb, yb, eps, eps / 4, 20)
-        with torch.no_grad():
-            out.append(logit_margin(model(x_adv), yb).cpu())
-    return torch.cat(out)
-
-
 def result_path(checkpoint: str, mode: str, norm: str, eps_int: float, n: int, seed: int, bs: int = 500,
                 dataset: str | None = None, version: str = "standard", processes: int = 1, device: str = "cpu") -> str:
     """Where evaluate() writes its JSON, named by every setting that can change a per-point result (the device by
@@ -151,15 +140,6 @@ def result_path(checkpoint: str, mode: str, norm: str, eps_int: float, n: int, s
              f"-{os.path.splitext(os.path.basename(dataset))[0]}" if dataset else "", f"-p{processes}" * (processes > 1),
              f"-{device}" * (device != "cpu")]
     return f"{os.path.splitext(checkpoint)[0]}.{mode}-{norm}-eps{eps_int}-n{n}-seed{seed}{''.join(extra)}.json"
-
-
-def gather(values: list) -> list:
-    """Every process's list, concatenated in rank order (the order of the shards)."""
-    if not dist.is_initialized():
-        return values
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
 
 
 def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
@@ -190,15 +170,15 @@ def evaluate(path: str, args) -> dict:
     t0, clean, res = time.time(), predict(model, x, args.bs, args.device) == y, dict(settings=s, versions=versions())
     if args.margins:
         torch.manual_seed(args.seed)  # PGD's random starts
-        m = torch.tensor(gather(margins(model, x, y, eps, args.bs, args.device).tolist()))
+        m = torch.tensor(cli.gather(losses.pgd_margins(model, x, y, eps, args.bs).tolist()))
         small = m.sort().values[:max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
     else:
         robust, after = autoattack(model, x, y, clean, eps, args, state_path, s)
-        robust = gather(robust.int().tolist())
+        robust = cli.gather(robust.int().tolist())
         res.update(robust_acc=sum(robust) / s["n"], robust=robust,
-                   robust_after={k: sum(gather([v])) / s["n"] for k, v in after.items()})
-    clean = gather(clean.int().tolist())
+                   robust_after={k: sum(cli.gather([v])) / s["n"] for k, v in after.items()})
+    clean = cli.gather(clean.int().tolist())
     res.update(clean_acc=sum(clean) / s["n"], clean=clean, time_s=time.time() - t0)
     if not args.margins:
         res["robustbench"] = model_card(ckpt, model, res, eps, args)
@@ -223,10 +203,8 @@ def summary(res: dict) -> str:
 def versions() -> dict:
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("pyautoattack", "autoattack"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             found[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return found
 
 

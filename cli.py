@@ -1,5 +1,5 @@
 """What train.py, attack.py and bench.py share as command-line programs: their argument parser, the device and
-torchrun setup, one clear line for an error a user can cause, a live progress line, and matplotlib."""
+torchrun setup and gathering, one clear line for an error a user can cause, a live progress line, and matplotlib."""
 import argparse
 import os
 import sys
@@ -37,6 +37,15 @@ def setup(name: str | None, benchmark: bool = True) -> tuple[torch.device, int, 
         device = pick_device(name)
     torch.backends.cudnn.benchmark = benchmark and device.type == "cuda"
     return device, dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1
+
+
+def gather(values: list) -> list:
+    """Every torchrun process's list, concatenated in rank order (the order of the shards)."""
+    if not dist.is_initialized():
+        return values
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
 
 
 def run(prog: str, job: Callable[[], object], out_of_memory: str, interrupted: str) -> None:

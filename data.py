@@ -7,13 +7,26 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import models
 
 
 def load_data(name: str, data_dir: str) -> dict:
-    """uint8 NCHW images and int64 labels; ValueError with a readable message on bad input."""
+    """uint8 NCHW images and int64 labels; ValueError with a readable message on bad input. Under torchrun rank 0
+    reads (and downloads) first, then the others, so that no two processes download into one folder."""
+    later = dist.is_initialized() and dist.get_rank() > 0
+    if later:
+        dist.barrier()
+    try:
+        return _read(name, data_dir)
+    finally:  # also after an error: the others then meet it themselves
+        if dist.is_initialized() and not later:
+            dist.barrier()
+
+
+def _read(name: str, data_dir: str) -> dict:
     if name == "synthetic":  # learnable: the class sets the mean colour of the image
         g = torch.Generator().manual_seed(0)
         y = torch.randint(0, 10, (1200,), generator=g)

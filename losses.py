@@ -1,4 +1,4 @@
-"""PGD, the training objectives that train.py selects with --loss, and their flags (defaults; sources: README).
+"""PGD, the PGD figures of evaluation, the training objectives that train.py selects with --loss, and their flags (defaults; sources: README).
 
 Every objective is (net, atk, x, y, args, epoch) -> (loss, adversarial logits): `net` is the model of the training
 forward pass (DDP-wrapped or compiled), `atk` the plain model the attack runs on, `args` train.py's flags; it
@@ -12,9 +12,10 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from sovr import DEFAULT_RATIO, ovr_loss, sovr_loss
+from sovr import DEFAULT_RATIO, logit_margin, ovr_loss, sovr_loss
 
 
 @contextmanager
@@ -76,6 +77,41 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
     return x_adv.detach(), kappa
 
+
+
+def pgd_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
+               bs: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the clean and of the PGD images, in fp32 batches of bs moved to the model's device; x in [0, 1]
+    or uint8 (divided by 255 per batch)."""
+    device, out = next(model.parameters()).device, []
+    for k in range(0, len(x), bs):
+        xb, yb = x[k:k + bs].to(device), y[k:k + bs].to(device)
+        xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+        x_adv, _ = pgd(model, xb, yb, eps, step, steps)
+        with torch.no_grad():
+            out.append((model(xb), model(x_adv)))
+    return torch.cat([z for z, _ in out]), torch.cat([z for _, z in out])
+
+
+def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, seed: int,
+                 bs: int = 500) -> tuple[float, float]:
+    """Clean and PGD accuracy in eval mode (train.py's validation and test figures), random starts seeded, so the
+    same weights give the same figures; under torchrun each rank attacks its share and the counts are summed."""
+    model.eval()
+    torch.manual_seed(seed)  # train.py reseeds every epoch, so this draws nothing away from training
+    r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    z, z_adv = pgd_logits(model, x[r::w], y[r::w], eps, step, steps, bs)
+    y = y[r::w].to(z.device)
+    counts = torch.stack([(z.argmax(1) == y).sum(), (z_adv.argmax(1) == y).sum(), y.new_tensor(len(y))]).float()
+    if w > 1:
+        dist.all_reduce(counts)
+    return (counts[0] / counts[2]).item(), (counts[1] / counts[2]).item()
+
+
+def pgd_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int = 500) -> torch.Tensor:
+    """z_y - max_{k != y} z_k on PGD-20 examples (step eps/4, CE), on the CPU: the margin diagnostic of
+    attack.py --margins and results/."""
+    return logit_margin(pgd_logits(model, x, y, eps, eps / 4, 20, bs)[1].cpu(), y.cpu())
 
 # ---- per-sample formulas: logits [B, K] in, [B] out ----
 

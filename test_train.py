@@ -183,6 +183,9 @@ def expect_error(capsys, argv: list, match: str) -> None:
     (["--device", "gpu"], "--device 'gpu' is not a device name"),
     (["--width", "0"], "--width must be >= 1"),
     (["--eps", "-8"], "--eps must be >= 0"),
+    (["--milestones", "5,x"], "--milestones: must be comma-separated integers, not '5,x'"),
+    (["--milestones", "0"], "--milestones must be >= 1"),
+    (["--ema", "1.5"], "--ema must lie in (0, 1), got 1.5"),
     (["--device", "cuda:7"], "no such CUDA device"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv: list, match: str) -> None:

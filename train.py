@@ -21,7 +21,7 @@ import data
 import losses
 import models
 import runlog
-from losses import OBJECTIVES, pgd
+from losses import OBJECTIVES
 
 # Flags that may change between a run and its --resume without changing the result.
 RESUMABLE = {"resume", "stop_after", "device", "compile", "data_dir", "out"}
@@ -63,7 +63,8 @@ def data_flags(a) -> None:
 
 def recipe_flags(a) -> None:
     a("--epochs", type=int, default=110, help="epochs (default 110)")
-    a("--milestones", default=None, help="epochs after which lr and EMR lambda x0.1 (default: 100/110, 105/110 of --epochs)")
+    a("--milestones", type=_ints, default=None, help="epochs after which lr and EMR lambda x0.1 (default: 100/110, "
+      "105/110 of --epochs)")
     a("--lr", type=float, default=0.1, help="SGD learning rate for the global batch (default 0.1)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     a("--wd", type=float, default=5e-4, help="weight decay (default 5e-4)")
@@ -92,6 +93,13 @@ def run_flags(a) -> None:
     a("--smoke", action="store_true", help=f"defaults for a seconds-long CPU check: {SMOKE}")
 
 
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(m) for m in value.replace(" ", "").split(",") if m]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, not {value!r}") from None
+
+
 def _auto(value: str) -> str:
     if value != "auto":
         raise argparse.ArgumentTypeError(f"takes no value or 'auto', not {value!r}")
@@ -105,42 +113,27 @@ def check(args: argparse.Namespace) -> None:
             if getattr(args, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
     losses.resolve(args)
-    if args.width is not None and args.width < 1:
-        raise ValueError("--width must be >= 1")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise ValueError(f"--ema must lie in (0, 1), got {args.ema:g}")
-    if args.aux_fraction is not None and not args.aux_data:
-        raise ValueError("--aux-fraction needs --aux-data")
+    for bad, message in [(args.width is not None and args.width < 1, "--width must be >= 1"),
+                         (args.ema is not None and not 0 < args.ema < 1, f"--ema must lie in (0, 1), got {args.ema}"),
+                         (args.aux_fraction is not None and not args.aux_data, "--aux-fraction needs --aux-data")]:
+        if bad:
+            raise ValueError(message)
     args.aux_fraction = (AUX_FRACTION if args.aux_fraction is None else args.aux_fraction) if args.aux_data else None
     if args.aux_data and not 0 <= args.aux_fraction < 1:
         raise ValueError(f"--aux-fraction must lie in [0, 1), got {args.aux_fraction:g}")
     if args.milestones is None:  # the recipe's 100 and 105 of 110 epochs, scaled, each before the last epoch
         args.milestones = sorted({min(round(args.epochs * f / 110), args.epochs - 1) for f in (100, 105)} - {0})
-    else:
-        try:
-            args.milestones = [int(m) for m in args.milestones.replace(" ", "").split(",") if m]
-        except ValueError:
-            raise ValueError(f"--milestones must be comma-separated integers, got {args.milestones!r}") from None
     if any(m < 1 for m in args.milestones):
         raise ValueError("--milestones must be >= 1 (a drop after epoch 0 would lower the lr from the start)")
-
-
-def notes(args: argparse.Namespace) -> list[str]:
-    """What a combination of flags means that its names do not say: a schedule that never takes effect."""
-    late = ",".join(str(m) for m in args.milestones if m >= args.epochs)
-    return ([f"note: the lr drops after epochs {late} (--milestones) never happen in --epochs {args.epochs}"] * bool(late)
-            + [f"note: --burn-in {args.burn_in} >= --epochs {args.epochs}: {args.loss} never reweights, this run is "
-               "plain PGD-AT"] * (args.loss in ("mail", "gairat") and args.burn_in >= args.epochs))
 
 
 # ---- the step
 
 def train_step(net, atk, opt: torch.optim.Optimizer, objective, x: torch.Tensor, y: torch.Tensor, args, epoch: int,
                amp: bool, ema: models.EMA | None = None, step: int = 0) -> torch.Tensor:
-    """One optimizer step of `objective` (which crafts its own adversarial examples) under bf16 autocast if amp,
-    then the weight average's update (run step `step`). Returns [loss, adversarial accuracy] as a device tensor:
-    reading it is left to the caller, so that the step never waits for the GPU (tests run it under
-    torch.cuda.set_sync_debug_mode("error"))."""
+    """One optimizer step of `objective` (it crafts its own adversarial examples), bf16 autocast if amp, then the
+    average's update (run step `step`). [loss, adversarial accuracy] stays on the device: the step never waits for
+    the GPU (tests run it under torch.cuda.set_sync_debug_mode("error"))."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
         loss, z = objective(net, atk, x, y, args, epoch)
     opt.zero_grad(set_to_none=True)
@@ -152,22 +145,8 @@ def train_step(net, atk, opt: torch.optim.Optimizer, objective, x: torch.Tensor,
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, bs: int = 500) -> tuple[float, float]:
-    """Clean and PGD accuracy in fp32 (as attack.py), eval-mode BN, --eval-steps, random starts seeded from --seed
-    (the same weights give the same figures); counts are summed over ranks."""
-    model.eval()
-    torch.manual_seed(args.seed)  # training reseeds every epoch, so this draws nothing away from it
-    if dist.is_initialized():  # each rank evaluates its shard
-        x, y = x[dist.get_rank()::dist.get_world_size()], y[dist.get_rank()::dist.get_world_size()]
-    counts = torch.zeros(2, device=x.device)
-    for k in range(0, len(x), bs):
-        xb, yb = x[k:k + bs].float() / 255, y[k:k + bs]
-        x_adv, _ = pgd(model, xb, yb, args.eps / 255, args.step / 255, args.eval_steps)
-        with torch.no_grad():
-            counts += torch.stack([(model(xb).argmax(1) == yb).sum(), (model(x_adv).argmax(1) == yb).sum()])
-    n = torch.tensor(float(len(x)), device=x.device)
-    if dist.is_initialized():
-        dist.all_reduce(counts), dist.all_reduce(n)
-    return tuple((counts / n).tolist())
+    """Clean and PGD-<--eval-steps> accuracy in fp32 (as attack.py), seeded from --seed, summed over ranks."""
+    return losses.pgd_accuracy(model, x, y, args.eps / 255, args.step / 255, args.eval_steps, args.seed, bs)
 
 
 # ---- the run: its model, its epochs, what it saves
@@ -251,8 +230,7 @@ def train_epoch(net, atk, opt, ema: models.EMA | None, x_tr: torch.Tensor, y_tr:
             stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp, ema, epoch * steps + s + 1)
             bar.update(args.batch)
             if not bar.disable and ((s + 1) % 10 == 0 or s + 1 == steps):
-                epoch_s = bar.format_dict["elapsed"] * steps / (s + 1)
-                left = epoch_s * ((steps - s - 1) / steps + args.epochs - epoch - 1)
+                left = bar.format_dict["elapsed"] / (s + 1) * (steps - s - 1 + steps * (args.epochs - epoch - 1))
                 bar.set_postfix_str(f"loss {stats[s, 0].item():.3f}, run left {left / 60:.1f}m")
     if not torch.isfinite(stats[:, 0]).all():
         bad = int((~torch.isfinite(stats[:, 0])).nonzero()[0])
@@ -275,14 +253,16 @@ def validate(model, atk, ema: models.EMA | None, opt, sched, x_val: torch.Tensor
         train_stats /= world
     t_val = time.time()
     clean, rob = evaluate(ema.take_buffers(model) if ema else atk, x_val, y_val, args)
-    tr_loss, tr_acc = train_stats.tolist()
-    return dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, val_time=time.time() - t_val, train_loss=tr_loss,
-                train_adv_acc=tr_acc, val_clean=clean, val_pgd=rob)
+    return dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, val_time=time.time() - t_val,
+                **dict(zip(("train_loss", "train_adv_acc"), train_stats.tolist())), val_clean=clean, val_pgd=rob)
 
 
 def end_epoch(model, ema: models.EMA | None, opt, sched, args, d: dict, rec: dict, best: float) -> float:
-    """Rank 0's bookkeeping: best.pt if validation PGD improved, last.pt, log.jsonl and curves.png. "model" is
-    the evaluated model (the average with --ema); last.pt also keeps the trained weights for --resume."""
+    """Rank 0's bookkeeping: the epoch's line, best.pt if validation PGD improved, last.pt, log.jsonl and
+    curves.png. "model" is the evaluated model (the average with --ema); last.pt also keeps the trained weights."""
+    print(f"epoch {rec['epoch']:3d}/{args.epochs} lr {rec['lr']:.4f} {rec['time']:6.1f}s eta "
+          f"{rec['time'] * (args.epochs - rec['epoch']) / 60:6.1f}m | train loss {rec['train_loss']:.4f} adv "
+          f"{rec['train_adv_acc']:6.2%} | val clean {rec['val_clean']:6.2%} pgd{args.eval_steps} {rec['val_pgd']:6.2%}")
     judged = ema.model if ema else model
     if rec["val_pgd"] > best:
         best = rec["val_pgd"]
@@ -295,20 +275,13 @@ def end_epoch(model, ema: models.EMA | None, opt, sched, args, d: dict, rec: dic
     return best
 
 
-def load(args, device: torch.device, rank: int, world: int) -> tuple:
-    """The dataset (rank 0 downloads first), its training and validation tensors on the device, and the generated
-    images of --aux-data or None (validation stays on real images)."""
-    if rank > 0:
-        dist.barrier()
-    d = data.load_data(args.dataset, args.data_dir)
-    if rank == 0 and world > 1:
-        dist.barrier()
-    train_set, val_set = data.train_val(d, args.val, args.train_limit, args.batch, device)
-    return d, train_set, val_set, data.load_aux(args.aux_data, d, device) if args.aux_data else None
-
-
 def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, world: int, device, amp: bool) -> str:
-    """The run in a few lines: where it writes, what it starts from, what it trains, and what its flags imply."""
+    """The run in a few lines: where it writes, what it starts from, what it trains, and what a combination of
+    flags means that their names do not say (a schedule that never takes effect)."""
+    late = ",".join(str(m) for m in args.milestones if m >= args.epochs)
+    notes = ([f"note: the lr drops after epochs {late} (--milestones) never happen in --epochs {args.epochs}"] * bool(late)
+             + [f"note: --burn-in {args.burn_in} >= --epochs {args.epochs}: {args.loss} never reweights, this run is "
+                "plain PGD-AT"] * (args.loss in ("mail", "gairat") and args.burn_in >= args.epochs))
     return "\n".join([
         f"run folder {args.out}" + (f", resumed after epoch {start}" if start else "")
         + (f", starting from the weights of {args.init}" if args.init and not start else ""),
@@ -316,7 +289,7 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
         + (f" + {len(aux[0])} from {args.aux_data} ({args.aux_fraction:g} of each batch, on {aux[0].device})" if aux else "")
         + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr "
         f"{args.lr} (x0.1 after epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, "
-        f"device {device}, bf16 training {amp}, fp32 evaluation", *notes(args)])
+        f"device {device}, bf16 training {amp}, fp32 evaluation", *notes])
 
 
 def train(args) -> dict:
@@ -328,7 +301,9 @@ def train(args) -> dict:
         raise ValueError(f"{args.out} holds a run already (last.pt): continue it with --resume (or --resume auto), "
                          "or choose another --out")
     torch.manual_seed(args.seed)
-    d, (x_tr, y_tr), (x_val, y_val), aux = load(args, device, rank, world)
+    d = data.load_data(args.dataset, args.data_dir)  # under torchrun, rank 0 downloads first
+    (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
+    aux = data.load_aux(args.aux_data, d, device) if args.aux_data else None  # validation stays on real images
     model, ema, opt, sched, start, best = make_model(args, d, device, world, len(x_tr) // args.batch)
     if start >= args.epochs and runlog.final(args.out):
         log(f"{args.out} has finished its {args.epochs} epochs; its test results are in log.jsonl")
@@ -341,15 +316,11 @@ def train(args) -> dict:
     amp = device.type == "cuda" if args.amp is None else args.amp
     log(describe(args, len(x_tr), len(x_val), aux, start, world, device, amp))
     net, atk = wrap(model, args, world)
-    end, t_run = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after), time.time()
+    end = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after)
     for epoch in range(start, end):
         t0 = time.time()
         stats = train_epoch(net, atk, opt, ema, x_tr, y_tr, aux, args, epoch, amp, rank, world)
         rec = validate(model, atk, ema, opt, sched, x_val, y_val, args, world, epoch, stats, t0)
-        eta = (time.time() - t_run) / (epoch + 1 - start) * (args.epochs - epoch - 1)
-        log(f"epoch {epoch + 1:3d}/{args.epochs} lr {rec['lr']:.4f} {rec['time']:6.1f}s eta {eta / 60:6.1f}m | "
-            f"train loss {rec['train_loss']:.4f} adv {rec['train_adv_acc']:6.2%} | val clean {rec['val_clean']:6.2%} "
-            f"pgd{args.eval_steps} {rec['val_pgd']:6.2%}")
         if rank == 0:
             best = end_epoch(model, ema, opt, sched, args, d, rec, best)
     if end < args.epochs:
@@ -358,17 +329,16 @@ def train(args) -> dict:
     if world > 1:
         dist.barrier()  # rank 0 has written best.pt and last.pt
     judged = (ema.model, ema.model) if ema else (model, atk)  # the module that loads weights, and how it is run
-    return final_report(args, *judged, d, device, log, rank)
+    return final_report(args, *judged, d, log, rank)
 
 
-def final_report(args, model, atk, d: dict, device, log, rank: int) -> dict:
+def final_report(args, model, atk, d: dict, log, rank: int) -> dict:
     """Test accuracy of best.pt (chosen on validation) and last.pt; the test set never selects a model."""
-    x, y = d["x_test"].to(device), d["y_test"].to(device)
     out = {}
     for name in ("best", "last"):
         state = models.read(os.path.join(args.out, f"{name}.pt"))
         model.load_state_dict(state["model"])
-        clean, rob = evaluate(atk, x, y, args)
+        clean, rob = evaluate(atk, d["x_test"], d["y_test"], args)
         out[name] = dict(epoch=state["epoch"], test_clean=clean, test_pgd=rob)
         log(f"test {name}.pt (epoch {state['epoch']}): clean {clean:.2%} pgd{args.eval_steps} {rob:.2%}")
     if rank == 0:

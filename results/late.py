@@ -105,10 +105,10 @@ def evaluate(ckpt: Path) -> None:
 
 
 def margins(ckpt: Path) -> None:
-    """PGD-20 margins (attack.margins: eval mode, step eps/4) of the training points train.py used, and of the
-    test points; with the training points' PGD-20 accuracy. Written beside the checkpoint."""
+    """PGD-20 margins (losses.pgd_margins, as attack.py --margins: eval mode, step eps/4) of the training points
+    train.py used, and of the test points; with the training points' PGD-20 accuracy. Written beside the checkpoint."""
     import torch
-    from losses import pgd
+    from losses import pgd, pgd_margins
     torch.manual_seed(0)
     c = models.read(str(ckpt))
     model = models.from_checkpoint(c)
@@ -117,7 +117,7 @@ def margins(ckpt: Path) -> None:
     tr = split[VAL:][:TRAIN]
     out = {}
     for part, x, y in (("train", data["x_train"][tr], data["y_train"][tr]), ("test", data["x_test"], data["y_test"])):
-        m = attack.margins(model, x.float() / 255, y, c["eps"] / 255, 500, "cpu")
+        m = pgd_margins(model, x.float() / 255, y, c["eps"] / 255)
         out[part] = [round(v, 5) for v in m.tolist()]
     x, y = data["x_train"][tr].float() / 255, data["y_train"][tr]  # the training attack: PGD-10, eval-mode BN
     hits = 0
