@@ -1,4 +1,5 @@
-"""PGD, the PGD figures of evaluation, the training objectives that train.py selects with --loss, and their flags (defaults; sources: README).
+"""PGD and the figures measured with it, the training objectives that train.py selects with --loss, and their
+flags (defaults; sources: README).
 
 Every objective is (net, atk, x, y, args, epoch) -> (loss, adversarial logits): `net` is the model of the training
 forward pass (DDP-wrapped or compiled), `atk` the plain model the attack runs on, `args` train.py's flags; it
@@ -11,8 +12,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from sovr import DEFAULT_RATIO, logit_margin, ovr_loss, sovr_loss
@@ -78,7 +79,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     return x_adv.detach(), kappa
 
 
-
 def pgd_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
                bs: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the clean and of the PGD images, in fp32 batches of bs moved to the model's device; x in [0, 1]
@@ -100,8 +100,9 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     model.eval()
     torch.manual_seed(seed)  # train.py reseeds every epoch, so this draws nothing away from training
     r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    z, z_adv = pgd_logits(model, x[r::w], y[r::w], eps, step, steps, bs)
-    y = y[r::w].to(z.device)
+    x, y = x[r::w], y[r::w]
+    z, z_adv = pgd_logits(model, x, y, eps, step, steps, bs)
+    y = y.to(z.device)
     counts = torch.stack([(z.argmax(1) == y).sum(), (z_adv.argmax(1) == y).sum(), y.new_tensor(len(y))]).float()
     if w > 1:
         dist.all_reduce(counts)
@@ -112,6 +113,7 @@ def pgd_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
     """z_y - max_{k != y} z_k on PGD-20 examples (step eps/4, CE), on the CPU: the margin diagnostic of
     attack.py --margins and results/."""
     return logit_margin(pgd_logits(model, x, y, eps, eps / 4, 20, bs)[1].cpu(), y.cpu())
+
 
 # ---- per-sample formulas: logits [B, K] in, [B] out ----
 
