@@ -2,12 +2,13 @@
 
     python attack.py runs/cifar10-resnet18-sovr-s0/best.pt          # standard AA, the training eps, full test set
     python attack.py best.pt --n 200 --attacks apgd-ce              # quick check with a subset of attacks
-    python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins --plot m.png   # margin histograms of PGD-20 examples
+    python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins --plot m.png   # margin histograms, PGD-20
 
 Results go to <checkpoint>.<settings>.json beside each checkpoint. AutoAttack runs in fp32, in eval mode, one
 attack after another on the points still robust (as the package does internally), and records each finished
 attack with its settings, so an interrupted run continues where it stopped.
 """
+
 import contextlib
 import json
 import logging
@@ -32,10 +33,22 @@ def get_args(argv: list[str] | None = None):
     p = cli.parser(__doc__)
     a = p.add_argument
     a("checkpoints", nargs="+", help="train.py checkpoints (best.pt or last.pt)")
-    a("--n", "--points", type=int, default=0, dest="n", help="evaluate the first N test points (default 0 = all); "
-      "under torchrun write --points (torchrun reads --n as its own)")
+    a(
+        "--n",
+        "--points",
+        type=int,
+        default=0,
+        dest="n",
+        help="evaluate the first N test points (default 0 = all); "
+        "under torchrun write --points (torchrun reads --n as its own)",
+    )
     a("--bs", type=int, default=500, help="batch size (default 500)")
-    a("--eps", type=float, default=None, help="radius in 1/255 units (default: the training eps; L2 needs it, e.g. 127.5)")
+    a(
+        "--eps",
+        type=float,
+        default=None,
+        help="radius in 1/255 units (default: the training eps; L2 needs it, e.g. 127.5)",
+    )
     a("--norm", default="Linf", choices=["Linf", "L2"], help="threat model (default Linf)")
     a("--version", default="standard", choices=VERSIONS, help="AutoAttack version (default standard, as RobustBench)")
     a("--attacks", default=None, help="comma-separated custom subset, e.g. apgd-ce,apgd-t, with the version's settings")
@@ -44,15 +57,22 @@ def get_args(argv: list[str] | None = None):
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
     a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
-    a("--plot", default=None, metavar="PNG", help="where --margins draws (default margins.png beside the first checkpoint)")
+    a(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="where --margins draws (default margins.png beside the first checkpoint)",
+    )
     a("--verbose", action="store_true", help="the AutoAttack package's own log lines (off by default)")
     args = p.parse_args(argv)
     unknown = set(args.attacks.split(",")) - set(ATTACKS) if args.attacks else set()
-    for bad, message in [(args.n < 0 or args.bs < 1 or args.seed < 0, "--n and --seed must be >= 0, --bs >= 1"),
-                         (args.eps is not None and args.eps <= 0, f"--eps must be > 0 (in 1/255 units), got {args.eps or 0:g}"),
-                         (args.norm == "L2" and args.eps is None, "--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)"),
-                         (args.margins and args.norm != "Linf", "--margins uses L-inf PGD; it takes --norm Linf only"),
-                         (unknown, f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}")]:
+    for bad, message in [
+        (args.n < 0 or args.bs < 1 or args.seed < 0, "--n and --seed must be >= 0, --bs >= 1"),
+        (args.eps is not None and args.eps <= 0, f"--eps must be > 0 (in 1/255 units), got {args.eps or 0:g}"),
+        (args.norm == "L2" and args.eps is None, "--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)"),
+        (args.margins and args.norm != "Linf", "--margins uses L-inf PGD; it takes --norm Linf only"),
+        (unknown, f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}"),
+    ]:
         if bad:
             p.error(message)
     return args
@@ -75,13 +95,14 @@ def test_points(ckpt: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
 
 def predict(model, x: torch.Tensor, bs: int, device: str) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(x[k:k + bs].to(device)).argmax(1).cpu() for k in range(0, len(x), bs)])
+        return torch.cat([model(x[k : k + bs].to(device)).argmax(1).cpu() for k in range(0, len(x), bs)])
 
 
 def make_autoattack(model, eps: float, args):
     """The package's own AutoAttack: pyautoattack (requirements.txt) or upstream `autoattack` if installed."""
     try:
         from pyautoattack import AutoAttack
+
         aa = AutoAttack(model, eps=eps, norm=args.norm, version=args.version, device=args.device, seed=args.seed)
         aa.verbose = args.verbose
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, batch_size=args.bs)
@@ -90,8 +111,15 @@ def make_autoattack(model, eps: float, args):
             from autoattack import AutoAttack
         except ImportError:
             raise ValueError("AutoAttack is not installed: pip install pyautoattack==0.2.0") from None
-        aa = AutoAttack(model, norm=args.norm, eps=eps, version=args.version, device=args.device, seed=args.seed,
-                        verbose=args.verbose)
+        aa = AutoAttack(
+            model,
+            norm=args.norm,
+            eps=eps,
+            version=args.version,
+            device=args.device,
+            seed=args.seed,
+            verbose=args.verbose,
+        )
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
 
 
@@ -102,14 +130,17 @@ def resumed(state_path: str, settings: dict, clean: torch.Tensor) -> tuple[torch
     with open(state_path) as f:
         st = json.load(f)
     if st.get("settings") != settings:
-        raise ValueError(f"{state_path} holds the progress of an evaluation with other settings than this one; "
-                         "finish that one with its own flags, or delete the file")
+        raise ValueError(
+            f"{state_path} holds the progress of an evaluation with other settings than this one; "
+            "finish that one with its own flags, or delete the file"
+        )
     print(f"resuming from {state_path}: {', '.join(st['after'])} already run", flush=True)
     return torch.tensor(st["robust"], dtype=torch.bool), st["after"]
 
 
-def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str,
-               settings: dict) -> tuple[torch.Tensor, dict]:
+def autoattack(
+    model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str, settings: dict
+) -> tuple[torch.Tensor, dict]:
     """Per-point robust flags, and how many points stay robust after each attack: the version's attacks (or
     --attacks) in order, each on the points still robust, in batches of --bs as the package batches them (it reseeds
     every batch: in one process the flags equal one direct call's); saved after each attack, for a rerun."""
@@ -120,36 +151,64 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps
         aa.attacks_to_run = [name]  # keeps the version's settings for that attack
         with cli.progress(len(idx), name, "pt", args.rank) as bar:
             for k in range(0, len(idx), args.bs):
-                part = idx[k:k + args.bs]
+                part = idx[k : k + args.bs]
                 robust[part] = run(x[part], y[part])[1].cpu() == y[part]
                 bar.update(len(part))
                 bar.set_postfix_str(f"robust so far {robust.float().mean():.2%}")
         after[name] = int(robust.sum())
         if args.rank == 0:
-            print(f"after {name}: robust accuracy {robust.float().mean():.2%}" +
-                  (f" on this process's {len(robust)} points" if args.world > 1 else ""), flush=True)
+            print(
+                f"after {name}: robust accuracy {robust.float().mean():.2%}"
+                + (f" on this process's {len(robust)} points" if args.world > 1 else ""),
+                flush=True,
+            )
         models.write_json(dict(settings=settings, robust=robust.tolist(), after=after), state_path)
     return robust, after
 
 
-def result_path(checkpoint: str, mode: str, norm: str, eps_int: float, n: int, seed: int, bs: int = 500,
-                dataset: str | None = None, version: str = "standard", processes: int = 1, device: str = "cpu") -> str:
+def result_path(
+    checkpoint: str,
+    mode: str,
+    norm: str,
+    eps_int: float,
+    n: int,
+    seed: int,
+    bs: int = 500,
+    dataset: str | None = None,
+    version: str = "standard",
+    processes: int = 1,
+    device: str = "cpu",
+) -> str:
     """Where evaluate() writes its JSON, named by every setting that can change a per-point result (the device by
     its rounding); those at their defaults stay out of the name (results/study.py and late.py look results up by it)."""
-    extra = [f"-{version}" * (version not in ("standard", mode)), f"-bs{bs}" * (bs != 500),
-             f"-{os.path.splitext(os.path.basename(dataset))[0]}" if dataset else "", f"-p{processes}" * (processes > 1),
-             f"-{device}" * (device != "cpu")]
+    extra = [
+        f"-{version}" * (version not in ("standard", mode)),
+        f"-bs{bs}" * (bs != 500),
+        f"-{os.path.splitext(os.path.basename(dataset))[0]}" if dataset else "",
+        f"-p{processes}" * (processes > 1),
+        f"-{device}" * (device != "cpu"),
+    ]
     return f"{os.path.splitext(checkpoint)[0]}.{mode}-{norm}-eps{eps_int}-n{n}-seed{seed}{''.join(extra)}.json"
 
 
 def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
     """Every setting of an evaluation that can change its per-point result, and the training objective's name."""
     trained = ckpt.get("args", {})
-    return dict(checkpoint=os.path.abspath(path), loss=trained.get("loss"),
-                objective=losses.label(trained) if "epochs" in trained else trained.get("loss"),
-                dataset=args.dataset or ckpt["dataset"], n=n, eps=f"{eps}/255",
-                norm=args.norm, mode="margins" if args.margins else (args.attacks or args.version).replace(",", "+"),
-                version=args.version, bs=args.bs, seed=args.seed, processes=args.world, device=torch.device(args.device).type)
+    return dict(
+        checkpoint=os.path.abspath(path),
+        loss=trained.get("loss"),
+        objective=losses.label(trained) if "epochs" in trained else trained.get("loss"),
+        dataset=args.dataset or ckpt["dataset"],
+        n=n,
+        eps=f"{eps}/255",
+        norm=args.norm,
+        mode="margins" if args.margins else (args.attacks or args.version).replace(",", "+"),
+        version=args.version,
+        bs=args.bs,
+        seed=args.seed,
+        processes=args.world,
+        device=torch.device(args.device).type,
+    )
 
 
 def evaluate(path: str, args) -> dict:
@@ -164,28 +223,45 @@ def evaluate(path: str, args) -> dict:
     mine = slice(len(y) * args.rank // args.world, len(y) * (args.rank + 1) // args.world)  # contiguous shards
     x, y = x[mine], y[mine]
     other_data = args.dataset if args.dataset and args.dataset != ckpt["dataset"] else None
-    out_path = result_path(path, s["mode"], args.norm, eps_int, s["n"], args.seed, args.bs, other_data, args.version,
-                           args.world, s["device"])
+    out_path = result_path(
+        path,
+        s["mode"],
+        args.norm,
+        eps_int,
+        s["n"],
+        args.seed,
+        args.bs,
+        other_data,
+        args.version,
+        args.world,
+        s["device"],
+    )
     state_path = out_path + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
     t0, clean, res = time.time(), predict(model, x, args.bs, args.device) == y, dict(settings=s, versions=versions())
     if args.margins:
         torch.manual_seed(args.seed)  # PGD's random starts
         m = torch.tensor(cli.gather(losses.pgd_margins(model, x, y, eps, args.bs).tolist()))
-        small = m.sort().values[:max(1, round(0.3 * len(m)))]
+        small = m.sort().values[: max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
     else:
         robust, after = autoattack(model, x, y, clean, eps, args, state_path, s)
         robust = cli.gather(robust.int().tolist())
-        res.update(robust_acc=sum(robust) / s["n"], robust=robust,
-                   robust_after={k: sum(cli.gather([v])) / s["n"] for k, v in after.items()})
+        res.update(
+            robust_acc=sum(robust) / s["n"],
+            robust=robust,
+            robust_after={k: sum(cli.gather([v])) / s["n"] for k, v in after.items()},
+        )
     clean = cli.gather(clean.int().tolist())
     res.update(clean_acc=sum(clean) / s["n"], clean=clean, time_s=time.time() - t0)
     if not args.margins:
         res["robustbench"] = model_card(ckpt, model, res, eps, args)
     if args.rank == 0:
         models.write_json(res, out_path)
-        print(f"{path}: clean {res['clean_acc']:.2%}, {summary(res)}, {res['time_s']:.0f}s"
-              + (f" on {args.world} processes" if args.world > 1 else "") + f"\nwrote {out_path}")
+        print(
+            f"{path}: clean {res['clean_acc']:.2%}, {summary(res)}, {res['time_s']:.0f}s"
+            + (f" on {args.world} processes" if args.world > 1 else "")
+            + f"\nwrote {out_path}"
+        )
     if dist.is_initialized():
         dist.barrier()  # the result is written: every shard's state can go
     if os.path.exists(state_path):
@@ -211,12 +287,21 @@ def versions() -> dict:
 def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
     """What a RobustBench model card asks for, so that a result is reported without retyping."""
     s = res["settings"]
-    return dict(standard_autoattack_full_test_set=args.version == "standard" and not args.attacks and not args.n,
-                dataset=s["dataset"], threat_model=args.norm, eps=eps, eps_str=s["eps"], clean_acc=res["clean_acc"],
-                autoattack_acc=res["robust_acc"], attacks=s["mode"], n_points=s["n"],
-                architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
-                params=sum(p.numel() for p in model.parameters()), training_loss=s["objective"],
-                eps_training=f"{ckpt['eps']}/255")
+    return dict(
+        standard_autoattack_full_test_set=args.version == "standard" and not args.attacks and not args.n,
+        dataset=s["dataset"],
+        threat_model=args.norm,
+        eps=eps,
+        eps_str=s["eps"],
+        clean_acc=res["clean_acc"],
+        autoattack_acc=res["robust_acc"],
+        attacks=s["mode"],
+        n_points=s["n"],
+        architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
+        params=sum(p.numel() for p in model.parameters()),
+        training_loss=s["objective"],
+        eps_training=f"{ckpt['eps']}/255",
+    )
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -227,8 +312,14 @@ def plot(results: list[dict], path: str) -> None:
     lo, hi = min(min(r["margins"]) for r in results), max(max(r["margins"]) for r in results)
     for r in results:
         s = r["settings"]
-        ax.hist(r["margins"], bins=60, range=(lo, hi), histtype="step", linewidth=1.5,
-                label=f"{s.get('objective') or s['loss']} ({os.path.basename(os.path.dirname(s['checkpoint']))})")
+        ax.hist(
+            r["margins"],
+            bins=60,
+            range=(lo, hi),
+            histtype="step",
+            linewidth=1.5,
+            label=f"{s.get('objective') or s['loss']} ({os.path.basename(os.path.dirname(s['checkpoint']))})",
+        )
     ax.axvline(0, color="gray", linewidth=0.8)
     ax.set(xlabel="logit margin $z_y - \\max_{k \\neq y} z_k$ on PGD-20 examples", ylabel="test points")
     ax.legend(fontsize=8)
@@ -243,14 +334,22 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("auto-attack").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 
     def job() -> None:
-        device, args.rank, args.world = cli.setup(args.device, benchmark=False)  # cuDNN's fixed kernels: per-point repeatable
+        device, args.rank, args.world = cli.setup(
+            args.device, benchmark=False
+        )  # cuDNN's fixed kernels: per-point repeatable
         args.device = str(device)
         results = [evaluate(p, args) for p in args.checkpoints]
         if args.margins and args.rank == 0:
             plot(results, args.plot or os.path.join(os.path.dirname(args.checkpoints[0]) or ".", "margins.png"))
-    cli.run("attack.py", job, f"at --bs {args.bs}: lower --bs (a new evaluation: the attacks finished so far are "
-            "kept for a rerun with the same --bs)", "the attacks finished so far are kept (a .state file beside the "
-            "checkpoint): rerun the same command to continue")
+
+    cli.run(
+        "attack.py",
+        job,
+        f"at --bs {args.bs}: lower --bs (a new evaluation: the attacks finished so far are "
+        "kept for a rerun with the same --bs)",
+        "the attacks finished so far are kept (a .state file beside the "
+        "checkpoint): rerun the same command to continue",
+    )
 
 
 if __name__ == "__main__":

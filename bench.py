@@ -19,6 +19,7 @@ repeats after --warmup untimed ones; the model is untrained, which does not chan
              hours of a 110-epoch CIFAR-10 run at this batch size (49,000 images per epoch, no evaluation).
 Prints a table and writes the figures to --out (JSON, written atomically).
 """
+
 import argparse
 import contextlib
 import itertools
@@ -28,8 +29,8 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Callable
 
 import numpy as np
 import torch
@@ -46,8 +47,15 @@ from losses import OBJECTIVES, pgd
 from sovr import sovr_loss
 
 # bf16 dense tensor-core peak in TFLOP/s, matched in this order against torch.cuda.get_device_name().
-BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312),
-                    ("L40S", 362), ("L4", 121)]
+BF16_PEAK_TFLOPS = [
+    ("H100 PCIe", 756),
+    ("H100 NVL", 835),
+    ("H100", 989),
+    ("H200", 989),
+    ("A100", 312),
+    ("L40S", 362),
+    ("L4", 121),
+]
 EPOCH_IMAGES, EPOCHS = 50_000 - 1_000, 110  # CIFAR-10 less train.py's validation images; train.py's epochs
 
 
@@ -55,20 +63,39 @@ def get_args(argv: list[str]) -> argparse.Namespace:
     p = cli.parser(__doc__)
     a = p.add_argument
     a("--arch", default="preact18", choices=sorted(models.ARCHS), help="network (default preact18)")
-    a("--width", type=int, default=None, help="ResNet base channels / WRN widen factor (default: the arch's "
-      "standard on CUDA, 16 on CPU, which keeps the default CPU run short)")
+    a(
+        "--width",
+        type=int,
+        default=None,
+        help="ResNet base channels / WRN widen factor (default: the arch's "
+        "standard on CUDA, 16 on CPU, which keeps the default CPU run short)",
+    )
     a("--loss", default="sovr", choices=["ce", "sovr"], help="training objective (default sovr)")
     a("--batch", type=int, default=32, help="training batch size (default 32)")
     a("--eval-batch", type=int, default=None, help="batch size of the evaluation attacks (default: --batch)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available, else cpu)")
     a("--repeats", type=int, default=3, help="timed repeats of each figure; the median is reported (default 3)")
-    a("--warmup", type=int, default=1, help="untimed training steps of each loop before timing, >= 1: the first "
-      "one compiles and autotunes, and its time is reported apart (default 1)")
+    a(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed training steps of each loop before timing, >= 1: the first "
+        "one compiles and autotunes, and its time is reported apart (default 1)",
+    )
     a("--workers", type=int, default=2, help="DataLoader workers of the textbook loop (default 2, as most repos)")
-    a("--threads", type=int, default=1, help="CPU threads for torch (default 1: steady figures on a machine shared "
-      "with other jobs, where two threads can run 10x slower; 0 = torch's default)")
-    a("--compile", action="store_true", help="torch.compile the project's model, as train.py --compile (the "
-      "compile time is reported apart; the textbook loop stays eager)")
+    a(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: steady figures on a machine shared "
+        "with other jobs, where two threads can run 10x slower; 0 = torch's default)",
+    )
+    a(
+        "--compile",
+        action="store_true",
+        help="torch.compile the project's model, as train.py --compile (the "
+        "compile time is reported apart; the textbook loop stays eager)",
+    )
     a("--ema", type=float, default=None, help="the project's step with train.py --ema DECAY's update (default off)")
     a("--quick", action="store_true", help="tiny counts for tests (APGD 2 iterations, 3 loss calls); no benchmark")
     a("--out", default="bench.json", help="JSON file for the figures (default bench.json)")
@@ -111,6 +138,7 @@ def device_name(device: torch.device) -> str:
 
 # ---- the project's training step: train.py's own batches and step
 
+
 def project_step(net, opt, targs: argparse.Namespace, x_pool, y_pool, amp: bool, ema=None):
     """train.py's step on its own batches (data.batches, train.train_step); `net` is the model, or
     torch.compile(model) as train.py --compile uses it."""
@@ -120,10 +148,12 @@ def project_step(net, opt, targs: argparse.Namespace, x_pool, y_pool, amp: bool,
 
     def step() -> None:
         train.train_step(net, net, opt, objective, *next(batches), targs, 0, amp, ema, next(steps))
+
     return step
 
 
 # ---- the textbook training step
+
 
 class PILDataset(torch.utils.data.Dataset):
     """uint8 HWC images handed out as PIL images through transforms, as torchvision.datasets.CIFAR10 does."""
@@ -163,20 +193,24 @@ def textbook_step(model, opt, batches, targs: argparse.Namespace, device: torch.
         opt.zero_grad()
         loss.backward()
         opt.step()
+
     return step
 
 
 # ---- the other figures
 
+
 def loss_calls(fn: Callable, logits: torch.Tensor, y: torch.Tensor, calls: int) -> Callable[[], None]:
     def run() -> None:
         for _ in range(calls):
             fn(logits.detach().requires_grad_(True), y).backward()
+
     return run
 
 
 class _GlobalOnly(contextlib.nullcontext):
     """Stands in for FlopCounterMode's module tracker, whose hooks reject torch.autograd.grad on a leaf (PGD's)."""
+
     parents = ("Global",)
 
 
@@ -197,9 +231,17 @@ def time_training(args, targs, model, net, pool: tuple, width: int | None, devic
     n_steps = args.warmup + args.repeats
     rng = np.random.default_rng(0)
     loader = torch.utils.data.DataLoader(
-        PILDataset(rng.integers(0, 256, (args.batch * n_steps, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, args.batch * n_steps),
-                   T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])),
-        batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers, pin_memory=cuda)
+        PILDataset(
+            rng.integers(0, 256, (args.batch * n_steps, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 10, args.batch * n_steps),
+            T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()]),
+        ),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=cuda,
+    )
     tb_model = models.build(args.arch, 10, width=width).to(device).train()  # fp32, NCHW
     batches = iter(loader)
     theirs = textbook_step(tb_model, sgd(tb_model, targs), batches, targs, device)
@@ -210,8 +252,11 @@ def time_training(args, targs, model, net, pool: tuple, width: int | None, devic
     runs = [(timed(ours, device), timed(theirs, device)) for _ in range(args.repeats)]
     del batches  # ends the DataLoader workers
     step_s, tb_step_s = statistics.median(r[0][0] for r in runs), statistics.median(r[1][0] for r in runs)
-    result = dict(train=dict(img_s=args.batch / step_s, step_s=[r[0][0] for r in runs], first_step_s=t_first),
-                  textbook=dict(img_s=args.batch / tb_step_s, step_s=[r[1][0] for r in runs]), speedup=tb_step_s / step_s)
+    result = dict(
+        train=dict(img_s=args.batch / step_s, step_s=[r[0][0] for r in runs], first_step_s=t_first),
+        textbook=dict(img_s=args.batch / tb_step_s, step_s=[r[1][0] for r in runs]),
+        speedup=tb_step_s / step_s,
+    )
     return result, (max(r[0][1] for r in runs), max(r[1][1] for r in runs))
 
 
@@ -241,9 +286,11 @@ def time_eval(args, targs, model, net, x_pool: torch.Tensor, device: torch.devic
     pgd20()  # warm-up: under --compile, eval mode is a graph of its own
     t_pgd = statistics.median(timed(pgd20, device)[0] for _ in range(args.repeats))
     from pyautoattack import AutoAttack  # imported here: slow to import, and only this figure needs it
+
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
-    adversary = AutoAttack(model, eps=targs.eps / 255, norm="Linf", version="custom", attacks=["apgd-ce"],
-                           device=device, seed=0)
+    adversary = AutoAttack(
+        model, eps=targs.eps / 255, norm="Linf", version="custom", attacks=["apgd-ce"], device=device, seed=0
+    )
     adversary.apgd.n_restarts, adversary.apgd.n_iter = 1, iters  # "custom" keeps the class default of 5
     t_aa, _ = timed(lambda: adversary.run_standard_evaluation(x_eval, y_eval, batch_size=eval_batch), device)
     return dict(pgd20_img_s=eval_batch / t_pgd, apgd_ce_img_s=eval_batch / t_aa, apgd_iters=iters)
@@ -256,9 +303,14 @@ def cuda_figures(result: dict, memory: tuple, targs, model, pool: tuple, device:
     tflops = flops / statistics.median(result["train"]["step_s"]) / 1e12
     peak = next((v for k, v in BF16_PEAK_TFLOPS if k in device_name(device)), None)
     mem, tb_mem = memory
-    return dict(train_peak_mem_gib=mem / 2**30, textbook_peak_mem_gib=tb_mem / 2**30, train_flops_per_step=flops,
-                train_tflops=tflops, **(dict(bf16_peak_tflops=peak, mfu=tflops / peak) if peak else {}),
-                hours_110_epochs=EPOCH_IMAGES * EPOCHS / result["train"]["img_s"] / 3600)
+    return dict(
+        train_peak_mem_gib=mem / 2**30,
+        textbook_peak_mem_gib=tb_mem / 2**30,
+        train_flops_per_step=flops,
+        train_tflops=tflops,
+        **(dict(bf16_peak_tflops=peak, mfu=tflops / peak) if peak else {}),
+        hours_110_epochs=EPOCH_IMAGES * EPOCHS / result["train"]["img_s"] / 3600,
+    )
 
 
 def sgd(model: torch.nn.Module, targs) -> torch.optim.SGD:
@@ -276,27 +328,51 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    targs = train.get_args(["--loss", args.loss, "--arch", args.arch, "--batch", str(args.batch)]
-                           + (["--ema", str(args.ema)] if args.ema else []))  # train.py's defaults
+    targs = train.get_args(
+        ["--loss", args.loss, "--arch", args.arch, "--batch", str(args.batch)]
+        + (["--ema", str(args.ema)] if args.ema else [])
+    )  # train.py's defaults
     width = args.width or (None if cuda else 16)
     torch.backends.cudnn.benchmark = cuda  # as train.py sets it; the textbook loop gets it too
     model = models.build(args.arch, 10, width=width).to(device).to(memory_format=torch.channels_last).train()
     net = torch.compile(model) if args.compile else model
     n_pool = 4 * max(args.batch, args.eval_batch or args.batch)  # synthetic CIFAR-sized uint8 images on the device
-    pool = torch.randint(0, 256, (n_pool, 3, 32, 32), dtype=torch.uint8).to(device), torch.randint(0, 10, (n_pool,)).to(device)
+    pool = (
+        torch.randint(0, 256, (n_pool, 3, 32, 32), dtype=torch.uint8).to(device),
+        torch.randint(0, 10, (n_pool,)).to(device),
+    )
     result, memory = time_training(args, targs, model, net, pool, width, device)
     result.update(loss_cost=time_loss(args, targs, device), eval=time_eval(args, targs, model, net, pool[0], device))
     if cuda:
         result["cuda"] = cuda_figures(result, memory, targs, model, pool, device)
     report = dict(
-        device=str(device), device_name=device_name(device), torch=torch.__version__,
-        command=shlex.join(["python", "bench.py", *argv]), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        settings=dict(arch=args.arch, width=width or "standard", params=sum(p.numel() for p in model.parameters()),
-                      loss=args.loss, ratio=targs.ratio, ema=targs.ema, batch=args.batch, eval_batch=args.eval_batch or args.batch,
-                      compile=args.compile, repeats=args.repeats, warmup=args.warmup, workers=args.workers,
-                      threads=torch.get_num_threads(), amp_bf16=cuda, eps=targs.eps, pgd_steps=targs.steps,
-                      eval_steps=targs.eval_steps, quick=args.quick),
-        **result)
+        device=str(device),
+        device_name=device_name(device),
+        torch=torch.__version__,
+        command=shlex.join(["python", "bench.py", *argv]),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        settings=dict(
+            arch=args.arch,
+            width=width or "standard",
+            params=sum(p.numel() for p in model.parameters()),
+            loss=args.loss,
+            ratio=targs.ratio,
+            ema=targs.ema,
+            batch=args.batch,
+            eval_batch=args.eval_batch or args.batch,
+            compile=args.compile,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            workers=args.workers,
+            threads=torch.get_num_threads(),
+            amp_bf16=cuda,
+            eps=targs.eps,
+            pgd_steps=targs.steps,
+            eval_steps=targs.eval_steps,
+            quick=args.quick,
+        ),
+        **result,
+    )
     print_table(report)
     models.write_json(report, args.out, indent=2)
     return report
@@ -305,26 +381,50 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(r: dict) -> None:
     s, c = r["settings"], r.get("cuda")
     rows = [
-        (f"train step, project (PGD-{s['pgd_steps']}, {s['loss']}{', compiled' * s['compile']})",
-         f"{r['train']['img_s']:10.2f} img/s", f"{statistics.median(r['train']['step_s']):.3f} s/step, first "
-         f"{r['train']['first_step_s']:.1f} s"),
-        ("train step, textbook loop", f"{r['textbook']['img_s']:10.2f} img/s",
-         f"{statistics.median(r['textbook']['step_s']):.3f} s/step"),
+        (
+            f"train step, project (PGD-{s['pgd_steps']}, {s['loss']}{', compiled' * s['compile']})",
+            f"{r['train']['img_s']:10.2f} img/s",
+            f"{statistics.median(r['train']['step_s']):.3f} s/step, first {r['train']['first_step_s']:.1f} s",
+        ),
+        (
+            "train step, textbook loop",
+            f"{r['textbook']['img_s']:10.2f} img/s",
+            f"{statistics.median(r['textbook']['step_s']):.3f} s/step",
+        ),
         ("speedup, project / textbook", f"{r['speedup']:10.2f} x", ""),
-        *[(f"sovr_loss / cross_entropy, {shape}", f"{v['ratio']:10.2f} x",
-           f"{v['sovr_us']:.0f} vs {v['ce_us']:.0f} us forward+backward") for shape, v in r["loss_cost"].items()],
+        *[
+            (
+                f"sovr_loss / cross_entropy, {shape}",
+                f"{v['ratio']:10.2f} x",
+                f"{v['sovr_us']:.0f} vs {v['ce_us']:.0f} us forward+backward",
+            )
+            for shape, v in r["loss_cost"].items()
+        ],
         (f"eval PGD-{s['eval_steps']}", f"{r['eval']['pgd20_img_s']:10.2f} img/s", ""),
-        (f"eval AutoAttack APGD-CE, {r['eval']['apgd_iters']} iterations",
-         f"{r['eval']['apgd_ce_img_s']:10.2f} img/s", ""),
+        (
+            f"eval AutoAttack APGD-CE, {r['eval']['apgd_iters']} iterations",
+            f"{r['eval']['apgd_ce_img_s']:10.2f} img/s",
+            "",
+        ),
     ]
     if c:
-        rows += [("peak memory, project (textbook)", f"{c['train_peak_mem_gib']:10.2f} GiB",
-                  f"({c['textbook_peak_mem_gib']:.2f} GiB)"),
-                 ("train step, achieved", f"{c['train_tflops']:10.1f} TFLOP/s",
-                  f"{c['mfu']:.1%} of the {c['bf16_peak_tflops']} bf16 peak" if "mfu" in c else "bf16 peak unknown"),
-                 ("110-epoch CIFAR-10 run", f"{c['hours_110_epochs']:10.2f} h", "training only")]
-    print(f"{r['device_name']} | torch {r['torch']} | {s['arch']} width {s['width']} ({s['params'] / 1e6:.2f}M "
-          f"params) | batch {s['batch']} | median of {s['repeats']}")
+        rows += [
+            (
+                "peak memory, project (textbook)",
+                f"{c['train_peak_mem_gib']:10.2f} GiB",
+                f"({c['textbook_peak_mem_gib']:.2f} GiB)",
+            ),
+            (
+                "train step, achieved",
+                f"{c['train_tflops']:10.1f} TFLOP/s",
+                f"{c['mfu']:.1%} of the {c['bf16_peak_tflops']} bf16 peak" if "mfu" in c else "bf16 peak unknown",
+            ),
+            ("110-epoch CIFAR-10 run", f"{c['hours_110_epochs']:10.2f} h", "training only"),
+        ]
+    print(
+        f"{r['device_name']} | torch {r['torch']} | {s['arch']} width {s['width']} ({s['params'] / 1e6:.2f}M "
+        f"params) | batch {s['batch']} | median of {s['repeats']}"
+    )
     for name, value, note in rows:
         print(f"  {name:<44} {value:<20} {note}")
 

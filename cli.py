@@ -1,9 +1,10 @@
 """What train.py, attack.py and bench.py share as command-line programs: their argument parser, the device and
 torchrun setup and gathering, one clear line for an error a user can cause, a live progress line, and matplotlib."""
+
 import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,11 @@ def setup(name: str | None, benchmark: bool = True) -> tuple[torch.device, int, 
     else:
         device = pick_device(name)
     torch.backends.cudnn.benchmark = benchmark and device.type == "cuda"
-    return device, dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1
+    return (
+        device,
+        dist.get_rank() if dist.is_initialized() else 0,
+        dist.get_world_size() if dist.is_initialized() else 1,
+    )
 
 
 def gather(values: list) -> list:
@@ -84,6 +89,7 @@ def pyplot():
     """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -3,7 +3,8 @@ y_train, x_test, y_test; and the training augmentation as batched tensor ops on 
 
 Images stay uint8 NCHW until a batch is used; models normalize inside, so every consumer feeds [0, 1] images.
 """
-from typing import Iterator
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -30,20 +31,25 @@ def _read(name: str, data_dir: str) -> dict:
     if name == "synthetic":  # learnable: the class sets the mean colour of the image
         g = torch.Generator().manual_seed(0)
         y = torch.randint(0, 10, (1200,), generator=g)
-        x = (torch.rand(1200, 3, 32, 32, generator=g) * 128 + y.view(-1, 1, 1, 1) * torch.tensor([12, 5, 2]).view(1, 3, 1, 1))
+        x = torch.rand(1200, 3, 32, 32, generator=g) * 128 + y.view(-1, 1, 1, 1) * torch.tensor([12, 5, 2]).view(
+            1, 3, 1, 1
+        )
         d = dict(x_train=x[:1000], y_train=y[:1000], x_test=x[1000:], y_test=y[1000:])
         d = {k: v.to(torch.uint8) if k[0] == "x" else v for k, v in d.items()}
     elif name in ("cifar10", "cifar100"):
         import torchvision  # only needed on this path
+
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         d = {}
         for split, train in (("train", True), ("test", False)):
             try:
                 ds = cls(data_dir, train=train, download=True)
             except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
-                raise ValueError(f"could not download {name} into {data_dir} ({e}). Without network, put torchvision's "
-                                 f"{cls.filename} (from {cls.url}) into {data_dir}, or train on an offline copy: "
-                                 "--dataset file.npz with x_train, y_train, x_test, y_test") from None
+                raise ValueError(
+                    f"could not download {name} into {data_dir} ({e}). Without network, put torchvision's "
+                    f"{cls.filename} (from {cls.url}) into {data_dir}, or train on an offline copy: "
+                    "--dataset file.npz with x_train, y_train, x_test, y_test"
+                ) from None
             d[f"x_{split}"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
             d[f"y_{split}"] = torch.tensor(ds.targets)
     elif name.endswith(".npz"):
@@ -64,11 +70,11 @@ def _read_npz(path: str) -> dict:
         raw = np.load(path)
         d = {k: torch.from_numpy(np.ascontiguousarray(raw[k])) for k in ("x_train", "y_train", "x_test", "y_test")}
     except FileNotFoundError:
-        raise ValueError(f"no such dataset file: {path}")
+        raise ValueError(f"no such dataset file: {path}") from None
     except KeyError as e:
-        raise ValueError(f"{path} lacks array {e}; it needs x_train, y_train, x_test, y_test")
+        raise ValueError(f"{path} lacks array {e}; it needs x_train, y_train, x_test, y_test") from None
     except Exception as e:
-        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__})")
+        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__})") from None
     for s in ("train", "test"):
         x, y = d[f"x_{s}"], d[f"y_{s}"]
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3 or len(x) != len(y) or y.dim() != 1:
@@ -86,7 +92,9 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     i, j = torch.randint(0, 9, (2, b, 1), device=x.device, generator=g)
     rows = (i + torch.arange(h, device=x.device)).view(b, 1, h, 1)
     cols = (j + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-    out = pad[torch.arange(b, device=x.device).view(b, 1, 1, 1), torch.arange(3, device=x.device).view(1, 3, 1, 1), rows, cols]
+    out = pad[
+        torch.arange(b, device=x.device).view(b, 1, 1, 1), torch.arange(3, device=x.device).view(1, 3, 1, 1), rows, cols
+    ]
     flip = torch.rand(b, device=x.device, generator=g) < 0.5
     return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
 
@@ -119,25 +127,40 @@ def load_aux(path: str, d: dict, device: torch.device) -> tuple[torch.Tensor, to
         raise ValueError(f"--aux-data: {path} is not a readable .npz file ({type(e).__name__})") from None
     keys = ("image", "label") if "image" in raw.files else ("x_train", "y_train")
     if any(k not in raw.files for k in keys):
-        raise ValueError(f"--aux-data: {path} lacks array '{[k for k in keys if k not in raw.files][0]}'; it needs "
-                         "image and label (DM-Improves-AT's format) or x_train and y_train")
+        raise ValueError(
+            f"--aux-data: {path} lacks array '{[k for k in keys if k not in raw.files][0]}'; it needs "
+            "image and label (DM-Improves-AT's format) or x_train and y_train"
+        )
     x, y = (torch.from_numpy(np.ascontiguousarray(raw[k])) for k in keys)
     x = x.permute(0, 3, 1, 2) if keys[0] == "image" and x.dim() == 4 else x  # a view: NHWC stays where it is
     shape, k = tuple(d["x_train"].shape[1:]), d["num_classes"]
     if x.dtype != torch.uint8 or tuple(x.shape[1:]) != shape or y.dim() != 1 or len(x) != len(y) or not len(y):
-        raise ValueError(f"--aux-data: {path}: {keys[0]} must be uint8 images of the dataset's size ({shape[1]} x "
-                         f"{shape[2]} x 3) and {keys[1]} as many labels")
+        raise ValueError(
+            f"--aux-data: {path}: {keys[0]} must be uint8 images of the dataset's size ({shape[1]} x "
+            f"{shape[2]} x 3) and {keys[1]} as many labels"
+        )
     if y.min() < 0 or int(y.max()) + 1 != k:
-        raise ValueError(f"--aux-data: {path}: its labels run from {int(y.min())} to {int(y.max())}; the dataset's "
-                         f"classes are 0..{k - 1}")
+        raise ValueError(
+            f"--aux-data: {path}: its labels run from {int(y.min())} to {int(y.max())}; the dataset's "
+            f"classes are 0..{k - 1}"
+        )
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
     where = device if 2 * x.numel() < free else torch.device("cpu")
     return x.to(where), y.long().to(where)
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-            fmt: torch.memory_format = torch.channels_last, aux: tuple | None = None,
-            aux_fraction: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    fmt: torch.memory_format = torch.channels_last,
+    aux: tuple | None = None,
+    aux_fraction: float = 0.0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of this process's training batches: len(x) // batch global batches, their real images drawn without
     replacement from a permutation seeded by (seed, epoch), so that a resumed run repeats an uninterrupted one;
     crops and flips are drawn for the global batch, then each of `world` processes takes its share.
@@ -150,7 +173,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int, epoch: int,
     g_aux = torch.Generator(aux[0].device).manual_seed(seed * 100_003 + epoch) if n_aux else None
     share, real = batch // world, batch - n_aux
     for s in range(len(x) // batch):
-        idx = perm[s * real:(s + 1) * real]
+        idx = perm[s * real : (s + 1) * real]
         xb, yb = x[idx], y[idx]
         if n_aux:
             j = torch.randint(len(aux[0]), (n_aux,), device=aux[0].device, generator=g_aux)
@@ -163,4 +186,6 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int, epoch: int,
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """t on the device, from pinned host memory without a host-device synchronisation."""
-    return t.pin_memory().to(device, non_blocking=True) if t.device != device and device.type == "cuda" else t.to(device)
+    return (
+        t.pin_memory().to(device, non_blocking=True) if t.device != device and device.type == "cuda" else t.to(device)
+    )

@@ -7,9 +7,10 @@ crafts its own adversarial examples, so the training loop is the same for all. @
 returning (loss, z_adv, x_adv) and adds --emr's regularizer at x_adv, so EMR combines with every loss. The
 formulas are pure functions of logits, one value per sample ([B], float32, float64 if given).
 """
+
 import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -52,9 +53,19 @@ def ce_sum(z_adv: torch.Tensor, y: torch.Tensor, z_clean: torch.Tensor | None) -
     return F.cross_entropy(z_adv.float(), y, reduction="sum")
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, *,
-        objective: Callable = ce_sum, bn: str = "eval", start: str = "uniform",
-        z_clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    step: float,
+    steps: int,
+    *,
+    objective: Callable = ce_sum,
+    bn: str = "eval",
+    start: str = "uniform",
+    z_clean: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L-inf PGD ascent on objective(model(x_adv), y, z_clean); returns (x_adv, kappa).
 
     kappa counts the steps at which x_adv was still classified correctly (GAIRAT's statistic).
@@ -79,13 +90,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     return x_adv.detach(), kappa
 
 
-def pgd_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
-               bs: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def pgd_logits(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, bs: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the clean and of the PGD images, in fp32 batches of bs moved to the model's device; x in [0, 1]
     or uint8 (divided by 255 per batch)."""
     device, out = next(model.parameters()).device, []
     for k in range(0, len(x), bs):
-        xb, yb = x[k:k + bs].to(device), y[k:k + bs].to(device)
+        xb, yb = x[k : k + bs].to(device), y[k : k + bs].to(device)
         xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
         x_adv, _ = pgd(model, xb, yb, eps, step, steps)
         with torch.no_grad():
@@ -93,8 +105,9 @@ def pgd_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
     return torch.cat([z for z, _ in out]), torch.cat([z for _, z in out])
 
 
-def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, seed: int,
-                 bs: int = 500) -> tuple[float, float]:
+def pgd_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, seed: int, bs: int = 500
+) -> tuple[float, float]:
     """Clean and PGD accuracy in eval mode (train.py's validation and test figures), random starts seeded, so the
     same weights give the same figures; under torchrun each rank attacks its share and the counts are summed."""
     model.eval()
@@ -116,6 +129,7 @@ def pgd_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
 
 
 # ---- per-sample formulas: logits [B, K] in, [B] out ----
+
 
 def _fp(z: torch.Tensor) -> torch.Tensor:
     return z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> float32, float64 stays
@@ -230,27 +244,60 @@ def emr_lambda(args, epoch: int) -> float:
 
 # ---- the objectives' flags: defaults (sources: README, Objectives) and a run's name ----
 
+
 def defaults(loss: str, epochs: int) -> dict:
     """The default of every flag an objective reads, for a run of `epochs` epochs with `loss`."""
-    return dict(ratio=DEFAULT_RATIO, beta=6.0, mail_slope=10.0, mail_bias=-0.5, gairat_lambda=-1.0, tau=1.0, nu=1.0,
-                burn_in=round(epochs * 60 / 110), emr=0.0, emr_temp=EMR_TEMP.get(loss, EMR_TEMP_AT), emr_decay=0.1)
+    return dict(
+        ratio=DEFAULT_RATIO,
+        beta=6.0,
+        mail_slope=10.0,
+        mail_bias=-0.5,
+        gairat_lambda=-1.0,
+        tau=1.0,
+        nu=1.0,
+        burn_in=round(epochs * 60 / 110),
+        emr=0.0,
+        emr_temp=EMR_TEMP.get(loss, EMR_TEMP_AT),
+        emr_decay=0.1,
+    )
 
 
 def flags(a: Callable) -> None:
     """train.py's flags of the objectives (a: argparse's add_argument); None means defaults(), filled by resolve()."""
     d = defaults("", 110)
     a("--loss", default="sovr", choices=sorted(OBJECTIVES), help="training objective (default sovr)")
-    a("--ratio", type=float, default=None, help=f"sovr, trades-sovr: share of the batch that uses OVR (default {d['ratio']})")
-    a("--beta", type=float, default=None, help=f"trades, trades-sovr, mart: weight of the KL term (default {d['beta']:g})")
+    a(
+        "--ratio",
+        type=float,
+        default=None,
+        help=f"sovr, trades-sovr: share of the batch that uses OVR (default {d['ratio']})",
+    )
+    a(
+        "--beta",
+        type=float,
+        default=None,
+        help=f"trades, trades-sovr, mart: weight of the KL term (default {d['beta']:g})",
+    )
     a("--burn-in", type=int, default=None, help="mail, gairat: unweighted epochs first (default: 60/110 of --epochs)")
-    a("--mail-slope", type=float, default=None, help=f"mail: weight 3 sigmoid(slope (bias - PM)) (default {d['mail_slope']:g})")
+    a(
+        "--mail-slope",
+        type=float,
+        default=None,
+        help=f"mail: weight 3 sigmoid(slope (bias - PM)) (default {d['mail_slope']:g})",
+    )
     a("--mail-bias", type=float, default=None, help=f"mail: weight bias (default {d['mail_bias']:g})")
     a("--gairat-lambda", type=float, default=None, help=f"gairat: tanh shift lambda (default {d['gairat_lambda']:g})")
     a("--tau", type=float, default=None, help=f"comp-sum: tau >= 0; 0 sum-exp, 1 CE, 2 MAE (default {d['tau']:g})")
     a("--nu", type=float, default=None, help=f"comp-sum: weight of the logit-difference distance (default {d['nu']:g})")
     a("--emr", type=float, default=None, help="any loss: EMR lambda (default 0 = off)")
-    a("--emr-temp", type=float, default=None, help=f"EMR softmax temperature (default {EMR_TEMP_AT:g}; "
-      + ", ".join(f"{v:g} for {k}" for k, v in EMR_TEMP.items()) + ")")
+    a(
+        "--emr-temp",
+        type=float,
+        default=None,
+        help=f"EMR softmax temperature (default {EMR_TEMP_AT:g}; "
+        + ", ".join(f"{v:g} for {k}" for k, v in EMR_TEMP.items())
+        + ")",
+    )
     a("--emr-decay", type=float, default=None, help=f"EMR lambda factor at each milestone (default {d['emr_decay']:g})")
 
 
@@ -264,10 +311,28 @@ def resolve(args) -> None:
         raise ValueError("--tau, --burn-in, --emr and --emr-decay must be >= 0, --emr-temp > 0")
 
 
-READS = {"sovr": ("ratio",), "trades": ("beta",), "trades-sovr": ("ratio", "beta"), "mart": ("beta",),
-         "mail": ("mail_slope", "mail_bias", "burn_in"), "gairat": ("gairat_lambda", "burn_in"), "comp-sum": ("tau", "nu")}
-TAGS = dict(ratio="r", beta="b", mail_slope="slope", mail_bias="bias", gairat_lambda="lambda", burn_in="burnin",
-            tau="tau", nu="nu", emr="emr", emr_temp="emrtemp", emr_decay="emrdecay")
+READS = {
+    "sovr": ("ratio",),
+    "trades": ("beta",),
+    "trades-sovr": ("ratio", "beta"),
+    "mart": ("beta",),
+    "mail": ("mail_slope", "mail_bias", "burn_in"),
+    "gairat": ("gairat_lambda", "burn_in"),
+    "comp-sum": ("tau", "nu"),
+}
+TAGS = dict(
+    ratio="r",
+    beta="b",
+    mail_slope="slope",
+    mail_bias="bias",
+    gairat_lambda="lambda",
+    burn_in="burnin",
+    tau="tau",
+    nu="nu",
+    emr="emr",
+    emr_temp="emrtemp",
+    emr_decay="emrdecay",
+)
 
 
 def label(a: dict) -> str:
@@ -289,6 +354,7 @@ OBJECTIVES: dict[str, Callable] = {}
 def objective(name: str) -> Callable:
     """Registers body(net, atk, x, y, args, epoch) -> (loss, z_adv, x_adv) as OBJECTIVES[name], adding
     emr_lambda(args, epoch) * emr_regularizer at x_adv (on the uncompiled attack model) when args.emr > 0."""
+
     def register(body: Callable) -> Callable:
         @functools.wraps(body)
         def fn(net, atk, x, y, args, epoch):
@@ -298,9 +364,11 @@ def objective(name: str) -> Callable:
                 reg = emr_regularizer(plain, x_adv, args.emr_temp, args.batch)
                 loss = loss + emr_lambda(args, epoch) * reg
             return loss, z_adv
+
         fn.body = body
         OBJECTIVES[name] = fn
         return fn
+
     return register
 
 
@@ -312,8 +380,9 @@ def _attack_from_clean(atk, x, y, args, distance: Callable, start: str) -> torch
     """PGD ascent on sum_i distance(z_adv_i, z_clean_i), z_clean = atk(x) in the attack's BN mode."""
     with torch.no_grad(), bn_mode(atk, args.attack_bn):
         z_clean = atk(x)
-    return _attack(atk, x, y, args, objective=lambda za, y_, zc: distance(za, zc, y_).sum(),
-                   start=start, z_clean=z_clean)[0]
+    return _attack(
+        atk, x, y, args, objective=lambda za, y_, zc: distance(za, zc, y_).sum(), start=start, z_clean=z_clean
+    )[0]
 
 
 def _trades_attack(atk, x, y, args) -> torch.Tensor:
@@ -322,10 +391,12 @@ def _trades_attack(atk, x, y, args) -> torch.Tensor:
 
 def _on_pgd(loss: Callable) -> Callable:
     """The body of an objective that trains loss(f(x'), y, args) on x' from PGD on CE."""
+
     def body(net, atk, x, y, args, epoch):
         x_adv, _ = _attack(atk, x, y, args)
         z = net(x_adv)
         return loss(z, y, args), z, x_adv
+
     return body
 
 
@@ -374,16 +445,16 @@ def _reweighted_ce(net, atk, x, y, args, epoch, weights: Callable):
 def mail(net, atk, x, y, args, epoch):
     """Wang, Liu et al. 2021, MAIL-AT: mean w CE(f(x'), y), w = mail_weights, after --burn-in epochs; x' as for
     ce (every objective shares one PGD, so that comparisons are paired)."""
-    return _reweighted_ce(net, atk, x, y, args, epoch,
-                          lambda z, _: mail_weights(z, y, args.mail_slope, args.mail_bias))
+    return _reweighted_ce(net, atk, x, y, args, epoch, lambda z, _: mail_weights(z, y, args.mail_slope, args.mail_bias))
 
 
 @objective("gairat")
 def gairat(net, atk, x, y, args, epoch):
     """Zhang et al. 2021, GAIRAT: mean w CE(f(x'), y), w = gair_weights of kappa, the PGD steps (of --steps) that
     began correctly classified (as GA_PGD counts them), after --burn-in epochs."""
-    return _reweighted_ce(net, atk, x, y, args, epoch,
-                          lambda _, kappa: gair_weights(kappa, args.steps, args.gairat_lambda))
+    return _reweighted_ce(
+        net, atk, x, y, args, epoch, lambda _, kappa: gair_weights(kappa, args.steps, args.gairat_lambda)
+    )
 
 
 @objective("comp-sum")

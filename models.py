@@ -9,6 +9,7 @@ resnet18 (He et al., CIFAR variant used by MART/MAIL: 3x3 stem, no max-pool), pr
 studies). `width` is the first stage's channel count for the ResNets (default 64) and the widen factor k for the
 WRNs (default 10, 4 for wrn16).
 """
+
 import copy
 import json
 import os
@@ -90,8 +91,15 @@ def resnet(num_classes: int, width: int, preact: bool) -> nn.Module:
 def wrn(num_classes: int, depth: int, k: int) -> nn.Module:
     n = (depth - 4) // 6
     body, c = _stages(PreAct, 16, [16 * k, 32 * k, 64 * k], [n, n, n])
-    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), body, nn.BatchNorm2d(c), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, 1, 1, bias=False),
+        body,
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c, num_classes),
+    )
 
 
 ARCHS = {
@@ -103,8 +111,13 @@ ARCHS = {
 }
 
 
-def build(arch: str, num_classes: int, mean: tuple = STATS["cifar10"][0], std: tuple = STATS["cifar10"][1],
-          width: int | None = None) -> nn.Module:
+def build(
+    arch: str,
+    num_classes: int,
+    mean: tuple = STATS["cifar10"][0],
+    std: tuple = STATS["cifar10"][1],
+    width: int | None = None,
+) -> nn.Module:
     """Rebuilds a model from what a checkpoint stores; raises ValueError on an unknown arch."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
@@ -112,6 +125,7 @@ def build(arch: str, num_classes: int, mean: tuple = STATS["cifar10"][0], std: t
 
 
 # ---- the weight average that train.py --ema evaluates and saves
+
 
 class EMA:
     """Weight averaging as DM-Improves-AT's gowal21uncovering/utils/watrain.py does it (ema_update, update_bn):
@@ -155,8 +169,10 @@ def read(path: str, flag: str | None = None) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "Weights only load failed" in str(e):
-            raise ValueError(f"{said}{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
-                             "it is not a train.py checkpoint (load it only if you trust its source)") from None
+            raise ValueError(
+                f"{said}{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
+                "it is not a train.py checkpoint (load it only if you trust its source)"
+            ) from None
         raise ValueError(f"{said}{path} is not a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise ValueError(f"{said}{path} is not a train.py checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)})")
@@ -206,5 +222,3 @@ def write_json(obj: dict, path: str, indent: int | None = None) -> None:
     with open(f"{path}.tmp", "w") as f:
         json.dump(obj, f, indent=indent)
     os.replace(f"{path}.tmp", path)
-
-

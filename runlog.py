@@ -1,5 +1,6 @@
 """A run folder's log.jsonl, written by train.py (one record per epoch, then the test report) and read by it on
 --resume and by the studies in results/; and curves.png, drawn from it after every epoch."""
+
 import contextlib
 import json
 import os
@@ -52,8 +53,11 @@ def curves(out: str) -> None:
     recs = [r for r in records(out) if "epoch" in r]
     e, best = [r["epoch"] for r in recs], max(recs, key=lambda r: r["val_pgd"])
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.3))
-    for key, name, style in (("val_clean", "val clean", "-"), ("val_pgd", "val PGD", "-"),
-                             ("train_adv_acc", "train adversarial", ":")):
+    for key, name, style in (
+        ("val_clean", "val clean", "-"),
+        ("val_pgd", "val PGD", "-"),
+        ("train_adv_acc", "train adversarial", ":"),
+    ):
         a1.plot(e, [100 * r[key] for r in recs], label=name, linestyle=style)
     a1.axvline(best["epoch"], color="gray", linewidth=0.8)
     a1.annotate(f"best.pt: epoch {best['epoch']}", (best["epoch"], 100 * best["val_pgd"]), fontsize=8)

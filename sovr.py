@@ -7,7 +7,8 @@ logits: float tensor [B, K] (K >= 2, any float dtype); target: int64 tensor [B].
                (ties: lower index first), CE_i for all the others (sovr_loss).
 Margins are taken without gradient from the logits you pass (the adversarial ones in
 training). The limits are exact: ratio=0 is cross-entropy, ratio=1 is ovr_loss (no switch).
-Computed in float32 (float64 stays), also under autocast. `reduction`: "mean", "sum", "none". Bad input raises ValueError.
+Computed in float32 (float64 stays), also under autocast. `reduction`: "mean", "sum", "none".
+Bad input raises ValueError.
 
 Drop-in for PGD adversarial training:
     from sovr import sovr_loss
@@ -18,6 +19,7 @@ Drop-in for PGD adversarial training:
 Cite: S. Kanai, S. Yamaguchi, M. Yamada, H. Takahashi, K. Ohno, Y. Ida. "Switching One-Versus-
 the-Rest Loss to Increase the Margin of Logits for Adversarial Robustness." ICML 2023.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -28,8 +30,10 @@ def _checked(logits: torch.Tensor, target: torch.Tensor, reduction: str = "none"
     if logits.dim() != 2 or logits.size(1) < 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float [B, K] tensor with K >= 2, got {tuple(logits.shape)}")
     if target.shape != logits.shape[:1] or target.dtype != torch.long or target.device != logits.device:
-        raise ValueError(f"target must be int64 [{logits.size(0)}] on {logits.device}, got {target.dtype} "
-                         f"{tuple(target.shape)} on {target.device}")
+        raise ValueError(
+            f"target must be int64 [{logits.size(0)}] on {logits.device}, got {target.dtype} "
+            f"{tuple(target.shape)} on {target.device}"
+        )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
@@ -49,13 +53,14 @@ def ovr_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
     return sovr_loss(logits, target, 1.0, reduction)  # every sample uses OVR: no switch
 
 
-def sovr_loss(logits: torch.Tensor, target: torch.Tensor, ratio: float = DEFAULT_RATIO,
-              reduction: str = "mean") -> torch.Tensor:
+def sovr_loss(
+    logits: torch.Tensor, target: torch.Tensor, ratio: float = DEFAULT_RATIO, reduction: str = "mean"
+) -> torch.Tensor:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
     with torch.autocast(logits.device.type, enabled=False):
         z = _checked(logits, target, reduction)
         order = torch.argsort(logit_margin(z.detach(), target), stable=True)
-        use_ovr = torch.zeros_like(target, dtype=torch.bool).index_fill_(0, order[:round(ratio * z.size(0))], True)
+        use_ovr = torch.zeros_like(target, dtype=torch.bool).index_fill_(0, order[: round(ratio * z.size(0))], True)
         per_sample = torch.where(use_ovr, _ovr(z, target), F.cross_entropy(z, target, reduction="none"))
         return per_sample if reduction == "none" else getattr(per_sample, reduction)()

@@ -1,4 +1,5 @@
 """attack.py on a tiny model trained by train.py: results, equality with a direct AutoAttack call, errors."""
+
 import json
 import os
 import pickle
@@ -22,8 +23,27 @@ QUICK = ["--n", "24", "--bs", "12", "--device", "cpu"]
 def ckpt(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     # ratio 0.4 pinned: the attacks at eps 24/255 must break some points of this tiny model, not all or none
-    train.main(["--smoke", "--arch", "wrn16", "--width", "1", "--epochs", "3", "--milestones", "", "--lr", "0.05",
-                "--ratio", "0.4", "--device", "cpu", "--out", str(out)])
+    train.main(
+        [
+            "--smoke",
+            "--arch",
+            "wrn16",
+            "--width",
+            "1",
+            "--epochs",
+            "3",
+            "--milestones",
+            "",
+            "--lr",
+            "0.05",
+            "--ratio",
+            "0.4",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     return out / "last.pt"
 
 
@@ -47,6 +67,7 @@ def test_custom_attacks_match_a_direct_package_call(ckpt: Path) -> None:
     assert not os.path.exists(str(path) + ".state")
 
     from pyautoattack import AutoAttack
+
     model = models.load(str(ckpt))
     d = data.load_data("synthetic", "")
     x, y = d["x_test"][:24].float() / 255, d["y_test"][:24]
@@ -71,8 +92,12 @@ def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys) -> None:
     # the progress of other settings (tampered here; an older attack.py's state has none) is never mixed in
     for other in ({**settings, "seed": 9}, None):
         state.write_text(json.dumps(dict(settings=other, robust=[False] * 24, after={"apgd-ce": 0})))
-        expect_error(capsys, [ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr"], "holds the progress of an evaluation "
-                     "with other settings than this one; finish that one with its own flags, or delete the file")
+        expect_error(
+            capsys,
+            [ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr"],
+            "holds the progress of an evaluation "
+            "with other settings than this one; finish that one with its own flags, or delete the file",
+        )
         assert json.loads(state.read_text())["settings"] == other
     state.unlink()
 
@@ -83,8 +108,11 @@ def test_settings_that_change_a_result_never_share_a_file(ckpt: Path) -> None:
     for flags in (["--bs", 12], ["--bs", 8], ["--bs", 12, "--version", "rand"], ["--bs", 12, "--dataset", "synthetic"]):
         run(*base, *flags)
     names = sorted(p.name for p in result_files(ckpt) if "-seed5" in p.name)
-    assert names == ["last.apgd-ce-Linf-eps8-n24-seed5-bs12.json", "last.apgd-ce-Linf-eps8-n24-seed5-bs8.json",
-                     "last.apgd-ce-Linf-eps8-n24-seed5-rand-bs12.json"]  # --dataset synthetic: the checkpoint's own
+    assert names == [
+        "last.apgd-ce-Linf-eps8-n24-seed5-bs12.json",
+        "last.apgd-ce-Linf-eps8-n24-seed5-bs8.json",
+        "last.apgd-ce-Linf-eps8-n24-seed5-rand-bs12.json",
+    ]  # --dataset synthetic: the checkpoint's own
     bs8 = json.loads((ckpt.parent / names[1]).read_text())["settings"]
     assert (bs8["bs"], bs8["version"], bs8["device"], bs8["processes"]) == (8, "standard", "cpu", 1)
 
@@ -134,16 +162,24 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [ckpt, "--eps", "-1"], "--eps must be > 0 (in 1/255 units), got -1")
     expect_error(capsys, [ckpt, "--seed", "-1"], "--n and --seed must be >= 0, --bs >= 1")
     torch.save({**good, "dataset": "../elsewhere/x.npz"}, tmp_path / "moved.pt")
-    expect_error(capsys, [tmp_path / "moved.pt", "--device", "cpu"], "no such dataset file: ../elsewhere/x.npz (the "
-                 "checkpoint's dataset: point --dataset at it)")
+    expect_error(
+        capsys,
+        [tmp_path / "moved.pt", "--device", "cpu"],
+        "no such dataset file: ../elsewhere/x.npz (the checkpoint's dataset: point --dataset at it)",
+    )
 
 
 def test_interrupt_is_one_line(ckpt: Path, capsys, monkeypatch) -> None:
     def interrupted(*a):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(attack, "evaluate", interrupted)
-    expect_error(capsys, [ckpt, *QUICK], "attack.py: interrupted; the attacks finished so far are kept (a .state "
-                 "file beside the checkpoint): rerun the same command to continue")
+    expect_error(
+        capsys,
+        [ckpt, *QUICK],
+        "attack.py: interrupted; the attacks finished so far are kept (a .state "
+        "file beside the checkpoint): rerun the same command to continue",
+    )
 
 
 def test_progress_on_a_terminal_and_package_lines_with_verbose(ckpt: Path, capsys, caplog, monkeypatch) -> None:
@@ -163,14 +199,27 @@ def test_model_card_has_what_robustbench_asks(ckpt: Path) -> None:
     run(ckpt, *QUICK, "--attacks", "apgd-ce", "--seed", 4)
     res = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce", "Linf", 8, 24, 4, bs=12)).read_text())
     card, model = res["robustbench"], models.load(str(ckpt))
-    assert card == dict(standard_autoattack_full_test_set=False, dataset="synthetic", threat_model="Linf",
-                        eps=8 / 255, eps_str="8/255", clean_acc=res["clean_acc"], autoattack_acc=res["robust_acc"],
-                        attacks="apgd-ce", n_points=24, architecture="wrn16 width 1",
-                        params=sum(p.numel() for p in model.parameters()), training_loss="sovr", eps_training="8/255")
+    assert card == dict(
+        standard_autoattack_full_test_set=False,
+        dataset="synthetic",
+        threat_model="Linf",
+        eps=8 / 255,
+        eps_str="8/255",
+        clean_acc=res["clean_acc"],
+        autoattack_acc=res["robust_acc"],
+        attacks="apgd-ce",
+        n_points=24,
+        architecture="wrn16 width 1",
+        params=sum(p.numel() for p in model.parameters()),
+        training_loss="sovr",
+        eps_training="8/255",
+    )
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, str(HERE / "attack.py"), str(tmp_path / "nope.pt")], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, str(HERE / "attack.py"), str(tmp_path / "nope.pt")], capture_output=True, text=True
+    )
     assert p.returncode != 0 and p.stderr.strip() == f"attack.py: error: no such checkpoint: {tmp_path / 'nope.pt'}"
 
 
@@ -182,8 +231,9 @@ def test_cuda_gives_the_cpu_result_point_by_point(ckpt: Path, no_tf32) -> None:
     res = {}
     for device in ("cpu", "cuda"):  # each writes its own file
         run(ckpt, "--n", 24, "--bs", 12, "--device", device, "--attacks", "apgd-ce,apgd-t", "--eps", 24)
-        res[device] = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce+apgd-t", "Linf", 24, 24, 0, bs=12,
-                                                         device=device)).read_text())
+        res[device] = json.loads(
+            Path(attack.result_path(str(ckpt), "apgd-ce+apgd-t", "Linf", 24, 24, 0, bs=12, device=device)).read_text()
+        )
     assert res["cuda"]["clean"] == res["cpu"]["clean"]
     # APGD's random starts are drawn on the CPU, so both devices attack from the same points; only rounding in
     # the kernels differs, and a step-size or sign decision can amplify it for a point at the boundary.
@@ -194,15 +244,20 @@ def test_cuda_gives_the_cpu_result_point_by_point(ckpt: Path, no_tf32) -> None:
 @CUDA
 def test_cuda_out_of_memory_is_one_clear_line(ckpt: Path, capsys, cap_gpu_memory) -> None:
     cap_gpu_memory(8)  # less than one batch of 200 images needs
-    expect_error(capsys, [ckpt, "--n", 200, "--bs", 200, "--device", "cuda", "--attacks", "apgd-ce"],
-                 "CUDA out of memory at --bs 200: lower --bs")
+    expect_error(
+        capsys,
+        [ckpt, "--n", 200, "--bs", 200, "--device", "cuda", "--attacks", "apgd-ce"],
+        "CUDA out of memory at --bs 200: lower --bs",
+    )
 
 
 def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path: Path) -> None:
     """2 gloo processes: each attacks its contiguous half; rank 0 writes the one JSON, equal point by point to
     one process attacking the same two halves. A shard's state file resumes that shard alone."""
     import shutil
+
     import torch.distributed as dist
+
     if not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     shutil.copy(ckpt, tmp_path / "last.pt")
@@ -210,14 +265,25 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in outer}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE), CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "attack.py"),
-           str(tmp_path / "last.pt"), *flags]
-    result = Path(attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 24, 24, 0, bs=6, processes=2))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "attack.py"),
+        str(tmp_path / "last.pt"),
+        *flags,
+    ]
+    result = Path(
+        attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 24, 24, 0, bs=6, processes=2)
+    )
 
     def torchrun() -> dict:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         return json.loads(result.read_text())
+
     res = torchrun()
     args = attack.get_args([str(tmp_path / "last.pt"), *flags])
     args.rank, args.world, args.device = 0, 1, "cpu"
@@ -227,14 +293,16 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     clean = attack.predict(model, x, 6, "cpu") == y
     ref = []
     for half in (slice(0, 12), slice(12, 24)):
-        robust, _ = attack.autoattack(model, x[half], y[half], clean[half], 24 / 255, args, str(tmp_path / f"{half.start}.st"),
-                                      res["settings"])
+        robust, _ = attack.autoattack(
+            model, x[half], y[half], clean[half], 24 / 255, args, str(tmp_path / f"{half.start}.st"), res["settings"]
+        )
         ref += robust.int().tolist()
     assert res["settings"]["processes"] == 2 and res["clean"] == clean.int().tolist() and res["robust"] == ref
     assert 0 < sum(ref) < sum(res["clean"]) and res["robustbench"]["autoattack_acc"] == res["robust_acc"]
     assert not list(tmp_path.glob("*.state*"))
     # rank 1 was interrupted after apgd-ce, having lost every point: only its shard resumes from that
-    Path(str(result) + ".state.rank1-of-2").write_text(json.dumps(dict(settings=res["settings"], robust=[False] * 12,
-                                                                       after={"apgd-ce": 0})))
+    Path(str(result) + ".state.rank1-of-2").write_text(
+        json.dumps(dict(settings=res["settings"], robust=[False] * 12, after={"apgd-ce": 0}))
+    )
     again = torchrun()
     assert again["robust"] == ref[:12] + [0] * 12

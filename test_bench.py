@@ -1,4 +1,5 @@
 """bench.py runs end to end with tiny settings and writes every figure; no timing is asserted."""
+
 import json
 
 import pytest
@@ -16,8 +17,27 @@ def positive(v) -> bool:
 @pytest.mark.parametrize("device", DEVICES)
 def test_bench_writes_positive_figures(tmp_path, device: str) -> None:
     out = tmp_path / "bench.json"
-    argv = ["--arch", "wrn16", "--width", "1", "--batch", "8", "--repeats", "1", "--warmup", "1",
-            "--workers", "0", "--threads", "1", "--quick", "--device", device, "--out", str(out)]
+    argv = [
+        "--arch",
+        "wrn16",
+        "--width",
+        "1",
+        "--batch",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--quick",
+        "--device",
+        device,
+        "--out",
+        str(out),
+    ]
     threads = torch.get_num_threads()
     try:
         returned = bench.main(argv)
@@ -38,8 +58,16 @@ def test_bench_writes_positive_figures(tmp_path, device: str) -> None:
     assert positive(r["eval"]["pgd20_img_s"]) and positive(r["eval"]["apgd_ce_img_s"])
     if device == "cuda":
         c = r["cuda"]
-        assert all(positive(c[k]) for k in ("train_peak_mem_gib", "textbook_peak_mem_gib", "train_flops_per_step",
-                                            "train_tflops", "hours_110_epochs"))
+        assert all(
+            positive(c[k])
+            for k in (
+                "train_peak_mem_gib",
+                "textbook_peak_mem_gib",
+                "train_flops_per_step",
+                "train_tflops",
+                "hours_110_epochs",
+            )
+        )
     else:
         assert "cuda" not in r
 

@@ -11,6 +11,7 @@ A further run keeps the default model and loss and checks that all ranks end wit
 statistics. The runs go through a launcher that changes nothing in train.py's logic: it swaps the BatchNorm
 class when asked, and saves each rank's weights before final_report reloads best.pt.
 """
+
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ def aux_file(path: Path) -> str:
     rng = np.random.default_rng(1)
     np.savez(path, image=(rng.random((100, 32, 32, 3)) * 255).astype(np.uint8), label=np.arange(100) % 10)
     return str(path)
+
 
 LAUNCHER = '''
 import os, sys
@@ -67,25 +69,39 @@ report, train.final_report = train.final_report, final_report
 train.main(sys.argv[1:])
 '''
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
 
 
-def start(tmp: Path, name: str, nproc: int, eval_bn: bool, *flags: str, launch: bool = False,
-          sovr_shards: int = 0) -> tuple[Path, subprocess.Popen]:
+def start(
+    tmp: Path, name: str, nproc: int, eval_bn: bool, *flags: str, launch: bool = False, sovr_shards: int = 0
+) -> tuple[Path, subprocess.Popen]:
     """Starts train.py (through the launcher) on nproc CPU processes (torchrun for nproc > 1 or launch);
     finish() waits for it. A --device among the flags overrides the CPU."""
     launcher, out = tmp / f"launch-{name}.py", tmp / name  # one file a run: a rewrite must not race a start
     launcher.write_text(LAUNCHER)
     outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # in case pytest runs under torchrun
     env = {k: v for k, v in os.environ.items() if k not in outer}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TEST_EVAL_BN="1" if eval_bn else "0",
-               TEST_SOVR_SHARDS=str(sovr_shards or ""))
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        TEST_EVAL_BN="1" if eval_bn else "0",
+        TEST_SOVR_SHARDS=str(sovr_shards or ""),
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (torchrun if nproc > 1 or launch else [sys.executable]) + [str(launcher), "--smoke", "--device", "cpu",
-                                                           "--out", str(out), *flags]
-    return out, subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)  # its own process group, for stop()
+    cmd = (torchrun if nproc > 1 or launch else [sys.executable]) + [
+        str(launcher),
+        "--smoke",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *flags,
+    ]
+    return out, subprocess.Popen(
+        cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # its own process group, for stop()
 
 
 def finish(out: Path, proc: subprocess.Popen) -> Path:
@@ -124,10 +140,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """The runs, side by side: DDP and one process with eval-mode BN, for CE and for SOVR (one process once with
     the switch within each half of the batch, once over the whole batch), and DDP with the default model."""
     tmp, eq, sovr = tmp_path_factory.mktemp("ddp"), ("--loss", "ce", "--eps", "0"), ("--loss", "sovr", "--eps", "0")
-    jobs = dict(ddp=start(tmp, "ddp", 2, True, *eq), single=start(tmp, "single", 1, True, *eq),
-                ddp_bn=start(tmp, "ddp_bn", 2, False, "--epochs", "1", "--ema", "--aux-data", aux_file(tmp / "aux.npz")),
-                ddp_sovr=start(tmp, "ddp_sovr", 2, True, *sovr),
-                halves=start(tmp, "halves", 1, True, *sovr, sovr_shards=2), whole=start(tmp, "whole", 1, True, *sovr))
+    jobs = dict(
+        ddp=start(tmp, "ddp", 2, True, *eq),
+        single=start(tmp, "single", 1, True, *eq),
+        ddp_bn=start(tmp, "ddp_bn", 2, False, "--epochs", "1", "--ema", "--aux-data", aux_file(tmp / "aux.npz")),
+        ddp_sovr=start(tmp, "ddp_sovr", 2, True, *sovr),
+        halves=start(tmp, "halves", 1, True, *sovr, sovr_shards=2),
+        whole=start(tmp, "whole", 1, True, *sovr),
+    )
     try:
         return {name: finish(*job) for name, job in jobs.items()}
     finally:
@@ -141,7 +161,7 @@ def test_ddp_equals_single_process_run(runs: dict[str, Path]) -> None:
     assert w0.keys() == w1.keys() == ref.keys()
     for k in w0:
         assert torch.equal(w0[k], w1[k]), f"ranks differ at {k}"
-        torch.testing.assert_close(w0[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(w0[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     assert_checkpoints(ddp, w0)
     for a, b in zip(log(ddp), log(single)):  # validation and test accuracy, sharded and summed over ranks
         for k in ("val_clean", "val_pgd", "test_clean", "test_pgd"):
@@ -155,7 +175,7 @@ def test_ddp_sovr_switches_within_each_ranks_shard(runs: dict[str, Path]) -> Non
     same weights as one process switching within each half of the batch, other weights than one whole-batch switch."""
     ddp, halves, whole = (weights(runs[k], 0) for k in ("ddp_sovr", "halves", "whole"))
     for k in ddp:
-        torch.testing.assert_close(ddp[k], halves[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(ddp[k], halves[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     assert any(not torch.allclose(ddp[k], whole[k], rtol=1e-3, atol=1e-4) for k in ddp if ddp[k].is_floating_point())
 
 

@@ -1,5 +1,6 @@
 """Tests of losses.py's objectives: per-sample formulas against plain Python loops on hand-made
 logits, the special cases that reduce to cross-entropy, the EMR wrapper, and short training runs."""
+
 import copy
 import json
 import math
@@ -13,9 +14,22 @@ import torch.nn.functional as F
 import attack
 import models
 import train
-from losses import (OBJECTIVES, _attack_from_clean, comp_sum_loss, emr_lambda, emr_penalty, emr_regularizer,
-                    gair_weights, kl_rows, logit_diff_distance, mail_weights, mart_loss, prob_margin, trades_loss,
-                    trades_sovr_loss)
+from losses import (
+    OBJECTIVES,
+    _attack_from_clean,
+    comp_sum_loss,
+    emr_lambda,
+    emr_penalty,
+    emr_regularizer,
+    gair_weights,
+    kl_rows,
+    logit_diff_distance,
+    mail_weights,
+    mart_loss,
+    prob_margin,
+    trades_loss,
+    trades_sovr_loss,
+)
 from sovr import sovr_loss
 
 SHAPES = [(1, 2), (7, 10), (5, 100)]  # (batch, classes)
@@ -37,6 +51,7 @@ def logits(b: int, k: int, seed: int = 0, scale: float = 3.0) -> tuple[torch.Ten
 
 
 # ---- plain-Python references, one sample (a list of floats) at a time ----
+
 
 def softmax(row: list) -> list:
     top = max(row)
@@ -73,8 +88,10 @@ def test_trades_matches_loop(b: int, k: int, beta: float) -> None:
     close(kl_rows(zc, za), [kl(c, a) for c, a in zip(C, A)])
     close(trades_loss(zc, za, y, beta), [ce(c, t) + beta * kl(c, a) for c, a, t in zip(C, A, Y)])
     ratio = 0.4
-    close(trades_sovr_loss(zc, za, y, beta, ratio),
-          [s + beta * kl(c, a) for s, c, a in zip(sovr_loss(za, y, ratio, reduction="none").tolist(), C, A)])
+    close(
+        trades_sovr_loss(zc, za, y, beta, ratio),
+        [s + beta * kl(c, a) for s, c, a in zip(sovr_loss(za, y, ratio, reduction="none").tolist(), C, A)],
+    )
 
 
 @pytest.mark.parametrize("b,k", SHAPES)
@@ -107,8 +124,9 @@ def test_mail_weights_match_loop(b: int, k: int, slope: float, bias: float) -> N
     close(mail_weights(za, y, slope, bias), raw)
 
 
-@pytest.mark.parametrize("slope, bias, want", [(10.0, -0.5, [0.000301538, 0.933369, 2.03891]),
-                                               (1.0, -1.5, [0.383413, 0.760809, 0.851949])])
+@pytest.mark.parametrize(
+    "slope, bias, want", [(10.0, -0.5, [0.000301538, 0.933369, 2.03891]), (1.0, -1.5, [0.383413, 0.760809, 0.851949])]
+)
 def test_mail_weights_by_hand(slope: float, bias: float, want: list) -> None:
     """Logits (2, 1, 0): p = (0.665241, 0.244728, 0.090031). The official mail_loss.py takes PM' = p_2nd - p_y,
     i.e. -0.420512, 0.420512, 0.575210 for y = 0, 1, 2, and w = sigmoid((PM' + bias) * slope) * 3."""
@@ -166,8 +184,10 @@ def test_comp_sum_special_cases() -> None:
 @pytest.mark.parametrize("b,k", SHAPES)
 def test_logit_diff_distance_matches_loop(b: int, k: int) -> None:
     zc, za, y = logits(b, k)
-    want = [math.sqrt(sum(((a[j] - a[t]) - (c[j] - c[t])) ** 2 for j in range(k) if j != t))
-            for c, a, t in zip(zc.tolist(), za.tolist(), y.tolist())]
+    want = [
+        math.sqrt(sum(((a[j] - a[t]) - (c[j] - c[t])) ** 2 for j in range(k) if j != t))
+        for c, a, t in zip(zc.tolist(), za.tolist(), y.tolist())
+    ]
     close(logit_diff_distance(za, zc, y), want)
     assert logit_diff_distance(zc + 5.0, zc, y).abs().max() < 1e-12  # a shift of all logits changes no difference
 
@@ -195,10 +215,12 @@ def test_emr_penalty_on_a_linear_model(temp: float) -> None:
 
 # ---- objectives on a tiny BatchNorm conv net ----
 
+
 def tiny(classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, classes))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, classes)
+    )
 
 
 def data(classes: int = 10, b: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +248,7 @@ def test_emr_wrapper(name: str) -> None:
     assert torch.equal(loss, loss0) and torch.equal(z, z0) and z.shape == (8, 10)  # lambda 0: the base loss
     a = args("--loss", name, "--burn-in", "0", "--emr", "0.5", "--batch", "8")
     loss, _, m = run(name, a, model, x, y)
-    want = 0.5 * emr_penalty(m, x_adv, a.emr_temp).sum() / 8 ** 2
+    want = 0.5 * emr_penalty(m, x_adv, a.emr_temp).sum() / 8**2
     assert torch.allclose(loss - loss0, want, rtol=1e-4, atol=1e-7) and want > 0
     assert all(mod.training for mod in m.modules())  # BN back in train mode after the attacks
 
@@ -270,19 +292,23 @@ def test_emr_lambda_decays_at_the_milestones() -> None:
     torch.testing.assert_close(after, 0.1 * before, rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("loss, temp", [("ce", 40.0), ("sovr", 40.0), ("trades", 1.0), ("trades-sovr", 1.0),
-                                        ("mail", 0.1), ("gairat", 40.0)])
+@pytest.mark.parametrize(
+    "loss, temp", [("ce", 40.0), ("sovr", 40.0), ("trades", 1.0), ("trades-sovr", 1.0), ("mail", 0.1), ("gairat", 40.0)]
+)
 def test_emr_temperature_defaults_follow_the_official_scripts(loss: str, temp: float) -> None:
     assert args("--loss", loss).emr_temp == temp
     assert args("--loss", loss, "--emr-temp", "2").emr_temp == 2.0
 
 
-@pytest.mark.parametrize("name,flags,scale", [
-    ("mail", ["--mail-slope", "0", "--burn-in", "0"], 1.5),   # constant weights 3 sigmoid(0)
-    ("mail", ["--burn-in", "1"], 1.0),                         # burn-in epoch
-    ("gairat", ["--gairat-lambda", "100", "--burn-in", "0"], 1.0),  # tanh saturates: all weights 1
-    ("gairat", ["--burn-in", "1"], 1.0),
-])
+@pytest.mark.parametrize(
+    "name,flags,scale",
+    [
+        ("mail", ["--mail-slope", "0", "--burn-in", "0"], 1.5),  # constant weights 3 sigmoid(0)
+        ("mail", ["--burn-in", "1"], 1.0),  # burn-in epoch
+        ("gairat", ["--gairat-lambda", "100", "--burn-in", "0"], 1.0),  # tanh saturates: all weights 1
+        ("gairat", ["--burn-in", "1"], 1.0),
+    ],
+)
 def test_reweighting_reduces_to_pgd_at(name: str, flags: list, scale: float) -> None:
     model, (x, y) = tiny(), data()
     want, z_want, _ = run("ce", args(), model, x, y)
@@ -311,6 +337,7 @@ def test_clean_ce_special_cases(name: str, flags: list) -> None:
 
 # ---- a few training steps of every loss through train.main ----
 
+
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory) -> dict:
     root, out = tmp_path_factory.mktemp("data"), {}
@@ -330,17 +357,48 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # with EMR, weight averaging and generated data riding along: enough to catch a dtype or device error without
 # doubling the GPU suite's time.
 RUNS = [(c, d, []) for c in (10, 100) for d in ("cpu",)] + [
-    pytest.param(100, "cuda", flags, marks=CUDA) for flags in ([], ["--compile"])]
+    pytest.param(100, "cuda", flags, marks=CUDA) for flags in ([], ["--compile"])
+]
 
 
 @pytest.mark.parametrize("classes, device, flags", RUNS)
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_trains_without_nan_and_writes_checkpoints(name: str, classes: int, device: str, flags: list, datasets: dict,
-                                                   tmp_path) -> None:
+def test_trains_without_nan_and_writes_checkpoints(
+    name: str, classes: int, device: str, flags: list, datasets: dict, tmp_path
+) -> None:
     emr = ["--emr", "0.1", "--ema", "--aux-data", datasets["aux"]] if classes == 100 else []  # ride along
-    train.main(["--dataset", datasets[classes], "--arch", "wrn16", "--width", "1", "--val", "16", "--epochs", "2",
-                "--milestones", "1", "--batch", "32", "--steps", "2", "--eval-steps", "1", "--burn-in", "1",
-                "--loss", name, "--device", device, "--out", str(tmp_path), *emr, *flags])
+    train.main(
+        [
+            "--dataset",
+            datasets[classes],
+            "--arch",
+            "wrn16",
+            "--width",
+            "1",
+            "--val",
+            "16",
+            "--epochs",
+            "2",
+            "--milestones",
+            "1",
+            "--batch",
+            "32",
+            "--steps",
+            "2",
+            "--eval-steps",
+            "1",
+            "--burn-in",
+            "1",
+            "--loss",
+            name,
+            "--device",
+            device,
+            "--out",
+            str(tmp_path),
+            *emr,
+            *flags,
+        ]
+    )
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["epoch"] for r in log[:2]] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in log[:2])
     for ckpt in ("best.pt", "last.pt"):

@@ -1,4 +1,5 @@
 """Model shapes, parameter counts against the literature, normalization inside, PGD behaviour."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,12 +12,15 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-@pytest.mark.parametrize("arch, expected", [
-    ("resnet18", 11_173_962),  # CIFAR ResNet-18 as in MART/MAIL code: 11.17M
-    ("preact18", 11_172_170),  # PreAct ResNet-18 (Rice et al.)
-    ("wrn34", 46_160_474),     # WRN-34-10 (Madry/TRADES): 46.16M
-    ("wrn28", 36_479_194),     # WRN-28-10 (Gowal et al., DM-Improves-AT with Swish): 36.48M
-])
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("resnet18", 11_173_962),  # CIFAR ResNet-18 as in MART/MAIL code: 11.17M
+        ("preact18", 11_172_170),  # PreAct ResNet-18 (Rice et al.)
+        ("wrn34", 46_160_474),  # WRN-34-10 (Madry/TRADES): 46.16M
+        ("wrn28", 36_479_194),  # WRN-28-10 (Gowal et al., DM-Improves-AT with Swish): 36.48M
+    ],
+)
 def test_parameter_counts(arch: str, expected: int) -> None:
     assert n_params(models.build(arch, 10)) == expected
 
@@ -37,7 +41,9 @@ def test_normalization_is_inside_the_model() -> None:
     m = models.build("wrn16", 10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), width=1).eval()
     assert {"mean", "std"} <= {k.split(".")[-1] for k in m.state_dict()}
     x = torch.rand(2, 3, 32, 32)
-    expected = m.net((x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1))
+    expected = m.net(
+        (x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    )
     torch.testing.assert_close(m(x), expected)
     assert models.build("resnet18", 10).mean.flatten().tolist() == pytest.approx(models.STATS["cifar10"][0])
     assert models.build("resnet18", 10).std.flatten().tolist() == pytest.approx([0.2470, 0.2435, 0.2616])
@@ -80,18 +86,31 @@ def test_bn_mode_restores_mixed_modes() -> None:
 
 def test_load_rebuilds_in_eval_mode_and_refuses_clearly(tmp_path) -> None:
     model = models.build("wrn16", 10, width=1)
-    ckpt = dict(model=model.state_dict(), arch="wrn16", width=1, num_classes=10, mean=[0.5] * 3, std=[0.25] * 3,
-                eps=8, dataset="synthetic")
+    ckpt = dict(
+        model=model.state_dict(),
+        arch="wrn16",
+        width=1,
+        num_classes=10,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        eps=8,
+        dataset="synthetic",
+    )
     models.save(ckpt, str(tmp_path / "good.pt"))
     loaded = models.load(str(tmp_path / "good.pt"))
-    assert not loaded.training and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
-                                                                         model.state_dict().values()))
+    assert not loaded.training and all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values())
+    )
     (tmp_path / "text.pt").write_text("hello")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     models.save({**ckpt, "arch": "vgg"}, str(tmp_path / "arch.pt"))
     models.save({**ckpt, "num_classes": 100}, str(tmp_path / "classes.pt"))
-    for name, message in [("missing.pt", "no such checkpoint"), ("text.pt", "is not a PyTorch checkpoint"),
-                          ("other.pt", "is not a train.py checkpoint"), ("arch.pt", "unknown arch 'vgg'"),
-                          ("classes.pt", "weights do not fit arch wrn16 with 100 classes")]:
+    for name, message in [
+        ("missing.pt", "no such checkpoint"),
+        ("text.pt", "is not a PyTorch checkpoint"),
+        ("other.pt", "is not a train.py checkpoint"),
+        ("arch.pt", "unknown arch 'vgg'"),
+        ("classes.pt", "weights do not fit arch wrn16 with 100 classes"),
+    ]:
         with pytest.raises(ValueError, match=message):
             models.load(str(tmp_path / name))

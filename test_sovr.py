@@ -1,4 +1,5 @@
 """Tests of sovr.py against independent per-sample loops, autograd, and the paper's toy theorem."""
+
 import math
 
 import pytest
@@ -70,14 +71,16 @@ def test_ties_are_broken_by_index() -> None:
     z = torch.zeros(6, 4)  # every margin is 0
     y = torch.zeros(6, dtype=torch.long)
     per = sovr_loss(z, y, 0.5, reduction="none")
-    assert torch.equal(per[:3], ovr_loss(z[:3], y[:3], "none")) and torch.equal(per[3:], F.cross_entropy(z[3:], y[3:], reduction="none"))
+    assert torch.equal(per[:3], ovr_loss(z[:3], y[:3], "none")) and torch.equal(
+        per[3:], F.cross_entropy(z[3:], y[3:], reduction="none")
+    )
 
 
 def test_gradcheck_float64() -> None:
     z, y = batch(6, 5)
     z = z.double().requires_grad_()
     for fn in (logit_margin, ovr_loss, lambda t, y: sovr_loss(t, y, 0.5, "none")):
-        assert torch.autograd.gradcheck(lambda t: fn(t, y), (z,))
+        assert torch.autograd.gradcheck(lambda t, fn=fn: fn(t, y), (z,))
 
 
 def test_switch_selects_smallest_margins_for_ovr_gradient() -> None:
@@ -112,17 +115,20 @@ def test_low_precision_inputs(device: str, dtype: torch.dtype) -> None:
     assert torch.isfinite(lin.weight.grad).all()
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda z, y: sovr_loss(z, y, ratio=1.5), "ratio"),
-    (lambda z, y: sovr_loss(z, y, ratio=-0.1), "ratio"),
-    (lambda z, y: sovr_loss(z[0], y), "logits"),
-    (lambda z, y: ovr_loss(z[:, :1], y), "logits"),
-    (lambda z, y: ovr_loss(z.long(), y), "logits"),
-    (lambda z, y: logit_margin(z, y[:3]), "target"),
-    (lambda z, y: sovr_loss(z, y.float()), "target"),
-    (lambda z, y: sovr_loss(z, y.to("meta")), "target"),
-    (lambda z, y: sovr_loss(z, y, reduction="avg"), "reduction"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda z, y: sovr_loss(z, y, ratio=1.5), "ratio"),
+        (lambda z, y: sovr_loss(z, y, ratio=-0.1), "ratio"),
+        (lambda z, y: sovr_loss(z[0], y), "logits"),
+        (lambda z, y: ovr_loss(z[:, :1], y), "logits"),
+        (lambda z, y: ovr_loss(z.long(), y), "logits"),
+        (lambda z, y: logit_margin(z, y[:3]), "target"),
+        (lambda z, y: sovr_loss(z, y.float()), "target"),
+        (lambda z, y: sovr_loss(z, y.to("meta")), "target"),
+        (lambda z, y: sovr_loss(z, y, reduction="avg"), "reduction"),
+    ],
+)
 def test_bad_input_raises_value_error(call, match: str) -> None:
     z, y = batch(4, 3)
     with pytest.raises(ValueError, match=match):
@@ -158,4 +164,6 @@ def test_toy_theorem_ovr_margin_slope_is_two(k: int) -> None:
 @pytest.mark.parametrize("k", [2, 10])
 @pytest.mark.parametrize("w", [1.0, 5.0])
 def test_toy_theorem_weighted_ce_margin_slope_is_one(k: int, w: float) -> None:
-    assert margin_slope(lambda z, y: w * sovr_loss(z.double(), y, ratio=0.0, reduction="sum"), k) == pytest.approx(1.0, rel=0.03)
+    assert margin_slope(lambda z, y: w * sovr_loss(z.double(), y, ratio=0.0, reduction="sum"), k) == pytest.approx(
+        1.0, rel=0.03
+    )

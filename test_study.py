@@ -1,4 +1,5 @@
 """results/study.py: run naming, the lr schedule it passes, and the table it publishes (fake run folders)."""
+
 import json
 import sys
 from pathlib import Path
@@ -22,9 +23,11 @@ def fake_run(root: Path, run: str, clean: float, pgd: float, aa: float, extra: f
     for mode, acc in [("apgd-ce", aa), ("apgd-ce+apgd-t", extra)]:
         if acc is not None:
             (out / f"best.{mode}-Linf-eps8-n1017-seed0.json").write_text(
-                json.dumps({"robust_acc": acc, "settings": {"n": 1017, "mode": mode}}))
+                json.dumps({"robust_acc": acc, "settings": {"n": 1017, "mode": mode}})
+            )
     (out / "best.margins-Linf-eps8-n1017-seed0.json").write_text(
-        json.dumps({"mean_margin_smallest30": -1.0, "mean_margin": -0.5, "margins": [-1.0, -0.05, 0.3, 0.5]}))
+        json.dumps({"mean_margin_smallest30": -1.0, "mean_margin": -0.5, "margins": [-1.0, -0.05, 0.3, 0.5]})
+    )
 
 
 @pytest.mark.parametrize("e", range(2, 20))
@@ -45,7 +48,11 @@ def test_table_means_over_seeds_gap_and_sweep_order(tmp_path: Path) -> None:
     fake_run(tmp_path, "sovr-s0-ratio1", 0.38, 0.29, 0.29)
     fake_run(tmp_path, "sovr-s0-ratio0.2", 0.39, 0.31, 0.30)
     (tmp_path / "sovr-s0").mkdir()  # unfinished: left out
-    rows = [l.split(" | ") for l in study.table(tmp_path, a).splitlines() if l.startswith("| ") and "---" not in l][1:]
+    rows = [
+        line.split(" | ")
+        for line in study.table(tmp_path, a).splitlines()
+        if line.startswith("| ") and "---" not in line
+    ][1:]
     assert [r[0:3] for r in rows] == [["| ce", "-", "2"], ["| sovr", "0.2", "1"], ["| sovr", "1", "1"]]
     assert rows[0][3].startswith("41.0 ± 1.4 (se 1.5)")  # mean, std over seeds, binomial se of one run
     assert rows[0][6] == "27.0 (se 1.4) (1 of 2 seeds)"  # the extra attack list, run on ce-s0 only

@@ -1,4 +1,5 @@
 """End-to-end train.py runs on synthetic data and the real CIFAR-10 subset; resume; clear errors."""
+
 import copy
 import importlib.util
 import json
@@ -52,15 +53,38 @@ def test_smoke_run_writes_checkpoints_that_rebuild_the_model(tmp_path: Path, los
         acc = (rebuild(ckpt)(d["x_test"].float() / 255).argmax(1) == d["y_test"]).float().mean().item()
     assert acc == pytest.approx(records[-1]["final"]["last"]["test_clean"], abs=1e-6)
     loaded = models.load(str(tmp_path / "last.pt"))  # the one-call loader gives the same model, in eval mode
-    assert not loaded.training and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
-                                                                         rebuild(ckpt).state_dict().values()))
+    assert not loaded.training and all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), rebuild(ckpt).state_dict().values())
+    )
     assert load(tmp_path / "best.pt")["metrics"]["val_pgd"] == max(r["val_pgd"] for r in records[:-1])
 
 
 @pytest.mark.skipif(not SUBSET.exists(), reason="../shared/data/cifar10_subset.npz not present")
 def test_real_subset_trains(tmp_path: Path) -> None:
-    run("--dataset", SUBSET, "--arch", "wrn16", "--width", 1, "--train-limit", 128, "--val", 64, "--epochs", 1,
-        "--batch", 64, "--steps", 2, "--eval-steps", 2, "--device", "cpu", "--out", tmp_path)
+    run(
+        "--dataset",
+        SUBSET,
+        "--arch",
+        "wrn16",
+        "--width",
+        1,
+        "--train-limit",
+        128,
+        "--val",
+        64,
+        "--epochs",
+        1,
+        "--batch",
+        64,
+        "--steps",
+        2,
+        "--eval-steps",
+        2,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path,
+    )
     ckpt = load(tmp_path / "best.pt")
     assert ckpt["num_classes"] == 10 and ckpt["dataset"] == str(SUBSET)
     assert ckpt["mean"] == pytest.approx(models.STATS["cifar10"][0], abs=0.02)
@@ -95,7 +119,10 @@ def test_ema_is_the_model_that_is_validated_saved_and_loaded(tmp_path: Path) -> 
     d = data.load_data("synthetic", "")
     args = train.get_args([*SMOKE, "--ema", "0.9"])
     final = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]["final"]
-    assert train.evaluate(loaded, d["x_test"], d["y_test"], args) == (final["last"]["test_clean"], final["last"]["test_pgd"])
+    assert train.evaluate(loaded, d["x_test"], d["y_test"], args) == (
+        final["last"]["test_clean"],
+        final["last"]["test_pgd"],
+    )
 
 
 def test_ema_update_follows_dm_improves_at() -> None:
@@ -130,20 +157,31 @@ def test_generated_data_fills_its_share_of_every_batch() -> None:
     assert all(0 < (yb >= 5).sum() < 32 for _, yb in halves)  # each process's share mixes both
 
 
-@pytest.mark.parametrize("arrays, match", [
-    (dict(img=np.zeros((4, 32, 32, 3), np.uint8), label=np.arange(4)), "lacks array 'x_train'"),
-    (dict(image=np.zeros((4, 28, 28, 3), np.uint8), label=np.arange(4)), "must be uint8 images of the dataset's size"),
-    (dict(image=np.zeros((4, 32, 32, 3), np.float32), label=np.arange(4)), "must be uint8 images"),
-    (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.arange(3)), "as many labels"),
-    (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.array([0, 1, 2, 10])), "labels run from 0 to 10"),
-    (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.array([0, 1, 2, 3])), "labels run from 0 to 3; the dataset's classes are 0..9"),
-    (dict(x_train=np.zeros((4, 3, 32, 32), np.uint8), y_train=np.array([0, 1, 2, 3])), "labels run from 0 to 3"),
-])
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (dict(img=np.zeros((4, 32, 32, 3), np.uint8), label=np.arange(4)), "lacks array 'x_train'"),
+        (
+            dict(image=np.zeros((4, 28, 28, 3), np.uint8), label=np.arange(4)),
+            "must be uint8 images of the dataset's size",
+        ),
+        (dict(image=np.zeros((4, 32, 32, 3), np.float32), label=np.arange(4)), "must be uint8 images"),
+        (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.arange(3)), "as many labels"),
+        (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.array([0, 1, 2, 10])), "labels run from 0 to 10"),
+        (
+            dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.array([0, 1, 2, 3])),
+            "labels run from 0 to 3; the dataset's classes are 0..9",
+        ),
+        (dict(x_train=np.zeros((4, 3, 32, 32), np.uint8), y_train=np.array([0, 1, 2, 3])), "labels run from 0 to 3"),
+    ],
+)
 def test_bad_generated_data_gives_one_clear_line(tmp_path: Path, capsys, arrays: dict, match: str) -> None:
     np.savez(tmp_path / "aux.npz", **arrays)
     expect_error(capsys, [*SMOKE, "--aux-data", tmp_path / "aux.npz", "--out", tmp_path / "o"], match)
     assert not (tmp_path / "o").exists()
-    expect_error(capsys, [*SMOKE, "--aux-data", tmp_path / "no.npz", "--out", tmp_path / "o"], "--aux-data: no such file")
+    expect_error(
+        capsys, [*SMOKE, "--aux-data", tmp_path / "no.npz", "--out", tmp_path / "o"], "--aux-data: no such file"
+    )
     expect_error(capsys, [*SMOKE, "--aux-fraction", "0.5", "--out", tmp_path / "o"], "--aux-fraction needs --aux-data")
 
 
@@ -170,33 +208,46 @@ def expect_error(capsys, argv: list, match: str) -> None:
     assert e.value.code != 0 and match in msg, msg
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--arch", "vgg"], "invalid choice: 'vgg'"),
-    (["--loss", "hinge"], "invalid choice: 'hinge'"),
-    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--dataset", "missing.npz"], "no such dataset file"),
-    (["--ratio", "1.5"], "--ratio must lie in [0, 1]"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--val", "5000"], "--val must lie in"),
-    (["--resume"], "--resume: no such checkpoint"),
-    (["--resume", "yes"], "takes no value or 'auto', not 'yes'"),
-    (["--device", "gpu"], "--device 'gpu' is not a device name"),
-    (["--width", "0"], "--width must be >= 1"),
-    (["--eps", "-8"], "--eps must be >= 0"),
-    (["--milestones", "5,x"], "--milestones: must be comma-separated integers, not '5,x'"),
-    (["--milestones", "0"], "--milestones must be >= 1"),
-    (["--ema", "1.5"], "--ema must lie in (0, 1), got 1.5"),
-    (["--device", "cuda:7"], "no such CUDA device"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--arch", "vgg"], "invalid choice: 'vgg'"),
+        (["--loss", "hinge"], "invalid choice: 'hinge'"),
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--dataset", "missing.npz"], "no such dataset file"),
+        (["--ratio", "1.5"], "--ratio must lie in [0, 1]"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--val", "5000"], "--val must lie in"),
+        (["--resume"], "--resume: no such checkpoint"),
+        (["--resume", "yes"], "takes no value or 'auto', not 'yes'"),
+        (["--device", "gpu"], "--device 'gpu' is not a device name"),
+        (["--width", "0"], "--width must be >= 1"),
+        (["--eps", "-8"], "--eps must be >= 0"),
+        (["--milestones", "5,x"], "--milestones: must be comma-separated integers, not '5,x'"),
+        (["--milestones", "0"], "--milestones must be >= 1"),
+        (["--ema", "1.5"], "--ema must lie in (0, 1), got 1.5"),
+        (["--device", "cuda:7"], "no such CUDA device"),
+    ],
+)
 def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv: list, match: str) -> None:
     expect_error(capsys, [*SMOKE, "--out", tmp_path, *argv], match)
 
 
-@pytest.mark.parametrize("arrays, match", [
-    (dict(x_train=np.zeros((4, 3, 8, 8), np.uint8)), "lacks array"),
-    (dict(x_train=np.zeros((4, 3, 8, 8), np.float32), y_train=np.zeros(4), x_test=np.zeros((2, 3, 8, 8), np.uint8),
-          y_test=np.zeros(2)), "must be uint8"),
-])
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (dict(x_train=np.zeros((4, 3, 8, 8), np.uint8)), "lacks array"),
+        (
+            dict(
+                x_train=np.zeros((4, 3, 8, 8), np.float32),
+                y_train=np.zeros(4),
+                x_test=np.zeros((2, 3, 8, 8), np.uint8),
+                y_test=np.zeros(2),
+            ),
+            "must be uint8",
+        ),
+    ],
+)
 def test_malformed_npz(tmp_path: Path, capsys, arrays: dict, match: str) -> None:
     np.savez(tmp_path / "bad.npz", **arrays)
     expect_error(capsys, [*SMOKE, "--dataset", tmp_path / "bad.npz", "--out", tmp_path / "o"], match)
@@ -207,8 +258,11 @@ def test_malformed_npz(tmp_path: Path, capsys, arrays: dict, match: str) -> None
 def test_a_fresh_run_never_overwrites_a_run_folder(tmp_path: Path, capsys) -> None:
     run(*SMOKE, "--out", tmp_path, "--epochs", 1)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    expect_error(capsys, [*SMOKE, "--out", tmp_path, "--epochs", 1], "holds a run already (last.pt): continue it "
-                 "with --resume (or --resume auto), or choose another --out")
+    expect_error(
+        capsys,
+        [*SMOKE, "--out", tmp_path, "--epochs", 1],
+        "holds a run already (last.pt): continue it with --resume (or --resume auto), or choose another --out",
+    )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in recs] == [1, None] and "final" in recs[-1]
@@ -224,7 +278,9 @@ def test_resume_auto_of_a_finished_run_says_so(tmp_path: Path, capsys) -> None:
 
 
 def test_refused_init_or_resume_leaves_no_folder(tmp_path: Path, capsys) -> None:
-    expect_error(capsys, [*SMOKE, "--out", tmp_path / "a", "--init", tmp_path / "nope.pt"], "--init: no such checkpoint")
+    expect_error(
+        capsys, [*SMOKE, "--out", tmp_path / "a", "--init", tmp_path / "nope.pt"], "--init: no such checkpoint"
+    )
     expect_error(capsys, [*SMOKE, "--out", tmp_path / "b", "--resume"], "--resume: no such checkpoint")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -235,14 +291,17 @@ def test_run_folder_and_labels_carry_the_objective(tmp_path: Path, capsys) -> No
     assert out() == os.path.join("runs", "x-wrn16-sovr-s0")
     assert out("--ratio", "0.2", "--seed", "1") == os.path.join("runs", "x-wrn16-sovr-r0.2-s1")
     assert out("--loss", "ovr") == os.path.join("runs", "x-wrn16-ovr-s0")
-    assert out("--loss", "trades-sovr", "--beta", "1", "--emr", "3") == os.path.join("runs", "x-wrn16-trades-sovr-b1-emr3-s0")
+    assert out("--loss", "trades-sovr", "--beta", "1", "--emr", "3") == os.path.join(
+        "runs", "x-wrn16-trades-sovr-b1-emr3-s0"
+    )
     assert out("--loss", "ce", "--ratio", "0.2") == os.path.join("runs", "x-wrn16-ce-s0")  # ce reads no ratio
     run(*SMOKE, "--out", tmp_path, "--epochs", 1, "--loss", "ovr")
     assert f"run folder {tmp_path}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("epochs, milestones, burn_in", [(110, [100, 105], 60), (11, [10], 6), (30, [27, 29], 16),
-                                                         (5, [4], 3), (1, [], 1)])
+@pytest.mark.parametrize(
+    "epochs, milestones, burn_in", [(110, [100, 105], 60), (11, [10], 6), (30, [27, 29], 16), (5, [4], 3), (1, [], 1)]
+)
 def test_schedules_follow_the_run_length(epochs: int, milestones: list, burn_in: int) -> None:
     a = train.get_args(["--loss", "mail", "--epochs", str(epochs)])
     assert (a.milestones, a.burn_in) == (milestones, burn_in)
@@ -272,16 +331,39 @@ def test_a_schedule_that_never_takes_effect_is_said(tmp_path: Path, capsys) -> N
 def test_init_starts_from_the_checkpoint_weights_with_a_fresh_schedule(tmp_path: Path, capsys) -> None:
     run(*SMOKE, "--out", tmp_path / "a", "--epochs", 1)
     a = load(tmp_path / "a" / "last.pt")
-    run(*SMOKE, "--out", tmp_path / "b", "--init", tmp_path / "a" / "last.pt", "--loss", "mail", "--epochs", 1,
-        "--lr", 0, "--dataset", "synthetic")  # lr 0: the weights stay those of a
+    run(
+        *SMOKE,
+        "--out",
+        tmp_path / "b",
+        "--init",
+        tmp_path / "a" / "last.pt",
+        "--loss",
+        "mail",
+        "--epochs",
+        1,
+        "--lr",
+        0,
+        "--dataset",
+        "synthetic",
+    )  # lr 0: the weights stay those of a
     b = load(tmp_path / "b" / "last.pt")
     assert b["epoch"] == 1 and b["args"]["init"] == str(tmp_path / "a" / "last.pt") and b["mean"] == a["mean"]
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if "running" not in k and "batches" not in k)
-    expect_error(capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "a" / "last.pt", "--arch", "preact18"],
-                 "holds a resnet18 with 10 classes, not a preact18 with 10")
-    expect_error(capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "a" / "last.pt", "--width", 4],
-                 "do not fit --arch resnet18 --width 4")
-    expect_error(capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "nope.pt"], "--init: no such checkpoint")
+    assert all(
+        torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if "running" not in k and "batches" not in k
+    )
+    expect_error(
+        capsys,
+        [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "a" / "last.pt", "--arch", "preact18"],
+        "holds a resnet18 with 10 classes, not a preact18 with 10",
+    )
+    expect_error(
+        capsys,
+        [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "a" / "last.pt", "--width", 4],
+        "do not fit --arch resnet18 --width 4",
+    )
+    expect_error(
+        capsys, [*SMOKE, "--out", tmp_path / "c", "--init", tmp_path / "nope.pt"], "--init: no such checkpoint"
+    )
 
 
 def test_resume_from_other_configuration_and_unwritable_out(tmp_path: Path, capsys) -> None:
@@ -295,6 +377,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, capsys, m
     def nan_in_second_epoch(net, atk, x, y, args, epoch):
         loss, z = losses.ce(net, atk, x, y, args, epoch)
         return (loss * float("nan") if epoch == 1 else loss), z
+
     monkeypatch.setitem(losses.OBJECTIVES, "ce", nan_in_second_epoch)
     expect_error(capsys, [*SMOKE, "--loss", "ce", "--out", tmp_path], "loss is nan at epoch 2, step 1")
     ckpt = load(tmp_path / "last.pt")
@@ -309,6 +392,7 @@ def test_offline_download_says_what_to_do(tmp_path: Path, capsys, monkeypatch) -
 
     def no_network(*a, **k):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
+
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     want = f"could not download cifar10 into {tmp_path / 'data'}"
     expect_error(capsys, ["--device", "cpu", "--data-dir", tmp_path / "data", "--out", tmp_path / "o"], want)
@@ -328,16 +412,40 @@ def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path, v
     flags = ["--smoke"] + ["--ema"] * (variant == "ema")
     if variant == "init":
         run(*SMOKE, "--epochs", 1, "--out", tmp_path / "pre")
-        flags = ["--dataset", "synthetic", "--val", 64, "--batch", 64, "--steps", 2, "--eval-steps", 2,
-                 "--init", tmp_path / "pre" / "last.pt"]
-    cmd = [sys.executable, str(HERE / "train.py"), *flags, "--device", "cpu", "--train-limit", 512, "--epochs", 3,
-           "--resume", "auto"]
+        flags = [
+            "--dataset",
+            "synthetic",
+            "--val",
+            64,
+            "--batch",
+            64,
+            "--steps",
+            2,
+            "--eval-steps",
+            2,
+            "--init",
+            tmp_path / "pre" / "last.pt",
+        ]
+    cmd = [
+        sys.executable,
+        str(HERE / "train.py"),
+        *flags,
+        "--device",
+        "cpu",
+        "--train-limit",
+        512,
+        "--epochs",
+        3,
+        "--resume",
+        "auto",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     call = lambda out: subprocess.run([str(c) for c in cmd + ["--out", out]], env=env, capture_output=True, text=True)  # noqa: E731
     first = call(tmp_path / "a")
     assert first.returncode == 0, first.stderr
-    p = subprocess.Popen([str(c) for c in cmd + ["--out", tmp_path / "b"]], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [str(c) for c in cmd + ["--out", tmp_path / "b"]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     while p.poll() is None and not (tmp_path / "b" / "last.pt").exists():
         time.sleep(0.05)
     time.sleep(0.3)  # into the second epoch
@@ -377,8 +485,12 @@ def test_training_goes_on_without_matplotlib(tmp_path: Path, capsys, monkeypatch
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, str(HERE / "train.py"), "--dataset", "missing.npz", "--out", str(tmp_path)],
-                       capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    p = subprocess.run(
+        [sys.executable, str(HERE / "train.py"), "--dataset", "missing.npz", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert p.returncode != 0 and p.stderr.strip() == "train.py: error: no such dataset file: missing.npz"
 
 
@@ -387,7 +499,9 @@ def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler"
+)
 def test_compiled_step_matches_eager_step_on_cpu() -> None:
     """The --compile path cannot rot unseen: one tiny model, one SOVR step through train.wrap as train.py
     --compile runs it (compiled attack and training step), the same loss and weights as without it."""
@@ -402,19 +516,21 @@ def test_compiled_step_matches_eager_step_on_cpu() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
         ema = models.EMA(model, 0.995, steps=0)
         torch.manual_seed(1)  # the same PGD start
-        stats = train.train_step(net, atk, opt, losses.OBJECTIVES["sovr"], x8.float() / 255, y, args, 0, amp=False,
-                                 ema=ema, step=1)
+        stats = train.train_step(
+            net, atk, opt, losses.OBJECTIVES["sovr"], x8.float() / 255, y, args, 0, amp=False, ema=ema, step=1
+        )
         out[compiled] = stats, {**model.state_dict(), **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}}
     assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-5)
     for k, v in out[False][1].items():
-        torch.testing.assert_close(out[True][1][k], v, rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(out[True][1][k], v, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def tiny_batch(device: str, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8).to(device), \
-        torch.randint(0, 10, (n,), generator=g).to(device)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8).to(device), torch.randint(
+        0, 10, (n,), generator=g
+    ).to(device)
 
 
 @CUDA
@@ -428,12 +544,13 @@ def test_fp32_step_on_cuda_matches_cpu(loss: str, no_tf32) -> None:
     out = {}
     for dev, model in (("cpu", cpu), ("cuda", gpu)):
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-        out[dev] = train.train_step(model, model, opt, losses.OBJECTIVES[loss], x8.to(dev).float() / 255, y.to(dev),
-                                    args, 0, amp=False).cpu()
+        out[dev] = train.train_step(
+            model, model, opt, losses.OBJECTIVES[loss], x8.to(dev).float() / 255, y.to(dev), args, 0, amp=False
+        ).cpu()
     torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-5, atol=1e-5)
     for (k, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
         # one SGD step at lr 0.1 of gradients that agree to float rounding (measured on an H100: at most 3e-5)
-        torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @CUDA
@@ -449,8 +566,9 @@ def test_pgd_on_cuda_matches_cpu(no_tf32) -> None:
 
 
 @CUDA
-@pytest.mark.parametrize("loss, flags", [(name, []) for name in sorted(losses.OBJECTIVES)] + [("ce", ["--emr", "1"]),
-                                                                                         ("sovr", ["--ema"])])
+@pytest.mark.parametrize(
+    "loss, flags", [(name, []) for name in sorted(losses.OBJECTIVES)] + [("ce", ["--emr", "1"]), ("sovr", ["--ema"])]
+)
 def test_cuda_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> None:
     """A host-device synchronisation inside the step would stall the GPU at every step: none may happen."""
     args = train.get_args(["--smoke", "--loss", loss, "--burn-in", "0", *flags])  # reweighting on from step 1
@@ -461,8 +579,10 @@ def test_cuda_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> N
     ema = models.EMA(model, 0.995, 10) if "--ema" in flags else None
 
     def step() -> torch.Tensor:
-        return train.train_step(model, model, opt, losses.OBJECTIVES[loss], *next(batches), args, 0, amp=True,
-                                ema=ema, step=20)
+        return train.train_step(
+            model, model, opt, losses.OBJECTIVES[loss], *next(batches), args, 0, amp=True, ema=ema, step=20
+        )
+
     step()  # warm-up: cuDNN autotuning and lazy initialisation may synchronise once
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -8,6 +8,7 @@
 Writes <out>/last.pt (resumable), <out>/best.pt (best validation PGD-20), <out>/log.jsonl, <out>/curves.png.
 Where each default comes from: README.md, Objectives.
 """
+
 import argparse
 import os
 import sys
@@ -51,7 +52,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def data_flags(a) -> None:
-    a("--dataset", default="cifar10", help="cifar10 (default) | cifar100 | synthetic | .npz with x_train, y_train, x_test, y_test")
+    a(
+        "--dataset",
+        default="cifar10",
+        help="cifar10 (default) | cifar100 | synthetic | .npz with x_train, y_train, x_test, y_test",
+    )
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--val", type=int, default=1000, help="training images held out for model selection (default 1000)")
     a("--train-limit", type=int, default=0, help="use only the first N training images, 0 = all (for quick checks)")
@@ -63,8 +68,12 @@ def data_flags(a) -> None:
 
 def recipe_flags(a) -> None:
     a("--epochs", type=int, default=110, help="epochs (default 110)")
-    a("--milestones", type=_ints, default=None, help="epochs after which lr and EMR lambda x0.1 (default: 100/110, "
-      "105/110 of --epochs)")
+    a(
+        "--milestones",
+        type=_ints,
+        default=None,
+        help="epochs after which lr and EMR lambda x0.1 (default: 100/110, 105/110 of --epochs)",
+    )
     a("--lr", type=float, default=0.1, help="SGD learning rate for the global batch (default 0.1)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     a("--wd", type=float, default=5e-4, help="weight decay (default 5e-4)")
@@ -74,19 +83,38 @@ def recipe_flags(a) -> None:
     a("--steps", type=int, default=10, help="PGD steps in training (default 10)")
     a("--eval-steps", type=int, default=20, help="PGD steps for validation and test (default 20)")
     a("--attack-bn", default="eval", choices=["eval", "train"], help="BatchNorm mode while attacking (default eval)")
-    a("--ema", type=float, nargs="?", const=EMA_DECAY, default=None, metavar="DECAY",
-      help=f"evaluate and save a moving average of the weights (default off; --ema alone: {EMA_DECAY})")
+    a(
+        "--ema",
+        type=float,
+        nargs="?",
+        const=EMA_DECAY,
+        default=None,
+        metavar="DECAY",
+        help=f"evaluate and save a moving average of the weights (default off; --ema alone: {EMA_DECAY})",
+    )
 
 
 def run_flags(a) -> None:
     a("--seed", type=int, default=0, help="random seed (default 0)")
     a("--out", default=None, help="run folder (default runs/<dataset>-<arch>-<objective>-s<seed>)")
-    a("--resume", nargs="?", const=True, default=False, type=_auto, metavar="auto",
-      help="continue from <out>/last.pt; 'auto': continue if it exists, else start (safe to requeue)")
+    a(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_auto,
+        metavar="auto",
+        help="continue from <out>/last.pt; 'auto': continue if it exists, else start (safe to requeue)",
+    )
     a("--init", default=None, help="start from this checkpoint's weights, with a fresh optimizer and schedule")
     a("--stop-after", type=int, default=0, help="train at most N epochs in this invocation, then exit (0 = all)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
-    a("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast in training (default on for CUDA)")
+    a(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast in training (default on for CUDA)",
+    )
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (default on)")
     a("--compile", action="store_true", help="torch.compile the model (default off)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (default off)")
@@ -113,9 +141,11 @@ def check(args: argparse.Namespace) -> None:
             if getattr(args, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
     losses.resolve(args)
-    for bad, message in [(args.width is not None and args.width < 1, "--width must be >= 1"),
-                         (args.ema is not None and not 0 < args.ema < 1, f"--ema must lie in (0, 1), got {args.ema}"),
-                         (args.aux_fraction is not None and not args.aux_data, "--aux-fraction needs --aux-data")]:
+    for bad, message in [
+        (args.width is not None and args.width < 1, "--width must be >= 1"),
+        (args.ema is not None and not 0 < args.ema < 1, f"--ema must lie in (0, 1), got {args.ema}"),
+        (args.aux_fraction is not None and not args.aux_data, "--aux-fraction needs --aux-data"),
+    ]:
         if bad:
             raise ValueError(message)
     args.aux_fraction = (AUX_FRACTION if args.aux_fraction is None else args.aux_fraction) if args.aux_data else None
@@ -129,8 +159,20 @@ def check(args: argparse.Namespace) -> None:
 
 # ---- the step
 
-def train_step(net, atk, opt: torch.optim.Optimizer, objective, x: torch.Tensor, y: torch.Tensor, args, epoch: int,
-               amp: bool, ema: models.EMA | None = None, step: int = 0) -> torch.Tensor:
+
+def train_step(
+    net,
+    atk,
+    opt: torch.optim.Optimizer,
+    objective,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args,
+    epoch: int,
+    amp: bool,
+    ema: models.EMA | None = None,
+    step: int = 0,
+) -> torch.Tensor:
     """One optimizer step of `objective` (it crafts its own adversarial examples), bf16 autocast if amp, then the
     average's update (run step `step`). [loss, adversarial accuracy] stays on the device: the step never waits for
     the GPU (tests run it under torch.cuda.set_sync_debug_mode("error"))."""
@@ -151,11 +193,22 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, bs: int = 500) -> tu
 
 # ---- the run: its model, its epochs, what it saves
 
+
 def checkpoint(model, args, d: dict, epoch: int, metrics: dict) -> dict:
     dataset = os.path.abspath(args.dataset) if args.dataset.endswith(".npz") else args.dataset  # found from anywhere
-    return dict(model=model.state_dict(), arch=args.arch, width=args.width, num_classes=d["num_classes"],
-                dataset=dataset, mean=list(d["mean"]), std=list(d["std"]), eps=args.eps, epoch=epoch, metrics=metrics,
-                args=vars(args))
+    return dict(
+        model=model.state_dict(),
+        arch=args.arch,
+        width=args.width,
+        num_classes=d["num_classes"],
+        dataset=dataset,
+        mean=list(d["mean"]),
+        std=list(d["std"]),
+        eps=args.eps,
+        epoch=epoch,
+        metrics=metrics,
+        args=vars(args),
+    )
 
 
 def resume_state(args) -> dict:
@@ -167,10 +220,14 @@ def resume_state(args) -> dict:
         raise ValueError(f"--resume: {path} is not a train.py last.pt")
     if args.init and args.width is None:
         args.width = old.get("width")  # --init filled it in from its checkpoint when the run started
-    diff = [k for k, v in vars(args).items() if k not in RESUMABLE and k in old and old[k] != v]  # absent: older flag set
+    diff = [
+        k for k, v in vars(args).items() if k not in RESUMABLE and k in old and old[k] != v
+    ]  # absent: older flag set
     if diff:
-        raise ValueError(f"--resume: {path} was trained with --{diff[0].replace('_', '-')} {old.get(diff[0])}, "
-                         f"not {getattr(args, diff[0])}")
+        raise ValueError(
+            f"--resume: {path} was trained with --{diff[0].replace('_', '-')} {old.get(diff[0])}, "
+            f"not {getattr(args, diff[0])}"
+        )
     return state
 
 
@@ -180,15 +237,20 @@ def make_model(args, d: dict, device: torch.device, world: int, steps: int) -> t
     state = resume_state(args) if args.resume else None
     init = models.read(args.init, "--init") if args.init and not args.resume else None
     if init and (init["arch"], init["num_classes"]) != (args.arch, d["num_classes"]):
-        raise ValueError(f"--init: {args.init} holds a {init['arch']} with {init['num_classes']} classes, "
-                         f"not a {args.arch} with {d['num_classes']}")
+        raise ValueError(
+            f"--init: {args.init} holds a {init['arch']} with {init['num_classes']} classes, "
+            f"not a {args.arch} with {d['num_classes']}"
+        )
     if state or init:  # the model keeps the normalization it was first trained with
         d["mean"], d["std"] = (state or init)["mean"], (state or init)["std"]
         args.width = init.get("width") if init and args.width is None else args.width
     model = models.build(args.arch, d["num_classes"], d["mean"], d["std"], args.width)
     if init:
-        models.with_weights(model, init["model"], f"--init: the weights of {args.init} do not fit --arch {args.arch} "
-                            f"--width {args.width}")
+        models.with_weights(
+            model,
+            init["model"],
+            f"--init: the weights of {args.init} do not fit --arch {args.arch} --width {args.width}",
+        )
     model = model.to(device).to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -214,8 +276,20 @@ def wrap(model, args, world: int) -> tuple:
     return (torch.compile(net) if world > 1 else atk), atk
 
 
-def train_epoch(net, atk, opt, ema: models.EMA | None, x_tr: torch.Tensor, y_tr: torch.Tensor, aux: tuple | None, args,
-                epoch: int, amp: bool, rank: int, world: int) -> torch.Tensor:
+def train_epoch(
+    net,
+    atk,
+    opt,
+    ema: models.EMA | None,
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    aux: tuple | None,
+    args,
+    epoch: int,
+    amp: bool,
+    rank: int,
+    world: int,
+) -> torch.Tensor:
     """One epoch of steps, with a live line on a terminal (it reads the loss every 10 steps); [steps, 2] losses
     and adversarial accuracies, left on the device. Every epoch reseeds from --seed and its number, so that a
     resumed run repeats exactly what an uninterrupted one does."""
@@ -225,8 +299,9 @@ def train_epoch(net, atk, opt, ema: models.EMA | None, x_tr: torch.Tensor, y_tr:
     net.train()
     stats = torch.zeros(steps, 2, device=x_tr.device)
     with cli.progress(steps * args.batch, f"epoch {epoch + 1}/{args.epochs}", "img", rank) as bar:
-        for s, (x, y) in enumerate(data.batches(x_tr, y_tr, args.batch, args.seed, epoch, rank, world, fmt, aux,
-                                                args.aux_fraction)):
+        for s, (x, y) in enumerate(
+            data.batches(x_tr, y_tr, args.batch, args.seed, epoch, rank, world, fmt, aux, args.aux_fraction)
+        ):
             stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp, ema, epoch * steps + s + 1)
             bar.update(args.batch)
             if not bar.disable and ((s + 1) % 10 == 0 or s + 1 == steps):
@@ -239,8 +314,20 @@ def train_epoch(net, atk, opt, ema: models.EMA | None, x_tr: torch.Tensor, y_tr:
     return stats
 
 
-def validate(model, atk, ema: models.EMA | None, opt, sched, x_val: torch.Tensor, y_val: torch.Tensor, args, world: int,
-             epoch: int, stats: torch.Tensor, t0: float) -> dict:
+def validate(
+    model,
+    atk,
+    ema: models.EMA | None,
+    opt,
+    sched,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    args,
+    world: int,
+    epoch: int,
+    stats: torch.Tensor,
+    t0: float,
+) -> dict:
     """After an epoch's steps: the schedule steps, every rank takes rank 0's BN statistics (they drift apart per
     rank; rank 0's are the ones evaluated and saved), validation clean and PGD accuracy; the epoch's record,
     with the training loss and accuracy averaged over every rank's shard."""
@@ -253,24 +340,40 @@ def validate(model, atk, ema: models.EMA | None, opt, sched, x_val: torch.Tensor
         train_stats /= world
     t_val = time.time()
     clean, rob = evaluate(ema.take_buffers(model) if ema else atk, x_val, y_val, args)
-    return dict(epoch=epoch + 1, lr=lr, time=time.time() - t0, val_time=time.time() - t_val,
-                **dict(zip(("train_loss", "train_adv_acc"), train_stats.tolist())), val_clean=clean, val_pgd=rob)
+    return dict(
+        epoch=epoch + 1,
+        lr=lr,
+        time=time.time() - t0,
+        val_time=time.time() - t_val,
+        **dict(zip(("train_loss", "train_adv_acc"), train_stats.tolist())),
+        val_clean=clean,
+        val_pgd=rob,
+    )
 
 
 def end_epoch(model, ema: models.EMA | None, opt, sched, args, d: dict, rec: dict, best: float) -> float:
     """Rank 0's bookkeeping: the epoch's line, best.pt if validation PGD improved, last.pt, log.jsonl and
     curves.png. "model" is the evaluated model (the average with --ema); last.pt also keeps the trained weights."""
-    print(f"epoch {rec['epoch']:3d}/{args.epochs} lr {rec['lr']:.4f} {rec['time']:6.1f}s eta "
-          f"{rec['time'] * (args.epochs - rec['epoch']) / 60:6.1f}m | train loss {rec['train_loss']:.4f} adv "
-          f"{rec['train_adv_acc']:6.2%} | val clean {rec['val_clean']:6.2%} pgd{args.eval_steps} {rec['val_pgd']:6.2%}")
+    print(
+        f"epoch {rec['epoch']:3d}/{args.epochs} lr {rec['lr']:.4f} {rec['time']:6.1f}s eta "
+        f"{rec['time'] * (args.epochs - rec['epoch']) / 60:6.1f}m | train loss {rec['train_loss']:.4f} adv "
+        f"{rec['train_adv_acc']:6.2%} | val clean {rec['val_clean']:6.2%} pgd{args.eval_steps} {rec['val_pgd']:6.2%}"
+    )
     judged = ema.model if ema else model
     if rec["val_pgd"] > best:
         best = rec["val_pgd"]
         models.save(checkpoint(judged, args, d, rec["epoch"], rec), os.path.join(args.out, "best.pt"))
     runlog.append(args.out, rec)  # before last.pt: a restart trims what last.pt lacks
-    models.save({**checkpoint(judged, args, d, rec["epoch"], rec), "optimizer": opt.state_dict(), "best": best,
-                 "scheduler": sched.state_dict(), **({"unaveraged": model.state_dict()} if ema else {})},
-                os.path.join(args.out, "last.pt"))
+    models.save(
+        {
+            **checkpoint(judged, args, d, rec["epoch"], rec),
+            "optimizer": opt.state_dict(),
+            "best": best,
+            "scheduler": sched.state_dict(),
+            **({"unaveraged": model.state_dict()} if ema else {}),
+        },
+        os.path.join(args.out, "last.pt"),
+    )
     runlog.curves(args.out)
     return best
 
@@ -279,17 +382,29 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
     """The run in a few lines: where it writes, what it starts from, what it trains, and what a combination of
     flags means that their names do not say (a schedule that never takes effect)."""
     late = ",".join(str(m) for m in args.milestones if m >= args.epochs)
-    notes = ([f"note: the lr drops after epochs {late} (--milestones) never happen in --epochs {args.epochs}"] * bool(late)
-             + [f"note: --burn-in {args.burn_in} >= --epochs {args.epochs}: {args.loss} never reweights, this run is "
-                "plain PGD-AT"] * (args.loss in ("mail", "gairat") and args.burn_in >= args.epochs))
-    return "\n".join([
-        f"run folder {args.out}" + (f", resumed after epoch {start}" if start else "")
-        + (f", starting from the weights of {args.init}" if args.init and not start else ""),
-        f"{losses.label(vars(args))} {args.arch} on {args.dataset}: {n_train} train / {n_val} val images"
-        + (f" + {len(aux[0])} from {args.aux_data} ({args.aux_fraction:g} of each batch, on {aux[0].device})" if aux else "")
-        + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr "
-        f"{args.lr} (x0.1 after epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, "
-        f"device {device}, bf16 training {amp}, fp32 evaluation", *notes])
+    notes = [f"note: the lr drops after epochs {late} (--milestones) never happen in --epochs {args.epochs}"] * bool(
+        late
+    ) + [
+        f"note: --burn-in {args.burn_in} >= --epochs {args.epochs}: {args.loss} never reweights, this run is "
+        "plain PGD-AT"
+    ] * (args.loss in ("mail", "gairat") and args.burn_in >= args.epochs)
+    return "\n".join(
+        [
+            f"run folder {args.out}"
+            + (f", resumed after epoch {start}" if start else "")
+            + (f", starting from the weights of {args.init}" if args.init and not start else ""),
+            f"{losses.label(vars(args))} {args.arch} on {args.dataset}: {n_train} train / {n_val} val images"
+            + (
+                f" + {len(aux[0])} from {args.aux_data} ({args.aux_fraction:g} of each batch, on {aux[0].device})"
+                if aux
+                else ""
+            )
+            + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr "
+            f"{args.lr} (x0.1 after epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, "
+            f"device {device}, bf16 training {amp}, fp32 evaluation",
+            *notes,
+        ]
+    )
 
 
 def train(args) -> dict:
@@ -298,8 +413,10 @@ def train(args) -> dict:
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} must be divisible by the {world} processes")
     if not args.resume and os.path.isfile(os.path.join(args.out, "last.pt")):
-        raise ValueError(f"{args.out} holds a run already (last.pt): continue it with --resume (or --resume auto), "
-                         "or choose another --out")
+        raise ValueError(
+            f"{args.out} holds a run already (last.pt): continue it with --resume (or --resume auto), "
+            "or choose another --out"
+        )
     torch.manual_seed(args.seed)
     d = data.load_data(args.dataset, args.data_dir)  # under torchrun, rank 0 downloads first
     (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
@@ -348,10 +465,13 @@ def final_report(args, model, atk, d: dict, log, rank: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args(argv)
-    cli.run("train.py", lambda: train(args),
-            f"at --batch {args.batch}: lower --batch (a new run: --resume needs the same --batch), or spread it over "
-            f"GPUs with torchrun; {os.path.join(args.out, 'last.pt')} keeps the last finished epoch, if any",
-            "the last finished epoch is in last.pt (continue with --resume)")
+    cli.run(
+        "train.py",
+        lambda: train(args),
+        f"at --batch {args.batch}: lower --batch (a new run: --resume needs the same --batch), or spread it over "
+        f"GPUs with torchrun; {os.path.join(args.out, 'last.pt')} keeps the last finished epoch, if any",
+        "the last finished epoch is in last.pt (continue with --resume)",
+    )
 
 
 if __name__ == "__main__":

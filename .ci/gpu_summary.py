@@ -1,5 +1,6 @@
 """Writes <dir>/summary.md from what .ci/gpu left in <dir>: env.txt, steps.tsv, tests.xml, bench-*.json,
 train-log.jsonl and the attack JSON. Usage: python .ci/gpu_summary.py results/gpu/<device>-<date>"""
+
 import glob
 import json
 import os
@@ -27,11 +28,14 @@ def tests(d: str) -> list[str]:
 
     def outcome(c) -> str:
         return next((t.tag for t in c if t.tag in ("failure", "error", "skipped")), "passed")
+
     counts = {k: sum(outcome(c) == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
     counts["failed"] = sum(outcome(c) == "failure" for c in cases)
     gpu = [c for c in cases if any(w in c.get("name").lower() for w in ("cuda", "nccl", "gpu"))]
-    lines = [", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" of {len(cases)} tests; "
-             f"{sum(outcome(c) == 'passed' for c in gpu)} of {len(gpu)} tests named for CUDA/NCCL/GPU passed."]
+    lines = [
+        ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" of {len(cases)} tests; "
+        f"{sum(outcome(c) == 'passed' for c in gpu)} of {len(gpu)} tests named for CUDA/NCCL/GPU passed."
+    ]
     for c in cases:
         if outcome(c) in ("failure", "error"):
             msg = next(t for t in c if t.tag in ("failure", "error")).get("message", "")[:300].replace("\n", " ")
@@ -43,9 +47,12 @@ def bench(d: str) -> list[str]:
     runs = [json.load(open(p)) for p in sorted(glob.glob(f"{d}/bench-*.json"))]
     if not runs:
         return ["Not run."]
-    lines = ["| arch (params) | compiled | project img/s | textbook img/s | speedup | s per CIFAR-10 epoch | h per 110 "
-             "epochs | TFLOP/s | share of bf16 peak | peak GiB (textbook) | first step s | PGD-20 img/s | "
-             "APGD-CE img/s | sovr_loss / CE, 512x10 |", "|" + "---|" * 14]
+    lines = [
+        "| arch (params) | compiled | project img/s | textbook img/s | speedup | s per CIFAR-10 epoch | h per 110 "
+        "epochs | TFLOP/s | share of bf16 peak | peak GiB (textbook) | first step s | PGD-20 img/s | "
+        "APGD-CE img/s | sovr_loss / CE, 512x10 |",
+        "|" + "---|" * 14,
+    ]
     for r in runs:
         s, c, t = r["settings"], r.get("cuda", {}), r["train"]
         lines.append(
@@ -55,20 +62,27 @@ def bench(d: str) -> list[str]:
             f"{c.get('mfu', float('nan')):.1%} | {c.get('train_peak_mem_gib', float('nan')):.2f} "
             f"({c.get('textbook_peak_mem_gib', float('nan')):.2f}) | {t.get('first_step_s', float('nan')):.1f} | "
             f"{r['eval']['pgd20_img_s']:.0f} | {r['eval']['apgd_ce_img_s']:.0f} | "
-            f"{r['loss_cost']['512x10']['ratio']:.1f}x |")
+            f"{r['loss_cost']['512x10']['ratio']:.1f}x |"
+        )
     first = runs[0]["settings"]
-    lines += ["", f"Batch {first['batch']}, `--loss {first['loss']}`, PGD-{first['pgd_steps']} (training), bf16 "
-              f"autocast, channels_last; median of {first['repeats']} timed steps after {first['warmup']} untimed. "
-              "Commands and every figure: the bench-*.json files."]
+    lines += [
+        "",
+        f"Batch {first['batch']}, `--loss {first['loss']}`, PGD-{first['pgd_steps']} (training), bf16 "
+        f"autocast, channels_last; median of {first['repeats']} timed steps after {first['warmup']} untimed. "
+        "Commands and every figure: the bench-*.json files.",
+    ]
     wrn = [r for r in runs if r["settings"]["arch"] == "wrn34"]
     if wrn:
         best = max(wrn, key=lambda r: r["train"]["img_s"])
         epoch_s = EPOCH_IMAGES / best["train"]["img_s"]
         ok = best["speedup"] >= 3 and epoch_s <= 60
-        lines += ["", f"Target for WRN-34-10 (at least 3x the textbook loop, at most 60 s per CIFAR-10 epoch): "
-                  f"**{'met' if ok else 'not met'}**, best {best['speedup']:.2f}x and {epoch_s:.1f} s per epoch "
-                  f"({'compiled' if best['settings'].get('compile') else 'eager'}, "
-                  f"{best.get('cuda', {}).get('train_tflops', float('nan')):.0f} TFLOP/s)."]
+        lines += [
+            "",
+            f"Target for WRN-34-10 (at least 3x the textbook loop, at most 60 s per CIFAR-10 epoch): "
+            f"**{'met' if ok else 'not met'}**, best {best['speedup']:.2f}x and {epoch_s:.1f} s per epoch "
+            f"({'compiled' if best['settings'].get('compile') else 'eager'}, "
+            f"{best.get('cuda', {}).get('train_tflops', float('nan')):.0f} TFLOP/s).",
+        ]
     return lines
 
 
@@ -77,16 +91,21 @@ def end_to_end(d: str) -> list[str]:
     if not recs:
         return ["Not run."]
     epochs = [r for r in recs if "epoch" in r]
-    lines = [f"train.py, ResNet-18, {len(epochs)} epochs: {statistics.median(r['time'] for r in epochs):.1f} s per "
-             f"epoch (median; first {epochs[0]['time']:.1f} s), last epoch train adversarial accuracy "
-             f"{epochs[-1]['train_adv_acc']:.1%}, val clean {epochs[-1]['val_clean']:.1%} / PGD-20 {epochs[-1]['val_pgd']:.1%}."]
+    lines = [
+        f"train.py, ResNet-18, {len(epochs)} epochs: {statistics.median(r['time'] for r in epochs):.1f} s per "
+        f"epoch (median; first {epochs[0]['time']:.1f} s), last epoch train adversarial accuracy "
+        f"{epochs[-1]['train_adv_acc']:.1%}, "
+        f"val clean {epochs[-1]['val_clean']:.1%} / PGD-20 {epochs[-1]['val_pgd']:.1%}."
+    ]
     final = next((r["final"] for r in recs if "final" in r), {})
     for name, f in final.items():
         lines.append(f"test {name}.pt (epoch {f['epoch']}): clean {f['test_clean']:.1%}, PGD-20 {f['test_pgd']:.1%}")
     for p in sorted(glob.glob(f"{d}/best.*.json")):
         a = json.load(open(p))
-        lines.append(f"attack.py ({a['settings']['mode']}, n={a['settings']['n']}): clean {a['clean_acc']:.1%}, "
-                     f"robust {a['robust_acc']:.1%}, {a['time_s']:.0f} s")
+        lines.append(
+            f"attack.py ({a['settings']['mode']}, n={a['settings']['n']}): clean {a['clean_acc']:.1%}, "
+            f"robust {a['robust_acc']:.1%}, {a['time_s']:.0f} s"
+        )
     return lines
 
 
@@ -99,11 +118,32 @@ def section(fn, d: str) -> list[str]:
 
 
 def main(d: str) -> None:
-    out = [f"# GPU check: {os.path.basename(d.rstrip('/'))}", "", "```", read(f"{d}/env.txt").strip(), "```", "",
-           "Produced by `bash .ci/gpu DATA.npz`; the logs and JSON files beside this file hold every figure.", "",
-           "## Steps", "", *section(steps, d), "", "## Tests", "", *section(tests, d), "",
-           "## Training step (bench.py)", "", *section(bench, d), "", "## End to end (train.py, attack.py)", "",
-           *section(end_to_end, d), ""]
+    out = [
+        f"# GPU check: {os.path.basename(d.rstrip('/'))}",
+        "",
+        "```",
+        read(f"{d}/env.txt").strip(),
+        "```",
+        "",
+        "Produced by `bash .ci/gpu DATA.npz`; the logs and JSON files beside this file hold every figure.",
+        "",
+        "## Steps",
+        "",
+        *section(steps, d),
+        "",
+        "## Tests",
+        "",
+        *section(tests, d),
+        "",
+        "## Training step (bench.py)",
+        "",
+        *section(bench, d),
+        "",
+        "## End to end (train.py, attack.py)",
+        "",
+        *section(end_to_end, d),
+        "",
+    ]
     with open(f"{d}/summary.md", "w") as f:
         f.write("\n".join(out))
 

@@ -1,4 +1,4 @@
-"""The late-training study (issue 12): SOVR and its baselines where the paper's effect should live.
+"""The late-training study : SOVR and its baselines where the paper's effect should live.
 
     python results/late.py            # runs whatever is missing (resumable, skips what is done), then the tables
     python results/late.py --table    # only re-writes results/late/table.md and the figures from what exists
@@ -13,6 +13,7 @@ and the logit margins of PGD-20 examples of the training points the losses act o
 important points are the 30% with the smallest margin under the common starting checkpoint, the same points
 for every loss. Runs go two at a time with one CPU thread each; the pre-training alone uses both.
 """
+
 import json
 import statistics
 import sys
@@ -23,12 +24,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+from study import STUDY_RATIO, sh  # noqa: E402  (one runner and one pinned ratio for the CPU studies)
+
 import attack  # noqa: E402
 import cli  # noqa: E402
 import models  # noqa: E402
 import runlog  # noqa: E402
 from data import load_data  # noqa: E402
-from study import STUDY_RATIO, sh  # noqa: E402  (one runner and one pinned ratio for the CPU studies)
 
 SUBSET = "../shared/data/cifar10_subset.npz"  # as train.py is run from the repository root
 ROOT = HERE / "late"
@@ -38,12 +40,30 @@ EPOCHS, DROP = 15, 10  # the continuation: lr 0.01 for 10 epochs, then 0.001 for
 MAIN, SEEDS = ("ce", "mail", "gairat", "sovr"), (0, 1, 2)
 # A run is (loss, seed, ratio or None, ema): --ratio for sovr losses, train.py --ema (weight averaging) or not.
 EXTRA = [("trades", 0, None, False), ("trades-sovr", 0, None, False)] + [("sovr", 0, r, False) for r in (0.1, 0.2, 0.6)]
-EXTRA += [("ovr", s, None, False) for s in SEEDS]  # the sweep's best, ratio 1 (pure OVR; ran as --loss sovr --ratio 1.0)
-EXTRA += [(loss, s, None, True) for s in SEEDS for loss in ("ce", "sovr")]  # weight averaging (issue 22)
+EXTRA += [
+    ("ovr", s, None, False) for s in SEEDS
+]  # the sweep's best, ratio 1 (pure OVR; ran as --loss sovr --ratio 1.0)
+EXTRA += [(loss, s, None, True) for s in SEEDS for loss in ("ce", "sovr")]  # weight averaging
 AA = "apgd-ce,apgd-t"
-STANDARD_ON, N_STANDARD = [(l, 1, None, False) for l in MAIN], 500  # standard AutoAttack on these final checkpoints
-COMMON = ["--dataset", SUBSET, "--arch", ARCH, "--width", str(WIDTH), "--train-limit", str(TRAIN),
-          "--val", str(VAL), "--compile", "--device", "cpu"]
+STANDARD_ON, N_STANDARD = (
+    [(loss, 1, None, False) for loss in MAIN],
+    500,
+)  # standard AutoAttack on these final checkpoints
+COMMON = [
+    "--dataset",
+    SUBSET,
+    "--arch",
+    ARCH,
+    "--width",
+    str(WIDTH),
+    "--train-limit",
+    str(TRAIN),
+    "--val",
+    str(VAL),
+    "--compile",
+    "--device",
+    "cpu",
+]
 
 
 def name(loss: str, seed: int, ratio: float | None, ema: bool = False) -> str:
@@ -56,8 +76,10 @@ def finished(out: Path) -> bool:
 
 def pretrain() -> Path:
     """PGD-AT with CE: PRE_EPOCHS at lr 0.1, then PRE_LOW at lr 0.01 from there (--init); the common start."""
-    phases = [(ROOT / "pretrain", ["--epochs", str(PRE_EPOCHS)]),
-              (ROOT / "start", ["--epochs", str(PRE_LOW), "--lr", "0.01", "--init", str(ROOT / "pretrain" / "last.pt")])]
+    phases = [
+        (ROOT / "pretrain", ["--epochs", str(PRE_EPOCHS)]),
+        (ROOT / "start", ["--epochs", str(PRE_LOW), "--lr", "0.01", "--init", str(ROOT / "pretrain" / "last.pt")]),
+    ]
     for out, flags in phases:
         if not finished(out):
             out.mkdir(parents=True, exist_ok=True)
@@ -76,8 +98,27 @@ def continue_run(loss: str, seed: int, ratio: float | None, ema: bool, start: Pa
     if finished(out) and not again:
         return
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "train.py", *COMMON, "--init", str(start), "--loss", loss, "--seed", str(seed),
-           "--lr", "0.01", "--epochs", str(EPOCHS), "--milestones", str(DROP), "--burn-in", "0", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *COMMON,
+        "--init",
+        str(start),
+        "--loss",
+        loss,
+        "--seed",
+        str(seed),
+        "--lr",
+        "0.01",
+        "--epochs",
+        str(EPOCHS),
+        "--milestones",
+        str(DROP),
+        "--burn-in",
+        "0",
+        "--out",
+        str(out),
+    ]
     cmd += ([] if ratio_of(loss, ratio) is None else ["--ratio", str(ratio_of(loss, ratio))]) + ["--ema"] * ema
     sh(cmd + (["--resume"] if (out / "last.pt").exists() and not finished(out) else []), out / "console.log")
 
@@ -99,7 +140,10 @@ def margins_result(ckpt: Path) -> Path:
 def evaluate(ckpt: Path) -> None:
     log = ckpt.parent / f"eval-{ckpt.stem}.log"
     if not aa_result(ckpt).exists():
-        sh([sys.executable, "attack.py", str(ckpt), "--attacks", AA, "--device", "cpu", "--bs", "500", "--n", "1017"], log)
+        sh(
+            [sys.executable, "attack.py", str(ckpt), "--attacks", AA, "--device", "cpu", "--bs", "500", "--n", "1017"],
+            log,
+        )
     if not margins_result(ckpt).exists():
         sh([sys.executable, str(HERE / "late.py"), "--margins", str(ckpt)], log)
 
@@ -109,7 +153,9 @@ def margins(ckpt: Path) -> None:
     train.py used, and of the test points; with the training points' PGD-10 accuracy (the training attack). Written
     beside the checkpoint."""
     import torch
+
     from losses import pgd_logits, pgd_margins
+
     torch.manual_seed(0)
     c = models.read(str(ckpt))
     model = models.from_checkpoint(c)
@@ -128,8 +174,22 @@ def margins(ckpt: Path) -> None:
 
 def standard(ckpt: Path) -> None:
     if not aa_result(ckpt, "standard", N_STANDARD).exists():
-        sh([sys.executable, "attack.py", str(ckpt), "--version", "standard", "--n", str(N_STANDARD), "--device", "cpu",
-            "--bs", "500"], ckpt.parent / f"eval-{ckpt.stem}.log")
+        sh(
+            [
+                sys.executable,
+                "attack.py",
+                str(ckpt),
+                "--version",
+                "standard",
+                "--n",
+                str(N_STANDARD),
+                "--device",
+                "cpu",
+                "--bs",
+                "500",
+            ],
+            ckpt.parent / f"eval-{ckpt.stem}.log",
+        )
 
 
 def wanted(out: Path) -> list[Path]:
@@ -184,7 +244,7 @@ def run_all() -> None:
     start = pretrain()
     if not margins_result(start).exists():
         margins(start)
-    runs = [(l, s, None, False) for s in SEEDS for l in MAIN] + EXTRA
+    runs = [(loss, s, None, False) for s in SEEDS for loss in MAIN] + EXTRA
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda r: unit(r, start), runs))
     tables()
@@ -193,10 +253,11 @@ def run_all() -> None:
 
 # ---- tables and figures ----
 
+
 def important_mask(part: str) -> list[bool]:
     """The 30% of points with the smallest margin under the starting checkpoint (ties: lower index first)."""
     m = json.loads(margins_result(ROOT / "start" / "last.pt").read_text())[part]
-    chosen = set(sorted(range(len(m)), key=lambda i: m[i])[:round(0.3 * len(m))])
+    chosen = set(sorted(range(len(m)), key=lambda i: m[i])[: round(0.3 * len(m))])
     return [i in chosen for i in range(len(m))]
 
 
@@ -210,8 +271,14 @@ def metrics(ckpt: Path) -> dict | None:
         return None
     aa, mg = json.loads(aa_result(ckpt).read_text()), json.loads(margins_result(ckpt).read_text())
     final = runlog.final(str(ckpt.parent))[ckpt.stem]
-    out = dict(epoch=final["epoch"], clean=aa["clean_acc"], pgd20=final["test_pgd"], apgd_ce=aa["robust_after"]["apgd-ce"],
-               aa=aa["robust_acc"], train_pgd20=mean([v > 0 for v in mg["train"]]))
+    out = dict(
+        epoch=final["epoch"],
+        clean=aa["clean_acc"],
+        pgd20=final["test_pgd"],
+        apgd_ce=aa["robust_after"]["apgd-ce"],
+        aa=aa["robust_acc"],
+        train_pgd20=mean([v > 0 for v in mg["train"]]),
+    )
     for part in ("train", "test"):
         imp = important_mask(part)
         out[f"{part}_imp"] = mean([v for v, i in zip(mg[part], imp) if i])
@@ -222,24 +289,43 @@ def metrics(ckpt: Path) -> dict | None:
     return out
 
 
-COLS = [("clean", "clean %", 100), ("pgd20", "PGD-20 %", 100), ("apgd_ce", "APGD-CE %", 100),
-        ("aa", "APGD-CE+T %", 100), ("gap", "PGD-20 minus APGD-CE+T", 100), ("train_pgd20", "train PGD-20 %", 100),
-        ("train_imp", "train margin, important", 1), ("train_rest", "train margin, rest", 1),
-        ("test_imp", "test margin, important", 1), ("test_rest", "test margin, rest", 1)]
+COLS = [
+    ("clean", "clean %", 100),
+    ("pgd20", "PGD-20 %", 100),
+    ("apgd_ce", "APGD-CE %", 100),
+    ("aa", "APGD-CE+T %", 100),
+    ("gap", "PGD-20 minus APGD-CE+T", 100),
+    ("train_pgd20", "train PGD-20 %", 100),
+    ("train_imp", "train margin, important", 1),
+    ("train_rest", "train margin, rest", 1),
+    ("test_imp", "test margin, important", 1),
+    ("test_rest", "test margin, rest", 1),
+]
 
 
 # paired differences, same seed, between variants (loss, ratio, ema): each loss against ce, SOVR inside TRADES against
 # TRADES, each ratio against ce, weight averaging against none and SOVR against CE under it
-PAIRS = ([((loss, None, False), ("ce", None, False)) for loss in MAIN[1:] + ("trades", "trades-sovr")]
-         + [(("trades-sovr", None, False), ("trades", None, False))]
-         + list(dict.fromkeys([((l, r, False), ("ce", None, False)) for l, _, r, e in EXTRA if r is not None or l == "ovr"]))
-         + [(("ovr", None, False), ("sovr", None, False))]
-         + [((loss, None, True), (loss, None, False)) for loss in ("ce", "sovr")] + [(("sovr", None, True), ("ce", None, True))])
+PAIRS = (
+    [((loss, None, False), ("ce", None, False)) for loss in MAIN[1:] + ("trades", "trades-sovr")]
+    + [(("trades-sovr", None, False), ("trades", None, False))]
+    + list(
+        dict.fromkeys(
+            [((loss, r, False), ("ce", None, False)) for loss, _, r, e in EXTRA if r is not None or loss == "ovr"]
+        )
+    )
+    + [(("ovr", None, False), ("sovr", None, False))]
+    + [((loss, None, True), (loss, None, False)) for loss in ("ce", "sovr")]
+    + [(("sovr", None, True), ("ce", None, True))]
+)
 
 
 def label(variant: tuple) -> str:
     loss, ratio, ema = variant
-    return loss + ("" if ratio_of(loss, ratio) is None else f" (ratio {ratio_of(loss, ratio):g})") + (" + ema" if ema else "")
+    return (
+        loss
+        + ("" if ratio_of(loss, ratio) is None else f" (ratio {ratio_of(loss, ratio):g})")
+        + (" + ema" if ema else "")
+    )
 
 
 def fmt(vals: list[float], scale: float) -> str:
@@ -253,7 +339,7 @@ def fmt(vals: list[float], scale: float) -> str:
 def tables() -> None:
     if not margins_result(ROOT / "start" / "last.pt").exists():
         return
-    rows = [(l, s, None, False) for l in MAIN for s in SEEDS] + EXTRA
+    rows = [(loss, s, None, False) for loss in MAIN for s in SEEDS] + EXTRA
     found = {}
     for r in rows:
         out = ROOT / name(*r)
@@ -267,12 +353,18 @@ def tables() -> None:
                     mt["gap"] = mt["pgd20"] - mt["aa"]
                     found[(r, which)] = mt
     start = json.loads(margins_result(ROOT / "start" / "last.pt").read_text())
-    lines = [f"Start (pre-trained CE): training points' PGD-10 accuracy {start['train_pgd10_acc']:.1%} (eval-mode BN), "
-             f"PGD-20 {mean([v > 0 for v in start['train']]):.1%}; test PGD-20 {mean([v > 0 for v in start['test']]):.1%}.", ""]
+    lines = [
+        f"Start (pre-trained CE): training points' PGD-10 accuracy {start['train_pgd10_acc']:.1%} (eval-mode BN), "
+        f"PGD-20 {mean([v > 0 for v in start['train']]):.1%}; test PGD-20 {mean([v > 0 for v in start['test']]):.1%}.",
+        "",
+    ]
     for which in ("last", "best"):
-        lines += [f"### {'Final' if which == 'last' else 'Best-by-validation'} checkpoints", "",
-                  "| loss | ratio | ema | seeds | " + " | ".join(c[1] for c in COLS) + " | standard AA % (n=500) |",
-                  "|" + "---|" * (len(COLS) + 5)]
+        lines += [
+            f"### {'Final' if which == 'last' else 'Best-by-validation'} checkpoints",
+            "",
+            "| loss | ratio | ema | seeds | " + " | ".join(c[1] for c in COLS) + " | standard AA % (n=500) |",
+            "|" + "---|" * (len(COLS) + 5),
+        ]
         groups = {}
         for (r, w), mt in found.items():
             if w == which:
@@ -280,12 +372,22 @@ def tables() -> None:
         for (loss, ratio, ema), items in groups.items():
             cells = [fmt([mt[k] for _, mt in items], sc) for k, _, sc in COLS]
             std = [mt["standard"] for _, mt in items if "standard" in mt]
-            lines.append(f"| {loss} | {'-' if ratio_of(loss, ratio) is None else ratio_of(loss, ratio)} | {'yes' if ema else '-'} "
-                         f"| {len(items)} | " + " | ".join(cells) + f" | {fmt(std, 100)} |")
-        lines += ["", "Paired differences (same seed, same start and data order), mean ± std over seeds:", "",
-                  "| loss | seeds | " + " | ".join(c[1] for c in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
+            lines.append(
+                f"| {loss} | {'-' if ratio_of(loss, ratio) is None else ratio_of(loss, ratio)} "
+                f"| {'yes' if ema else '-'} "
+                f"| {len(items)} | " + " | ".join(cells) + f" | {fmt(std, 100)} |"
+            )
+        lines += [
+            "",
+            "Paired differences (same seed, same start and data order), mean ± std over seeds:",
+            "",
+            "| loss | seeds | " + " | ".join(c[1] for c in COLS) + " |",
+            "|" + "---|" * (len(COLS) + 2),
+        ]
         for a, b in PAIRS:
-            pairs = [(found.get(((a[0], s, a[1], a[2]), which)), found.get(((b[0], s, b[1], b[2]), which))) for s in SEEDS]
+            pairs = [
+                (found.get(((a[0], s, a[1], a[2]), which)), found.get(((b[0], s, b[1], b[2]), which))) for s in SEEDS
+            ]
             pairs = [(x, y) for x, y in pairs if x and y]
             if pairs:
                 cells = [fmt([x[k] - y[k] for x, y in pairs], sc) for k, _, sc in COLS]
@@ -298,8 +400,10 @@ def tables() -> None:
 def histograms(found: dict) -> None:
     """The paper's histograms: margins of the important points and of the rest, ce vs mail vs gairat vs sovr."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
     colors = {"start": "gray", "ce": "C0", "mail": "C1", "gairat": "C2", "sovr": "C4"}
     for row, part in zip(axes, ("train", "test")):
@@ -310,8 +414,16 @@ def histograms(found: dict) -> None:
                 if not margins_result(ckpt).exists():
                     continue
                 m = [v for v, i in zip(json.loads(margins_result(ckpt).read_text())[part], imp) if i == sel]
-                ax.hist(m, bins=60, range=(-12, 8), histtype="step", linewidth=1.3, color=colors[loss],
-                        linestyle=":" if loss == "start" else "-", label=f"{loss} (mean {mean(m):.2f})")
+                ax.hist(
+                    m,
+                    bins=60,
+                    range=(-12, 8),
+                    histtype="step",
+                    linewidth=1.3,
+                    color=colors[loss],
+                    linestyle=":" if loss == "start" else "-",
+                    label=f"{loss} (mean {mean(m):.2f})",
+                )
             ax.axvline(0, color="black", linewidth=0.6)
             ax.set_title(f"{part} points, {'important (30% smallest at start)' if sel else 'rest'}", fontsize=9)
             ax.legend(fontsize=7)

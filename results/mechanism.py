@@ -13,6 +13,7 @@ is still classified correctly, is the same closed form along the path: after t s
 min(t/4, 1) of the worst case. Full-batch gradient descent, so SOVR's OVR set is the 40% smallest margins of
 the whole set at each step. The important points are the 30% with the smallest robust margin at the start.
 """
+
 import json
 import math
 import os
@@ -77,7 +78,7 @@ def main() -> None:
     with torch.no_grad():
         m0 = margin(adv_logits(W, b, x, y), y)
     important = torch.zeros(N, dtype=torch.bool)
-    important[m0.argsort()[:round(0.3 * N)]] = True
+    important[m0.argsort()[: round(0.3 * N)]] = True
     curves = {}
     for name in ("ce", "mail", "gairat", "ovr", "sovr"):
         w, c, rec = W.clone().requires_grad_(), b.clone().requires_grad_(), []
@@ -85,28 +86,48 @@ def main() -> None:
             if step % 20 == 0:
                 with torch.no_grad():
                     m = margin(adv_logits(w, c, x, y), y)
-                rec.append([step, m[important].mean().item(), m[~important].mean().item(), (m > 0).double().mean().item()])
+                rec.append(
+                    [step, m[important].mean().item(), m[~important].mean().item(), (m > 0).double().mean().item()]
+                )
             gw, gb = torch.autograd.grad(loss_fn(name, w, c, x, y), (w, c))
             w, c = (w - LR * gw).detach().requires_grad_(), (c - LR * gb).detach().requires_grad_()
         curves[name] = rec
-    out = dict(settings=dict(K=K, D=D, N=N, eps=EPS, pretrain_steps=PRETRAIN, steps=STEPS, lr=LR, ratio=RATIO,
-                             robust_share_at_start=(m0 > 0).double().mean().item()),
-               start=dict(important=m0[important].mean().item(), rest=m0[~important].mean().item()),
-               final={k: dict(important=v[-1][1], rest=v[-1][2], robust_share=v[-1][3]) for k, v in curves.items()},
-               curves=curves)
+    out = dict(
+        settings=dict(
+            K=K,
+            D=D,
+            N=N,
+            eps=EPS,
+            pretrain_steps=PRETRAIN,
+            steps=STEPS,
+            lr=LR,
+            ratio=RATIO,
+            robust_share_at_start=(m0 > 0).double().mean().item(),
+        ),
+        start=dict(important=m0[important].mean().item(), rest=m0[~important].mean().item()),
+        final={k: dict(important=v[-1][1], rest=v[-1][2], robust_share=v[-1][3]) for k, v in curves.items()},
+        curves=curves,
+    )
     with open(os.path.join(HERE, "mechanism.json"), "w") as f:
         json.dump(out, f, indent=1)
-    print(f"start: important {out['start']['important']:.3f}, rest {out['start']['rest']:.3f}, "
-          f"robust {out['settings']['robust_share_at_start']:.1%}")
+    print(
+        f"start: important {out['start']['important']:.3f}, rest {out['start']['rest']:.3f}, "
+        f"robust {out['settings']['robust_share_at_start']:.1%}"
+    )
     for k, v in out["final"].items():
-        print(f"{k:7s} after {STEPS} steps: important {v['important']:7.3f}  rest {v['rest']:7.3f}  robust {v['robust_share']:.1%}")
+        print(
+            f"{k:7s} after {STEPS} steps: important {v['important']:7.3f}  "
+            f"rest {v['rest']:7.3f}  robust {v['robust_share']:.1%}"
+        )
     plot(curves)
 
 
 def plot(curves: dict) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
     for name, rec in curves.items():
         steps = [r[0] for r in rec]

@@ -7,6 +7,7 @@ Each run is `train.py` on ../shared/data/cifar10_subset.npz (5,085 train images 
 test images) followed by `attack.py` on its best-by-validation checkpoint: AutoAttack, and the
 logit-margin diagnostic. Runs go `--jobs` at a time, one CPU thread each.
 """
+
 import argparse
 import json
 import math
@@ -35,8 +36,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument
     a("--losses", default="ce,mail,sovr,gairat,trades,trades-sovr", help="comma-separated --loss values")
     a("--seeds", default="0,1", help="comma-separated seeds for every loss (default 0,1)")
-    a("--ratios", default="0.2,0.6,0.8,1.0",
-      help="extra SOVR --ratio values, seed 0 (the default ratio runs anyway; ratio 0 is exactly ce)")
+    a(
+        "--ratios",
+        default="0.2,0.6,0.8,1.0",
+        help="extra SOVR --ratio values, seed 0 (the default ratio runs anyway; ratio 0 is exactly ce)",
+    )
     a("--epochs", type=int, default=5, help="epochs per run; lr x0.1 at 2/3 and 5/6 of them (default 5)")
     a("--burn-in", type=int, default=None, help="MAIL/GAIRAT burn-in epochs (default: half the epochs, as 60 of 120)")
     a("--arch", default="wrn16", help="architecture (default wrn16)")
@@ -45,15 +49,18 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--aa", default="apgd-ce", help="AutoAttack version, or a comma-separated attack list (default apgd-ce)")
     a("--n-aa", type=int, default=0, help="test points for AutoAttack (default 0 = all 1,017)")
     a("--extra-aa", default="apgd-ce,apgd-t", help="a second attack list, run only on the --extra-on runs")
-    a("--extra-on", default="ce-s0,ce-s1,mail-s0,mail-s1,gairat-s0,gairat-s1,sovr-s0,sovr-s1",
-      help="comma-separated run names for --extra-aa")
+    a(
+        "--extra-on",
+        default="ce-s0,ce-s1,mail-s0,mail-s1,gairat-s0,gairat-s1,sovr-s0,sovr-s1",
+        help="comma-separated run names for --extra-aa",
+    )
     a("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2, this machine's cores)")
     a("--tag", default="e5", help="name of the output folder under results/ (default e5)")
     return p.parse_args(argv)
 
 
 def runs(args) -> list[dict]:
-    out = [dict(loss=l, seed=int(s), ratio=None) for l in args.losses.split(",") for s in args.seeds.split(",")]
+    out = [dict(loss=loss, seed=int(s), ratio=None) for loss in args.losses.split(",") for s in args.seeds.split(",")]
     if args.ratios and "sovr" in args.losses.split(","):
         out += [dict(loss="sovr", seed=0, ratio=float(r)) for r in args.ratios.split(",")]
     return out
@@ -68,8 +75,14 @@ def sh(cmd: list, log: Path, threads: int = 1) -> None:
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO,
-                       env={**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""})
+        subprocess.run(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=True,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""},
+        )
 
 
 def milestones(e: int) -> str:
@@ -94,9 +107,32 @@ def one(r: dict, args, root: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "console.log"
     e = args.epochs
-    cmd = [sys.executable, "train.py", "--dataset", str(SUBSET), "--arch", args.arch, "--width", str(args.width),
-           "--loss", r["loss"], "--seed", str(r["seed"]), "--epochs", str(e), "--device", "cpu", "--out", str(out),
-           "--milestones", milestones(e), "--val", str(args.val), "--burn-in", str(e // 2 if args.burn_in is None else args.burn_in)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--dataset",
+        str(SUBSET),
+        "--arch",
+        args.arch,
+        "--width",
+        str(args.width),
+        "--loss",
+        r["loss"],
+        "--seed",
+        str(r["seed"]),
+        "--epochs",
+        str(e),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--milestones",
+        milestones(e),
+        "--val",
+        str(args.val),
+        "--burn-in",
+        str(e // 2 if args.burn_in is None else args.burn_in),
+    ]
     cmd += ["--ratio", str(STUDY_RATIO if r["ratio"] is None else r["ratio"])] if "sovr" in r["loss"] else []
     t0 = time.time()
     if runlog.final(str(out)) is None:
@@ -119,12 +155,22 @@ def row(out: Path, args) -> dict:
     found = args.extra_aa and result(out, mode(args.extra_aa), 0)
     extra = json.loads(found.read_text())["robust_acc"] if found else None
     robust = [v for v in m["margins"] if v > 0]  # the points PGD-20 did not break
-    return dict(clean=final["test_clean"], pgd=final["test_pgd"], aa=aa["robust_acc"], n_aa=aa["settings"]["n"],
-                robust_margin=statistics.mean(robust) if robust else float("nan"),
-                near0=sum(abs(v) < 0.1 for v in m["margins"]) / len(m["margins"]),
-                extra=extra, worst=aa["robust_acc"] if extra is None else min(aa["robust_acc"], extra),
-                aa_mode=aa["settings"]["mode"], margin30=m["mean_margin_smallest30"], margin=m["mean_margin"],
-                epochs=len(recs), best_epoch=final["epoch"], hours=sum(r["time"] for r in recs) / 3600)
+    return dict(
+        clean=final["test_clean"],
+        pgd=final["test_pgd"],
+        aa=aa["robust_acc"],
+        n_aa=aa["settings"]["n"],
+        robust_margin=statistics.mean(robust) if robust else float("nan"),
+        near0=sum(abs(v) < 0.1 for v in m["margins"]) / len(m["margins"]),
+        extra=extra,
+        worst=aa["robust_acc"] if extra is None else min(aa["robust_acc"], extra),
+        aa_mode=aa["settings"]["mode"],
+        margin30=m["mean_margin_smallest30"],
+        margin=m["mean_margin"],
+        epochs=len(recs),
+        best_epoch=final["epoch"],
+        hours=sum(r["time"] for r in recs) / 3600,
+    )
 
 
 def fmt(vals: list[float], n: int) -> str:
@@ -147,22 +193,34 @@ def table(root: Path, args) -> str:
     if not groups:
         return ""
     extra = f" | {mode(args.extra_aa)} %" if args.extra_aa else ""
-    lines = [f"| loss | ratio | seeds | clean % | PGD-20 % | {args.aa} %{extra} | PGD-20 minus worst attack "
-             "| margin, 30% smallest | mean margin | margin of robust points | share abs(margin) < 0.1 | epochs "
-             "| train h, all seeds |", "|---" * (13 + bool(extra)) + "|"]
+    lines = [
+        f"| loss | ratio | seeds | clean % | PGD-20 % | {args.aa} %{extra} | PGD-20 minus worst attack "
+        "| margin, 30% smallest | mean margin | margin of robust points | share abs(margin) < 0.1 | epochs "
+        "| train h, all seeds |",
+        "|---" * (13 + bool(extra)) + "|",
+    ]
     # the main rows in --losses order, then the ratio sweep in increasing ratio
     for (loss, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0)):
         strong = [r["extra"] for r in rs if r["extra"] is not None]
         partial = "" if len(strong) == len(rs) else f" ({len(strong)} of {len(rs)} seeds)"
-        cells = [loss, (f"{STUDY_RATIO:g}" if "sovr" in loss else "-") if ratio is None else f"{ratio:g}", str(len(rs)),
-                 fmt([r["clean"] for r in rs], TEST_POINTS), fmt([r["pgd"] for r in rs], TEST_POINTS),
-                 fmt([r["aa"] for r in rs], rs[0]["n_aa"])]
+        cells = [
+            loss,
+            (f"{STUDY_RATIO:g}" if "sovr" in loss else "-") if ratio is None else f"{ratio:g}",
+            str(len(rs)),
+            fmt([r["clean"] for r in rs], TEST_POINTS),
+            fmt([r["pgd"] for r in rs], TEST_POINTS),
+            fmt([r["aa"] for r in rs], rs[0]["n_aa"]),
+        ]
         cells += [fmt(strong, TEST_POINTS) + partial if strong else "-"] if extra else []
-        cells += [f"{100 * statistics.mean(r['pgd'] - r['worst'] for r in rs):.1f}",
-                  f"{statistics.mean(r['margin30'] for r in rs):.2f}", f"{statistics.mean(r['margin'] for r in rs):.2f}",
-                  f"{statistics.mean(r['robust_margin'] for r in rs):.2f}",
-                  f"{100 * statistics.mean(r['near0'] for r in rs):.0f}%",
-                  str(rs[0]["epochs"]), f"{sum(r['hours'] for r in rs):.2f}"]
+        cells += [
+            f"{100 * statistics.mean(r['pgd'] - r['worst'] for r in rs):.1f}",
+            f"{statistics.mean(r['margin30'] for r in rs):.2f}",
+            f"{statistics.mean(r['margin'] for r in rs):.2f}",
+            f"{statistics.mean(r['robust_margin'] for r in rs):.2f}",
+            f"{100 * statistics.mean(r['near0'] for r in rs):.0f}%",
+            str(rs[0]["epochs"]),
+            f"{sum(r['hours'] for r in rs):.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     first = next(iter(groups.values()))[0]
     return "\n".join(lines) + f"\n\nAutoAttack: {first['aa_mode']} on {first['n_aa']} test points.\n"
@@ -170,7 +228,7 @@ def table(root: Path, args) -> str:
 
 def overlay(root: Path, args) -> None:
     """The paper's figure: margin histograms of CE, MAIL and SOVR (seed 0) in one picture."""
-    found = [p for l in ("ce", "mail", "sovr") for p in (root / f"{l}-s0").glob("best.margins-*.json")]
+    found = [p for loss in ("ce", "mail", "sovr") for p in (root / f"{loss}-s0").glob("best.margins-*.json")]
     if found:
         attack.plot([json.loads(p.read_text()) for p in found], str(root / "margins.png"))
 

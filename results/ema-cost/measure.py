@@ -1,4 +1,4 @@
-"""The cost of train.py --ema on this machine: the average's update against one training step (issue 22).
+"""The cost of train.py --ema on this machine: the average's update against one training step.
 
     python results/ema-cost/measure.py          # writes results/ema-cost/cpu.json
 
@@ -6,6 +6,7 @@ bench.py's project step (train.py's own batches and train_step, PreAct ResNet-18
 thread: bench.py's CPU defaults), with and without --ema, alternated so that a change of load hits both; and the
 update alone (models.EMA.update), timed over many calls.
 """
+
 import json
 import platform
 import statistics
@@ -41,10 +42,20 @@ plain(), averaged()  # warm-up
 steps = [(seconds(plain), seconds(averaged)) for _ in range(8)]
 update = [seconds(lambda: ema.update(500)) for _ in range(200)]
 step_s, step_ema_s, update_s = (statistics.median(v) for v in ([a for a, _ in steps], [b for _, b in steps], update))
-out = dict(command="python results/ema-cost/measure.py", cpu=bench.device_name(torch.device("cpu")),
-           torch=torch.__version__, python=platform.python_version(), params=sum(p.numel() for p in model.parameters()),
-           step_s=step_s, step_with_ema_s=step_ema_s, update_s=update_s, update_share_of_step=update_s / step_s,
-           steps=steps)
+out = dict(
+    command="python results/ema-cost/measure.py",
+    cpu=bench.device_name(torch.device("cpu")),
+    torch=torch.__version__,
+    python=platform.python_version(),
+    params=sum(p.numel() for p in model.parameters()),
+    step_s=step_s,
+    step_with_ema_s=step_ema_s,
+    update_s=update_s,
+    update_share_of_step=update_s / step_s,
+    steps=steps,
+)
 (HERE / "cpu.json").write_text(json.dumps(out, indent=2))
-print(f"step {step_s * 1e3:.1f} ms, with --ema {step_ema_s * 1e3:.1f} ms; the update alone {update_s * 1e3:.3f} ms = "
-      f"{100 * update_s / step_s:.2f}% of a step ({out['params'] / 1e6:.2f}M parameters, {out['cpu']})")
+print(
+    f"step {step_s * 1e3:.1f} ms, with --ema {step_ema_s * 1e3:.1f} ms; the update alone {update_s * 1e3:.3f} ms = "
+    f"{100 * update_s / step_s:.2f}% of a step ({out['params'] / 1e6:.2f}M parameters, {out['cpu']})"
+)
