@@ -1,9 +1,11 @@
 """Fixtures shared by the test files: the CUDA marker's helpers (CUDA tests skip cleanly without a GPU) and a real
 one-node SLURM cluster (slurm_cluster; skips cleanly where SLURM is not installed)."""
 
+import ctypes
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -40,13 +42,15 @@ def cap_gpu_memory() -> Iterator[Callable[[int], None]]:
 
 
 # A real one-node SLURM cluster for the tests that submit jobs (Debian: apt-get install slurm-wlm munge).
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 
 
 @dataclass(frozen=True)
 class SlurmCluster:
-    """The session's cluster: conf is its slurm.conf, env what a subprocess needs besides os.environ (SLURM_CONF),
-    folder holds its state, spool and logs (slurmctld.log, slurmd.log, munged.log)."""
+    """The session's cluster. conf: its slurm.conf; partition: the one (default) partition, holding the one node
+    with cpus CPUs; env: what a subprocess needs on top of os.environ (SLURM_CONF); folder: its state, spool and logs
+    (munged.log, slurmctld.log, slurmd.log, and <daemon>.out for what a daemon says before its log is open)."""
 
     conf: Path
     partition: str
@@ -76,9 +80,17 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _daemon(stack: ExitStack, args: list[str], log: Path) -> subprocess.Popen:
-    """Starts a daemon in the foreground (so its pid is ours to stop), stopped by that pid when the stack closes."""
+    """Starts a daemon in the foreground (so its pid is ours to stop), stopped by that pid when the stack closes,
+    or by the kernel (SIGTERM) when this process dies first (a slurmd whose job still runs then lingers)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM),
+        )
 
     def stop() -> None:
         if proc.poll() is None:
@@ -93,16 +105,16 @@ def _daemon(stack: ExitStack, args: list[str], log: Path) -> subprocess.Popen:
     return proc
 
 
-def _wait(ready: Callable[[], bool], what: str, procs: list[subprocess.Popen], logs: list[Path], s: float) -> None:
-    """Polls ready() until true; a dead daemon or s seconds without it fail with the logs' tails."""
+def _wait(ready: Callable[[], bool], what: str, procs: list[subprocess.Popen], folder: Path, s: float) -> None:
+    """Polls ready() until true; a dead daemon or s seconds without it fail with the tails of the daemons' logs."""
     deadline = time.monotonic() + s
     while not ready():
-        dead = [p.args[0] for p in procs if p.poll() is not None]
+        dead = [Path(p.args[0]).name for p in procs if p.poll() is not None]
         if dead or time.monotonic() > deadline:
-            tails = "\n".join(f"--- {log}\n{''.join(log.read_text().splitlines(True)[-15:])}" for log in logs)
-            raise RuntimeError(
-                f"SLURM test cluster: {what} ({'died: ' + ', '.join(dead) if dead else 'timed out'})\n{tails}"
-            )
+            logs = sorted([*folder.glob("*.log"), *folder.glob("*.out")])
+            tails = "".join(f"--- {log}\n" + "".join(log.read_text().splitlines(True)[-15:]) for log in logs)
+            why = f"{', '.join(dead)} died" if dead else f"not within {s:.0f} s"
+            raise RuntimeError(f"SLURM test cluster: {what} ({why})\n{tails}")
         time.sleep(0.1)
 
 
@@ -169,21 +181,16 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
     partition, conf = "debug", folder / "slurm.conf"
     conf.write_text(_slurm_conf(folder, node_line, node, partition, _free_ports(2)))
     cluster = SlurmCluster(conf, partition, node, cpus, folder, {"SLURM_CONF": str(conf)})
-    logs = [folder / n for n in ("munged.log", "slurmctld.log", "slurmd.log")]
     with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLURM_CONF", str(conf))
-        # -f: munged would refuse a socket below pytest's private (0700) temporary folder.
-        munge = [f"--key-file={folder / 'munge.key'}", f"--socket={folder / 'munge.socket'}"]
-        munge += [
-            f"--pid-file={folder / 'munged.pid'}",
-            f"--log-file={logs[0]}",
-            f"--seed-file={folder / 'munge.seed'}",
-        ]
-        procs = [_daemon(stack, [found["munged"], "-F", "-f", *munge], folder / "munged.out")]
-        _wait((folder / "munge.socket").exists, "munged did not start", procs, logs, 30)
-        procs.append(_daemon(stack, [found["slurmctld"], "-D", "-f", str(conf)], folder / "slurmctld.out"))
-        procs.append(_daemon(stack, [found["slurmd"], "-D", "-f", str(conf)], folder / "slurmd.out"))
-        stack.callback(_cancel_jobs, cluster)
+        # -f: munged refuses a socket below a folder that not everyone can enter, as pytest's are; -F logs to stderr.
+        files = {"key-file": "munge.key", "socket": "munge.socket", "pid-file": "munged.pid", "seed-file": "munge.seed"}
+        munged = [found["munged"], "-F", "-f", *(f"--{option}={folder / name}" for option, name in files.items())]
+        procs = [_daemon(stack, munged, folder / "munged.log")]
+        _wait((folder / "munge.socket").exists, "munged did not start", procs, folder, 30)
+        for daemon in ("slurmctld", "slurmd"):  # their logs: <daemon>.log, and <daemon>.out before the log is open
+            procs.append(_daemon(stack, [found[daemon], "-D", "-f", str(conf)], folder / f"{daemon}.out"))
+        stack.callback(_cancel_jobs, cluster, procs[1])
 
         def idle() -> bool:
             try:
@@ -191,16 +198,18 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
             except (RuntimeError, subprocess.TimeoutExpired):
                 return False
 
-        _wait(idle, f"node {node} not idle", procs, logs, 60)
+        _wait(idle, f"node {node} not idle", procs, folder, 60)
         yield cluster
 
 
-def _cancel_jobs(cluster: SlurmCluster) -> None:
+def _cancel_jobs(cluster: SlurmCluster, slurmctld: subprocess.Popen) -> None:
     """Cancels the cluster's jobs and waits for them to end, so that no job step outlives the daemons."""
+    if slurmctld.poll() is not None:
+        return  # nobody left to ask, and the job steps' daemons cannot reach it either
     try:
         cluster.run("scancel", f"--partition={cluster.partition}")
         deadline = time.monotonic() + 30
         while cluster.run("squeue", "-h", "-o", "%i").strip() and time.monotonic() < deadline:
             time.sleep(0.2)
     except (RuntimeError, subprocess.TimeoutExpired):
-        pass  # the controller is gone already: nothing left to ask
+        pass  # the controller stopped answering: the daemons are stopped all the same

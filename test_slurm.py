@@ -1,20 +1,9 @@
 """submitit against a real one-node SLURM cluster (conftest.slurm_cluster; skips where SLURM is not installed).
 
-What a requeued job does, as these tests show on SLURM 22.05 with submitit 1.5:
-- Every start of a job (array task) runs the same batch script, which loads the job's ``<id>_submitted.pkl`` from
-  the executor's folder and calls it; the id (SLURM_JOB_ID, ``<array>_<task>`` for arrays) survives the requeue,
-  SLURM_RESTART_COUNT counts the starts after the first.
-- ``scontrol requeue <id>`` (what an admin or a preemption with PreemptMode=REQUEUE does) sends SIGCONT and SIGTERM,
-  which submitit's job process ignores ("Bypassing signal"), then SIGKILL: checkpoint() is NOT called, and the rerun
-  calls the pickle as submitted (or as the last checkpoint() rewrote it). A resumable callable must therefore find
-  its progress on disk by itself: a requeued job reruns the same resumable chain from its own files.
-- SIGUSR2 to the job step (``scancel --signal=USR2 <id>``, or SLURM itself ``slurm_signal_delay_s`` (90) seconds
-  before the time limit) makes submitit call the callable's checkpoint(), pickle the DelayedSubmission it returns
-  over ``<id>_submitted.pkl``, and requeue the job itself (``scontrol requeue``); the rerun calls that.
-- A requeued job starts again no sooner than AuthInfo's cred_expire (120 s by default, 5 s here) after it ended,
-  and ending takes SLURM at least 5 s when the process ignores SIGTERM.
-Without accounting (no slurmdbd) sacct fails: submitit warns on each poll and reports the state UNKNOWN, so it cannot
-tell a job that died without a result from a running one; these tests wait for results with a deadline.
+Without accounting (no slurmdbd) sacct fails: submitit warns at each poll and reports the state UNKNOWN, so it cannot
+tell a job that died without a result from a running one; these tests wait for results with a deadline. A request
+the node cannot satisfy (more CPUs than it has, nodes=2) is accepted and pends for ever; one for GPUs (gpus_per_node,
+slurm_gres) fails at submission (no GRES on this node).
 """
 
 import os
@@ -71,7 +60,7 @@ class Chain(submitit.helpers.Checkpointable):
             f.write(f"checkpoints={self.checkpoints} restarts={os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
         starts = Path(marker).read_text().splitlines()
         if len(starts) == 1:
-            time.sleep(600)
+            time.sleep(120)
         return starts
 
     def checkpoint(self, marker: str) -> "submitit.helpers.DelayedSubmission":
@@ -91,7 +80,22 @@ def test_job_array(slurm_cluster, tmp_path):
 
 
 def test_requeue_reruns_the_submitted_callable(slurm_cluster, tmp_path):
-    """scontrol requeue reruns the pickle as submitted; SIGUSR2 reruns what checkpoint() returned."""
+    """A requeued job reruns the same resumable chain: scontrol requeue reruns the pickle as submitted, SIGUSR2 what
+    checkpoint() returned (SLURM 22.05, submitit 1.5).
+
+    - Each start of a job (or array task) runs the same batch script, which loads ``<id>_submitted.pkl`` from the
+      executor's folder and calls it. The id (SLURM_JOB_ID; ``<array>_<task>`` for arrays) survives the requeue;
+      SLURM_RESTART_COUNT counts the starts after the first. JobRequeue=1 (or sbatch --requeue) allows requeueing.
+    - ``scontrol requeue <id>`` (an admin, or a preemption with PreemptMode=REQUEUE) sends SIGCONT and SIGTERM, which
+      submitit's job process ignores ("Bypassing signal SIGTERM"), then SIGKILL: checkpoint() is NOT called, the rerun
+      calls the pickle as submitted (or as the last checkpoint() rewrote it). So a resumable callable must find its
+      progress in its own files, whatever its checkpoint() does.
+    - SIGUSR2 to the job step (``scancel --signal=USR2 <id>``; SLURM sends it itself slurm_signal_delay_s, default
+      90, seconds before the time limit) makes submitit call checkpoint(), pickle the DelayedSubmission it returns
+      over ``<id>_submitted.pkl`` and requeue the job itself (``scontrol requeue``, with the job's SLURM_CONF).
+    - A requeued job starts again no sooner than AuthInfo's cred_expire (120 s by default, 5 s here) after it ended,
+      and ending takes SLURM at least 5 s when the process ignores SIGTERM.
+    """
     executor = _executor(slurm_cluster, tmp_path / "jobs")
     requeued, signalled = tmp_path / "requeued", tmp_path / "signalled"
     jobs = [executor.submit(Chain(), str(requeued)), executor.submit(Chain(), str(signalled))]
