@@ -208,7 +208,9 @@ def _free_memory(device: torch.device) -> float:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
 
 
-AUX_STREAM = 1 << 62  # added to the permutation's seed: the generated draws' own stream for any --seed below 4e13
+# XORed into the permutation's seed for the generated draws' own stream: a CPU generator keeps only the low 32 bits
+# of its seed, which this moves by more than 2**30, so that no epoch's permutation of a run shares the stream
+AUX_STREAM = 0x9E3779B9
 
 
 def batches(
@@ -233,7 +235,7 @@ def batches(
     perm = torch.randperm(len(x), device=x.device, generator=g)
     steps, n_aux = len(x) // batch, int(batch * aux_fraction) if aux else 0
     if n_aux:  # on the CPU wherever the images live (their place depends on the device's free memory)
-        g_aux = torch.Generator().manual_seed(seed * 100_003 + epoch + AUX_STREAM)
+        g_aux = torch.Generator().manual_seed((seed * 100_003 + epoch) ^ AUX_STREAM)
         draws = _on(torch.randint(len(aux[0]), (steps, n_aux), generator=g_aux), aux[0].device)
     share, real = batch // world, batch - n_aux
     for s in range(steps):
