@@ -72,7 +72,7 @@ def test_generated_draws_come_from_their_own_cpu_stream_wherever_the_images_live
 
 
 @CUDA
-def test_generated_data_on_the_host_or_the_gpu_gives_the_same_batches_without_waiting(tmp_path: Path, monkeypatch):
+def test_cuda_generated_data_on_host_or_device_gives_the_same_batches_without_waiting(tmp_path: Path, monkeypatch):
     d, path, dev = data.load_data("synthetic", ""), aux_file(tmp_path / "aux.npz"), torch.device("cuda")
     x, y = d["x_train"][:256].to(dev), d["y_train"][:256].to(dev)
     runs = []
