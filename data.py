@@ -4,6 +4,9 @@ y_train, x_test, y_test; and the training augmentation as batched tensor ops on 
 Images stay uint8 NCHW until a batch is used; models normalize inside, so every consumer feeds [0, 1] images.
 """
 
+import os
+import warnings
+import zipfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -40,11 +43,18 @@ def _read(name: str, data_dir: str) -> dict:
         import torchvision  # only needed on this path
 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        d = {}
+        d, made = {}, []  # made: the folders torchvision is about to create, deepest first
+        path = os.path.abspath(data_dir)
+        while not os.path.exists(path):
+            made, path = [*made, path], os.path.dirname(path)
         for split, train in (("train", True), ("test", False)):
             try:
                 ds = cls(data_dir, train=train, download=True)
             except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+                for folder in made:  # left empty by the failed download: remove them, never one that was there
+                    if os.listdir(folder):
+                        break
+                    os.rmdir(folder)
                 raise ValueError(
                     f"could not download {name} into {data_dir} ({e}). Without network, put torchvision's "
                     f"{cls.filename} (from {cls.url}) into {data_dir}, or train on an offline copy: "
@@ -66,23 +76,71 @@ def _read(name: str, data_dir: str) -> dict:
 
 
 def _read_npz(path: str) -> dict:
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    a = _npz(path, "", keys)
+    for x, y in (keys[:2], keys[2:]):
+        _check(f"{path}: ", x, a[x], y, a[y])
+        if a[y].min() < 0:
+            raise ValueError(f"{path}: {y} must hold labels 0..K-1, got {a[y].min()}")
+    return {k: torch.from_numpy(np.array(v, np.int64 if k[0] == "y" else np.uint8)) for k, v in a.items()}  # a copy
+
+
+def _npz(path: str, pre: str, *layouts: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays of the first layout (array names) whose first array the .npz file holds (else of the last), as
+    read-only memory maps where np.savez stored them (uncompressed), read into memory where np.savez_compressed
+    packed them; ValueError (after `pre`) naming the missing array or the unreadable file."""
+    key, arrays = "", {}
     try:
-        raw = np.load(path)
-        d = {k: torch.from_numpy(np.ascontiguousarray(raw[k])) for k in ("x_train", "y_train", "x_test", "y_test")}
+        with zipfile.ZipFile(path) as z:
+            names = [n.removesuffix(".npy") for n in z.namelist()]
+            keys = next((ks for ks in layouts if ks[0] in names), layouts[-1])
+            missing = [k for k in keys if k not in names]
+            for key in () if missing else keys:
+                arrays[key] = _member(path, z, z.getinfo(key + ".npy"))
     except FileNotFoundError:
-        raise ValueError(f"no such dataset file: {path}") from None
-    except KeyError as e:
-        raise ValueError(f"{path} lacks array {e}; it needs x_train, y_train, x_test, y_test") from None
+        raise ValueError(f"{pre}no such dataset file: {path}") from None
     except Exception as e:
-        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__})") from None
-    for s in ("train", "test"):
-        x, y = d[f"x_{s}"], d[f"y_{s}"]
-        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3 or len(x) != len(y) or y.dim() != 1:
-            raise ValueError(f"{path}: x_{s} must be uint8 [N, 3, H, W] and y_{s} [N] labels of the same length")
-        d[f"y_{s}"] = y.long()
-        if len(y) == 0 or y.min() < 0:
-            raise ValueError(f"{path}: y_{s} must hold labels 0..K-1")
-    return d
+        where = f"array '{key}': " if key else ""
+        raise ValueError(f"{pre}{path} is not a readable .npz file ({where}{type(e).__name__}: {e})") from None
+    if missing:
+        raise ValueError(
+            f"{pre}{path} lacks array '{missing[0]}' (it holds {', '.join(names) or 'none'}); it needs "
+            + " or ".join(", ".join(ks) for ks in layouts)
+        )
+    return arrays
+
+
+def _member(path: str, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy inside the .npz: mapped from the file where it is stored as is, else read."""
+    with z.open(info) as f:
+        one = np.lib.format.read_magic(f) == (1, 0)  # 2.0 and 3.0 headers differ from 1.0 in their length field
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if one else np.lib.format.read_array_header_2_0)(f)
+        start = f.tell()  # where the data begins inside the member
+    if info.compress_type != zipfile.ZIP_STORED or dtype.hasobject or not dtype.isnative or not np.prod(shape):
+        with z.open(info) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    with open(path, "rb") as f:  # the member's data follows its local header (30 bytes, its name, its extra field)
+        f.seek(info.header_offset + 26)
+        name, extra = np.frombuffer(f.read(4), "<u2")
+    offset = info.header_offset + 30 + int(name) + int(extra) + start
+    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+
+
+def _check(pre: str, xk: str, x: np.ndarray, yk: str, y: np.ndarray, image: tuple | None = None) -> None:
+    """ValueError naming the array and what is wrong with it unless `x` holds uint8 images, each of shape `image`
+    (None: 3 x H x W), and `y` one integer label per image."""
+    got = " x ".join(map(str, x.shape)) or "a scalar"
+    if x.dtype != np.uint8:
+        raise ValueError(f"{pre}{xk} must be uint8 images, got {x.dtype} ({got})")
+    if x.ndim != 4 or (tuple(x.shape[1:]) != image if image else x.shape[1] != 3):
+        size = f"the dataset's size, N x {' x '.join(map(str, image))}" if image else "shape N x 3 x H x W"
+        raise ValueError(f"{pre}{xk} must be uint8 images of {size}, got {got}")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"{pre}{yk} must hold integer class labels, got {y.dtype}")
+    if not len(x):
+        raise ValueError(f"{pre}{xk} holds no images")
+    if y.shape != (len(x),):
+        raise ValueError(f"{pre}{yk} must hold one label per image ({len(x)} in {xk}), got shape {y.shape}")
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -103,8 +161,12 @@ def train_val(d: dict, val: int, train_limit: int, batch: int, device: torch.dev
     """The training and validation tensors on the device: the same `val` held-out training images for every seed
     (a permutation seeded 0), and the first `train_limit` of the rest (0 = all)."""
     n = len(d["x_train"])
-    if not 0 < val < n:
-        raise ValueError(f"--val must lie in [1, {n - 1}] for {n} training images, got {val}")
+    if not 0 < val <= n - batch:  # held out of all n, before --train-limit cuts the rest
+        limit = f" (--train-limit {train_limit} then keeps at most {train_limit} of them)" if train_limit else ""
+        raise ValueError(
+            f"--val must lie in [1, {n - batch}] for the {n} training images, got {val}: it holds images out of all "
+            f"{n} and leaves at least --batch {batch} to train on{limit}"
+        )
     split = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     val_idx, tr_idx = split[:val], split[val:]
     if train_limit:
@@ -118,35 +180,37 @@ def load_aux(path: str, d: dict, device: torch.device) -> tuple[torch.Tensor, to
     """Generated training images and labels for --aux-data: DM-Improves-AT's file (its core/data/semisup.py reads
     `image`, uint8 N x 32 x 32 x 3, and `label`) or this project's .npz layout (x_train, y_train), checked against
     the dataset `d`. On the device where they fit in half its free memory; on the host otherwise (a batch's share
-    then moves to the device per step)."""
-    try:
-        raw = np.load(path)
-    except FileNotFoundError:
-        raise ValueError(f"--aux-data: no such file: {path}") from None
-    except Exception as e:
-        raise ValueError(f"--aux-data: {path} is not a readable .npz file ({type(e).__name__})") from None
-    keys = ("image", "label") if "image" in raw.files else ("x_train", "y_train")
-    if any(k not in raw.files for k in keys):
-        raise ValueError(
-            f"--aux-data: {path} lacks array '{[k for k in keys if k not in raw.files][0]}'; it needs "
-            "image and label (DM-Improves-AT's format) or x_train and y_train"
+    then moves to the device per step), memory-mapped from the file where np.savez stored it uncompressed, so
+    that every process of a machine reads the same pages of the page cache."""
+    pre = f"--aux-data: {path}: "
+    a = _npz(path, "--aux-data: ", ("image", "label"), ("x_train", "y_train"))
+    (xk, x), (yk, y) = a.items()
+    h, w = d["x_train"].shape[2:]
+    _check(pre, xk, x, yk, y, (h, w, 3) if xk == "image" else (3, h, w))
+    k, low, high = d["num_classes"], int(y.min()), int(y.max())
+    if low < 0 or high + 1 != k:
+        raise ValueError(f"{pre}its labels run from {low} to {high}; the dataset's classes are 0..{k - 1}")
+    if not isinstance(x, np.memmap) and not (dist.is_initialized() and dist.get_rank()):
+        print(
+            f"note: --aux-data {path} is compressed: each process reads all of it into memory ({x.nbytes / 1e9:.1f} "
+            "GB); np.savez's uncompressed files are memory-mapped instead, one copy per machine"
         )
-    x, y = (torch.from_numpy(np.ascontiguousarray(raw[k])) for k in keys)
-    x = x.permute(0, 3, 1, 2) if keys[0] == "image" and x.dim() == 4 else x  # a view: NHWC stays where it is
-    shape, k = tuple(d["x_train"].shape[1:]), d["num_classes"]
-    if x.dtype != torch.uint8 or tuple(x.shape[1:]) != shape or y.dim() != 1 or len(x) != len(y) or not len(y):
-        raise ValueError(
-            f"--aux-data: {path}: {keys[0]} must be uint8 images of the dataset's size ({shape[1]} x "
-            f"{shape[2]} x 3) and {keys[1]} as many labels"
-        )
-    if y.min() < 0 or int(y.max()) + 1 != k:
-        raise ValueError(
-            f"--aux-data: {path}: its labels run from {int(y.min())} to {int(y.max())}; the dataset's "
-            f"classes are 0..{k - 1}"
-        )
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
-    where = device if 2 * x.numel() < free else torch.device("cpu")
-    return x.to(where), y.long().to(where)
+    with warnings.catch_warnings():  # a read-only map: nothing writes to these tensors (batches index them)
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        x, y = torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y, np.int64))
+    x = x.permute(0, 3, 1, 2) if xk == "image" else x  # a view: NHWC stays where it is
+    where = device if 2 * x.numel() < _free_memory(device) else torch.device("cpu")
+    return x.to(where), y.to(where)
+
+
+def _free_memory(device: torch.device) -> float:
+    """Bytes free on the device (where the generated images may go)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
+
+
+# XORed into the permutation's seed for the generated draws' own stream: a CPU generator keeps only the low 32 bits
+# of its seed, which this moves by more than 2**30, so that no epoch's permutation of a run shares the stream
+AUX_STREAM = 0x9E3779B9
 
 
 def batches(
@@ -169,14 +233,16 @@ def batches(
     does; its epoch also counts the batches of one pass over the real set without generated data."""
     g = torch.Generator(x.device).manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(len(x), device=x.device, generator=g)
-    n_aux = int(batch * aux_fraction) if aux else 0
-    g_aux = torch.Generator(aux[0].device).manual_seed(seed * 100_003 + epoch) if n_aux else None
+    steps, n_aux = len(x) // batch, int(batch * aux_fraction) if aux else 0
+    if n_aux:  # on the CPU wherever the images live (their place depends on the device's free memory)
+        g_aux = torch.Generator().manual_seed((seed * 100_003 + epoch) ^ AUX_STREAM)
+        draws = _on(torch.randint(len(aux[0]), (steps, n_aux), generator=g_aux), aux[0].device)
     share, real = batch // world, batch - n_aux
-    for s in range(len(x) // batch):
+    for s in range(steps):
         idx = perm[s * real : (s + 1) * real]
         xb, yb = x[idx], y[idx]
         if n_aux:
-            j = torch.randint(len(aux[0]), (n_aux,), device=aux[0].device, generator=g_aux)
+            j = draws[s]
             order = torch.randperm(batch, device=x.device, generator=g)  # every process's share mixes both
             xb = torch.cat([xb, _on(aux[0][j], x.device)])[order]
             yb = torch.cat([yb, _on(aux[1][j], x.device)])[order]

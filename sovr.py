@@ -5,10 +5,10 @@ logits: float tensor [B, K] (K >= 2, any float dtype); target: int64 tensor [B].
   OVR_i      = softplus(-z_y) + sum_{k != y} softplus(z_k)  (ovr_loss)
   SOVR_i     = OVR_i for the k = round(ratio * B) samples of smallest margin
                (ties: lower index first), CE_i for all the others (sovr_loss).
-Margins are taken without gradient from the logits you pass (the adversarial ones in
-training). The limits are exact: ratio=0 is cross-entropy, ratio=1 is ovr_loss (no switch).
-Computed in float32 (float64 stays), also under autocast. `reduction`: "mean", "sum", "none".
-Bad input raises ValueError.
+Margins are taken without gradient from the logits you pass (the adversarial ones in training).
+The limits are exact: ratio=0 is cross-entropy, ratio=1 is ovr_loss (no switch). Computed in
+float32 (float64 stays), also under autocast. `reduction`: "mean", "sum", "none". Bad input
+raises ValueError (labels out of range: on the CPU; CUDA kernels assert, as cross-entropy's do).
 
 Drop-in for PGD adversarial training:
     from sovr import sovr_loss
@@ -20,6 +20,8 @@ Cite: S. Kanai, S. Yamaguchi, M. Yamada, H. Takahashi, K. Ohno, Y. Ida. "Switchi
 the-Rest Loss to Increase the Margin of Logits for Adversarial Robustness." ICML 2023.
 """
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +30,7 @@ DEFAULT_RATIO = 0.4  # our choice: the paper's value could not be verified (READ
 
 def _checked(logits: torch.Tensor, target: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     if logits.dim() != 2 or logits.size(1) < 2 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a float [B, K] tensor with K >= 2, got {tuple(logits.shape)}")
+        raise ValueError(f"logits must be a float tensor [B, K], K >= 2, got {logits.dtype} {tuple(logits.shape)}")
     if target.shape != logits.shape[:1] or target.dtype != torch.long or target.device != logits.device:
         raise ValueError(
             f"target must be int64 [{logits.size(0)}] on {logits.device}, got {target.dtype} "
@@ -36,6 +38,11 @@ def _checked(logits: torch.Tensor, target: torch.Tensor, reduction: str = "none"
         )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if reduction == "mean" and not len(target):
+        raise ValueError("an empty batch has no mean (reduction='mean')")
+    bad = target[(target < 0) | (target >= logits.size(1))] if target.device.type == "cpu" else target[:0]
+    if len(bad):  # checked on the CPU only: on a GPU the check would stall every step (its kernels assert there)
+        raise ValueError(f"target labels must lie in [0, {logits.size(1)}), got {bad[0].item()}")
     return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
 
 
@@ -56,8 +63,8 @@ def ovr_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
 def sovr_loss(
     logits: torch.Tensor, target: torch.Tensor, ratio: float = DEFAULT_RATIO, reduction: str = "mean"
 ) -> torch.Tensor:
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
+    if not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
     with torch.autocast(logits.device.type, enabled=False):
         z = _checked(logits, target, reduction)
         order = torch.argsort(logit_margin(z.detach(), target), stable=True)

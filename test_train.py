@@ -166,7 +166,10 @@ def test_generated_data_fills_its_share_of_every_batch() -> None:
             "must be uint8 images of the dataset's size",
         ),
         (dict(image=np.zeros((4, 32, 32, 3), np.float32), label=np.arange(4)), "must be uint8 images"),
-        (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.arange(3)), "as many labels"),
+        (
+            dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.arange(3)),
+            "label must hold one label per image (4 in image)",
+        ),
         (dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.array([0, 1, 2, 10])), "labels run from 0 to 10"),
         (
             dict(image=np.zeros((4, 32, 32, 3), np.uint8), label=np.array([0, 1, 2, 3])),
@@ -180,7 +183,7 @@ def test_bad_generated_data_gives_one_clear_line(tmp_path: Path, capsys, arrays:
     expect_error(capsys, [*SMOKE, "--aux-data", tmp_path / "aux.npz", "--out", tmp_path / "o"], match)
     assert not (tmp_path / "o").exists()
     expect_error(
-        capsys, [*SMOKE, "--aux-data", tmp_path / "no.npz", "--out", tmp_path / "o"], "--aux-data: no such file"
+        capsys, [*SMOKE, "--aux-data", tmp_path / "no.npz", "--out", tmp_path / "o"], "--aux-data: no such dataset file"
     )
     expect_error(capsys, [*SMOKE, "--aux-fraction", "0.5", "--out", tmp_path / "o"], "--aux-fraction needs --aux-data")
 

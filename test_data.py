@@ -1,0 +1,164 @@
+"""Tests of data.py: the .npz checks, generated data (--aux-data: memory-mapped, drawn from a stream of its own
+wherever it lives), the held-out split's limits, and what a failed download leaves behind."""
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+CPU = torch.device("cpu")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def aux_file(path: Path, n: int = 60, compressed: bool = False) -> Path:
+    """Generated images that say which they are: image i is uniformly i + 1 (the centre pixel survives every crop)."""
+    x = np.broadcast_to(np.arange(1, n + 1, dtype=np.uint8)[:, None, None, None], (n, 32, 32, 3))
+    (np.savez_compressed if compressed else np.savez)(path, image=x, label=np.arange(n) % 10)
+    return path
+
+
+def mapped(t: torch.Tensor, path: Path) -> bool:
+    """Whether t's memory lies in a memory map of the file at `path` (Linux's /proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(v, 16) for v in fields[0].split("-"))
+        if len(fields) == 6 and fields[5] == str(path.resolve()) and lo <= t.data_ptr() < hi:
+            return True
+    return False
+
+
+def epoch(aux: tuple, seed: int = 3, n: int = 256) -> list:
+    """One epoch of batches on black real images, half of each batch generated."""
+    x, y = torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.arange(n) % 10
+    return list(data.batches(x, y, 64, seed, 2, aux=aux, aux_fraction=0.5))
+
+
+def test_generated_images_are_memory_mapped_and_give_the_batches_of_a_full_read(tmp_path: Path, capsys) -> None:
+    d = data.load_data("synthetic", "")
+    plain, packed = aux_file(tmp_path / "plain.npz"), aux_file(tmp_path / "packed.npz", compressed=True)
+    mapped_aux = data.load_aux(str(plain), d, CPU)
+    assert capsys.readouterr().out == ""
+    read_aux = data.load_aux(str(packed), d, CPU)
+    assert f"note: --aux-data {packed} is compressed: each process reads all of it" in capsys.readouterr().out
+    assert mapped(mapped_aux[0], plain) and mapped(mapped_aux[1], plain)  # no copy: the page cache's pages
+    assert not mapped(read_aux[0], packed)  # np.savez_compressed: read into memory
+    assert all(torch.equal(a, b) for a, b in zip(mapped_aux, read_aux))
+    for (xa, ya), (xb, yb) in zip(epoch(mapped_aux), epoch(read_aux), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_generated_draws_come_from_their_own_cpu_stream_wherever_the_images_live(tmp_path: Path, monkeypatch) -> None:
+    """Host memory or the device (simulated here: the free-memory query decides): the same batches, and the
+    generated images each step takes are the draws of the CPU generator seeded apart from the permutation's."""
+    d, path = data.load_data("synthetic", ""), aux_file(tmp_path / "aux.npz")
+    runs = []
+    for free in (0.0, float("inf")):
+        monkeypatch.setattr(data, "_free_memory", lambda device, free=free: free)
+        runs.append(epoch(data.load_aux(str(path), d, CPU)))
+    for (xa, ya), (xb, yb) in zip(*runs, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    g = torch.Generator().manual_seed((3 * 100_003 + 2) ^ data.AUX_STREAM)
+    want = torch.randint(60, (4, 32), generator=g)
+    shared = torch.randint(60, (4, 32), generator=torch.Generator().manual_seed(3 * 100_003 + 2))
+    assert not torch.equal(want, shared)  # a CPU generator keeps the low 32 bits of a seed: they differ
+    for (xb, _), drawn in zip(runs[0], want, strict=True):
+        which = (xb[:, 0, 16, 16] * 255).round().long() - 1  # -1: a real image
+        assert torch.equal(which[which >= 0].sort().values, drawn.sort().values)
+
+
+@CUDA
+def test_cuda_generated_data_on_host_or_device_gives_the_same_batches_without_waiting(tmp_path: Path, monkeypatch):
+    d, path, dev = data.load_data("synthetic", ""), aux_file(tmp_path / "aux.npz"), torch.device("cuda")
+    x, y = d["x_train"][:256].to(dev), d["y_train"][:256].to(dev)
+    runs = []
+    for free, where in ((0.0, "cpu"), (float("inf"), "cuda")):
+        monkeypatch.setattr(data, "_free_memory", lambda device, free=free: free)
+        aux = data.load_aux(str(path), d, dev)
+        assert aux[0].device.type == where
+        batches = data.batches(x, y, 64, 0, 0, aux=aux, aux_fraction=0.5)
+        runs.append([next(batches)])  # the epoch's first batch may synchronise (its permutation and draws)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            runs[-1] += list(batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for (xa, ya), (xb, yb) in zip(*runs, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def npz(path: Path, **arrays) -> str:
+    full = dict(
+        x_train=np.zeros((4, 3, 8, 8), np.uint8),
+        y_train=np.arange(4),
+        x_test=np.zeros((2, 3, 8, 8), np.uint8),
+        y_test=np.arange(2),
+    )
+    np.savez(path, **{k: v for k, v in {**full, **arrays}.items() if v is not None})
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (dict(x_test=None), "lacks array 'x_test' (it holds x_train, y_train, y_test); it needs x_train, y_train"),
+        (dict(y_train=np.arange(4) / 2), "y_train must hold integer class labels, got float64"),
+        (dict(x_train=np.zeros((4, 3, 8, 8), np.float32)), "x_train must be uint8 images, got float32"),
+        (
+            dict(x_test=np.zeros((2, 8, 8, 3), np.uint8)),
+            "x_test must be uint8 images of shape N x 3 x H x W, got 2 x 8",
+        ),
+        (dict(y_test=np.arange(3)), "y_test must hold one label per image (2 in x_test), got shape (3,)"),
+        (dict(y_test=np.array([0, -1])), "y_test must hold labels 0..K-1, got -1"),
+    ],
+)
+def test_a_bad_dataset_file_says_which_array_and_what(tmp_path: Path, arrays: dict, match: str) -> None:
+    with pytest.raises(ValueError) as e:
+        data.load_data(npz(tmp_path / "bad.npz", **arrays), "")
+    assert match in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (
+            dict(image=np.zeros((10, 32, 32, 3), np.uint8)),
+            "lacks array 'label' (it holds image); it needs image, label",
+        ),
+        (dict(image=np.zeros((10, 32, 32, 3), np.uint8), label=np.arange(10) + 0.0), "label must hold integer class"),
+        (dict(x_train=np.zeros((10, 32, 32, 3), np.uint8), y_train=np.arange(10)), "N x 3 x 32 x 32, got 10 x 32"),
+    ],
+)
+def test_a_bad_generated_file_says_which_array_and_what(tmp_path: Path, arrays: dict, match: str) -> None:
+    np.savez(tmp_path / "aux.npz", **arrays)
+    with pytest.raises(ValueError) as e:
+        data.load_aux(str(tmp_path / "aux.npz"), data.load_data("synthetic", ""), CPU)
+    assert str(e.value).startswith(f"--aux-data: {tmp_path / 'aux.npz'}") and match in str(e.value)
+
+
+def test_val_limits_are_the_runs() -> None:
+    """--smoke: 1000 training images, --train-limit 256, --batch 64: --val may hold out up to 936 of the 1000."""
+    d = data.load_data("synthetic", "")
+    for val in (0, 937):
+        with pytest.raises(ValueError) as e:
+            data.train_val(d, val, 256, 64, CPU)
+        assert str(e.value).startswith(f"--val must lie in [1, 936] for the 1000 training images, got {val}")
+        assert "--train-limit 256" in str(e.value)
+    (x_tr, _), (x_val, _) = data.train_val(d, 936, 256, 64, CPU)
+    assert len(x_tr) == 64 and len(x_val) == 936
+
+
+def test_failed_download_removes_the_empty_folders_it_made_and_only_those(tmp_path: Path, monkeypatch) -> None:
+    def no_network(*a, **k):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    (tmp_path / "kept").mkdir()
+    for folder in (tmp_path / "new" / "data", tmp_path / "kept"):
+        with pytest.raises(ValueError, match="could not download cifar10"):
+            data.load_data("cifar10", str(folder))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
