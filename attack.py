@@ -34,22 +34,9 @@ def get_args(argv: list[str] | None = None):
     p = cli.parser(__doc__)
     a = p.add_argument
     a("checkpoints", nargs="+", help="train.py checkpoints (best.pt or last.pt)")
-    a(
-        "--n",
-        "--points",
-        type=int,
-        default=0,
-        dest="n",
-        help="evaluate the first N test points (default 0 = all); "
-        "under torchrun write --points (torchrun reads --n as its own)",
-    )
+    a("--n", "--points", type=int, default=0, help="first N test points (default 0 = all; under torchrun: --points)")
     a("--bs", type=int, default=500, help="batch size (default 500)")
-    a(
-        "--eps",
-        type=float,
-        default=None,
-        help="radius in 1/255 units (default: the training eps; L2 needs it, e.g. 127.5)",
-    )
+    a("--eps", type=float, help="radius in 1/255 units (default: the training eps; L2 needs it, e.g. 127.5)")
     a("--norm", default="Linf", choices=["Linf", "L2"], help="threat model (default Linf)")
     a("--version", default="standard", choices=VERSIONS, help="AutoAttack version (default standard, as RobustBench)")
     a("--attacks", default=None, help="comma-separated custom subset, e.g. apgd-ce,apgd-t, with the version's settings")
@@ -58,24 +45,16 @@ def get_args(argv: list[str] | None = None):
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
     a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
-    a(
-        "--plot",
-        default=None,
-        metavar="PNG",
-        help="where --margins draws (default margins.png beside the first checkpoint)",
-    )
-    a("--out", default=None, metavar="DIR", help="the folder of the result files (default: beside each checkpoint)")
+    a("--plot", metavar="PNG", help="where --margins draws (default margins.png beside the first result)")
+    a("--out", metavar="DIR", help="the folder of the result files (default: beside each checkpoint)")
     a("--verbose", action="store_true", help="the AutoAttack package's own log lines (off by default)")
     args = p.parse_args(argv)
-    names = args.attacks.split(",") if args.attacks is not None else []
+    names, eps = (args.attacks.split(",") if args.attacks is not None else []), args.eps or 0
     unknown, twice = set(names) - set(ATTACKS) - {""}, sorted({a for a in names if names.count(a) > 1})
     for bad, message in [
         (args.n < 0 or args.bs < 1 or args.seed < 0, "--n and --seed must be >= 0, --bs >= 1"),
-        (args.eps is not None and args.eps <= 0, f"--eps must be > 0 (in 1/255 units), got {args.eps or 0:g}"),
-        (
-            args.norm == "Linf" and (args.eps or 0) > 255,
-            f"--eps {args.eps or 0:g} is more than the whole pixel range (255 in 1/255 units)",
-        ),
+        (args.eps is not None and eps <= 0, f"--eps must be > 0 (in 1/255 units), got {eps:g}"),
+        (args.norm == "Linf" and eps > 255, f"--eps {eps:g} is more than the whole pixel range (255)"),
         (args.norm == "L2" and args.eps is None, "--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)"),
         (args.margins and args.norm != "Linf", "--margins uses L-inf PGD; it takes --norm Linf only"),
         ("" in names, f"--attacks takes attack names separated by commas, got {args.attacks!r}"),
@@ -122,13 +101,7 @@ def make_autoattack(model, eps: float, args):
         except ImportError:
             raise ValueError("AutoAttack is not installed: pip install pyautoattack==0.2.0") from None
         aa = AutoAttack(
-            model,
-            norm=args.norm,
-            eps=eps,
-            version=args.version,
-            device=args.device,
-            seed=args.seed,
-            verbose=args.verbose,
+            model, args.norm, eps, args.seed, verbose=args.verbose, version=args.version, device=args.device
         )
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
 
@@ -170,11 +143,8 @@ def autoattack(
                 bar.set_postfix_str(f"robust so far {robust.float().mean():.2%}")
         after[name] = int(robust.sum())
         if args.rank == 0:
-            print(
-                f"after {name}: robust accuracy {robust.float().mean():.2%}"
-                + (f" on this process's {len(robust)} points" if args.world > 1 else ""),
-                flush=True,
-            )
+            shard = f" on this process's {len(robust)} points" * (args.world > 1)
+            print(f"after {name}: robust accuracy {robust.float().mean():.2%}{shard}", flush=True)
         st = dict(settings=settings, robust=robust.tolist(), after=after, time_s=earlier + time.time() - t0)
         models.write_json(st, state_path)
     return robust, after, earlier
@@ -237,19 +207,10 @@ def prepare(path: str, args, device: str = "cpu") -> dict:
     if len(y) < args.world:
         raise ValueError(f"{len(y)} points for {args.world} processes: every process needs at least one")
     mine = slice(len(y) * args.rank // args.world, len(y) * (args.rank + 1) // args.world)  # contiguous shards
-    other_data = args.dataset if args.dataset and args.dataset != ckpt["dataset"] else None
+    other = args.dataset if args.dataset and args.dataset != ckpt["dataset"] else None
+    where = os.path.join(args.out, os.path.basename(path)) if args.out else path
     out = result_path(
-        os.path.join(args.out, os.path.basename(path)) if args.out else path,
-        s["mode"],
-        args.norm,
-        eps_int,
-        s["n"],
-        args.seed,
-        args.bs,
-        other_data,
-        args.version,
-        args.world,
-        s["device"],
+        where, s["mode"], args.norm, eps_int, s["n"], args.seed, args.bs, other, args.version, args.world, s["device"]
     )
     state = out + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
     return dict(ckpt=ckpt, model=model, x=x[mine], y=y[mine], eps=eps_int / 255, settings=s, out=out, state=state)
@@ -266,7 +227,7 @@ def check(path: str, args) -> tuple[str, dict | None]:
         if differ:
             raise ValueError(f"{e['out']} holds the result of other settings ({', '.join(differ)}): move it away")
         return e["out"], res
-    writable(os.path.dirname(e["out"]), "results", "--out")
+    writable(os.path.dirname(e["out"]) or ".", "results", "--out")
     saved(e["state"], e["settings"])
     return e["out"], None
 
@@ -276,12 +237,9 @@ def writable(folder: str, what: str, flag: str) -> None:
     up = os.path.abspath(folder)
     while not os.path.exists(up):
         up = os.path.dirname(up)
-    it = "it" if up == os.path.abspath(folder) else up
     if not os.path.isdir(up) or not os.access(up, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"cannot write {what} in {folder}: {it} is {'read-only' if os.path.isdir(up) else 'not a folder'} "
-            f"(choose another {flag})"
-        )
+        it, why = "it" if up == os.path.abspath(folder) else up, "read-only" if os.path.isdir(up) else "not a folder"
+        raise ValueError(f"cannot write {what} in {folder}: {it} is {why} (choose another {flag})")
 
 
 def evaluate(path: str, args) -> dict:
@@ -296,12 +254,8 @@ def evaluate(path: str, args) -> dict:
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
     else:
         robust, after, earlier = autoattack(model, x, y, clean, eps, args, e["state"], s)
-        robust = cli.gather(robust.int().tolist())
-        res.update(
-            robust_acc=sum(robust) / s["n"],
-            robust=robust,
-            robust_after={k: sum(cli.gather([v])) / s["n"] for k, v in after.items()},
-        )
+        robust, after = cli.gather(robust.int().tolist()), {k: sum(cli.gather([v])) / s["n"] for k, v in after.items()}
+        res.update(robust_acc=sum(robust) / s["n"], robust=robust, robust_after=after)
     clean = cli.gather(clean.int().tolist())
     res.update(clean_acc=sum(clean) / s["n"], clean=clean, time_s=earlier + time.time() - t0)
     if not args.margins:
@@ -318,15 +272,12 @@ def evaluate(path: str, args) -> dict:
 
 def line(path: str, res: dict) -> str:
     """What a run prints of its result, and a rerun of a finished one."""
-    s = res["settings"]
-    what = (
-        f"mean margin {res['mean_margin']:.3f}, mean of the 30% smallest {res['mean_margin_smallest30']:.3f}"
-        if s["mode"] == "margins"
-        else f"AutoAttack ({s['mode']}, {s['norm']} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}"
-    )
-    return f"{path}: clean {res['clean_acc']:.2%}, {what}, {res['time_s']:.0f}s" + (
-        f" on {s['processes']} processes" if s["processes"] > 1 else ""
-    )
+    s, on = res["settings"], f" on {res['settings']['processes']} processes" * (res["settings"]["processes"] > 1)
+    if s["mode"] == "margins":
+        what = f"mean margin {res['mean_margin']:.3f}, mean of the 30% smallest {res['mean_margin_smallest30']:.3f}"
+    else:
+        what = f"AutoAttack ({s['mode']}, {s['norm']} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}"
+    return f"{path}: clean {res['clean_acc']:.2%}, {what}, {res['time_s']:.0f}s{on}"
 
 
 def versions() -> dict:
@@ -358,8 +309,7 @@ def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
 
 
 def plot(results: list[dict], path: str):
-    """The margin histograms of `results` in one picture, each labelled by its objective, run folder and file;
-    returns the (closed) figure."""
+    """The margin histograms of `results` in one picture, labelled by objective, run folder and file."""
     plt = cli.pyplot()
     if plt is None:
         raise ValueError("--margins draws with matplotlib: pip install matplotlib (the margins are in the JSON files)")
@@ -394,9 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("auto-attack").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 
     def job() -> None:
-        device, args.rank, args.world = cli.setup(
-            args.device, benchmark=False
-        )  # cuDNN's fixed kernels: per-point repeatable
+        # cuDNN's fixed kernels: per-point repeatable
+        device, args.rank, args.world = cli.setup(args.device, benchmark=False)
         args.device = str(device)
         checked = [check(p, args) for p in args.checkpoints]  # all of them before any attack
         outs = [out for out, _ in checked]
@@ -406,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"{' and '.join(same)} would both write {out}: evaluate them with different --out")
         png = args.plot or os.path.join(args.out or os.path.dirname(args.checkpoints[0]) or ".", "margins.png")
         if args.margins:
-            writable(os.path.dirname(png), "the plot", "--plot")
+            writable(os.path.dirname(png) or ".", "the plot", "--plot")
         os.makedirs(args.out or ".", exist_ok=True)
         results = []
         for p, (out, done) in zip(args.checkpoints, checked):
