@@ -4,9 +4,10 @@
     python attack.py best.pt --n 200 --attacks apgd-ce              # quick check with a subset of attacks
     python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins --plot m.png   # margin histograms, PGD-20
 
-Results go to <checkpoint>.<settings>.json beside each checkpoint. AutoAttack runs in fp32, in eval mode, one
-attack after another on the points still robust (as the package does internally), and records each finished
-attack with its settings, so an interrupted run continues where it stopped.
+Results go to <checkpoint>.<settings>.json beside each checkpoint (or in --out DIR). AutoAttack runs in fp32, in
+eval mode, one attack after another on the points still robust (as the package does internally), and records each
+finished attack with its settings, so an interrupted run continues where it stopped; a finished one is not run
+again, its result is printed. Every checkpoint, its test points and its files are checked before the first attack.
 """
 
 import contextlib
@@ -33,22 +34,9 @@ def get_args(argv: list[str] | None = None):
     p = cli.parser(__doc__)
     a = p.add_argument
     a("checkpoints", nargs="+", help="train.py checkpoints (best.pt or last.pt)")
-    a(
-        "--n",
-        "--points",
-        type=int,
-        default=0,
-        dest="n",
-        help="evaluate the first N test points (default 0 = all); "
-        "under torchrun write --points (torchrun reads --n as its own)",
-    )
+    a("--n", "--points", type=int, default=0, help="first N test points (default 0 = all; under torchrun: --points)")
     a("--bs", type=int, default=500, help="batch size (default 500)")
-    a(
-        "--eps",
-        type=float,
-        default=None,
-        help="radius in 1/255 units (default: the training eps; L2 needs it, e.g. 127.5)",
-    )
+    a("--eps", type=float, help="radius in 1/255 units (default: the training eps; L2 needs it, e.g. 127.5)")
     a("--norm", default="Linf", choices=["Linf", "L2"], help="threat model (default Linf)")
     a("--version", default="standard", choices=VERSIONS, help="AutoAttack version (default standard, as RobustBench)")
     a("--attacks", default=None, help="comma-separated custom subset, e.g. apgd-ce,apgd-t, with the version's settings")
@@ -57,21 +45,22 @@ def get_args(argv: list[str] | None = None):
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
     a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
-    a(
-        "--plot",
-        default=None,
-        metavar="PNG",
-        help="where --margins draws (default margins.png beside the first checkpoint)",
-    )
+    a("--plot", metavar="PNG", help="where --margins draws (default margins.png beside the first result)")
+    a("--out", metavar="DIR", help="the folder of the result files (default: beside each checkpoint)")
     a("--verbose", action="store_true", help="the AutoAttack package's own log lines (off by default)")
     args = p.parse_args(argv)
-    unknown = set(args.attacks.split(",")) - set(ATTACKS) if args.attacks else set()
+    names, eps = (args.attacks.split(",") if args.attacks is not None else []), args.eps or 0
+    unknown, twice = set(names) - set(ATTACKS) - {""}, sorted({a for a in names if names.count(a) > 1})
     for bad, message in [
         (args.n < 0 or args.bs < 1 or args.seed < 0, "--n and --seed must be >= 0, --bs >= 1"),
-        (args.eps is not None and args.eps <= 0, f"--eps must be > 0 (in 1/255 units), got {args.eps or 0:g}"),
+        (args.eps is not None and eps <= 0, f"--eps must be > 0 (in 1/255 units), got {eps:g}"),
+        (args.norm == "Linf" and eps > 255, f"--eps {eps:g} is more than the whole pixel range (255)"),
         (args.norm == "L2" and args.eps is None, "--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)"),
         (args.margins and args.norm != "Linf", "--margins uses L-inf PGD; it takes --norm Linf only"),
+        ("" in names, f"--attacks takes attack names separated by commas, got {args.attacks!r}"),
+        (twice, f"--attacks names {', '.join(twice)} twice"),
         (unknown, f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}"),
+        (args.plot and not args.margins, "--plot draws the histogram of --margins: add --margins, or drop --plot"),
     ]:
         if bad:
             p.error(message)
@@ -112,21 +101,15 @@ def make_autoattack(model, eps: float, args):
         except ImportError:
             raise ValueError("AutoAttack is not installed: pip install pyautoattack==0.2.0") from None
         aa = AutoAttack(
-            model,
-            norm=args.norm,
-            eps=eps,
-            version=args.version,
-            device=args.device,
-            seed=args.seed,
-            verbose=args.verbose,
+            model, args.norm, eps, args.seed, verbose=args.verbose, version=args.version, device=args.device
         )
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
 
 
-def resumed(state_path: str, settings: dict, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The robust flags and counts an interrupted run of the same settings saved, or a fresh start."""
+def saved(state_path: str, settings: dict) -> dict | None:
+    """The progress an interrupted evaluation of the same settings saved, if any; ValueError for another's."""
     if not os.path.exists(state_path):
-        return clean.clone(), {}
+        return None
     with open(state_path) as f:
         st = json.load(f)
     if st.get("settings") != settings:
@@ -134,18 +117,21 @@ def resumed(state_path: str, settings: dict, clean: torch.Tensor) -> tuple[torch
             f"{state_path} holds the progress of an evaluation with other settings than this one; "
             "finish that one with its own flags, or delete the file"
         )
-    print(f"resuming from {state_path}: {', '.join(st['after'])} already run", flush=True)
-    return torch.tensor(st["robust"], dtype=torch.bool), st["after"]
+    return st
 
 
 def autoattack(
     model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str, settings: dict
-) -> tuple[torch.Tensor, dict]:
-    """Per-point robust flags, and how many points stay robust after each attack: the version's attacks (or
-    --attacks) in order, each on the points still robust, in batches of --bs as the package batches them (it reseeds
-    every batch: in one process the flags equal one direct call's); saved after each attack, for a rerun."""
-    aa, run = make_autoattack(model, eps, args)
-    robust, after = resumed(state_path, settings, clean)
+) -> tuple[torch.Tensor, dict, float]:
+    """Per-point robust flags, how many points stay robust after each attack, and the seconds of the parts of a
+    resumed run before this one: the version's attacks (or --attacks) in order, each on the points still robust,
+    in batches of --bs as the package batches them (it reseeds every batch: in one process the flags equal one
+    direct call's); saved after each attack with the time so far, for a rerun."""
+    t0, (aa, run) = time.time(), make_autoattack(model, eps, args)
+    st = saved(state_path, settings) or dict(robust=clean.tolist(), after={})
+    robust, after, earlier = torch.tensor(st["robust"], dtype=torch.bool), st["after"], st.get("time_s", 0.0)
+    if after:
+        print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
     for name in [a for a in (args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)) if a not in after]:
         idx = robust.nonzero().flatten()
         aa.attacks_to_run = [name]  # keeps the version's settings for that attack
@@ -157,13 +143,11 @@ def autoattack(
                 bar.set_postfix_str(f"robust so far {robust.float().mean():.2%}")
         after[name] = int(robust.sum())
         if args.rank == 0:
-            print(
-                f"after {name}: robust accuracy {robust.float().mean():.2%}"
-                + (f" on this process's {len(robust)} points" if args.world > 1 else ""),
-                flush=True,
-            )
-        models.write_json(dict(settings=settings, robust=robust.tolist(), after=after), state_path)
-    return robust, after
+            shard = f" on this process's {len(robust)} points" * (args.world > 1)
+            print(f"after {name}: robust accuracy {robust.float().mean():.2%}{shard}", flush=True)
+        st = dict(settings=settings, robust=robust.tolist(), after=after, time_s=earlier + time.time() - t0)
+        models.write_json(st, state_path)
+    return robust, after, earlier
 
 
 def result_path(
@@ -211,69 +195,89 @@ def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
     )
 
 
-def evaluate(path: str, args) -> dict:
+def prepare(path: str, args, device: str = "cpu") -> dict:
+    """What one evaluation needs: the checkpoint, its model on `device`, this process's share of its test points,
+    its settings and its files; ValueError for anything wrong with them."""
     ckpt = models.read(path)
-    model = models.from_checkpoint(ckpt, args.device, path)
+    model = models.from_checkpoint(ckpt, device, path)
     x, y = test_points(ckpt, args)
     eps_int = ckpt["eps"] if args.eps is None else args.eps
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
-    s, eps = settings_of(path, ckpt, len(y), eps_int, args), eps_int / 255
+    s = settings_of(path, ckpt, len(y), eps_int, args)
     if len(y) < args.world:
         raise ValueError(f"{len(y)} points for {args.world} processes: every process needs at least one")
     mine = slice(len(y) * args.rank // args.world, len(y) * (args.rank + 1) // args.world)  # contiguous shards
-    x, y = x[mine], y[mine]
-    other_data = args.dataset if args.dataset and args.dataset != ckpt["dataset"] else None
-    out_path = result_path(
-        path,
-        s["mode"],
-        args.norm,
-        eps_int,
-        s["n"],
-        args.seed,
-        args.bs,
-        other_data,
-        args.version,
-        args.world,
-        s["device"],
+    other = args.dataset if args.dataset and args.dataset != ckpt["dataset"] else None
+    where = os.path.join(args.out, os.path.basename(path)) if args.out else path
+    out = result_path(
+        where, s["mode"], args.norm, eps_int, s["n"], args.seed, args.bs, other, args.version, args.world, s["device"]
     )
-    state_path = out_path + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
+    state = out + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
+    return dict(ckpt=ckpt, model=model, x=x[mine], y=y[mine], eps=eps_int / 255, settings=s, out=out, state=state)
+
+
+def check(path: str, args) -> tuple[str, dict | None]:
+    """Before any attack: the checkpoint, its test points, and a folder its result and state can be written in.
+    Its result file and the result in it, if this evaluation is finished; ValueError for another's result there."""
+    e = prepare(path, args)
+    if os.path.exists(e["out"]):
+        with open(e["out"]) as f:
+            res = json.load(f)
+        differ = [k for k, v in e["settings"].items() if res.get("settings", {}).get(k) != v]
+        if differ:
+            raise ValueError(f"{e['out']} holds the result of other settings ({', '.join(differ)}): move it away")
+        return e["out"], res
+    writable(os.path.dirname(e["out"]) or ".", "results", "--out")
+    saved(e["state"], e["settings"])
+    return e["out"], None
+
+
+def writable(folder: str, what: str, flag: str) -> None:
+    """ValueError unless this process can write files in `folder`, or make it: checked before the attacks."""
+    up = os.path.abspath(folder)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up) or not os.access(up, os.W_OK | os.X_OK):
+        it, why = "it" if up == os.path.abspath(folder) else up, "read-only" if os.path.isdir(up) else "not a folder"
+        raise ValueError(f"cannot write {what} in {folder}: {it} is {why} (choose another {flag})")
+
+
+def evaluate(path: str, args) -> dict:
+    e = prepare(path, args, args.device)
+    model, x, y, s, eps = e["model"], e["x"], e["y"], e["settings"], e["eps"]
     t0, clean, res = time.time(), predict(model, x, args.bs, args.device) == y, dict(settings=s, versions=versions())
+    earlier = 0.0
     if args.margins:
         torch.manual_seed(args.seed)  # PGD's random starts
         m = torch.tensor(cli.gather(losses.pgd_margins(model, x, y, eps, args.bs).tolist()))
         small = m.sort().values[: max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
     else:
-        robust, after = autoattack(model, x, y, clean, eps, args, state_path, s)
-        robust = cli.gather(robust.int().tolist())
-        res.update(
-            robust_acc=sum(robust) / s["n"],
-            robust=robust,
-            robust_after={k: sum(cli.gather([v])) / s["n"] for k, v in after.items()},
-        )
+        robust, after, earlier = autoattack(model, x, y, clean, eps, args, e["state"], s)
+        robust, after = cli.gather(robust.int().tolist()), {k: sum(cli.gather([v])) / s["n"] for k, v in after.items()}
+        res.update(robust_acc=sum(robust) / s["n"], robust=robust, robust_after=after)
     clean = cli.gather(clean.int().tolist())
-    res.update(clean_acc=sum(clean) / s["n"], clean=clean, time_s=time.time() - t0)
+    res.update(clean_acc=sum(clean) / s["n"], clean=clean, time_s=earlier + time.time() - t0)
     if not args.margins:
-        res["robustbench"] = model_card(ckpt, model, res, eps, args)
+        res["robustbench"] = model_card(e["ckpt"], model, res, eps, args)
     if args.rank == 0:
-        models.write_json(res, out_path)
-        print(
-            f"{path}: clean {res['clean_acc']:.2%}, {summary(res)}, {res['time_s']:.0f}s"
-            + (f" on {args.world} processes" if args.world > 1 else "")
-            + f"\nwrote {out_path}"
-        )
+        models.write_json(res, e["out"])
+        print(f"{line(path, res)}\nwrote {e['out']}")
     if dist.is_initialized():
         dist.barrier()  # the result is written: every shard's state can go
-    if os.path.exists(state_path):
-        os.remove(state_path)
+    if os.path.exists(e["state"]):
+        os.remove(e["state"])
     return res
 
 
-def summary(res: dict) -> str:
-    s = res["settings"]
+def line(path: str, res: dict) -> str:
+    """What a run prints of its result, and a rerun of a finished one."""
+    s, on = res["settings"], f" on {res['settings']['processes']} processes" * (res["settings"]["processes"] > 1)
     if s["mode"] == "margins":
-        return f"mean margin {res['mean_margin']:.3f}, mean of the 30% smallest {res['mean_margin_smallest30']:.3f}"
-    return f"AutoAttack ({s['mode']}, {s['norm']} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}"
+        what = f"mean margin {res['mean_margin']:.3f}, mean of the 30% smallest {res['mean_margin_smallest30']:.3f}"
+    else:
+        what = f"AutoAttack ({s['mode']}, {s['norm']} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}"
+    return f"{path}: clean {res['clean_acc']:.2%}, {what}, {res['time_s']:.0f}s{on}"
 
 
 def versions() -> dict:
@@ -304,10 +308,13 @@ def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
     )
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str):
+    """The margin histograms of `results` in one picture, labelled by objective, run folder and file."""
     plt = cli.pyplot()
     if plt is None:
         raise ValueError("--margins draws with matplotlib: pip install matplotlib (the margins are in the JSON files)")
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     lo, hi = min(min(r["margins"]) for r in results), max(max(r["margins"]) for r in results)
     for r in results:
@@ -318,14 +325,17 @@ def plot(results: list[dict], path: str) -> None:
             range=(lo, hi),
             histtype="step",
             linewidth=1.5,
-            label=f"{s.get('objective') or s['loss']} ({os.path.basename(os.path.dirname(s['checkpoint']))})",
+            label=f"{s.get('objective') or s['loss']} ({os.path.join(*s['checkpoint'].split(os.sep)[-2:])})",
         )
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of points
     ax.axvline(0, color="gray", linewidth=0.8)
     ax.set(xlabel="logit margin $z_y - \\max_{k \\neq y} z_k$ on PGD-20 examples", ylabel="test points")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -334,21 +344,33 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("auto-attack").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 
     def job() -> None:
-        device, args.rank, args.world = cli.setup(
-            args.device, benchmark=False
-        )  # cuDNN's fixed kernels: per-point repeatable
+        # cuDNN's fixed kernels: per-point repeatable
+        device, args.rank, args.world = cli.setup(args.device, benchmark=False)
         args.device = str(device)
-        results = [evaluate(p, args) for p in args.checkpoints]
+        checked = [check(p, args) for p in args.checkpoints]  # all of them before any attack
+        outs = [out for out, _ in checked]
+        for out in outs:
+            if outs.count(out) > 1:
+                same = [p for p, o in zip(args.checkpoints, outs) if o == out]
+                raise ValueError(f"{' and '.join(same)} would both write {out}: evaluate them with different --out")
+        png = args.plot or os.path.join(args.out or os.path.dirname(args.checkpoints[0]) or ".", "margins.png")
+        if args.margins:
+            writable(os.path.dirname(png) or ".", "the plot", "--plot")
+        os.makedirs(args.out or ".", exist_ok=True)
+        results = []
+        for p, (out, done) in zip(args.checkpoints, checked):
+            if done and args.rank == 0:
+                print(f"{out} is finished (move it away to evaluate again)\n{line(p, done)}")
+            results.append(done or evaluate(p, args))
         if args.margins and args.rank == 0:
-            plot(results, args.plot or os.path.join(os.path.dirname(args.checkpoints[0]) or ".", "margins.png"))
+            plot(results, png)
 
     cli.run(
         "attack.py",
         job,
         f"at --bs {args.bs}: lower --bs (a new evaluation: the attacks finished so far are "
         "kept for a rerun with the same --bs)",
-        "the attacks finished so far are kept (a .state file beside the "
-        "checkpoint): rerun the same command to continue",
+        "the attacks finished so far are kept (a .state file beside the result): rerun the same command to continue",
     )
 
 

@@ -160,9 +160,12 @@ CHECKPOINT_KEYS = ("model", "arch", "num_classes", "mean", "std", "eps", "datase
 
 def read(path: str, flag: str | None = None) -> dict:
     """A train.py checkpoint as a dict of CPU tensors and primitives (torch.load with weights_only=True);
-    ValueError with a readable message (after "--flag: " where a flag named the file) for a missing file, a file
-    that is no checkpoint, or any other dict."""
-    said = f"{flag}: " if flag else ""
+    ValueError with a readable message (after "--flag: " where a flag named the file) for a missing file, a folder,
+    a file that is no checkpoint, or any other dict."""
+    said, no = f"{flag}: " if flag else "", "not a train.py checkpoint"
+    if os.path.isdir(path):
+        inside = [f for f in (os.path.join(path, "best.pt"), os.path.join(path, "last.pt")) if os.path.isfile(f)]
+        raise ValueError(f"{said}{path} is a folder, not a checkpoint" + f": give {' or '.join(inside)}" * bool(inside))
     if not os.path.isfile(path):
         raise ValueError(f"{said}no such checkpoint: {path}")
     try:
@@ -173,9 +176,13 @@ def read(path: str, flag: str | None = None) -> dict:
                 f"{said}{path} holds pickled objects that torch.load(weights_only=True) refuses to run; "
                 "it is not a train.py checkpoint (load it only if you trust its source)"
             ) from None
-        raise ValueError(f"{said}{path} is not a PyTorch checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        raise ValueError(f"{said}{path} is not a train.py checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)})")
+        what = "is empty" if os.path.getsize(path) == 0 else "is not a file torch.save wrote (or one cut short)"
+        raise ValueError(f"{said}{path} {what}: {no}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{said}{path} holds a {type(ckpt).__name__}, not a dict with a model: {no}")
+    lacks = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if lacks:
+        raise ValueError(f"{said}{path} {'holds no model' if 'model' in lacks else 'lacks ' + ', '.join(lacks)}: {no}")
     return ckpt
 
 

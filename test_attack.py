@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,18 +78,27 @@ def test_custom_attacks_match_a_direct_package_call(ckpt: Path) -> None:
     assert res["robust"] == (y_adv == y).int().tolist()
 
 
-def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys) -> None:
+def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys, monkeypatch) -> None:
     run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr")
     result = Path(attack.result_path(str(ckpt), "apgd-ce+apgd-dlr", "Linf", 8, 24, 0, bs=12))
     settings = json.loads(result.read_text())["settings"]
     state = Path(str(result) + ".state")
-    # A run of apgd-ce,apgd-dlr stopped after apgd-ce left this state: no point survived apgd-ce.
-    state.write_text(json.dumps(dict(settings=settings, robust=[False] * 24, after={"apgd-ce": 0})))
+    # A run of apgd-ce,apgd-dlr stopped after apgd-ce, 1000 s in, left this state (and no result): no point
+    # survived apgd-ce.
+    result.unlink()
+    state.write_text(json.dumps(dict(settings=settings, robust=[False] * 24, after={"apgd-ce": 0}, time_s=1000)))
+    saved, write_json = [], models.write_json
+    monkeypatch.setattr(models, "write_json", lambda obj, path: saved.append(dict(obj)) or write_json(obj, path))
     run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr")
     assert "resuming from" in capsys.readouterr().out
     res = json.loads(result.read_text())
     assert res["robust_acc"] == 0 and res["clean_acc"] > 0 and not state.exists()
     assert res["robust_after"] == {"apgd-ce": 0.0, "apgd-dlr": 0.0}
+    # the time of every part: the state after apgd-dlr and the result count the 1000 s before the resume
+    assert [list(o["after"]) for o in saved[:-1]] == [["apgd-ce", "apgd-dlr"]]
+    assert saved[0]["time_s"] >= 1000 and res["time_s"] >= saved[0]["time_s"]
+    monkeypatch.undo()
+    result.unlink()
     # the progress of other settings (tampered here; an older attack.py's state has none) is never mixed in
     for other in ({**settings, "seed": 9}, None):
         state.write_text(json.dumps(dict(settings=other, robust=[False] * 24, after={"apgd-ce": 0})))
@@ -125,8 +135,83 @@ def test_margins_writes_json_and_png(ckpt: Path, tmp_path: Path) -> None:
     res = json.loads(path.read_text())
     assert len(res["margins"]) == 24 and res["mean_margin_smallest30"] <= res["mean_margin"]
     assert res["settings"]["objective"] == "sovr"  # the histogram's label
+    path.unlink()
     run(ckpt, *QUICK, "--margins", "--plot", tmp_path / "again.png")  # PGD's starts are seeded from --seed
     assert json.loads(path.read_text())["margins"] == res["margins"]
+
+
+def no_attack(*a, **k):
+    raise AssertionError("an attack ran")
+
+
+def test_a_finished_evaluation_prints_its_result_and_runs_nothing(ckpt: Path, capsys, monkeypatch) -> None:
+    flags = [ckpt, *QUICK, "--attacks", "apgd-ce", "--seed", 6]
+    run(*flags)
+    line = capsys.readouterr().out.splitlines()[-2]  # "<checkpoint>: clean ..., AutoAttack (...) ..., Ns"
+    result = Path(attack.result_path(str(ckpt), "apgd-ce", "Linf", 8, 24, 6, bs=12))
+    before = result.read_text()
+    monkeypatch.setattr(attack, "autoattack", no_attack)
+    monkeypatch.setattr(attack.losses, "pgd_margins", no_attack)
+    run(*flags)
+    out = capsys.readouterr().out
+    assert out == f"{result} is finished (move it away to evaluate again)\n{line}\n" and result.read_text() == before
+    # a result of another checkpoint in that place is neither taken for this one's nor replaced
+    moved = json.loads(before)
+    result.write_text(json.dumps({**moved, "settings": {**moved["settings"], "checkpoint": "/elsewhere/last.pt"}}))
+    expect_error(capsys, flags, f"{result} holds the result of other settings (checkpoint): move it away")
+    result.write_text(before)
+
+
+def test_everything_is_checked_before_any_attack(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(attack, "autoattack", no_attack)
+    monkeypatch.setattr(attack.losses, "pgd_margins", no_attack)
+    expect_error(capsys, [ckpt, tmp_path / "missing.pt", *QUICK], "no such checkpoint")
+    torch.save({**torch.load(ckpt, weights_only=True), "dataset": "../elsewhere/x.npz"}, tmp_path / "moved.pt")
+    expect_error(capsys, [ckpt, tmp_path / "moved.pt", *QUICK], "no such dataset file: ../elsewhere/x.npz")
+    # a folder no file can be written in: below a regular file (real for root too), or read-only
+    (tmp_path / "file").write_text("")
+    for margins in ([], ["--margins"]):
+        expect_error(
+            capsys,
+            [ckpt, *QUICK, *margins, "--out", tmp_path / "file" / "results"],
+            f"cannot write results in {tmp_path / 'file' / 'results'}: {tmp_path / 'file'} is not a folder",
+        )
+    expect_error(
+        capsys,
+        [ckpt, *QUICK, "--margins", "--plot", tmp_path / "file" / "m.png"],
+        f"cannot write the plot in {tmp_path / 'file'}",
+    )
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    shutil.copy(ckpt, ro / "last.pt")
+    ro.chmod(0o555)
+    access = os.access  # root passes os.access whatever the mode: here it is told the mode bits, as anyone else
+    monkeypatch.setattr(
+        os, "access", lambda p, m: access(p, m) and not (m & os.W_OK and not os.stat(p).st_mode & 0o222)
+    )
+    expect_error(
+        capsys, [ro / "last.pt", *QUICK], f"cannot write results in {ro}: it is read-only (choose another --out)"
+    )
+    # two checkpoints that would share one result file
+    expect_error(capsys, [ckpt, ro / "last.pt", *QUICK, "--out", tmp_path / "r"], "would both write")
+    assert not (tmp_path / "r").exists()
+    monkeypatch.undo()
+    run(ro / "last.pt", *QUICK, "--attacks", "apgd-ce", "--out", tmp_path / "r")
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["last.apgd-ce-Linf-eps8-n24-seed0-bs12.json"]
+    ro.chmod(0o755)
+
+
+def test_plot_tells_checkpoints_apart_and_counts_in_whole_points(ckpt: Path) -> None:
+    pytest.importorskip("matplotlib")
+    s = dict(checkpoint="/runs/a/last.pt", objective="sovr")
+    results = [
+        dict(settings=s, margins=[0.1, 0.5, 2.0]),
+        dict(settings={**s, "checkpoint": "/runs/a/best.pt"}, margins=[1.0]),
+    ]
+    fig = attack.plot(results, os.devnull)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sovr (a/last.pt)", "sovr (a/best.pt)"]
+    assert all(float(t).is_integer() for t in ax.get_yticks())
 
 
 def expect_error(capsys, argv: list, match: str) -> None:
@@ -143,10 +228,13 @@ class Evil:
 
 def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [tmp_path / "missing.pt"], "no such checkpoint")
+    expect_error(
+        capsys, [ckpt.parent], f"{ckpt.parent} is a folder, not a checkpoint: give {ckpt.parent / 'best.pt'} or {ckpt}"
+    )
     (tmp_path / "text.pt").write_text("hello")
-    expect_error(capsys, [tmp_path / "text.pt"], "is not a PyTorch checkpoint")
+    expect_error(capsys, [tmp_path / "text.pt"], "is not a file torch.save wrote")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    expect_error(capsys, [tmp_path / "other.pt"], "is not a train.py checkpoint")
+    expect_error(capsys, [tmp_path / "other.pt"], "holds no model: not a train.py checkpoint")
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Evil()}))
     expect_error(capsys, [tmp_path / "evil.pt"], "refuses to run")
     good = torch.load(ckpt, weights_only=True)
@@ -160,6 +248,11 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-xx"], "unknown attack(s) apgd-xx")
     expect_error(capsys, [ckpt, "--margins", "--norm", "L2", "--eps", "127.5"], "--margins uses L-inf PGD")
     expect_error(capsys, [ckpt, "--eps", "-1"], "--eps must be > 0 (in 1/255 units), got -1")
+    expect_error(capsys, [ckpt, "--eps", "256"], "--eps 256 is more than the whole pixel range (255)")
+    expect_error(capsys, [ckpt, "--attacks", ""], "--attacks takes attack names separated by commas, got ''")
+    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,"], "--attacks takes attack names separated by commas")
+    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-t,apgd-ce"], "--attacks names apgd-ce twice")
+    expect_error(capsys, [ckpt, "--plot", "m.png"], "--plot draws the histogram of --margins: add --margins")
     expect_error(capsys, [ckpt, "--seed", "-1"], "--n and --seed must be >= 0, --bs >= 1")
     torch.save({**good, "dataset": "../elsewhere/x.npz"}, tmp_path / "moved.pt")
     expect_error(
@@ -178,7 +271,7 @@ def test_interrupt_is_one_line(ckpt: Path, capsys, monkeypatch) -> None:
         capsys,
         [ckpt, *QUICK],
         "attack.py: interrupted; the attacks finished so far are kept (a .state "
-        "file beside the checkpoint): rerun the same command to continue",
+        "file beside the result): rerun the same command to continue",
     )
 
 
@@ -293,14 +386,16 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     clean = attack.predict(model, x, 6, "cpu") == y
     ref = []
     for half in (slice(0, 12), slice(12, 24)):
-        robust, _ = attack.autoattack(
+        robust, *_ = attack.autoattack(
             model, x[half], y[half], clean[half], 24 / 255, args, str(tmp_path / f"{half.start}.st"), res["settings"]
         )
         ref += robust.int().tolist()
     assert res["settings"]["processes"] == 2 and res["clean"] == clean.int().tolist() and res["robust"] == ref
     assert 0 < sum(ref) < sum(res["clean"]) and res["robustbench"]["autoattack_acc"] == res["robust_acc"]
     assert not list(tmp_path.glob("*.state*"))
-    # rank 1 was interrupted after apgd-ce, having lost every point: only its shard resumes from that
+    # rank 1 was interrupted after apgd-ce, having lost every point (and no result was written): only its shard
+    # resumes from that
+    result.unlink()
     Path(str(result) + ".state.rank1-of-2").write_text(
         json.dumps(dict(settings=res["settings"], robust=[False] * 12, after={"apgd-ce": 0}))
     )

@@ -103,12 +103,20 @@ def test_load_rebuilds_in_eval_mode_and_refuses_clearly(tmp_path) -> None:
     )
     (tmp_path / "text.pt").write_text("hello")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(torch.zeros(1), tmp_path / "tensor.pt")
+    torch.save({k: v for k, v in ckpt.items() if k not in ("eps", "dataset")}, tmp_path / "settings.pt")
+    models.save(ckpt, str(tmp_path / "best.pt"))
     models.save({**ckpt, "arch": "vgg"}, str(tmp_path / "arch.pt"))
     models.save({**ckpt, "num_classes": 100}, str(tmp_path / "classes.pt"))
     for name, message in [
         ("missing.pt", "no such checkpoint"),
-        ("text.pt", "is not a PyTorch checkpoint"),
-        ("other.pt", "is not a train.py checkpoint"),
+        ("text.pt", "is not a file torch.save wrote"),
+        ("empty.pt", "is empty: not a train.py checkpoint"),
+        ("tensor.pt", "holds a Tensor, not a dict with a model: not a train.py checkpoint"),
+        ("other.pt", "holds no model: not a train.py checkpoint"),
+        ("settings.pt", "lacks eps, dataset: not a train.py checkpoint"),
+        ("", "is a folder, not a checkpoint: give .*best.pt$"),
         ("arch.pt", "unknown arch 'vgg'"),
         ("classes.pt", "weights do not fit arch wrn16 with 100 classes"),
     ]:
