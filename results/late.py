@@ -150,11 +150,11 @@ def evaluate(ckpt: Path) -> None:
 
 def margins(ckpt: Path) -> None:
     """PGD-20 margins (losses.pgd_margins, as attack.py --margins: eval mode, step eps/4) of the training points
-    train.py used, and of the test points; with the training points' PGD-10 accuracy (the training attack). Written
-    beside the checkpoint."""
+    train.py used, and of the test points; with the training points' PGD-10 accuracy (the training attack), both
+    counted as losses.worst_of counts, and the precision they ran in. Written beside the checkpoint."""
     import torch
 
-    from losses import pgd_logits, pgd_margins
+    from losses import pgd_logits, pgd_margins, precision, worst_of
 
     torch.manual_seed(0)
     c = models.read(str(ckpt))
@@ -167,8 +167,8 @@ def margins(ckpt: Path) -> None:
         m = pgd_margins(model, x.float() / 255, y, c["eps"] / 255)
         out[part] = [round(v, 5) for v in m.tolist()]
     x, y = data["x_train"][tr], data["y_train"][tr]  # the training attack: PGD-10, eval-mode BN
-    z_adv = pgd_logits(model, x, y, c["eps"] / 255, 2 / 255, 10)[1]
-    out["train_pgd10_acc"] = int((z_adv.argmax(1) == y).sum()) / len(x)
+    out["train_pgd10_acc"] = int(worst_of(*pgd_logits(model, x, y, c["eps"] / 255, 2 / 255, 10), y)[0].sum()) / len(x)
+    out["precision"] = precision("cpu")
     models.write_json(out, str(margins_result(ckpt)))
 
 
