@@ -31,10 +31,11 @@ def fake_run(
             (out / f"best.{mode}-Linf-eps8-n1017-seed0.json").write_text(
                 json.dumps({"robust_acc": acc, "settings": {"n": 1017, "mode": mode}})
             )
-    margins = [-1.0, -0.05, 0.3, 0.5]  # the third point is misclassified clean: not robust, margin <= 0
+    k = round(100 * pgd)  # 100 points: k robust, then one misclassified clean with a positive PGD-20 margin
+    margins, clean = [0.5] * k + [0.3, -0.05] + [-1.0] * (98 - k), [1] * k + [0] + [1] * (99 - k)
     settings = {"loss": run.split("-s")[0], "checkpoint": str(out / "best.pt"), **since}
     (out / "best.margins-Linf-eps8-n1017-seed0.json").write_text(
-        json.dumps({"margins": margins, "clean": [1, 1, 0, 1], "settings": settings})
+        json.dumps({"margins": margins, "clean": clean, "settings": settings})
     )
 
 
@@ -70,15 +71,16 @@ def test_table_means_over_seeds_gap_and_sweep_order(tmp_path: Path) -> None:
 
 def test_table_counts_a_point_robust_only_if_it_is_also_correct_clean(tmp_path: Path) -> None:
     """A margins file of before that rule: its misclassified-clean point with a positive PGD-20 margin (0.3) is not
-    robust and enters with margin 0; the table says which of its figures are bounds."""
+    robust (PGD-20 30%, not 31%) and enters with margin 0; the table says which of its figures are bounds."""
     a = args("--losses", "ce", "--seeds", "0", "--ratios", "", "--extra-on", "")
     fake_run(tmp_path, "ce-s0", 0.40, 0.30, 0.28)
     text = study.table(tmp_path, a)
     row = [line.split(" | ") for line in text.splitlines() if line.startswith("| ce")][0]
-    assert row[8:12] == ["-1.00", "-0.14", "0.50", "50%"]  # 30% smallest, mean, robust points' (0.5 only), near 0
-    assert study.OLD_PGD in text and study.OLD_MARGINS in text
+    assert row[4].startswith("30.0 ") and row[7] == "2.0"  # PGD-20, and PGD-20 minus the worst attack
+    assert row[8:12] == ["-1.00", "-0.53", "0.50", "2%"]  # 30% smallest, mean, robust points' (0.5 only), near 0
+    assert study.OLD_MARGINS in text
     fake_run(tmp_path / "new", "ce-s0", 0.40, 0.30, 0.28, new=True)
-    assert study.OLD_PGD not in study.table(tmp_path / "new", a)
+    assert study.OLD_MARGINS not in study.table(tmp_path / "new", a)
 
 
 def test_table_flag_only_tabulates(tmp_path: Path, monkeypatch) -> None:
