@@ -4,10 +4,11 @@
     python attack.py best.pt --n 200 --attacks apgd-ce              # quick check with a subset of attacks
     python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins --plot m.png   # margin histograms, PGD-20
 
-Results go to <checkpoint>.<settings>.json beside each checkpoint (or in --out DIR). AutoAttack runs in fp32, in
-eval mode, one attack after another on the points still robust (as the package does internally), and records each
-finished attack with its settings, so an interrupted run continues where it stopped; a finished one is not run
-again, its result is printed. Every checkpoint, its test points and its files are checked before the first attack.
+Results go to <checkpoint>.<settings>.json beside each checkpoint (or in --out DIR). AutoAttack runs in fp32 (with
+TF32 convolutions on Ampere and later GPUs, PyTorch's default; the JSON records which), in eval mode, one attack
+after another on the points still robust (as the package does internally), and records each finished attack with
+its settings, so an interrupted run continues where it stopped; a finished one is not run again, its result is
+printed. Every checkpoint, its test points and its files are checked before the first attack.
 """
 
 import contextlib
@@ -192,6 +193,7 @@ def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
         seed=args.seed,
         processes=args.world,
         device=torch.device(args.device).type,
+        precision=losses.precision(args.device),
     )
 
 

@@ -94,9 +94,9 @@ def pgd_logits(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, bs: int = 500
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the clean and of the PGD images, in fp32 batches of bs moved to the model's device; x in [0, 1]
-    or uint8 (divided by 255 per batch)."""
+    or uint8 (divided by 255 per batch). An empty x (a rank without points) gives [0, classes] logits."""
     device, out = next(model.parameters()).device, []
-    for k in range(0, len(x), bs):
+    for k in range(0, max(len(x), 1), bs):
         xb, yb = x[k : k + bs].to(device), y[k : k + bs].to(device)
         xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
         x_adv, _ = pgd(model, xb, yb, eps, step, steps)
@@ -105,27 +105,54 @@ def pgd_logits(
     return torch.cat([z for z, _ in out]), torch.cat([z for _, z in out])
 
 
+def worst_of(z: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A point's PGD figures are those of the worse of its clean and PGD image (the clean image lies in its own
+    eps-ball; AutoAttack's robust flags start from the clean-correct points): robust iff both are classified
+    correctly, margin the smaller of their logit margins."""
+    robust = (z.argmax(1) == y) & (z_adv.argmax(1) == y)
+    return robust, torch.minimum(logit_margin(z, y), logit_margin(z_adv, y))
+
+
 def pgd_accuracy(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, seed: int, bs: int = 500
 ) -> tuple[float, float]:
-    """Clean and PGD accuracy in eval mode (train.py's validation and test figures), random starts seeded, so the
-    same weights give the same figures; under torchrun each rank attacks its share and the counts are summed."""
+    """Clean and PGD accuracy (worst_of) in eval mode, train.py's validation and test figures; random starts
+    seeded, so the same weights give the same figures; under torchrun each rank's counts (of none) are summed."""
     model.eval()
     torch.manual_seed(seed)  # train.py reseeds every epoch, so this draws nothing away from training
     r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     x, y = x[r::w], y[r::w]
     z, z_adv = pgd_logits(model, x, y, eps, step, steps, bs)
     y = y.to(z.device)
-    counts = torch.stack([(z.argmax(1) == y).sum(), (z_adv.argmax(1) == y).sum(), y.new_tensor(len(y))]).float()
+    robust = worst_of(z, z_adv, y)[0]
+    counts = torch.stack([(z.argmax(1) == y).sum(), robust.sum(), y.new_tensor(len(y))]).float()
     if w > 1:
         dist.all_reduce(counts)
+    if counts[2] == 0:
+        raise ValueError("no points to evaluate")
     return (counts[0] / counts[2]).item(), (counts[1] / counts[2]).item()
 
 
 def pgd_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int = 500) -> torch.Tensor:
-    """z_y - max_{k != y} z_k on PGD-20 examples (step eps/4, CE), on the CPU: the margin diagnostic of
-    attack.py --margins and results/."""
-    return logit_margin(pgd_logits(model, x, y, eps, eps / 4, 20, bs)[1].cpu(), y.cpu())
+    """Each point's margin (worst_of: the smaller of its clean and its PGD-20 image's, step eps/4, CE), on the
+    CPU: the margin diagnostic of attack.py --margins and results/."""
+    z, z_adv = pgd_logits(model, x, y, eps, eps / 4, 20, bs)
+    return worst_of(z.cpu(), z_adv.cpu(), y.cpu())[1]
+
+
+def precision(device: torch.device | str) -> str:
+    """What "fp32" evaluation on `device` computes in, from the torch.backends flags at this moment: "fp32" on the
+    CPU and on GPUs before Ampere, else "fp32", "tf32 convolutions" (PyTorch's default), "tf32 matmuls" or "tf32"."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return "fp32"
+    b, tf32 = torch.backends, lambda *chain: next((p for p in chain if p != "none"), "ieee") == "tf32"
+    if hasattr(b.cudnn, "conv"):  # torch >= 2.9 ("none" defers to the next setting); legacy flags may raise here
+        conv = tf32(b.cudnn.conv.fp32_precision, b.cudnn.fp32_precision, b.fp32_precision)
+        matmul = tf32(b.cuda.matmul.fp32_precision, b.fp32_precision)
+    else:
+        conv, matmul = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
+    return {(0, 0): "fp32", (1, 0): "tf32 convolutions", (0, 1): "tf32 matmuls", (1, 1): "tf32"}[conv, matmul]
 
 
 # ---- per-sample formulas: logits [B, K] in, [B] out ----

@@ -4,6 +4,10 @@ logits, the special cases that reduce to cross-entropy, the EMR wrapper, and sho
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attack
+import losses
 import models
 import train
 from losses import (
@@ -335,6 +340,93 @@ def test_clean_ce_special_cases(name: str, flags: list) -> None:
     assert torch.allclose(got, F.cross_entropy(copy.deepcopy(model).train()(x), y), rtol=1e-6)
 
 
+# ---- the PGD figures: a point is robust only if its clean image is classified correctly too ----
+
+
+class WrongOnlyAtTheCenter(nn.Module):
+    """Logits [0.5, 100 max|x - 0.5|]: class 0 at the image x = 0.5 itself, class 1 anywhere in its eps-ball that
+    PGD reaches (its random start moves most pixels, and each of its steps moves one pixel back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(100.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.scale * (x - 0.5).abs().flatten(1).amax(1)
+        return torch.stack([torch.full_like(d, 0.5), d], 1)
+
+
+def test_pgd_figures_take_the_worse_of_the_clean_and_the_pgd_image() -> None:
+    model, x, y = WrongOnlyAtTheCenter(), torch.full((4, 3, 8, 8), 0.5), torch.ones(4, dtype=torch.long)
+    z, z_adv = losses.pgd_logits(model, x, y, 8 / 255, 2 / 255, 5)
+    assert (z.argmax(1) == 0).all() and (z_adv.argmax(1) == 1).all()  # PGD's image is right, the clean one wrong
+    assert losses.pgd_accuracy(model, x, y, 8 / 255, 2 / 255, 5, seed=0) == (0.0, 0.0)  # not robust
+    torch.testing.assert_close(losses.pgd_margins(model, x, y, 8 / 255), torch.full((4,), -0.5))  # the clean margin
+    z, z_adv, y = torch.tensor([[3.0, 0], [0, 3], [3, 0]]), torch.tensor([[1.0, 0], [3, 0], [0, 3]]), torch.zeros(3)
+    robust, margin = losses.worst_of(z, z_adv, y.long())
+    assert robust.tolist() == [True, False, False] and margin.tolist() == [1.0, -3.0, -3.0]
+
+
+def test_an_empty_shard_gives_empty_logits() -> None:
+    x, y = torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    z, z_adv = losses.pgd_logits(tiny().eval(), x, y, 8 / 255, 2 / 255, 2)
+    assert z.shape == z_adv.shape == (0, 10) and losses.pgd_margins(tiny(), x.float(), y, 8 / 255).shape == (0,)
+    with pytest.raises(ValueError, match="no points"):
+        losses.pgd_accuracy(tiny(), x, y, 8 / 255, 2 / 255, 2, seed=0)
+
+
+SHARDS = """
+import sys, torch, torch.distributed as dist
+import losses, test_losses
+dist.init_process_group("gloo")
+x, y = test_losses.data(b=int(sys.argv[1]))
+print(losses.pgd_accuracy(test_losses.tiny(), x, y, 8 / 255, 2 / 255, 2, seed=0))
+"""
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="gloo")
+def test_more_processes_than_points(tmp_path: Path) -> None:
+    """3 processes, 2 points: the third rank has no points and still joins the sum (it used to fail, and the
+    others to wait for it); every rank reports the one-process figures."""
+    (tmp_path / "shards.py").write_text(SHARDS)
+    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "shards.py", "2"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    x, y = data(b=2)
+    expected = str(losses.pgd_accuracy(tiny(), x, y, 8 / 255, 2 / 255, 2, seed=0))
+    assert run.stdout.split("\n")[:3] == [expected] * 3
+
+
+def test_precision_follows_the_backend_flags(monkeypatch) -> None:
+    """fp32 on the CPU and before Ampere; on Ampere and later what the flags say (PyTorch's default: TF32 convs)."""
+    assert losses.precision("cpu") == "fp32"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert losses.precision("cuda") == "fp32"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    b = torch.backends
+    if hasattr(b.cudnn, "conv"):  # torch >= 2.9: the fp32_precision settings, "ieee" or "tf32"
+        flags, on, off = [(b.cudnn.conv, "fp32_precision"), (b.cuda.matmul, "fp32_precision")], "tf32", "ieee"
+    else:
+        flags, on, off = [(b.cudnn, "allow_tf32"), (b.cuda.matmul, "allow_tf32")], True, False
+    before = [getattr(m, k) for m, k in flags]
+    try:
+        for (conv, matmul), expected in [
+            ((on, off), "tf32 convolutions"),
+            ((off, off), "fp32"),
+            ((off, on), "tf32 matmuls"),
+            ((on, on), "tf32"),
+        ]:
+            for (m, k), v in zip(flags, (conv, matmul)):
+                setattr(m, k, v)
+            assert losses.precision("cuda:0") == expected
+    finally:
+        for (m, k), v in zip(flags, before):
+            setattr(m, k, v)
+
+
 # ---- a few training steps of every loss through train.main ----
 
 
@@ -411,3 +503,5 @@ def test_trains_without_nan_and_writes_checkpoints(
     (result,) = tmp_path.glob("best.apgd-ce-*.json")
     res = json.loads(result.read_text())
     assert 0 <= res["robust_acc"] <= res["clean_acc"] and res["settings"]["loss"] == name
+    precision = losses.precision(device)  # recorded by the test report and by attack.py: "fp32" on the CPU
+    assert log[-1]["final"]["best"]["precision"] == res["settings"]["precision"] == precision

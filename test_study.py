@@ -1,4 +1,5 @@
-"""results/study.py: run naming, the lr schedule it passes, and the table it publishes (fake run folders)."""
+"""results/study.py and late.py: run naming, the lr schedule, the tables they publish (fake run folders) and
+that the committed tables are what the committed files give."""
 
 import json
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "results"))
+import late  # noqa: E402
 import study  # noqa: E402
 
 
@@ -14,19 +16,26 @@ def args(*argv: str):
     return study.get_args(list(argv))
 
 
-def fake_run(root: Path, run: str, clean: float, pgd: float, aa: float, extra: float | None = None) -> None:
+def fake_run(
+    root: Path, run: str, clean: float, pgd: float, aa: float, extra: float | None = None, new: bool = False
+) -> None:
+    """A run's files; `new`: written since robust points must be classified correctly clean too (with precision)."""
     out = root / run
     out.mkdir(parents=True)
     epochs = [{"epoch": e, "time": 1800.0} for e in (1, 2)]
-    final = {"final": {"best": {"epoch": 2, "test_clean": clean, "test_pgd": pgd}}}
+    since = {"precision": "fp32"} if new else {}
+    final = {"final": {"best": {"epoch": 2, "test_clean": clean, "test_pgd": pgd, **since}}}
     (out / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [*epochs, final]))
     for mode, acc in [("apgd-ce", aa), ("apgd-ce+apgd-t", extra)]:
         if acc is not None:
             (out / f"best.{mode}-Linf-eps8-n1017-seed0.json").write_text(
                 json.dumps({"robust_acc": acc, "settings": {"n": 1017, "mode": mode}})
             )
+    k = round(100 * pgd)  # 100 points: k robust, then one misclassified clean with a positive PGD-20 margin
+    margins, clean = [0.5] * k + [0.3, -0.05] + [-1.0] * (98 - k), [1] * k + [0] + [1] * (99 - k)
+    settings = {"loss": run.split("-s")[0], "checkpoint": str(out / "best.pt"), **since}
     (out / "best.margins-Linf-eps8-n1017-seed0.json").write_text(
-        json.dumps({"mean_margin_smallest30": -1.0, "mean_margin": -0.5, "margins": [-1.0, -0.05, 0.3, 0.5]})
+        json.dumps({"margins": margins, "clean": clean, "settings": settings})
     )
 
 
@@ -57,5 +66,36 @@ def test_table_means_over_seeds_gap_and_sweep_order(tmp_path: Path) -> None:
     assert rows[0][3].startswith("41.0 ± 1.4 (se 1.5)")  # mean, std over seeds, binomial se of one run
     assert rows[0][6] == "27.0 (se 1.4) (1 of 2 seeds)"  # the extra attack list, run on ce-s0 only
     assert rows[0][7] == "2.5"  # PGD-20 minus the worst attack: (0.30 - 0.27 + 0.32 - 0.30) / 2
-    assert rows[0][10:12] == ["0.40", "25%"]  # mean margin of the points PGD-20 left robust; share near zero
     assert rows[1][6:8] == ["-", "1.0"] and rows[0][-1] == "2.00 |"  # train hours summed over seeds
+
+
+def test_table_counts_a_point_robust_only_if_it_is_also_correct_clean(tmp_path: Path) -> None:
+    """A margins file of before that rule: its misclassified-clean point with a positive PGD-20 margin (0.3) is not
+    robust (PGD-20 30%, not 31%) and enters with margin 0; the table says which of its figures are bounds."""
+    a = args("--losses", "ce", "--seeds", "0", "--ratios", "", "--extra-on", "")
+    fake_run(tmp_path, "ce-s0", 0.40, 0.30, 0.28)
+    text = study.table(tmp_path, a)
+    row = [line.split(" | ") for line in text.splitlines() if line.startswith("| ce")][0]
+    assert row[4].startswith("30.0 ") and row[7] == "2.0"  # PGD-20, and PGD-20 minus the worst attack
+    assert row[8:12] == ["-1.00", "-0.53", "0.50", "2%"]  # 30% smallest, mean, robust points' (0.5 only), near 0
+    assert study.OLD_MARGINS in text
+    fake_run(tmp_path / "new", "ce-s0", 0.40, 0.30, 0.28, new=True)
+    assert study.OLD_MARGINS not in study.table(tmp_path / "new", a)
+
+
+def test_table_flag_only_tabulates(tmp_path: Path, monkeypatch) -> None:
+    fake_run(tmp_path / "t", "ce-s0", 0.40, 0.30, 0.28)
+    monkeypatch.setattr(study, "HERE", tmp_path)
+    monkeypatch.setattr(study, "SUBSET", tmp_path / "missing.npz")  # a study run would stop here
+    monkeypatch.setattr(study, "sh", lambda *a, **k: pytest.fail("--table ran a command"))
+    flags = ["--table", "--tag", "t", "--losses", "ce", "--seeds", "0", "--ratios", "", "--extra-on", ""]
+    monkeypatch.setattr(sys, "argv", ["study.py", *flags])
+    study.main()
+    assert (tmp_path / "t" / "table.md").read_text() == study.table(tmp_path / "t", args(*flags))
+    assert (tmp_path / "t" / "margins.png").exists()
+
+
+def test_committed_tables_are_what_the_committed_files_give() -> None:
+    """python results/study.py --table and python results/late.py --table re-write the tables unchanged."""
+    assert study.table(study.HERE / "e5", args()) == (study.HERE / "e5" / "table.md").read_text()
+    assert late.table() == (late.ROOT / "table.md").read_text()

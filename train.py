@@ -187,7 +187,7 @@ def train_step(
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, bs: int = 500) -> tuple[float, float]:
-    """Clean and PGD-<--eval-steps> accuracy in fp32 (as attack.py), seeded from --seed, summed over ranks."""
+    """Clean and PGD-<--eval-steps> accuracy as attack.py computes (losses.precision), seeded, summed over ranks."""
     return losses.pgd_accuracy(model, x, y, args.eps / 255, args.step / 255, args.eval_steps, args.seed, bs)
 
 
@@ -401,7 +401,7 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
             )
             + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr "
             f"{args.lr} (x0.1 after epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, "
-            f"device {device}, bf16 training {amp}, fp32 evaluation",
+            f"device {device}, bf16 training {amp}, {losses.precision(device)} evaluation",
             *notes,
         ]
     )
@@ -456,7 +456,8 @@ def final_report(args, model, atk, d: dict, log, rank: int) -> dict:
         state = models.read(os.path.join(args.out, f"{name}.pt"))
         model.load_state_dict(state["model"])
         clean, rob = evaluate(atk, d["x_test"], d["y_test"], args)
-        out[name] = dict(epoch=state["epoch"], test_clean=clean, test_pgd=rob)
+        precision = losses.precision(next(atk.parameters()).device)  # the flags as evaluate() ran
+        out[name] = dict(epoch=state["epoch"], test_clean=clean, test_pgd=rob, precision=precision)
         log(f"test {name}.pt (epoch {state['epoch']}): clean {clean:.2%} pgd{args.eval_steps} {rob:.2%}")
     if rank == 0:
         runlog.append(args.out, {"final": out})

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from study import STUDY_RATIO, sh  # noqa: E402  (one runner and one pinned ratio for the CPU studies)
+from study import STUDY_RATIO, sh, worst  # noqa: E402  (one runner, one pinned ratio, one margin count)
 
 import attack  # noqa: E402
 import cli  # noqa: E402
@@ -150,11 +150,11 @@ def evaluate(ckpt: Path) -> None:
 
 def margins(ckpt: Path) -> None:
     """PGD-20 margins (losses.pgd_margins, as attack.py --margins: eval mode, step eps/4) of the training points
-    train.py used, and of the test points; with the training points' PGD-10 accuracy (the training attack). Written
-    beside the checkpoint."""
+    train.py used, and of the test points; with the training points' PGD-10 accuracy (the training attack), both
+    counted as losses.worst_of counts, and the precision they ran in. Written beside the checkpoint."""
     import torch
 
-    from losses import pgd_logits, pgd_margins
+    from losses import pgd_logits, pgd_margins, precision, worst_of
 
     torch.manual_seed(0)
     c = models.read(str(ckpt))
@@ -167,8 +167,8 @@ def margins(ckpt: Path) -> None:
         m = pgd_margins(model, x.float() / 255, y, c["eps"] / 255)
         out[part] = [round(v, 5) for v in m.tolist()]
     x, y = data["x_train"][tr], data["y_train"][tr]  # the training attack: PGD-10, eval-mode BN
-    z_adv = pgd_logits(model, x, y, c["eps"] / 255, 2 / 255, 10)[1]
-    out["train_pgd10_acc"] = int((z_adv.argmax(1) == y).sum()) / len(x)
+    out["train_pgd10_acc"] = int(worst_of(*pgd_logits(model, x, y, c["eps"] / 255, 2 / 255, 10), y)[0].sum()) / len(x)
+    out["precision"] = precision("cpu")
     models.write_json(out, str(margins_result(ckpt)))
 
 
@@ -254,9 +254,18 @@ def run_all() -> None:
 # ---- tables and figures ----
 
 
+def margins_of(ckpt: Path, part: str) -> list[float]:
+    """A checkpoint's margins of the "train" or "test" points as losses.worst_of counts them: the test points'
+    through the clean flags of the checkpoint's AutoAttack JSON where it has one (study.worst), the training
+    points' as written (no file holds their clean flags)."""
+    m = json.loads(margins_result(ckpt).read_text())[part]
+    aa = aa_result(ckpt)
+    return worst(m, json.loads(aa.read_text())["clean"]) if part == "test" and aa.exists() else m
+
+
 def important_mask(part: str) -> list[bool]:
     """The 30% of points with the smallest margin under the starting checkpoint (ties: lower index first)."""
-    m = json.loads(margins_result(ROOT / "start" / "last.pt").read_text())[part]
+    m = margins_of(ROOT / "start" / "last.pt", part)
     chosen = set(sorted(range(len(m)), key=lambda i: m[i])[: round(0.3 * len(m))])
     return [i in chosen for i in range(len(m))]
 
@@ -272,6 +281,8 @@ def metrics(ckpt: Path) -> dict | None:
     aa, mg = json.loads(aa_result(ckpt).read_text()), json.loads(margins_result(ckpt).read_text())
     final = runlog.final(str(ckpt.parent))[ckpt.stem]
     out = dict(
+        old_pgd="precision" not in final,  # test reports since the worst_of count record their precision
+        old_margins="precision" not in mg,
         epoch=final["epoch"],
         clean=aa["clean_acc"],
         pgd20=final["test_pgd"],
@@ -280,9 +291,9 @@ def metrics(ckpt: Path) -> dict | None:
         train_pgd20=mean([v > 0 for v in mg["train"]]),
     )
     for part in ("train", "test"):
-        imp = important_mask(part)
-        out[f"{part}_imp"] = mean([v for v, i in zip(mg[part], imp) if i])
-        out[f"{part}_rest"] = mean([v for v, i in zip(mg[part], imp) if not i])
+        imp, m = important_mask(part), margins_of(ckpt, part)
+        out[f"{part}_imp"] = mean([v for v, i in zip(m, imp) if i])
+        out[f"{part}_rest"] = mean([v for v, i in zip(m, imp) if not i])
     std = aa_result(ckpt, "standard", N_STANDARD)
     if std.exists():
         out["standard"] = json.loads(std.read_text())["robust_acc"]
@@ -336,9 +347,10 @@ def fmt(vals: list[float], scale: float) -> str:
     return f"{m:.{digits}f}" + (f" ± {statistics.stdev(vals) * scale:.{digits}f}" if len(vals) > 1 else "")
 
 
-def tables() -> None:
+def table() -> str | None:
+    """The text of late/table.md, None before the start's margins exist."""
     if not margins_result(ROOT / "start" / "last.pt").exists():
-        return
+        return None
     rows = [(loss, s, None, False) for loss in MAIN for s in SEEDS] + EXTRA
     found = {}
     for r in rows:
@@ -393,11 +405,34 @@ def tables() -> None:
                 cells = [fmt([x[k] - y[k] for x, y in pairs], sc) for k, _, sc in COLS]
                 lines.append(f"| {label(a)} - {label(b)} | {len(pairs)} | " + " | ".join(cells) + " |")
         lines.append("")
-    (ROOT / "table.md").write_text("\n".join(lines))
-    histograms(found)
+    every = found.values()
+    lines += [OLD_PGD, ""] * any(m["old_pgd"] for m in every) + [OLD_MARGINS, ""] * any(m["old_margins"] for m in every)
+    return "\n".join(lines)
 
 
-def histograms(found: dict) -> None:
+# what the table says of files written before a robust point had to be classified correctly clean too (worst_of)
+OLD_PGD = (
+    "PGD-20 % is train.py's test report. Reports written before a robust point also had to be classified correctly "
+    "clean counted it robust when PGD-20 left it correct, and hold no per-point data to recount: there PGD-20 % and "
+    "PGD-20 minus APGD-CE+T are upper bounds (see results/README.md)."
+)
+OLD_MARGINS = (
+    "Margins are per point the smaller of the clean and the PGD-20 margin. Margins files written before that rule "
+    "hold the PGD-20 margin alone: a test point misclassified clean (the AutoAttack file's flag) enters with "
+    "min(PGD-20 margin, 0), an upper bound; training margins and train PGD-20 % are upper bounds there (no file "
+    "holds the training points' clean flags)."
+)
+
+
+def tables() -> None:
+    """late/table.md and late/margins.png from the files under late/."""
+    text = table()
+    if text is not None:
+        (ROOT / "table.md").write_text(text)
+        histograms()
+
+
+def histograms() -> None:
     """The paper's histograms: margins of the important points and of the rest, ce vs mail vs gairat vs sovr."""
     import matplotlib
 
@@ -413,7 +448,7 @@ def histograms(found: dict) -> None:
                 ckpt = ROOT / "start" / "last.pt" if loss == "start" else ROOT / name(loss, 0, None) / "last.pt"
                 if not margins_result(ckpt).exists():
                     continue
-                m = [v for v, i in zip(json.loads(margins_result(ckpt).read_text())[part], imp) if i == sel]
+                m = [v for v, i in zip(margins_of(ckpt, part), imp) if i == sel]
                 ax.hist(
                     m,
                     bins=60,
