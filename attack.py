@@ -225,7 +225,9 @@ def check(path: str, args) -> tuple[str, dict | None]:
     if os.path.exists(e["out"]):
         with open(e["out"]) as f:
             res = json.load(f)
+        # beside its checkpoint, a result is that checkpoint's wherever the folder has moved; in --out, it may not be
         differ = [k for k, v in e["settings"].items() if res.get("settings", {}).get(k) != v]
+        differ = [k for k in differ if k != "checkpoint" or args.out]
         if differ:
             raise ValueError(f"{e['out']} holds the result of other settings ({', '.join(differ)}): move it away")
         return e["out"], res

@@ -155,10 +155,16 @@ def test_a_finished_evaluation_prints_its_result_and_runs_nothing(ckpt: Path, ca
     run(*flags)
     out = capsys.readouterr().out
     assert out == f"{result} is finished (move it away to evaluate again)\n{line}\n" and result.read_text() == before
-    # a result of another checkpoint in that place is neither taken for this one's nor replaced
+    # beside the checkpoint, a result written before its folder was moved is still this checkpoint's
     moved = json.loads(before)
-    result.write_text(json.dumps({**moved, "settings": {**moved["settings"], "checkpoint": "/elsewhere/last.pt"}}))
-    expect_error(capsys, flags, f"{result} holds the result of other settings (checkpoint): move it away")
+    result.write_text(json.dumps({**moved, "settings": {**moved["settings"], "checkpoint": "/elsewhere/best.pt"}}))
+    run(*flags)
+    assert capsys.readouterr().out.startswith(f"{result} is finished")
+    # in --out, another checkpoint's result of the same name is neither taken for this one's nor replaced
+    out = result.parent / "out"
+    out.mkdir()
+    (out / result.name).write_text(result.read_text())
+    expect_error(capsys, [*flags, "--out", out], f"{out / result.name} holds the result of other settings (checkpoint)")
     result.write_text(before)
 
 
