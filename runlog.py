@@ -38,21 +38,36 @@ def final(out: str) -> dict | None:
     return next((r["final"] for r in reversed(records(out)) if "final" in r), None)
 
 
+def held(out: str) -> list[str]:
+    """The files of a run that the folder `out` holds: train.py's, and attack.py's beside its checkpoints."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return sorted(
+        f for f in names if f in ("log.jsonl", "curves.png", "margins.png") or f.startswith(("best.", "last."))
+    )
+
+
 _SAID = []
 
 
-def curves(out: str) -> None:
-    """curves.png: validation clean and PGD accuracy with the best epoch marked, training adversarial accuracy
-    and loss, learning rate. Robust overfitting shows as a falling PGD curve."""
+def curves(out: str, title: str) -> None:
+    """curves.png under `title`: validation clean and PGD accuracy with the best epoch marked, training adversarial
+    accuracy and loss, learning rate. Robust overfitting shows as a falling PGD curve."""
     plt = cli.pyplot()
     if plt is None:
         if not _SAID:
             print("matplotlib is not installed: no curves.png is drawn (pip install matplotlib)", file=sys.stderr)
             _SAID.append(True)
         return
-    recs = [r for r in records(out) if "epoch" in r]
+    fig = figure(plt, [r for r in records(out) if "epoch" in r], title)
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+
+
+def figure(plt, recs: list[dict], title: str):
+    from matplotlib.ticker import MaxNLocator
+
     e, best = [r["epoch"] for r in recs], max(recs, key=lambda r: r["val_pgd"])
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.3))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.5))
     for key, name, style in (
         ("val_clean", "val clean", "-"),
         ("val_pgd", "val PGD", "-"),
@@ -60,13 +75,23 @@ def curves(out: str) -> None:
     ):
         a1.plot(e, [100 * r[key] for r in recs], label=name, linestyle=style)
     a1.axvline(best["epoch"], color="gray", linewidth=0.8)
-    a1.annotate(f"best.pt: epoch {best['epoch']}", (best["epoch"], 100 * best["val_pgd"]), fontsize=8)
+    right = best["epoch"] > (e[0] + e[-1]) / 2  # the label reads away from the nearer edge, at the panel's foot
+    a1.annotate(
+        f"best.pt: epoch {best['epoch']} ",
+        (best["epoch"], 0.03),
+        xycoords=a1.get_xaxis_transform(),
+        ha="right" if right else "left",
+        fontsize=8,
+    )
     a1.legend(fontsize=8)
     a2.plot(e, [r["train_loss"] for r in recs])
-    a3.plot(e, [r["lr"] for r in recs])
+    a3.plot(
+        [e[0] - 1] + e, [recs[0]["lr"]] + [r["lr"] for r in recs], drawstyle="steps-pre"
+    )  # epoch k's lr on (k-1, k]
     for ax, name in ((a1, "accuracy %"), (a2, "training loss"), (a3, "learning rate")):
         ax.set(xlabel="epoch", ylabel=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     a3.set_yscale("log" if min(r["lr"] for r in recs) > 0 else "linear")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
-    plt.close(fig)
+    return fig
