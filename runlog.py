@@ -1,5 +1,6 @@
-"""A run folder's log.jsonl, written by train.py (one record per epoch, then the test report) and read by it on
---resume and by the studies in results/; and curves.png, drawn from it after every epoch."""
+"""A run folder: the files it holds (a fresh run refuses a folder with any of them), its log.jsonl, written by
+train.py (one record per epoch, then the test report) and read by it on --resume and by the studies in results/;
+and curves.png, drawn from it after every epoch."""
 
 import contextlib
 import json
@@ -43,6 +44,28 @@ def held(out: str) -> list[str]:
     names = os.listdir(out) if os.path.isdir(out) else []
     return sorted(
         f for f in names if f in ("log.jsonl", "curves.png", "margins.png") or f.startswith(("best.", "last."))
+    )
+
+
+def claim(out: str, resume: bool) -> None:
+    """Refuses an --out that is a file, and a fresh run into a folder that holds a run's files: it would replace or
+    empty them (ValueError)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    files, how = ", ".join(held(out)), "continue it with --resume (or --resume auto), or choose another --out"
+    if files and not resume:
+        if "last.pt" not in held(out):
+            files, how = files + "; no last.pt to continue from", "choose another --out"
+        raise ValueError(f"{out} holds a run already ({files}): {how}")
+
+
+def kept(out: str) -> str:
+    """What an interrupted run has left, said when it is interrupted."""
+    path = os.path.join(out, "last.pt")
+    return (
+        f"{path} keeps the last finished epoch (continue with --resume)"
+        if os.path.isfile(path)
+        else "no epoch had finished: nothing was saved"
     )
 
 

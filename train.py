@@ -32,6 +32,7 @@ RESUMABLE = {"resume", "stop_after", "device", "compile", "deterministic", "data
 ONCE = {"resume", "stop_after", "out"}
 EMA_DECAY = 0.995  # DM-Improves-AT's train-wa.py: --tau default
 AUX_FRACTION = 0.7  # DM-Improves-AT's core/utils/parser.py: --unsup-fraction default
+ON_OFF = argparse.BooleanOptionalAction
 SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, batch=64, steps=2, eval_steps=2, width=8)
 
 
@@ -112,26 +113,16 @@ def run_flags(a) -> None:
         default=False,
         type=_auto,
         metavar="auto",
-        help="continue from <out>/last.pt; 'auto': continue if it exists, else start (safe to requeue)",
+        help="continue <out>/last.pt with its flags (those given must match, but --stop-after, --device, --compile, "
+        "--deterministic, --data-dir); 'auto': continue if it exists, else start (safe to requeue)",
     )
     a("--init", default=None, help="start from this checkpoint's weights, with a fresh optimizer and schedule")
     a("--stop-after", type=int, default=0, help="train at most N epochs in this invocation, then exit (0 = all)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
-    a(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bf16 autocast in training (default on for CUDA)",
-    )
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (default on)")
-    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model (default off)")
-    a(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="CUDA: only kernels that give the same bits every time, no cuDNN autotuning (slower; CPU runs are "
-        "deterministic anyway; default off)",
-    )
+    a("--amp", action=ON_OFF, default=None, help="bf16 autocast in training (default on for CUDA)")
+    a("--channels-last", action=ON_OFF, default=True, help="NHWC memory format (default on)")
+    a("--compile", action=ON_OFF, default=False, help="torch.compile the model (default off)")
+    a("--deterministic", action=ON_OFF, default=False, help="CUDA: bit-exact kernels only, no autotuning (default off)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (default off)")
     a("--smoke", action="store_true", help=f"defaults for a seconds-long CPU check: {SMOKE}")
 
@@ -260,11 +251,13 @@ def take(args, given: set[str]) -> dict:
 
 
 def _flags(values: dict, keys: list[str]) -> str:
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else "(default)" if v is None else v  # noqa: E731
-    return " ".join(
-        f"--{k.replace('_', '-')} " + (("off", "on")[v] if isinstance(v, bool) else f"{show(v)}")
-        for k, v in ((k, values.get(k)) for k in keys)
-    )
+    """The flags as a command line gives them: --milestones 100,105 --sync-bn on --width (default)."""
+    out = []
+    for k in keys:
+        v = values.get(k)
+        v = ",".join(map(str, v)) if isinstance(v, list) else ("off", "on")[v] if isinstance(v, bool) else v
+        out.append(f"--{k.replace('_', '-')} {'(default)' if v is None else v}")
+    return " ".join(out)
 
 
 def make_model(args, d: dict, device: torch.device, world: int, steps: int) -> tuple:
@@ -423,27 +416,6 @@ def title(args) -> str:
     return f"{args.out}: {losses.label(vars(args))}, {args.arch}, eps {args.eps}/255"
 
 
-def claim(args) -> None:
-    """Refuses an --out that is a file, and a fresh run into a folder that holds a run's files (its checkpoints,
-    log, curves, evaluations): a fresh run would replace or empty them."""
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file, not a folder")
-    held = runlog.held(args.out)
-    if held and not args.resume:
-        files, how = ", ".join(held), "continue it with --resume (or --resume auto), or choose another --out"
-        if "last.pt" not in held:
-            files, how = files + "; no last.pt to continue from", "choose another --out"
-        raise ValueError(f"{args.out} holds a run already ({files}): {how}")
-
-
-def kept(args) -> str:
-    """What an interrupted run leaves, said when it is interrupted."""
-    path = os.path.join(args.out, "last.pt")
-    if os.path.isfile(path):
-        return f"{path} keeps the last finished epoch (continue with --resume)"
-    return "no epoch had finished: nothing was saved"
-
-
 def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, world: int, device, amp: bool) -> str:
     """The run in a few lines: where it writes, what it starts from, what it trains, and what a combination of
     flags means that their names do not say (a schedule that never takes effect)."""
@@ -474,7 +446,7 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
 
 
 def train(args) -> dict:
-    claim(args)
+    runlog.claim(args.out, args.resume)
     device, rank, world = cli.setup(args.device, deterministic=args.deterministic)
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.batch % world:
@@ -537,9 +509,9 @@ def main(argv: list[str] | None = None) -> None:
         lambda: train(args),
         lambda: (
             f"at --batch {args.batch}: lower --batch (a new run: --resume needs the same --batch), or spread it "
-            f"over GPUs with torchrun; {kept(args)}"
+            f"over GPUs with torchrun; {runlog.kept(args.out)}"
         ),
-        lambda: kept(args),
+        lambda: runlog.kept(args.out),
     )
 
 
