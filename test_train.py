@@ -734,6 +734,19 @@ def test_cuda_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> N
 
 
 @CUDA
+def test_deterministic_cuda_runs_and_their_resume_give_the_same_bits(tmp_path: Path) -> None:
+    flags = ["--smoke", "--device", "cuda", "--deterministic", "--epochs", 2]
+    try:
+        run(*flags, "--out", tmp_path / "a")
+        run(*flags, "--out", tmp_path / "b", "--stop-after", 1)
+        run("--out", tmp_path / "b", "--resume")
+    finally:
+        torch.use_deterministic_algorithms(False)  # process-wide: the other tests run as without the flag
+    a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@CUDA
 def test_cuda_out_of_memory_is_one_clear_line_and_keeps_last_checkpoint(tmp_path: Path, capsys, cap_gpu_memory) -> None:
     flags = ["--smoke", "--device", "cuda", "--out", tmp_path]
     run(*flags, "--stop-after", 1)
