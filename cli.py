@@ -1,5 +1,6 @@
-"""What train.py, attack.py and bench.py share as command-line programs: their argument parser, the device and
-torchrun setup and gathering, one clear line for an error a user can cause, a live progress line, and matplotlib."""
+"""What train.py, attack.py and bench.py share as command-line programs: their argument parser (and which flags a
+command line gives), the device and torchrun setup and gathering, one clear line for an error a user can cause, a
+live progress line, and matplotlib."""
 
 import argparse
 import copy
@@ -24,6 +25,16 @@ def given(p: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     for action in q._actions:
         action.default = argparse.SUPPRESS
     return set(vars(q.parse_args(argv)))
+
+
+def as_flags(values: dict, keys: list[str]) -> str:
+    """values[k] for k in keys as a command line gives them: --milestones 100,105 --sync-bn on --width (default)."""
+    out = []
+    for k in keys:
+        v = values.get(k)
+        v = ",".join(map(str, v)) if isinstance(v, list) else ("off", "on")[v] if isinstance(v, bool) else v
+        out.append(f"--{k.replace('_', '-')} {'(default)' if v is None else v}")
+    return " ".join(out)
 
 
 def pick_device(name: str | None) -> torch.device:

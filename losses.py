@@ -313,8 +313,7 @@ def resolve(args, given: Collection[str] = ()) -> None:
     unread = [k for k in defaults("", 1) if k in given and k not in reads(args.loss, args.emr)]
     if unread:
         raise ValueError(
-            f"--loss {args.loss} does not read "
-            + ", ".join(f"--{k.replace('_', '-')} ({_readers(k)})" for k in unread)
+            f"--loss {args.loss} does not read " + ", ".join(f"--{k.replace('_', '-')} ({_readers(k)})" for k in unread)
         )
     for k in defaults("", 1):
         v, low = getattr(args, k), 0 if k in NONNEGATIVE else -math.inf

@@ -34,6 +34,20 @@ def trim(out: str, epochs_done: int) -> None:
     os.replace(os.path.join(out, "log.jsonl.tmp"), os.path.join(out, "log.jsonl"))
 
 
+def begin(out: str, epochs_done: int, title: str) -> None:
+    """Makes the run folder (ValueError where it cannot); on resume, trims the log to the epochs last.pt holds and
+    redraws the curves from it (a kill may have come after last.pt, before the curves)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"output directory {out} is not writable")
+    if epochs_done:
+        trim(out, epochs_done)
+        curves(out, title)
+
+
 def final(out: str) -> dict | None:
     """The test report of a finished run ({"best": ..., "last": ...}), or None."""
     return next((r["final"] for r in reversed(records(out)) if "final" in r), None)

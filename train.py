@@ -241,23 +241,13 @@ def take(args, given: set[str]) -> dict:
         )
     if diff:
         raise ValueError(
-            f"--resume: {path} was trained with {_flags(old, diff)}, not {_flags(vars(args), diff)} (leave them out "
-            "to continue it)"
+            f"--resume: {path} was trained with {cli.as_flags(old, diff)}, not {cli.as_flags(vars(args), diff)} "
+            "(leave them out to continue it)"
         )
     for k, v in old.items():
         if hasattr(args, k) and k not in given | ONCE:
             setattr(args, k, v)
     return state
-
-
-def _flags(values: dict, keys: list[str]) -> str:
-    """The flags as a command line gives them: --milestones 100,105 --sync-bn on --width (default)."""
-    out = []
-    for k in keys:
-        v = values.get(k)
-        v = ",".join(map(str, v)) if isinstance(v, list) else ("off", "on")[v] if isinstance(v, bool) else v
-        out.append(f"--{k.replace('_', '-')} {'(default)' if v is None else v}")
-    return " ".join(out)
 
 
 def make_model(args, d: dict, device: torch.device, world: int, steps: int) -> tuple:
@@ -460,15 +450,7 @@ def train(args) -> dict:
         log(f"{args.out} has finished its {args.epochs} epochs; its test results are in log.jsonl")
         return runlog.final(args.out)
     if rank == 0:
-        try:
-            os.makedirs(args.out, exist_ok=True)  # only now: a refused --init or --resume leaves no folder
-        except OSError as e:
-            raise ValueError(f"--out {args.out}: cannot create the folder: {e.strerror}") from None
-        if not os.access(args.out, os.W_OK):
-            raise ValueError(f"output directory {args.out} is not writable")
-        if start:  # the epochs last.pt lacks leave the log, and the curves (a kill may have come before them)
-            runlog.trim(args.out, start)
-            runlog.curves(args.out, title(args))
+        runlog.begin(args.out, start, title(args))  # only now: a refused --init or --resume leaves no folder
     amp = device.type == "cuda" if args.amp is None else args.amp
     log(describe(args, len(x_tr), len(x_val), aux, start, world, device, amp))
     net, atk = wrap(model, args, world)
