@@ -541,7 +541,8 @@ def test_a_fresh_run_never_replaces_another_runs_files(tmp_path: Path, capsys, f
 
 
 def test_resume_takes_every_flag_not_given_from_last_pt(tmp_path: Path, capsys) -> None:
-    run(*SMOKE, "--loss", "trades", "--beta", 2, "--batch", 32, "--epochs", 3, "--stop-after", 1, "--out", tmp_path)
+    flags = ["--loss", "trades", "--beta", 2, "--batch", 32, "--train-limit", 64, "--epochs", 3, "--stop-after", 1]
+    run(*SMOKE, *flags, "--out", tmp_path)
     args = train.get_args(["--out", str(tmp_path), "--resume"])
     assert (args.loss, args.beta, args.batch, args.epochs, args.dataset, args.smoke) == (
         "trades",
