@@ -66,21 +66,21 @@ def claim(out: str, resume: bool) -> None:
     empty them (ValueError)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a folder")
-    files, how = ", ".join(held(out)), "continue it with --resume (or --resume auto), or choose another --out"
+    files = held(out)
     if files and not resume:
-        if "last.pt" not in held(out):
-            files, how = files + "; no last.pt to continue from", "choose another --out"
-        raise ValueError(f"{out} holds a run already ({files}): {how}")
+        how = "continue it with --resume (or --resume auto), or choose another --out"
+        if "last.pt" not in files:
+            how = "choose another --out"
+            files[-1] += "; no last.pt to continue from"
+        raise ValueError(f"{out} holds a run already ({', '.join(files)}): {how}")
 
 
 def kept(out: str) -> str:
     """What an interrupted run has left, said when it is interrupted."""
     path = os.path.join(out, "last.pt")
-    return (
-        f"{path} keeps the last finished epoch (continue with --resume)"
-        if os.path.isfile(path)
-        else "no epoch had finished: nothing was saved"
-    )
+    if os.path.isfile(path):
+        return f"{path} keeps the last finished epoch (continue with --resume)"
+    return "no epoch had finished: nothing was saved"
 
 
 _SAID = []
@@ -101,6 +101,7 @@ def curves(out: str, title: str) -> None:
 
 
 def figure(plt, recs: list[dict], title: str):
+    """curves.png's figure of the epochs' records: whole epochs on every axis, the lr as the steps it takes."""
     from matplotlib.ticker import MaxNLocator
 
     e, best = [r["epoch"] for r in recs], max(recs, key=lambda r: r["val_pgd"])
@@ -114,21 +115,22 @@ def figure(plt, recs: list[dict], title: str):
     a1.axvline(best["epoch"], color="gray", linewidth=0.8)
     right = best["epoch"] > (e[0] + e[-1]) / 2  # the label reads away from the nearer edge, at the panel's foot
     a1.annotate(
-        f"best.pt: epoch {best['epoch']} ",
+        f"best.pt: epoch {best['epoch']}",
         (best["epoch"], 0.03),
         xycoords=a1.get_xaxis_transform(),
+        xytext=(-3 if right else 3, 0),
+        textcoords="offset points",
         ha="right" if right else "left",
         fontsize=8,
     )
     a1.legend(fontsize=8)
     a2.plot(e, [r["train_loss"] for r in recs])
-    a3.plot(
-        [e[0] - 1] + e, [recs[0]["lr"]] + [r["lr"] for r in recs], drawstyle="steps-pre"
-    )  # epoch k's lr on (k-1, k]
+    lr = [r["lr"] for r in recs]
+    a3.plot([e[0] - 1] + e, lr[:1] + lr, drawstyle="steps-pre")  # epoch k's lr holds on (k - 1, k]
     for ax, name in ((a1, "accuracy %"), (a2, "training loss"), (a3, "learning rate")):
         ax.set(xlabel="epoch", ylabel=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    a3.set_yscale("log" if min(r["lr"] for r in recs) > 0 else "linear")
+    a3.set_yscale("log" if min(lr) > 0 else "linear")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
