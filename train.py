@@ -122,7 +122,7 @@ def run_flags(a) -> None:
     a("--amp", action=ON_OFF, default=None, help="bf16 autocast in training (default on for CUDA)")
     a("--channels-last", action=ON_OFF, default=True, help="NHWC memory format (default on)")
     a("--compile", action=ON_OFF, default=False, help="torch.compile the model (default off)")
-    a("--deterministic", action=ON_OFF, default=False, help="CUDA: bit-exact kernels only, no autotuning (default off)")
+    a("--deterministic", action=ON_OFF, default=False, help="deterministic CUDA kernels: bit for bit (default off)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (default off)")
     a("--smoke", action="store_true", help=f"defaults for a seconds-long CPU check: {SMOKE}")
 
