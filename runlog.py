@@ -26,17 +26,16 @@ def append(out: str, rec: dict) -> None:
 
 
 def trim(out: str, epochs_done: int) -> None:
-    """Keeps the records of the epochs last.pt holds: none for a fresh run, and on resume not the one a killed run
-    may have logged after its last checkpoint."""
+    """Keeps the records of the epochs last.pt holds (a run that logged before it wrote last.pt may have logged an
+    epoch more)."""
     keep = [json.dumps(r) + "\n" for r in records(out) if r.get("epoch", epochs_done + 1) <= epochs_done]
     with open(os.path.join(out, "log.jsonl.tmp"), "w") as f:
         f.writelines(keep)
     os.replace(os.path.join(out, "log.jsonl.tmp"), os.path.join(out, "log.jsonl"))
 
 
-def begin(out: str, epochs_done: int, title: str) -> None:
-    """Makes the run folder (ValueError where it cannot); on resume, trims the log to the epochs last.pt holds and
-    redraws the curves from it (a kill may have come after last.pt, before the curves)."""
+def begin(out: str, epochs_done: int) -> None:
+    """Makes the run folder (ValueError where it cannot); on resume, trims the log to the epochs last.pt holds."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -45,7 +44,6 @@ def begin(out: str, epochs_done: int, title: str) -> None:
         raise ValueError(f"output directory {out} is not writable")
     if epochs_done:
         trim(out, epochs_done)
-        curves(out, title)
 
 
 def final(out: str) -> dict | None:

@@ -591,6 +591,34 @@ def test_ctrl_c_says_what_was_saved(tmp_path: Path, capsys, monkeypatch, resumed
         assert (tmp_path / "curves.png").exists()
 
 
+@pytest.mark.parametrize("cut", ["last.pt", "best.pt", "log", "curves"])
+def test_resume_auto_redoes_what_a_kill_cut_from_the_end_of_an_epoch(tmp_path: Path, monkeypatch, cut: str) -> None:
+    """A run stopped at any write of its first epoch's end, then restarted with the same --resume auto command,
+    leaves what an uninterrupted run does: last.pt is written first, and a resume writes best.pt, the log record
+    and the curves from it (a refusal of the folder, or a missing best.pt or record, would not)."""
+    flags = [*SMOKE, "--epochs", 1, "--train-limit", 64, "--resume", "auto"]
+    run(*flags, "--out", tmp_path / "a")
+
+    def killed(fn, hit):
+        return lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if hit(*a) else fn(*a)
+
+    if cut in ("last.pt", "best.pt"):
+        monkeypatch.setattr(models, "save", killed(models.save, lambda obj, path: path.endswith(cut)))
+    else:
+        name = {"log": "append", "curves": "curves"}[cut]
+        monkeypatch.setattr(runlog, name, killed(getattr(runlog, name), lambda *a: True))
+    with pytest.raises(SystemExit):
+        run(*flags, "--out", tmp_path / "b")
+    monkeypatch.undo()
+    run(*flags, "--out", tmp_path / "b")
+    for name in ("best.pt", "last.pt"):
+        a, b = load(tmp_path / "a" / name), load(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and a["epoch"] == b["epoch"] == 1
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b = runlog.records(str(tmp_path / "a")), runlog.records(str(tmp_path / "b"))
+    assert [r.get("val_pgd") for r in a] == [r.get("val_pgd") for r in b] and a[-1] == b[-1]  # the test report
+
+
 def test_deterministic_mode_is_set_before_cuda_and_kept_on_resume(tmp_path: Path, monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, **kw: calls.append((on, kw)))

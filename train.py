@@ -30,6 +30,7 @@ from losses import OBJECTIVES
 # given from last.pt, except those of one invocation.
 RESUMABLE = {"resume", "stop_after", "device", "compile", "deterministic", "data_dir", "out", "smoke"}
 ONCE = {"resume", "stop_after", "out"}
+LAST_ONLY = ("optimizer", "best", "improved", "scheduler", "unaveraged")  # last.pt's keys that best.pt lacks
 EMA_DECAY = 0.995  # DM-Improves-AT's train-wa.py: --tau default
 AUX_FRACTION = 0.7  # DM-Improves-AT's core/utils/parser.py: --unsup-fraction default
 ON_OFF = argparse.BooleanOptionalAction
@@ -250,10 +251,9 @@ def take(args, given: set[str]) -> dict:
     return state
 
 
-def make_model(args, d: dict, device: torch.device, world: int, steps: int) -> tuple:
+def make_model(args, d: dict, device: torch.device, world: int, steps: int, state: dict | None) -> tuple:
     """Model, weight average (None without --ema), optimizer, scheduler, first epoch and best validation score:
-    fresh, from --init, or resumed (`steps` per epoch)."""
-    state = models.read(os.path.join(args.out, "last.pt"), "--resume") if args.resume else None  # checked: take()
+    fresh, from --init, or resumed from last.pt's `state` (`steps` per epoch)."""
     init = models.read(args.init, "--init") if args.init and not args.resume else None
     if init and (init["arch"], init["num_classes"]) != (args.arch, d["num_classes"]):
         raise ValueError(
@@ -376,30 +376,35 @@ def validate(
 
 
 def end_epoch(model, ema: models.EMA | None, opt, sched, args, d: dict, rec: dict, best: float) -> float:
-    """Rank 0's bookkeeping: the epoch's line, best.pt if validation PGD improved, last.pt, log.jsonl and
-    curves.png. "model" is the evaluated model (the average with --ema); last.pt also keeps the trained weights."""
+    """Rank 0's bookkeeping: the epoch's line, last.pt, then from it best.pt if validation PGD improved, log.jsonl
+    and curves.png. "model" is the evaluated model (the average with --ema); last.pt also keeps the trained weights."""
     print(
         f"epoch {rec['epoch']:3d}/{args.epochs} lr {rec['lr']:.4f} {rec['time']:6.1f}s eta "
         f"{rec['time'] * (args.epochs - rec['epoch']) / 60:6.1f}m | train loss {rec['train_loss']:.4f} adv "
         f"{rec['train_adv_acc']:6.2%} | val clean {rec['val_clean']:6.2%} pgd{args.eval_steps} {rec['val_pgd']:6.2%}"
     )
-    judged = ema.model if ema else model
-    if rec["val_pgd"] > best:
-        best = rec["val_pgd"]
-        models.save(checkpoint(judged, args, d, rec["epoch"], rec), os.path.join(args.out, "best.pt"))
-    runlog.append(args.out, rec)  # before last.pt: a restart trims what last.pt lacks
-    models.save(
-        {
-            **checkpoint(judged, args, d, rec["epoch"], rec),
-            "optimizer": opt.state_dict(),
-            "best": best,
-            "scheduler": sched.state_dict(),
-            **({"unaveraged": model.state_dict()} if ema else {}),
-        },
-        os.path.join(args.out, "last.pt"),
-    )
+    last = {
+        **checkpoint(ema.model if ema else model, args, d, rec["epoch"], rec),
+        "optimizer": opt.state_dict(),
+        "best": max(best, rec["val_pgd"]),
+        "improved": rec["val_pgd"] > best,
+        "scheduler": sched.state_dict(),
+        **({"unaveraged": model.state_dict()} if ema else {}),
+    }
+    models.save(last, os.path.join(args.out, "last.pt"))  # first: a resume redoes the rest from it
+    finish(args, last)
+    return last["best"]
+
+
+def finish(args, last: dict, redo: bool = False) -> None:
+    """What follows last.pt at the end of an epoch, from last.pt alone: best.pt if the epoch improved on it, the
+    epoch's log record, the curves. A resume redoes what a kill left undone (`redo`)."""
+    path = os.path.join(args.out, "best.pt")
+    if last.get("improved") and not (redo and os.path.isfile(path) and models.read(path)["epoch"] == last["epoch"]):
+        models.save({k: v for k, v in last.items() if k not in LAST_ONLY}, path)
+    if not (redo and any(r.get("epoch") == last["epoch"] for r in runlog.records(args.out))):
+        runlog.append(args.out, last["metrics"])
     runlog.curves(args.out, title(args))
-    return best
 
 
 def title(args) -> str:
@@ -445,12 +450,15 @@ def train(args) -> dict:
     d = data.load_data(args.dataset, args.data_dir)  # under torchrun, rank 0 downloads first
     (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
     aux = data.load_aux(args.aux_data, d, device) if args.aux_data else None  # validation stays on real images
-    model, ema, opt, sched, start, best = make_model(args, d, device, world, len(x_tr) // args.batch)
+    state = models.read(os.path.join(args.out, "last.pt"), "--resume") if args.resume else None  # checked: take()
+    model, ema, opt, sched, start, best = make_model(args, d, device, world, len(x_tr) // args.batch, state)
     if start >= args.epochs and runlog.final(args.out):
         log(f"{args.out} has finished its {args.epochs} epochs; its test results are in log.jsonl")
         return runlog.final(args.out)
     if rank == 0:
-        runlog.begin(args.out, start, title(args))  # only now: a refused --init or --resume leaves no folder
+        runlog.begin(args.out, start)  # only now: a refused --init or --resume leaves no folder
+        if state:
+            finish(args, state, redo=True)
     amp = device.type == "cuda" if args.amp is None else args.amp
     log(describe(args, len(x_tr), len(x_val), aux, start, world, device, amp))
     net, atk = wrap(model, args, world)
