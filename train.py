@@ -459,6 +459,7 @@ def train(args) -> dict:
         runlog.begin(args.out, start)  # only now: a refused --init or --resume leaves no folder
         if state:
             finish(args, state, redo=True)
+    del state  # its tensors, a copy of the model and optimizer, are not kept through the run
     amp = device.type == "cuda" if args.amp is None else args.amp
     log(describe(args, len(x_tr), len(x_val), aux, start, world, device, amp))
     net, atk = wrap(model, args, world)
