@@ -52,8 +52,9 @@ def final(out: str) -> dict | None:
 
 
 def held(out: str) -> list[str]:
-    """The files of a run that the folder `out` holds: train.py's, and attack.py's beside its checkpoints."""
-    names = os.listdir(out) if os.path.isdir(out) else []
+    """The files of a run that the folder `out` holds: train.py's, and attack.py's beside its checkpoints; not a
+    .tmp that a killed write left (the next write replaces it)."""
+    names = [f for f in (os.listdir(out) if os.path.isdir(out) else []) if not f.endswith(".tmp")]
     return sorted(
         f for f in names if f in ("log.jsonl", "curves.png", "margins.png") or f.startswith(("best.", "last."))
     )

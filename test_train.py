@@ -538,6 +538,9 @@ def test_a_fresh_run_never_replaces_another_runs_files(tmp_path: Path, capsys, f
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
     assert all((tmp_path / name).read_text() == '{"final": {}}\n' for name in files)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "last.pt.tmp").write_text("")  # a write cut short: the run's next write replaces it
+    assert runlog.held(str(tmp_path / "killed")) == []
 
 
 def test_resume_takes_every_flag_not_given_from_last_pt(tmp_path: Path, capsys) -> None:
