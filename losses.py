@@ -310,8 +310,7 @@ def resolve(args, given: Collection[str] = ()) -> None:
     for a flag in `given` (set on the command line) that the run's objective does not read: it would do nothing."""
     for k, v in defaults(args.loss, args.epochs).items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    unread = [k for k in defaults("", 1) if k in given and k not in reads(args.loss, args.emr)]
-    if unread:
+    if unread := [k for k in defaults("", 1) if k in given and k not in reads(args.loss, args.emr)]:
         raise ValueError(
             f"--loss {args.loss} does not read " + ", ".join(f"--{k.replace('_', '-')} ({_readers(k)})" for k in unread)
         )
@@ -328,11 +327,8 @@ def reads(loss: str, emr: float) -> tuple[str, ...]:
 
 
 def _readers(k: str) -> str:
-    return (
-        "read with --emr > 0"
-        if k in ("emr_temp", "emr_decay")
-        else "read by " + ", ".join(loss for loss, ks in READS.items() if k in ks)
-    )
+    by = [loss for loss, ks in READS.items() if k in ks]  # none: one of EMR's
+    return "read by " + ", ".join(by) if by else "read with --emr > 0"
 
 
 READS = {
