@@ -1,8 +1,11 @@
-"""What train.py, attack.py and bench.py share as command-line programs: their argument parser, the device and
-torchrun setup and gathering, one clear line for an error a user can cause, a live progress line, and matplotlib."""
+"""What train.py, attack.py and bench.py share as command-line programs: their argument parser (and which flags a
+command line gives), the device and torchrun setup and gathering, one clear line for an error a user can cause, a
+live progress line, and matplotlib."""
 
 import argparse
+import copy
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -12,6 +15,26 @@ import torch.distributed as dist
 
 def parser(doc: str, **kw) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
+def given(p: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the flags that argv sets itself: a second parse in which no flag has a default (set_defaults
+    included), so that a default, however it was set, never counts as given."""
+    q = copy.deepcopy(p)
+    q._defaults = {}
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(q.parse_args(argv)))
+
+
+def as_flags(values: dict, keys: list[str]) -> str:
+    """values[k] for k in keys as a command line gives them: --milestones 100,105 --sync-bn on --width (default)."""
+    out = []
+    for k in keys:
+        v = values.get(k)
+        v = ",".join(map(str, v)) if isinstance(v, list) else ("off", "on")[v] if isinstance(v, bool) else v
+        out.append(f"--{k.replace('_', '-')} {'(default)' if v is None else v}")
+    return " ".join(out)
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -25,9 +48,13 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def setup(name: str | None, benchmark: bool = True) -> tuple[torch.device, int, int]:
+def setup(name: str | None, benchmark: bool = True, deterministic: bool = False) -> tuple[torch.device, int, int]:
     """Device, rank and process count: one process, or under torchrun one per GPU (gloo processes on the CPU).
-    With `benchmark`, cuDNN times its kernels once for the fixed shapes of training."""
+    With `benchmark`, cuDNN times its kernels once for the fixed shapes of training; `deterministic` instead
+    allows only kernels that give the same bits every time (an op without one raises)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA starts cuBLAS: not yet here
+        torch.use_deterministic_algorithms(True)
     if "RANK" in os.environ:
         cuda = torch.cuda.is_available() and name != "cpu"
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -36,7 +63,7 @@ def setup(name: str | None, benchmark: bool = True) -> tuple[torch.device, int, 
             torch.cuda.set_device(device)
     else:
         device = pick_device(name)
-    torch.backends.cudnn.benchmark = benchmark and device.type == "cuda"
+    torch.backends.cudnn.benchmark = benchmark and not deterministic and device.type == "cuda"
     return (
         device,
         dist.get_rank() if dist.is_initialized() else 0,
@@ -53,19 +80,32 @@ def gather(values: list) -> list:
     return [v for part in parts for v in part]
 
 
-def run(prog: str, job: Callable[[], object], out_of_memory: str, interrupted: str) -> None:
-    """Runs job(); an error a user can cause ends in one line and a non-zero exit, never a traceback."""
+Message = str | Callable[[], str]
+
+
+def run(prog: str, job: Callable[[], object], out_of_memory: Message, interrupted: Message) -> None:
+    """Runs job(); an error a user can cause ends in one line and a non-zero exit, never a traceback. A message
+    given as a function is asked for when it is said (what has been saved by then). What every torchrun process meets
+    together (Ctrl-C reaches them all; a non-finite loss is agreed among them) is said once, by rank 0."""
+    rank = int(os.environ.get("RANK", 0))
     try:
         job()
-    except (ValueError, FloatingPointError, OSError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"{prog}: error: {e}")
+    except FloatingPointError as e:
+        sys.exit(f"{prog}: error: {e}" if rank == 0 else 1)
     except torch.cuda.OutOfMemoryError:
-        sys.exit(f"{prog}: error: CUDA out of memory {out_of_memory}")
+        sys.exit(f"{prog}: error: CUDA out of memory {_say(out_of_memory)}")
     except KeyboardInterrupt:
-        sys.exit(f"{prog}: interrupted; {interrupted}")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the terminal's Ctrl-C on: a second one
+        sys.exit(f"{prog}: interrupted; {_say(interrupted)}" if rank == 0 else 1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _say(message: Message) -> str:
+    return message() if callable(message) else message
 
 
 def progress(total: int, desc: str, unit: str, rank: int = 0):
@@ -79,10 +119,18 @@ def progress(total: int, desc: str, unit: str, rank: int = 0):
 
 
 class _Silent:
+    """tqdm's part that train.py and attack.py use, doing nothing."""
+
     disable = True
 
     def __init__(self, **kw):
         self.update = self.set_postfix_str = self.close = lambda *a: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def pyplot():

@@ -9,7 +9,8 @@ formulas are pure functions of logits, one value per sample ([B], float32, float
 """
 
 import functools
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -328,14 +329,33 @@ def flags(a: Callable) -> None:
     a("--emr-decay", type=float, default=None, help=f"EMR lambda factor at each milestone (default {d['emr_decay']:g})")
 
 
-def resolve(args) -> None:
-    """Gives every objective flag left at None its default for the run; ValueError for a value no run can use."""
+NONNEGATIVE = ("ratio", "beta", "tau", "nu", "burn_in", "emr", "emr_decay")
+
+
+def resolve(args, given: Collection[str] = ()) -> None:
+    """Gives every objective flag left at None its default for the run; ValueError for a value no run can use, and
+    for a flag in `given` (set on the command line) that the run's objective does not read: it would do nothing."""
     for k, v in defaults(args.loss, args.epochs).items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    if not 0 <= args.ratio <= 1:
-        raise ValueError("--ratio must lie in [0, 1]")
-    if args.tau < 0 or args.burn_in < 0 or args.emr_temp <= 0 or args.emr < 0 or args.emr_decay < 0:
-        raise ValueError("--tau, --burn-in, --emr and --emr-decay must be >= 0, --emr-temp > 0")
+    if unread := [k for k in defaults("", 1) if k in given and k not in reads(args.loss, args.emr)]:
+        raise ValueError(
+            f"--loss {args.loss} does not read " + ", ".join(f"--{k.replace('_', '-')} ({_readers(k)})" for k in unread)
+        )
+    for k in defaults("", 1):
+        v, low = getattr(args, k), 0 if k in NONNEGATIVE else -math.inf
+        if not low <= v < math.inf or (k == "ratio" and v > 1) or (k == "emr_temp" and v <= 0):
+            say = {"ratio": "lie in [0, 1]", "emr_temp": "be > 0"}.get(k, "be >= 0" if low == 0 else "be finite")
+            raise ValueError(f"--{k.replace('_', '-')} must {say}, got {v:g}")
+
+
+def reads(loss: str, emr: float) -> tuple[str, ...]:
+    """The objective flags a run of `loss` reads: its own, --emr, and EMR's with --emr > 0."""
+    return READS.get(loss, ()) + ("emr",) + ("emr_temp", "emr_decay") * bool(emr)
+
+
+def _readers(k: str) -> str:
+    by = [loss for loss, ks in READS.items() if k in ks]  # none: one of EMR's
+    return "read by " + ", ".join(by) if by else "read with --emr > 0"
 
 
 READS = {
@@ -363,14 +383,16 @@ TAGS = dict(
 
 
 def label(a: dict) -> str:
-    """A run's objective as a name: --loss, then every flag it reads that differs from its default for the run,
-    e.g. sovr, sovr-r0.2, trades-b1-emr3, then -ema for weight averaging and -aux for generated data; so that runs
-    of different objectives never share a name."""
+    """A run's objective as a name: --loss, then every flag it reads that differs from its default for the run (None
+    is the default), e.g. sovr, sovr-r0.2, trades-b1-emr3, then -ema for weight averaging and -aux for generated
+    data; so that runs of different objectives never share a name."""
     d = defaults(a["loss"], a["epochs"])
-    reads = READS.get(a["loss"], ()) + (("emr", "emr_temp", "emr_decay") if a.get("emr") else ())
     ema = "" if a.get("ema") is None else "-ema" + (f"{a['ema']:g}" if a["ema"] != 0.995 else "")
-    aux = "" if not a.get("aux_data") else "-aux" + (f"{a['aux_fraction']:g}" if a["aux_fraction"] != 0.7 else "")
-    return a["loss"] + "".join(f"-{TAGS[k]}{a[k]:g}" for k in reads if a.get(k, d[k]) != d[k]) + ema + aux
+    aux = (
+        "" if not a.get("aux_data") else "-aux" + (f"{f:g}" if (f := a.get("aux_fraction")) not in (None, 0.7) else "")
+    )
+    tags = [f"-{TAGS[k]}{a[k]:g}" for k in reads(a["loss"], a.get("emr")) if a.get(k) not in (None, d[k])]
+    return a["loss"] + "".join(tags) + ema + aux
 
 
 # ---- objectives ----

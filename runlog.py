@@ -1,5 +1,6 @@
-"""A run folder's log.jsonl, written by train.py (one record per epoch, then the test report) and read by it on
---resume and by the studies in results/; and curves.png, drawn from it after every epoch."""
+"""A run folder: the files it holds (a fresh run refuses a folder with any of them), its log.jsonl, written by
+train.py (one record per epoch, then the test report) and read by it on --resume and by the studies in results/;
+and curves.png, drawn from it after every epoch."""
 
 import contextlib
 import json
@@ -25,12 +26,24 @@ def append(out: str, rec: dict) -> None:
 
 
 def trim(out: str, epochs_done: int) -> None:
-    """Keeps the records of the epochs last.pt holds: none for a fresh run, and on resume not the one a killed run
-    may have logged after its last checkpoint."""
+    """Keeps the records of the epochs last.pt holds (a run that logged before it wrote last.pt may have logged an
+    epoch more)."""
     keep = [json.dumps(r) + "\n" for r in records(out) if r.get("epoch", epochs_done + 1) <= epochs_done]
     with open(os.path.join(out, "log.jsonl.tmp"), "w") as f:
         f.writelines(keep)
     os.replace(os.path.join(out, "log.jsonl.tmp"), os.path.join(out, "log.jsonl"))
+
+
+def begin(out: str, epochs_done: int) -> None:
+    """Makes the run folder (ValueError where it cannot); on resume, trims the log to the epochs last.pt holds."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"output directory {out} is not writable")
+    if epochs_done:
+        trim(out, epochs_done)
 
 
 def final(out: str) -> dict | None:
@@ -38,21 +51,60 @@ def final(out: str) -> dict | None:
     return next((r["final"] for r in reversed(records(out)) if "final" in r), None)
 
 
+def held(out: str) -> list[str]:
+    """The files of a run that the folder `out` holds: train.py's, and attack.py's beside its checkpoints; not a
+    .tmp that a killed write left (the next write replaces it)."""
+    names = [f for f in (os.listdir(out) if os.path.isdir(out) else []) if not f.endswith(".tmp")]
+    return sorted(
+        f for f in names if f in ("log.jsonl", "curves.png", "margins.png") or f.startswith(("best.", "last."))
+    )
+
+
+def claim(out: str, resume: bool) -> None:
+    """Refuses an --out that is a file, and a fresh run into a folder that holds a run's files: it would replace or
+    empty them (ValueError)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    files = held(out)
+    if files and not resume:
+        how = "continue it with --resume (or --resume auto), or choose another --out"
+        if "last.pt" not in files:
+            how = "choose another --out"
+            files[-1] += "; no last.pt to continue from"
+        raise ValueError(f"{out} holds a run already ({', '.join(files)}): {how}")
+
+
+def kept(out: str) -> str:
+    """What an interrupted run has left, said when it is interrupted."""
+    path = os.path.join(out, "last.pt")
+    if os.path.isfile(path):
+        return f"{path} keeps the last finished epoch (continue with --resume)"
+    return "no epoch had finished: nothing was saved"
+
+
 _SAID = []
 
 
-def curves(out: str) -> None:
-    """curves.png: validation clean and PGD accuracy with the best epoch marked, training adversarial accuracy
-    and loss, learning rate. Robust overfitting shows as a falling PGD curve."""
+def curves(out: str, title: str) -> None:
+    """curves.png under `title`: validation clean and PGD accuracy with the best epoch marked, training adversarial
+    accuracy and loss, learning rate. Robust overfitting shows as a falling PGD curve."""
     plt = cli.pyplot()
     if plt is None:
         if not _SAID:
             print("matplotlib is not installed: no curves.png is drawn (pip install matplotlib)", file=sys.stderr)
             _SAID.append(True)
         return
-    recs = [r for r in records(out) if "epoch" in r]
+    fig = figure(plt, [r for r in records(out) if "epoch" in r], title)
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+
+
+def figure(plt, recs: list[dict], title: str):
+    """curves.png's figure of the epochs' records: whole epochs on every axis, the lr as the steps it takes."""
+    from matplotlib.ticker import MaxNLocator
+
     e, best = [r["epoch"] for r in recs], max(recs, key=lambda r: r["val_pgd"])
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.3))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.5))
     for key, name, style in (
         ("val_clean", "val clean", "-"),
         ("val_pgd", "val PGD", "-"),
@@ -60,13 +112,24 @@ def curves(out: str) -> None:
     ):
         a1.plot(e, [100 * r[key] for r in recs], label=name, linestyle=style)
     a1.axvline(best["epoch"], color="gray", linewidth=0.8)
-    a1.annotate(f"best.pt: epoch {best['epoch']}", (best["epoch"], 100 * best["val_pgd"]), fontsize=8)
+    right = best["epoch"] > (e[0] + e[-1]) / 2  # the label reads away from the nearer edge, at the panel's foot
+    a1.annotate(
+        f"best.pt: epoch {best['epoch']}",
+        (best["epoch"], 0.03),
+        xycoords=a1.get_xaxis_transform(),
+        xytext=(-3 if right else 3, 0),
+        textcoords="offset points",
+        ha="right" if right else "left",
+        fontsize=8,
+    )
     a1.legend(fontsize=8)
     a2.plot(e, [r["train_loss"] for r in recs])
-    a3.plot(e, [r["lr"] for r in recs])
+    lr = [r["lr"] for r in recs]
+    a3.plot([e[0] - 1] + e, lr[:1] + lr, drawstyle="steps-pre")  # epoch k's lr holds on (k - 1, k]
     for ax, name in ((a1, "accuracy %"), (a2, "training loss"), (a3, "learning rate")):
         ax.set(xlabel="epoch", ylabel=name)
-    a3.set_yscale("log" if min(r["lr"] for r in recs) > 0 else "linear")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a3.set_yscale("log" if min(lr) > 0 else "linear")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
-    plt.close(fig)
+    return fig

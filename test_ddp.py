@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,17 @@ if os.environ.get("TEST_SOVR_SHARDS"):  # one process doing what torchrun's rank
                                                                                                y.chunk(shards))]).mean()
 
 
+if os.environ.get("TEST_NAN_RANK"):  # one process's loss turns NaN in the second epoch
+    import losses
+    ce = losses.OBJECTIVES["ce"]
+
+    def nan_on_one_rank(net, atk, x, y, args, epoch):
+        loss, z = ce(net, atk, x, y, args, epoch)
+        return (loss * float("nan") if epoch == 1 and dist.get_rank() == int(os.environ["TEST_NAN_RANK"]) else loss), z
+
+    losses.OBJECTIVES["ce"] = nan_on_one_rank
+
+
 def final_report(args, model, *rest):
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(model.state_dict(), os.path.join(args.out, f"weights-rank{rank}.pt"))
@@ -75,7 +87,14 @@ pytestmark = pytest.mark.skipif(
 
 
 def start(
-    tmp: Path, name: str, nproc: int, eval_bn: bool, *flags: str, launch: bool = False, sovr_shards: int = 0
+    tmp: Path,
+    name: str,
+    nproc: int,
+    eval_bn: bool,
+    *flags: str,
+    launch: bool = False,
+    sovr_shards: int = 0,
+    nan_rank: int | None = None,
 ) -> tuple[Path, subprocess.Popen]:
     """Starts train.py (through the launcher) on nproc CPU processes (torchrun for nproc > 1 or launch);
     finish() waits for it. A --device among the flags overrides the CPU."""
@@ -88,6 +107,7 @@ def start(
         PYTHONPATH=str(REPO),
         TEST_EVAL_BN="1" if eval_bn else "0",
         TEST_SOVR_SHARDS=str(sovr_shards or ""),
+        TEST_NAN_RANK="" if nan_rank is None else str(nan_rank),
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (torchrun if nproc > 1 or launch else [sys.executable]) + [
@@ -186,6 +206,31 @@ def test_ddp_ranks_agree_with_train_mode_batchnorm(runs: dict[str, Path]) -> Non
     for k in w0:
         assert torch.equal(w0[k], w1[k]), f"ranks differ at {k}"
     assert_checkpoints(runs["ddp_bn"], w0)
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    """The processes agree on the finite check: none waits in a collective for one that has stopped."""
+    out, proc = start(tmp_path, "nan", 2, False, "--loss", "ce", nan_rank=1)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    finally:
+        stop(proc)
+    assert proc.returncode != 0 and output.count("train.py: error:") == 1, output
+    assert "train.py: error: loss is not finite on another process at epoch 2, step 1;" in output, output
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_ctrl_c_under_torchrun_is_said_once(tmp_path: Path) -> None:
+    out, proc = start(tmp_path, "ctrl-c", 2, False, "--epochs", "50")
+    try:
+        while proc.poll() is None and not (out / "last.pt").exists():
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to torchrun and its processes
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        stop(proc)
+    assert output.count("train.py: interrupted;") == 1, output
+    assert "last.pt keeps the last finished epoch (continue with --resume)" in output, output
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs CUDA and NCCL")

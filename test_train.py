@@ -103,7 +103,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, extra: list) -> None:
     run(*flags, "--out", tmp_path / "a")
     run(*flags, "--out", tmp_path / "b", "--stop-after", 1)
     assert load(tmp_path / "b" / "last.pt")["epoch"] == 1
-    run(*flags, "--out", tmp_path / "b", "--resume")
+    run("--out", tmp_path / "b", "--resume")  # every flag from last.pt, but --stop-after: to the end
     a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
     for weights in ("model", "unaveraged") if extra else ("model",):  # with --ema, the average and the trained model
         assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
@@ -230,10 +230,32 @@ def expect_error(capsys, argv: list, match: str) -> None:
         (["--milestones", "0"], "--milestones must be >= 1"),
         (["--ema", "1.5"], "--ema must lie in (0, 1), got 1.5"),
         (["--device", "cuda:7"], "no such CUDA device"),
+        (["--stop-after", "-1"], "--stop-after must be >= 0"),
+        (["--eps", "256"], "--eps must be <= 255 (it is in 1/255 units), got 256"),
+        (["--momentum", "1"], "--momentum must lie in [0, 1), got 1.0"),
+        (["--momentum", "-0.1"], "--momentum must lie in [0, 1), got -0.1"),
+        (["--loss", "trades", "--beta", "-1"], "--beta must be >= 0, got -1"),
+        (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (["--lr", "inf"], "--lr must be a positive number, got inf"),
+        (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+        (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+        (["--wd=-1e-4"], "--wd must be >= 0, got -0.0001"),
+        (["--loss", "mail", "--mail-slope", "nan"], "--mail-slope must be finite, got nan"),
+        # a flag the objective does not read would do nothing: refused, naming the losses that read it
+        (["--loss", "ce", "--ratio", "0.2"], "--loss ce does not read --ratio (read by sovr, trades-sovr)"),
+        (["--loss", "ovr", "--ratio", "0.2"], "--loss ovr does not read --ratio (read by sovr, trades-sovr)"),
+        (["--loss", "ce", "--beta", "1"], "--loss ce does not read --beta (read by trades, trades-sovr, mart)"),
+        (
+            ["--mail-slope", "1", "--burn-in", "2"],
+            "sovr does not read --mail-slope (read by mail), --burn-in (read by mail,",
+        ),
+        (["--loss", "mart", "--emr-temp", "2"], "--loss mart does not read --emr-temp (read with --emr > 0)"),
+        (["--loss", "mart", "--emr", "0", "--emr-decay", "1"], "--emr-decay (read with --emr > 0)"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv: list, match: str) -> None:
     expect_error(capsys, [*SMOKE, "--out", tmp_path, *argv], match)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
 @pytest.mark.parametrize(
@@ -264,7 +286,7 @@ def test_a_fresh_run_never_overwrites_a_run_folder(tmp_path: Path, capsys) -> No
     expect_error(
         capsys,
         [*SMOKE, "--out", tmp_path, "--epochs", 1],
-        "holds a run already (last.pt): continue it with --resume (or --resume auto), or choose another --out",
+        "last.pt, log.jsonl): continue it with --resume (or --resume auto), or choose another --out",
     )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -297,7 +319,7 @@ def test_run_folder_and_labels_carry_the_objective(tmp_path: Path, capsys) -> No
     assert out("--loss", "trades-sovr", "--beta", "1", "--emr", "3") == os.path.join(
         "runs", "x-wrn16-trades-sovr-b1-emr3-s0"
     )
-    assert out("--loss", "ce", "--ratio", "0.2") == os.path.join("runs", "x-wrn16-ce-s0")  # ce reads no ratio
+    assert out("--loss", "ce", "--emr", "0") == os.path.join("runs", "x-wrn16-ce-s0")  # EMR off: no tag
     run(*SMOKE, "--out", tmp_path, "--epochs", 1, "--loss", "ovr")
     assert f"run folder {tmp_path}" in capsys.readouterr().out
 
@@ -345,14 +367,16 @@ def test_init_starts_from_the_checkpoint_weights_with_a_fresh_schedule(tmp_path:
         "--epochs",
         1,
         "--lr",
-        0,
+        1e-30,
         "--dataset",
         "synthetic",
-    )  # lr 0: the weights stay those of a
+    )  # lr 1e-30: the weights stay those of a
     b = load(tmp_path / "b" / "last.pt")
     assert b["epoch"] == 1 and b["args"]["init"] == str(tmp_path / "a" / "last.pt") and b["mean"] == a["mean"]
     assert all(
-        torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if "running" not in k and "batches" not in k
+        torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-20)
+        for k in a["model"]
+        if "running" not in k and "batches" not in k
     )
     expect_error(
         capsys,
@@ -371,9 +395,15 @@ def test_init_starts_from_the_checkpoint_weights_with_a_fresh_schedule(tmp_path:
 
 def test_resume_from_other_configuration_and_unwritable_out(tmp_path: Path, capsys) -> None:
     run(*SMOKE, "--out", tmp_path, "--stop-after", 1)
-    expect_error(capsys, [*SMOKE, "--out", tmp_path, "--resume", "--lr", "0.05"], "was trained with --lr 0.1, not 0.05")
+    expect_error(
+        capsys,
+        [*SMOKE, "--out", tmp_path, "--resume", "--lr", "0.05", "--loss", "ce", "--compile", "--eps", "8"],
+        f"--resume: {tmp_path / 'last.pt'} was trained with --loss sovr --lr 0.1, not --loss ce --lr 0.05 (leave them "
+        "out to continue it)",  # every flag that differs, at once; --compile may differ, --eps is the same
+    )
     (tmp_path / "file").write_text("")
-    expect_error(capsys, [*SMOKE, "--out", tmp_path / "file" / "sub"], "Not a directory")
+    expect_error(capsys, [*SMOKE, "--out", tmp_path / "file" / "sub"], "cannot create the folder: Not a directory")
+    expect_error(capsys, [*SMOKE, "--out", tmp_path / "file"], f"--out {tmp_path / 'file'} is a file, not a folder")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -497,6 +527,148 @@ def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert p.returncode != 0 and p.stderr.strip() == "train.py: error: no such dataset file: missing.npz"
 
 
+@pytest.mark.parametrize("files", [["best.pt", "log.jsonl"], ["curves.png"], ["last.aa-Linf-eps8-n500-seed0.json"]])
+def test_a_fresh_run_never_replaces_another_runs_files(tmp_path: Path, capsys, files: list) -> None:
+    """Not last.pt alone: any file of a run refuses a fresh run, and --resume auto, which would be one."""
+    for name in files:
+        (tmp_path / name).write_text('{"final": {}}\n')
+    for resume in ([], ["--resume", "auto"]):
+        expect_error(
+            capsys,
+            [*SMOKE, "--out", tmp_path, *resume],
+            f"{tmp_path} holds a run already ({', '.join(sorted(files))}; no last.pt to continue from): "
+            "choose another --out",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
+    assert all((tmp_path / name).read_text() == '{"final": {}}\n' for name in files)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "last.pt.tmp").write_text("")  # a write cut short: the run's next write replaces it
+    assert runlog.held(str(tmp_path / "killed")) == []
+
+
+def test_resume_takes_every_flag_not_given_from_last_pt(tmp_path: Path, capsys) -> None:
+    flags = ["--loss", "trades", "--beta", 2, "--batch", 32, "--train-limit", 64, "--epochs", 3, "--stop-after", 1]
+    run(*SMOKE, *flags, "--out", tmp_path)
+    args = train.get_args(["--out", str(tmp_path), "--resume"])
+    assert (args.loss, args.beta, args.batch, args.epochs, args.dataset, args.smoke) == (
+        "trades",
+        2,
+        32,
+        3,
+        "synthetic",
+        True,
+    )
+    assert (args.stop_after, args.resume) == (0, True)  # those of one invocation are not taken
+    # --smoke's defaults are no flags given: the run's --batch 32 stays; a flag given at the run's value is fine
+    assert train.get_args([*SMOKE, "--out", str(tmp_path), "--resume", "--beta", "2"]).batch == 32
+    assert train.get_args(["--out", str(tmp_path), "--resume", "--stop-after", "1", "--no-compile"]).stop_after == 1
+    expect_error(  # an objective flag the run's loss reads is compared, not refused as unread by the default loss
+        capsys,
+        ["--out", tmp_path, "--resume", "--beta", "3", "--batch", 64],
+        "was trained with --batch 32 --beta 2.0, not --batch 64 --beta 3.0 (leave them out to continue it)",
+    )
+    run("--out", tmp_path, "--resume", "--device", "cpu")
+    assert load(tmp_path / "last.pt")["epoch"] == 3
+    expect_error(
+        capsys,
+        ["--out", tmp_path, "--resume", "--epochs", 5],
+        "has finished its 3 epochs; to train it longer, start a new run from its weights: "
+        f"--init {tmp_path / 'last.pt'} --out NEW_FOLDER",
+    )
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_ctrl_c_says_what_was_saved(tmp_path: Path, capsys, monkeypatch, resumed: bool) -> None:
+    """Interrupted in a fresh run's first epoch, nothing was saved; in a resumed run, last.pt keeps its epoch. A
+    resumed run redraws curves.png at its start, from the log trimmed to last.pt (a kill may have come after
+    last.pt and before the curves)."""
+    if resumed:
+        run(*SMOKE, "--out", tmp_path, "--stop-after", 1)
+        (tmp_path / "curves.png").unlink(missing_ok=True)
+
+    def ctrl_c(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_epoch", ctrl_c)
+    said = f"{tmp_path / 'last.pt'} keeps the last finished epoch (continue with --resume)"
+    said = said if resumed else "no epoch had finished: nothing was saved"
+    expect_error(capsys, [*SMOKE, "--out", tmp_path, *["--resume"] * resumed], f"train.py: interrupted; {said}")
+    if resumed and importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.parametrize("cut", ["last.pt", "best.pt", "log", "curves"])
+def test_resume_auto_redoes_what_a_kill_cut_from_the_end_of_an_epoch(tmp_path: Path, monkeypatch, cut: str) -> None:
+    """A run stopped at any write of its first epoch's end, then restarted with the same --resume auto command,
+    leaves what an uninterrupted run does: last.pt is written first, and a resume writes best.pt, the log record
+    and the curves from it (a refusal of the folder, or a missing best.pt or record, would not)."""
+    flags = [*SMOKE, "--epochs", 1, "--train-limit", 64, "--resume", "auto"]
+    run(*flags, "--out", tmp_path / "a")
+
+    def killed(fn, hit):
+        return lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if hit(*a) else fn(*a)
+
+    if cut in ("last.pt", "best.pt"):
+        monkeypatch.setattr(models, "save", killed(models.save, lambda obj, path: path.endswith(cut)))
+    else:
+        name = {"log": "append", "curves": "curves"}[cut]
+        monkeypatch.setattr(runlog, name, killed(getattr(runlog, name), lambda *a: True))
+    with pytest.raises(SystemExit):
+        run(*flags, "--out", tmp_path / "b")
+    monkeypatch.undo()
+    run(*flags, "--out", tmp_path / "b")
+    for name in ("best.pt", "last.pt"):
+        a, b = load(tmp_path / "a" / name), load(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and a["epoch"] == b["epoch"] == 1
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b = runlog.records(str(tmp_path / "a")), runlog.records(str(tmp_path / "b"))
+    assert [r.get("val_pgd") for r in a] == [r.get("val_pgd") for r in b] and a[-1] == b[-1]  # the test report
+
+
+def test_deterministic_mode_is_set_before_cuda_and_kept_on_resume(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, **kw: calls.append((on, kw)))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    run(*SMOKE, "--out", tmp_path, "--stop-after", 1, "--deterministic")
+    assert calls == [(True, {})] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # errors, not warnings
+    assert not torch.backends.cudnn.benchmark
+    assert train.get_args(["--out", str(tmp_path), "--resume"]).deterministic  # taken from last.pt
+    assert not train.get_args(["--out", str(tmp_path), "--resume", "--no-deterministic"]).deterministic  # may differ
+
+
+def test_progress_without_tqdm(monkeypatch) -> None:
+    import cli
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    with cli.progress(10, "epoch 1/1", "img") as bar:
+        bar.update(5)
+        bar.set_postfix_str("loss 1")
+    assert bar.disable
+
+
+def test_curves_name_the_run_and_keep_inside_their_panels() -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    lrs = [0.1] * 5 + [0.01] * 2
+    recs = [
+        dict(epoch=k + 1, lr=lr, train_loss=1 / (k + 1), train_adv_acc=0.1, val_clean=0.5, val_pgd=0.1 * (k + 1) % 0.6)
+        for k, lr in enumerate(lrs)
+    ]
+    fig = runlog.figure(plt, recs, "runs/x: sovr")
+    fig.canvas.draw()
+    a1, _, a3 = fig.axes
+    assert fig._suptitle.get_text() == "runs/x: sovr"
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        assert all(t == int(t) for t in ax.get_xticks() if lo <= t <= hi)  # whole epochs
+    (line,) = a3.get_lines()
+    assert line.get_drawstyle() == "steps-pre"  # the lr holds through each epoch: drawn as steps, not as a ramp
+    box, renderer = a1.get_window_extent(), fig.canvas.get_renderer()
+    for text in a1.texts:
+        t = text.get_window_extent(renderer)
+        assert box.x0 <= t.x0 and t.x1 <= box.x1 and box.y0 <= t.y0 and t.y1 <= box.y1, text.get_text()
+    plt.close(fig)
+
+
 # ---- torch.compile on CPU, and the CUDA path (these skip without CUDA)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -574,7 +746,8 @@ def test_pgd_on_cuda_matches_cpu(no_tf32) -> None:
 )
 def test_cuda_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> None:
     """A host-device synchronisation inside the step would stall the GPU at every step: none may happen."""
-    args = train.get_args(["--smoke", "--loss", loss, "--burn-in", "0", *flags])  # reweighting on from step 1
+    burn_in = ["--burn-in", "0"] * (loss in ("mail", "gairat"))  # reweighting on from step 1
+    args = train.get_args(["--smoke", "--loss", loss, *burn_in, *flags])
     model = models.build("resnet18", 10, width=8).cuda().to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     x_pool, y_pool = tiny_batch("cuda", 64)
@@ -593,6 +766,19 @@ def test_cuda_training_step_never_waits_for_the_gpu(loss: str, flags: list) -> N
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(stats).all()
+
+
+@CUDA
+def test_deterministic_cuda_runs_and_their_resume_give_the_same_bits(tmp_path: Path) -> None:
+    flags = ["--smoke", "--device", "cuda", "--deterministic", "--epochs", 2]
+    try:
+        run(*flags, "--out", tmp_path / "a")
+        run(*flags, "--out", tmp_path / "b", "--stop-after", 1)
+        run("--out", tmp_path / "b", "--resume")
+    finally:
+        torch.use_deterministic_algorithms(False)  # process-wide: the other tests run as without the flag
+    a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 @CUDA

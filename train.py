@@ -10,6 +10,7 @@ Where each default comes from: README.md, Objectives.
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -24,30 +25,39 @@ import models
 import runlog
 from losses import OBJECTIVES
 
-# Flags that may change between a run and its --resume without changing the result.
-RESUMABLE = {"resume", "stop_after", "device", "compile", "data_dir", "out"}
+# Flags that may change between a run and its --resume without changing the result (--compile and --deterministic
+# change CUDA's float rounding, as another run of a nondeterministic kernel does); --resume takes every flag not
+# given from last.pt, except those of one invocation.
+RESUMABLE = {"resume", "stop_after", "device", "compile", "deterministic", "data_dir", "out", "smoke"}
+ONCE = {"resume", "stop_after", "out"}
+LAST_ONLY = ("optimizer", "best", "improved", "scheduler", "unaveraged")  # last.pt's keys that best.pt lacks
 EMA_DECAY = 0.995  # DM-Improves-AT's train-wa.py: --tau default
 AUX_FRACTION = 0.7  # DM-Improves-AT's core/utils/parser.py: --unsup-fraction default
+ON_OFF = argparse.BooleanOptionalAction
 SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, batch=64, steps=2, eval_steps=2, width=8)
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = cli.parser(__doc__, allow_abbrev=False)  # --smoke is looked up by its full name
+    """The flags; with --resume (or --resume auto finding last.pt), those not given taken from last.pt."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = cli.parser(__doc__, allow_abbrev=False)
     data_flags(p.add_argument_group("data and model").add_argument)
     recipe_flags(p.add_argument_group("recipe").add_argument)
     losses.flags(p.add_argument_group("objective (each flag: the losses that read it)").add_argument)
     run_flags(p.add_argument_group("run").add_argument)
-    if "--smoke" in (sys.argv[1:] if argv is None else argv):
+    given = cli.given(p, argv)
+    if "smoke" in given:
         p.set_defaults(**SMOKE)  # explicit flags still win
     args = p.parse_args(argv)
-    try:
-        check(args)
-    except ValueError as e:
-        p.error(str(e))
     name = os.path.splitext(os.path.basename(args.dataset))[0]
     args.out = args.out or os.path.join("runs", f"{name}-{args.arch}-{losses.label(vars(args))}-s{args.seed}")
-    if args.resume == "auto":
-        args.resume = os.path.isfile(os.path.join(args.out, "last.pt"))
+    args.resume = args.resume is True or (args.resume == "auto" and os.path.isfile(os.path.join(args.out, "last.pt")))
+    try:
+        if args.resume:
+            take(args, given)
+        check(args, given)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -104,19 +114,16 @@ def run_flags(a) -> None:
         default=False,
         type=_auto,
         metavar="auto",
-        help="continue from <out>/last.pt; 'auto': continue if it exists, else start (safe to requeue)",
+        help="continue <out>/last.pt with its flags (those given must match, but --stop-after, --device, --compile, "
+        "--deterministic, --data-dir); 'auto': continue if it exists, else start (safe to requeue)",
     )
     a("--init", default=None, help="start from this checkpoint's weights, with a fresh optimizer and schedule")
     a("--stop-after", type=int, default=0, help="train at most N epochs in this invocation, then exit (0 = all)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
-    a(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bf16 autocast in training (default on for CUDA)",
-    )
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (default on)")
-    a("--compile", action="store_true", help="torch.compile the model (default off)")
+    a("--amp", action=ON_OFF, default=None, help="bf16 autocast in training (default on for CUDA)")
+    a("--channels-last", action=ON_OFF, default=True, help="NHWC memory format (default on)")
+    a("--compile", action=ON_OFF, default=False, help="torch.compile the model (default off)")
+    a("--deterministic", action=ON_OFF, default=False, help="deterministic CUDA kernels: bit for bit (default off)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (default off)")
     a("--smoke", action="store_true", help=f"defaults for a seconds-long CPU check: {SMOKE}")
 
@@ -134,14 +141,22 @@ def _auto(value: str) -> str:
     return value
 
 
-def check(args: argparse.Namespace) -> None:
-    """Fills in the defaults that depend on other flags and refuses values no run can use (ValueError)."""
-    for names, low in ((("epochs", "batch", "steps", "eval_steps"), 1), (("eps", "step", "train_limit"), 0)):
+def check(args: argparse.Namespace, given: set[str] = frozenset()) -> None:
+    """Fills in the defaults that depend on other flags; ValueError for values no run can use and for an objective
+    flag among `given` (the command line's) that the objective does not read."""
+    for names, low in (
+        (("epochs", "batch", "steps", "eval_steps"), 1),
+        (("eps", "step", "train_limit", "stop_after"), 0),
+    ):
         for name in names:
             if getattr(args, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
-    losses.resolve(args)
+    losses.resolve(args, given)
     for bad, message in [
+        (args.eps > 255, f"--eps must be <= 255 (it is in 1/255 units), got {args.eps}"),
+        (not 0 < args.lr < math.inf, f"--lr must be a positive number, got {args.lr}"),
+        (not 0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}"),
+        (not 0 <= args.wd < math.inf, f"--wd must be >= 0, got {args.wd}"),
         (args.width is not None and args.width < 1, "--width must be >= 1"),
         (args.ema is not None and not 0 < args.ema < 1, f"--ema must lie in (0, 1), got {args.ema}"),
         (args.aux_fraction is not None and not args.aux_data, "--aux-fraction needs --aux-data"),
@@ -211,30 +226,34 @@ def checkpoint(model, args, d: dict, epoch: int, metrics: dict) -> dict:
     )
 
 
-def resume_state(args) -> dict:
-    """last.pt, refused unless every flag that changes the result is the one it was trained with."""
+def take(args, given: set[str]) -> dict:
+    """--resume: last.pt, and from it every flag not among `given` (but those of one invocation); ValueError naming
+    every given flag that would change the result."""
     path = os.path.join(args.out, "last.pt")
     state = models.read(path, "--resume")
-    old = state.get("args", {})
     if "optimizer" not in state:
         raise ValueError(f"--resume: {path} is not a train.py last.pt")
-    if args.init and args.width is None:
-        args.width = old.get("width")  # --init filled it in from its checkpoint when the run started
-    diff = [
-        k for k, v in vars(args).items() if k not in RESUMABLE and k in old and old[k] != v
-    ]  # absent: older flag set
+    old = state.get("args", {})  # a flag it lacks is newer than the run and keeps its default
+    diff = sorted(k for k in given - RESUMABLE if k in old and old[k] != getattr(args, k))
+    if "epochs" in diff and state["epoch"] >= old["epochs"]:
+        raise ValueError(
+            f"--resume: {path} has finished its {old['epochs']} epochs; to train it longer, start a new run from "
+            f"its weights: --init {path} --out NEW_FOLDER"
+        )
     if diff:
         raise ValueError(
-            f"--resume: {path} was trained with --{diff[0].replace('_', '-')} {old.get(diff[0])}, "
-            f"not {getattr(args, diff[0])}"
+            f"--resume: {path} was trained with {cli.as_flags(old, diff)}, not {cli.as_flags(vars(args), diff)} "
+            "(leave them out to continue it)"
         )
+    for k, v in old.items():
+        if hasattr(args, k) and k not in given | ONCE:
+            setattr(args, k, v)
     return state
 
 
-def make_model(args, d: dict, device: torch.device, world: int, steps: int) -> tuple:
+def make_model(args, d: dict, device: torch.device, world: int, steps: int, state: dict | None) -> tuple:
     """Model, weight average (None without --ema), optimizer, scheduler, first epoch and best validation score:
-    fresh, from --init, or resumed (`steps` per epoch)."""
-    state = resume_state(args) if args.resume else None
+    fresh, from --init, or resumed from last.pt's `state` (`steps` per epoch)."""
     init = models.read(args.init, "--init") if args.init and not args.resume else None
     if init and (init["arch"], init["num_classes"]) != (args.arch, d["num_classes"]):
         raise ValueError(
@@ -307,10 +326,15 @@ def train_epoch(
             if not bar.disable and ((s + 1) % 10 == 0 or s + 1 == steps):
                 left = bar.format_dict["elapsed"] / (s + 1) * (steps - s - 1 + steps * (args.epochs - epoch - 1))
                 bar.set_postfix_str(f"loss {stats[s, 0].item():.3f}, run left {left / 60:.1f}m")
-    if not torch.isfinite(stats[:, 0]).all():
-        bad = int((~torch.isfinite(stats[:, 0])).nonzero()[0])
+    steps_at = torch.arange(steps, device=stats.device)
+    first = torch.where(torch.isfinite(stats[:, 0]), steps, steps_at).min()  # the first non-finite loss, or steps
+    if world > 1:
+        dist.all_reduce(first, dist.ReduceOp.MIN)  # all processes stop together, none waits in a collective
+    if first < steps:
+        v = stats[first, 0].item()
         kept = f"{args.out}/last.pt keeps epoch {epoch}" if epoch else "no checkpoint was written"
-        raise FloatingPointError(f"loss is {stats[bad, 0].item()} at epoch {epoch + 1}, step {bad + 1}; {kept}")
+        what = "not finite on another process" if math.isfinite(v) else v
+        raise FloatingPointError(f"loss is {what} at epoch {epoch + 1}, step {int(first) + 1}; {kept}")
     return stats
 
 
@@ -352,30 +376,39 @@ def validate(
 
 
 def end_epoch(model, ema: models.EMA | None, opt, sched, args, d: dict, rec: dict, best: float) -> float:
-    """Rank 0's bookkeeping: the epoch's line, best.pt if validation PGD improved, last.pt, log.jsonl and
-    curves.png. "model" is the evaluated model (the average with --ema); last.pt also keeps the trained weights."""
+    """Rank 0's bookkeeping: the epoch's line, last.pt, then from it best.pt if validation PGD improved, log.jsonl
+    and curves.png. "model" is the evaluated model (the average with --ema); last.pt also keeps the trained weights."""
     print(
         f"epoch {rec['epoch']:3d}/{args.epochs} lr {rec['lr']:.4f} {rec['time']:6.1f}s eta "
         f"{rec['time'] * (args.epochs - rec['epoch']) / 60:6.1f}m | train loss {rec['train_loss']:.4f} adv "
         f"{rec['train_adv_acc']:6.2%} | val clean {rec['val_clean']:6.2%} pgd{args.eval_steps} {rec['val_pgd']:6.2%}"
     )
-    judged = ema.model if ema else model
-    if rec["val_pgd"] > best:
-        best = rec["val_pgd"]
-        models.save(checkpoint(judged, args, d, rec["epoch"], rec), os.path.join(args.out, "best.pt"))
-    runlog.append(args.out, rec)  # before last.pt: a restart trims what last.pt lacks
-    models.save(
-        {
-            **checkpoint(judged, args, d, rec["epoch"], rec),
-            "optimizer": opt.state_dict(),
-            "best": best,
-            "scheduler": sched.state_dict(),
-            **({"unaveraged": model.state_dict()} if ema else {}),
-        },
-        os.path.join(args.out, "last.pt"),
-    )
-    runlog.curves(args.out)
-    return best
+    last = {
+        **checkpoint(ema.model if ema else model, args, d, rec["epoch"], rec),
+        "optimizer": opt.state_dict(),
+        "best": max(best, rec["val_pgd"]),
+        "improved": rec["val_pgd"] > best,
+        "scheduler": sched.state_dict(),
+        **({"unaveraged": model.state_dict()} if ema else {}),
+    }
+    models.save(last, os.path.join(args.out, "last.pt"))  # first: a resume redoes the rest from it
+    finish(args, last)
+    return last["best"]
+
+
+def finish(args, last: dict, redo: bool = False) -> None:
+    """What follows last.pt at the end of an epoch, from last.pt alone: best.pt if the epoch improved on it, the
+    epoch's log record, the curves. A resume redoes what a kill left undone (`redo`)."""
+    path = os.path.join(args.out, "best.pt")
+    if last.get("improved") and not (redo and os.path.isfile(path) and models.read(path)["epoch"] == last["epoch"]):
+        models.save({k: v for k, v in last.items() if k not in LAST_ONLY}, path)
+    if not (redo and any(r.get("epoch") == last["epoch"] for r in runlog.records(args.out))):
+        runlog.append(args.out, last["metrics"])
+    runlog.curves(args.out, title(args))
+
+
+def title(args) -> str:
+    return f"{args.out}: {losses.label(vars(args))}, {args.arch}, eps {args.eps}/255"
 
 
 def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, world: int, device, amp: bool) -> str:
@@ -408,28 +441,25 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
 
 
 def train(args) -> dict:
-    device, rank, world = cli.setup(args.device)
+    runlog.claim(args.out, args.resume)
+    device, rank, world = cli.setup(args.device, deterministic=args.deterministic)
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} must be divisible by the {world} processes")
-    if not args.resume and os.path.isfile(os.path.join(args.out, "last.pt")):
-        raise ValueError(
-            f"{args.out} holds a run already (last.pt): continue it with --resume (or --resume auto), "
-            "or choose another --out"
-        )
     torch.manual_seed(args.seed)
     d = data.load_data(args.dataset, args.data_dir)  # under torchrun, rank 0 downloads first
     (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
     aux = data.load_aux(args.aux_data, d, device) if args.aux_data else None  # validation stays on real images
-    model, ema, opt, sched, start, best = make_model(args, d, device, world, len(x_tr) // args.batch)
+    state = models.read(os.path.join(args.out, "last.pt"), "--resume") if args.resume else None  # checked: take()
+    model, ema, opt, sched, start, best = make_model(args, d, device, world, len(x_tr) // args.batch, state)
     if start >= args.epochs and runlog.final(args.out):
         log(f"{args.out} has finished its {args.epochs} epochs; its test results are in log.jsonl")
         return runlog.final(args.out)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)  # only now: a refused --init or --resume leaves no folder
-        if not os.access(args.out, os.W_OK):
-            raise ValueError(f"output directory {args.out} is not writable")
-        runlog.trim(args.out, start)  # a fresh start empties an old log; a resume drops epochs last.pt lacks
+        runlog.begin(args.out, start)  # only now: a refused --init or --resume leaves no folder
+        if state:
+            finish(args, state, redo=True)
+    del state  # its tensors, a copy of the model and optimizer, are not kept through the run
     amp = device.type == "cuda" if args.amp is None else args.amp
     log(describe(args, len(x_tr), len(x_val), aux, start, world, device, amp))
     net, atk = wrap(model, args, world)
@@ -469,9 +499,11 @@ def main(argv: list[str] | None = None) -> None:
     cli.run(
         "train.py",
         lambda: train(args),
-        f"at --batch {args.batch}: lower --batch (a new run: --resume needs the same --batch), or spread it over "
-        f"GPUs with torchrun; {os.path.join(args.out, 'last.pt')} keeps the last finished epoch, if any",
-        "the last finished epoch is in last.pt (continue with --resume)",
+        lambda: (
+            f"at --batch {args.batch}: lower --batch (a new run: --resume needs the same --batch), or spread it "
+            f"over GPUs with torchrun; {runlog.kept(args.out)}"
+        ),
+        lambda: runlog.kept(args.out),
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from study import STUDY_RATIO, sh, worst  # noqa: E402  (one runner, one pinned ratio, one margin count)
+from study import STUDY_RATIO, reads_burn_in, sh, worst  # noqa: E402  (one runner, one pinned ratio, one margin count)
 
 import attack  # noqa: E402
 import cli  # noqa: E402
@@ -114,11 +114,10 @@ def continue_run(loss: str, seed: int, ratio: float | None, ema: bool, start: Pa
         str(EPOCHS),
         "--milestones",
         str(DROP),
-        "--burn-in",
-        "0",
         "--out",
         str(out),
     ]
+    cmd += ["--burn-in", "0"] * reads_burn_in(loss)
     cmd += ([] if ratio_of(loss, ratio) is None else ["--ratio", str(ratio_of(loss, ratio))]) + ["--ema"] * ema
     sh(cmd + (["--resume"] if (out / "last.pt").exists() and not finished(out) else []), out / "console.log")
 

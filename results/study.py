@@ -25,6 +25,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import attack  # noqa: E402  (its result file names and its histogram)
 import cli  # noqa: E402
+import losses  # noqa: E402
 import runlog  # noqa: E402
 
 SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
@@ -104,6 +105,10 @@ def result(out: Path, mode: str, n: int) -> Path | None:
     return path if path.exists() else None
 
 
+def reads_burn_in(loss: str) -> bool:
+    return "burn_in" in losses.READS.get(loss, ())  # train.py refuses a flag that the loss does not read
+
+
 def one(r: dict, args, root: Path) -> None:
     out = root / name(r)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,9 +137,8 @@ def one(r: dict, args, root: Path) -> None:
         milestones(e),
         "--val",
         str(args.val),
-        "--burn-in",
-        str(e // 2 if args.burn_in is None else args.burn_in),
     ]
+    cmd += ["--burn-in", str(e // 2 if args.burn_in is None else args.burn_in)] * reads_burn_in(r["loss"])
     cmd += ["--ratio", str(STUDY_RATIO if r["ratio"] is None else r["ratio"])] if "sovr" in r["loss"] else []
     t0 = time.time()
     if runlog.final(str(out)) is None:
