@@ -333,7 +333,7 @@ def plot(results: list[dict], path: str):
         )
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of points
     ax.axvline(0, color="gray", linewidth=0.8)
-    ax.set(xlabel="logit margin $z_y - \\max_{k \\neq y} z_k$ , the lower of clean and PGD-20", ylabel="test points")
+    ax.set(xlabel="logit margin $z_y - \\max_{k \\neq y} z_k$, the lower of clean and PGD-20", ylabel="test points")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
