@@ -1,0 +1,193 @@
+"""results/compare.py and results/runner.py: a tiny grid (two losses, two seeds, synthetic data, 8 attacked points)
+end to end through the local queue, killed and run again, its dry run against what ran, bad input, SLURM."""
+
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "results"))
+import compare  # noqa: E402
+import runner  # noqa: E402
+
+GRID = ["--losses", "ce,sovr", "--seeds", "0,1", "--datasets", "synthetic", "--points", "8", "--attacks", "apgd-ce"]
+GRID += ["--train-points", "64", "--jobs", "2", "--", "--smoke", "--train-limit", "128", "--val", "32"]
+RUNS = [f"synthetic-resnet18-{loss}-s{s}" for loss in ("ce", "sovr") for s in (0, 1)]
+TIMES = ("s_epoch", "s_aa")  # the only columns two identical grids may differ in
+
+
+def start(*argv: str, cwd: Path) -> subprocess.Popen:
+    """compare.py in a process group of its own, as a user's shell starts it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "results" / "compare.py"), *argv]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def links_of(line: str) -> list[str]:
+    """The commands of a run's shell line (what follows each link's `--`)."""
+    return [shlex.join(part[part.index("--") + 1 :]) for part in map(shlex.split, line.split(" && ")[1:])]
+
+
+def table_rows(out: Path) -> list[dict]:
+    with open(out / "table.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMES} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> Path:
+    """The tiny grid, run once without interruption."""
+    cwd = tmp_path_factory.mktemp("grid")
+    p = start("--out", "a", *GRID, cwd=cwd)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return cwd
+
+
+def test_grid_end_to_end_writes_table_and_figures(grid: Path) -> None:
+    out = grid / "a"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == RUNS
+    rows = table_rows(out)
+    assert [r["run"] for r in rows] == RUNS
+    for r in rows:  # every link finished: every figure is there, nothing marked partial
+        assert all(r[k] != "" for k in compare.COLS + ["n", "eps", "gpu", "torch", "commit"]), r
+        assert r["n"] == "8" and r["eps"] == "8/255" and r["gpu"] == "cpu"
+    md = (out / "table.md").read_text()
+    assert "Partial" not in md and "| **sovr** | 2 of 2 |" in md and "| sovr - ce, paired | 2 |" in md
+    assert (out / "aa.png").stat().st_size > 0 and (out / "margins.png").stat().st_size > 0
+    ce = json.loads((out / RUNS[0] / "best.margins-train-test.json").read_text())
+    assert len(ce["train"]) == 64 and len(ce["test"]) == 8
+    status = subprocess.run(
+        [sys.executable, str(REPO / "results" / "compare.py"), "--status", "--out", "a"],
+        cwd=grid,
+        capture_output=True,
+        text=True,
+    )
+    assert status.stdout.splitlines() == [f"{r}: done" for r in RUNS]
+
+
+def test_dry_run_prints_exactly_what_ran(grid: Path) -> None:
+    dry = subprocess.run(
+        [sys.executable, str(REPO / "results" / "compare.py"), "--dry-run", "--out", "a", *GRID],
+        cwd=grid,
+        capture_output=True,
+        text=True,
+    )
+    lines = dry.stdout.splitlines()
+    assert lines == [(grid / "a" / r / "run.sh").read_text().strip() for r in RUNS]  # the files bash ran
+    for r, line in zip(RUNS, lines):  # and each link's command is the one its log shows, once
+        ran = [ln[2:] for ln in runner.log_lines(grid / "a" / r / "console.log") if ln.startswith("$ ")]
+        assert ran == links_of(line)
+
+
+def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path) -> None:
+    p = start("--out", "b", *GRID, cwd=grid)
+    logs = [grid / "b" / r / "console.log" for r in RUNS]
+    while not any("done in " in ln for log in logs for ln in runner.log_lines(log)):
+        assert p.poll() is None, "the grid finished before it could be killed"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)  # the command and every run it started
+    p.wait()
+    status = subprocess.run(
+        [sys.executable, str(REPO / "results" / "compare.py"), "--status", "--out", "b"],
+        cwd=grid,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "stopped" in status and ": done" not in status, status
+    p = start("--out", "b", *GRID, cwd=grid)
+    assert p.wait(timeout=600) == 0
+    for log in logs:
+        lines = runner.log_lines(log)
+        done = [ln.split(": ", 1)[1] for ln in lines if ln.startswith("done in ")]
+        assert len(done) == len(set(done)) == 4  # each link finished once
+        for cmd in done:  # and never started again after it finished
+            finished_at = lines.index(next(ln for ln in lines if ln.startswith("done in ") and ln.endswith(cmd)))
+            assert f"$ {cmd}" not in lines[finished_at:]
+        assert len((log.parent / "links.jsonl").read_text().splitlines()) == 4
+        epochs = [
+            r["epoch"] for r in map(json.loads, (log.parent / "log.jsonl").read_text().splitlines()) if "epoch" in r
+        ]
+        assert epochs == [1, 2]
+    assert table_rows(grid / "b") == [{**r, "run": r["run"]} for r in table_rows(grid / "a")]
+
+
+def test_local_queue_runs_each_line_on_its_own_gpus_and_reports_failures(tmp_path: Path) -> None:
+    lines = {}
+    for name, rc in (("x", 3), ("y", 0), ("z", 0)):
+        (tmp_path / name).mkdir()
+        log = tmp_path / name / "console.log"
+        lines[str(tmp_path / name)] = f'echo "gpus $CUDA_VISIBLE_DEVICES" >> {log} && exit {rc}'
+    seen = []
+    rcs = runner.run_local(lines, ["0", "1", "2", "3", "4"], 2, 1, lambda f, rc: seen.append((Path(f).name, rc)))
+    assert rcs == {str(tmp_path / n): rc for n, rc in (("x", 3), ("y", 0), ("z", 0))}  # x failed, the rest ran
+    assert sorted(seen) == [("x", 3), ("y", 0), ("z", 0)]
+    used = {runner.last_line(tmp_path / n / "console.log") for n in "xyz"}
+    assert used <= {"gpus 0,1", "gpus 2,3"}  # two GPUs a run, GPU 4 left out
+    rcs = runner.run_local(
+        {
+            str(tmp_path / "y"): "echo threads $OMP_NUM_THREADS $CUDA_VISIBLE_DEVICES. >> "
+            f"{tmp_path / 'y' / 'console.log'}"
+        },
+        [],
+        1,
+        2,
+        lambda f, rc: None,
+    )
+    assert runner.last_line(tmp_path / "y" / "console.log") == f"threads {max(1, os.cpu_count() // 2)} ."
+
+
+def test_default_grid_is_24_runs() -> None:
+    grid = compare.grid_of(compare.get_args([])[0])
+    found = compare.runs(grid, Path("runs/compare").resolve(), 1)
+    assert len(found) == 24
+    assert found[0]["run"].name == "cifar10-resnet18-ce-s0" and found[-1]["run"].name == "cifar10-resnet18-ovr-s2"
+    assert "--attacks" not in found[0]["links"][1][1]  # standard AutoAttack on best.pt, every test point
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--losses", "ce,nope"], "invalid choice: 'nope'"),
+        (["--archs", "vgg"], "invalid choice: 'vgg'"),
+        (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--", "--epochs", "0"], "--epochs must be >= 1"),
+        (["--", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--attacks", "apgd-x"], "unknown attack(s) apgd-x"),
+        (["--", "--out", "elsewhere"], "--out after -- is the grid's own"),
+    ],
+)
+def test_bad_input_is_one_line_and_starts_nothing(argv, says, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--out", str(tmp_path / "g"), *argv])
+    code = e.value.code  # a message (sys.exit), or argparse's 2 after its usage and one error line
+    msg = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert says in msg and "\n" not in msg and msg.startswith(("compare.py: error: ", "usage")) is not None, msg
+    assert not (tmp_path / "g").exists()
+
+
+def test_grid_folder_of_another_grid_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "grid.json").write_text(json.dumps(compare.grid_of(compare.get_args(["--seeds", "0"])[0])))
+    with pytest.raises(SystemExit, match="holds another grid \\(seeds: \\['0'\\] there, \\['0', '1', '2'\\] here\\)"):
+        compare.main(["--out", str(tmp_path / "g")])
+    assert os.listdir(tmp_path / "g") == ["grid.json"]
+
+
+def test_slurm_without_sbatch_or_submitit_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SystemExit, match="sbatch is not on PATH"):
+        compare.main(["--out", str(tmp_path / "g"), "--slurm"])
+    (tmp_path / "sbatch").write_text("#!/bin/sh\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    with pytest.raises(SystemExit, match="--slurm needs submitit"):
+        compare.main(["--out", str(tmp_path / "g"), "--slurm"])
+    assert not (tmp_path / "g").exists()
