@@ -19,9 +19,9 @@ import compare  # noqa: E402
 import runner  # noqa: E402
 
 GRID = ["--losses", "ce,sovr", "--seeds", "0,1", "--datasets", "synthetic", "--points", "8", "--attacks", "apgd-ce"]
-GRID += ["--train-points", "64", "--jobs", "2", "--", "--smoke", "--train-limit", "128", "--val", "32"]
+GRID += ["--train-points", "32", "--jobs", "2", "--", "--smoke", "--train-limit", "128", "--val", "32"]
 RUNS = [f"synthetic-resnet18-{loss}-s{s}" for loss in ("ce", "sovr") for s in (0, 1)]
-TIMES = ("s_epoch", "s_aa")  # the only columns two identical grids may differ in
+TIMES = ("s_epoch", "s_aa", "commit")  # the only columns two identical grids may differ in (a tree edited meanwhile)
 
 
 def start(*argv: str, cwd: Path) -> subprocess.Popen:
@@ -63,7 +63,7 @@ def test_grid_end_to_end_writes_table_and_figures(grid: Path) -> None:
     assert "Partial" not in md and "| **sovr** | 2 of 2 |" in md and "| sovr - ce, paired | 2 |" in md
     assert (out / "aa.png").stat().st_size > 0 and (out / "margins.png").stat().st_size > 0
     ce = json.loads((out / RUNS[0] / "best.margins-train-test.json").read_text())
-    assert len(ce["train"]) == 64 and len(ce["test"]) == 8
+    assert len(ce["train"]) == 32 and len(ce["test"]) == 8
     status = subprocess.run(
         [sys.executable, str(REPO / "results" / "compare.py"), "--status", "--out", "a"],
         cwd=grid,
@@ -116,7 +116,7 @@ def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path) -> 
             r["epoch"] for r in map(json.loads, (log.parent / "log.jsonl").read_text().splitlines()) if "epoch" in r
         ]
         assert epochs == [1, 2]
-    assert table_rows(grid / "b") == [{**r, "run": r["run"]} for r in table_rows(grid / "a")]
+    assert table_rows(grid / "b") == table_rows(grid / "a")
 
 
 def test_local_queue_runs_each_line_on_its_own_gpus_and_reports_failures(tmp_path: Path) -> None:
@@ -191,3 +191,34 @@ def test_slurm_without_sbatch_or_submitit_is_one_line(tmp_path: Path, monkeypatc
     with pytest.raises(SystemExit, match="--slurm needs submitit"):
         compare.main(["--out", str(tmp_path / "g"), "--slurm"])
     assert not (tmp_path / "g").exists()
+
+
+def test_slurm_runs_the_grid_and_a_requeued_job_continues(grid: Path, slurm_cluster) -> None:
+    """Seed 0 of the tiny grid as two SLURM array jobs on the real one-node cluster; the sovr job is requeued
+    (scontrol requeue, as a preemption does) once its training has finished: it starts again, skips the finished
+    link, and the table's rows equal the uninterrupted local grid's."""
+    slurm = ["--slurm", "--wait", "--partition", slurm_cluster.partition, "--gpus-per-run", "0", "--cpus-per-run", "1"]
+    argv = [*GRID[: GRID.index("--seeds") + 1], "0", *GRID[GRID.index("--seeds") + 2 :]]
+    p = start("--out", "c", *slurm, "--mem", "1G", *argv, cwd=grid)
+    submitted = p.stdout.readline()
+    assert submitted.startswith("submitted 2 runs: SLURM jobs "), submitted
+    job = submitted.split()[-1]  # sovr-s0's, the array's second task
+    log = grid / "c" / "synthetic-resnet18-sovr-s0" / "console.log"
+    deadline = time.monotonic() + 300
+    started = done = 0
+    while not started > done > 0:  # until training has finished and the next link is in flight
+        assert time.monotonic() < deadline and p.poll() is None, runner.log_lines(log)
+        time.sleep(0.1)
+        marks = [ln[:2] for ln in runner.log_lines(log)]
+        started, done = marks.count("$ "), marks.count("do")
+    flight = [ln for ln in runner.log_lines(log) if ln.startswith("$ ")][-1]
+    slurm_cluster.run("scontrol", "requeue", job)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    lines = runner.log_lines(log)
+    done = [ln.split(": ", 1)[1] for ln in lines if ln.startswith("done in ")]
+    assert len(done) == len(set(done)) == 4  # every link finished once: the requeued job repeated none
+    train = next(ln for ln in lines if ln.startswith("$ ") and "train.py" in ln)
+    assert lines.count(train) == 1 and flight.startswith("$ ") and lines.count(flight) == 2  # killed and run again
+    seed0 = [r for r in table_rows(grid / "a") if r["seed"] == "0"]
+    assert table_rows(grid / "c") == seed0

@@ -19,7 +19,9 @@ a killed grid and never repeats a finished link (results/runner.py). The grid's 
 import contextlib
 import csv
 import glob
+import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -29,7 +31,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
 import runner  # noqa: E402  (the one launcher of results/)
 
 import cli  # noqa: E402
@@ -53,7 +56,7 @@ def get_args(argv: list[str]):
     a("--attacks", default=None, help="attack.py --attacks for best.pt (default: standard AutoAttack)")
     a("--train-points", type=int, default=10000, help="training points whose margins are measured (default 10000)")
     a("--out", default="runs/compare", help="the grid's folder (default runs/compare)")
-    a("--gpus-per-run", type=int, default=1, help="GPUs per run, through torchrun when > 1 (default 1)")
+    a("--gpus-per-run", type=int, default=1, help="GPUs per run, through torchrun when > 1; 0: CPU (default 1)")
     a("--jobs", type=int, default=1, help="runs at a time without a GPU (default 1)")
     for flag in ("dry-run", "status", "table", "slurm", "wait"):
         a(f"--{flag}", action="store_true", help={"wait": "with --slurm: wait for the jobs, then --table"}.get(flag))
@@ -66,9 +69,21 @@ def get_args(argv: list[str]):
     for bad in ("--out", "--resume", "--loss", "--seed", "--init"):
         if any(f == bad or f.startswith(bad + "=") for f in flags):
             p.error(f"{bad} after -- is the grid's own: the runner sets it for every run")
-    if min(args.points, args.train_points) < 0 or min(args.gpus_per_run, args.jobs) < 1:
-        p.error("--points and --train-points must be >= 0, --gpus-per-run and --jobs >= 1")
+    if min(args.points, args.train_points, args.gpus_per_run) < 0 or args.jobs < 1:
+        p.error("--points, --train-points and --gpus-per-run must be >= 0, --jobs >= 1")
+    try:
+        args.minutes = minutes(args.time)
+    except (ValueError, KeyError):
+        p.error(f"--time {args.time}: use SLURM's MM, MM:SS, HH:MM:SS or D-HH:MM:SS")
     return args, p
+
+
+def minutes(t: str) -> int:
+    """A SLURM time limit in whole minutes, rounded up."""
+    days, _, rest = t.rpartition("-")
+    parts = [int(v) for v in rest.split(":")]
+    h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return int(days or 0) * 1440 + h * 60 + m + (s > 0)
 
 
 def grid_of(args) -> dict:
@@ -92,46 +107,43 @@ def quiet(parse, argv: list[str]):
 
 
 def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
-    """Every run of the grid with its links [(done, cmd)], checked by train.py's and attack.py's own parsers."""
+    """Every run of the grid with its links [(done, cmd)], each command checked by train.py's or attack.py's own
+    parser first."""
     import attack
     import train
 
-    launch = [sys.executable] + ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"] * (
-        gpus_per_run > 1
-    )
-    script = {name: str(runner.REPO / name) for name in ("train.py", "attack.py")}
-    found = []
     for d in grid["datasets"]:
         if d not in ("cifar10", "cifar100", "synthetic") and not (d.endswith(".npz") and os.path.isfile(d)):
             raise ValueError(f"unknown dataset {d!r}: use cifar10, cifar100, synthetic or an existing .npz file")
-        for arch in grid["archs"]:
-            for loss in grid["losses"]:
-                for seed in grid["seeds"]:
-                    argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch]
-                    argv += ["--loss", loss, "--seed", seed, *grid["train_flags"]]
-                    t = quiet(train.get_args, argv)
-                    run = out / os.path.basename(t.out)
-                    found.append(dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, links=[]))
-                    found[-1]["links"].append(
-                        (str(run), [*launch, script["train.py"], *argv, "--out", str(run), "--resume", "auto"])
-                    )
-                    for ckpt, attacks in (("best", grid["attacks"]), ("last", grid["attacks"] or LAST_ATTACKS)):
-                        aa = ["--attacks", attacks] if attacks else []
-                        cmd = [
-                            *launch,
-                            script["attack.py"],
-                            str(run / f"{ckpt}.pt"),
-                            *aa,
-                            "--points",
-                            str(grid["points"]),
-                        ]
-                        quiet(attack.get_args, cmd[len(launch) + 1 :])
-                        mode = attacks.replace(",", "+") if attacks else "standard"
-                        done = run / f"{ckpt}.{mode}-Linf-eps*-n{grid['points'] or '*'}-seed0*.json"
-                        found[-1]["links"].append((str(done), cmd))
-                    ckpt = str(run / "best.pt")
-                    cmd = [sys.executable, runner.ME, "margins", ckpt, "--train-points", str(grid["train_points"])]
-                    found[-1]["links"].append((str(runner.margins_path(ckpt)), [*cmd, "--points", str(grid["points"])]))
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
+    launch = [sys.executable, *torchrun * (gpus_per_run > 1)]
+    found = []
+    for d, arch, loss, seed in itertools.product(grid["datasets"], grid["archs"], grid["losses"], grid["seeds"]):
+        argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch, "--loss", loss]
+        t = quiet(train.get_args, argv := [*argv, "--seed", seed, *grid["train_flags"]])
+        run = out / os.path.basename(t.out)  # train.py's own name for it
+        links = [(str(run), [*launch, str(REPO / "train.py"), *argv, "--out", str(run), "--resume", "auto"])]
+        for ckpt, attacks in (("best", grid["attacks"]), ("last", grid["attacks"] or LAST_ATTACKS)):
+            flags = [
+                str(run / f"{ckpt}.pt"),
+                *(["--attacks", attacks] if attacks else []),
+                "--points",
+                str(grid["points"]),
+            ]
+            quiet(attack.get_args, flags)
+            mode = attacks.replace(",", "+") if attacks else "standard"
+            links.append(
+                (
+                    str(run / f"{ckpt}.{mode}-Linf-eps*-n{grid['points'] or '*'}-seed0*.json"),
+                    [*launch, str(REPO / "attack.py"), *flags],
+                )
+            )
+        best, points = (
+            str(run / "best.pt"),
+            ["--train-points", str(grid["train_points"]), "--points", str(grid["points"])],
+        )
+        links.append((str(runner.margins_path(best)), [sys.executable, runner.ME, "margins", best, *points]))
+        found.append(dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, links=links))
     names = [r["run"] for r in found]
     if len(set(names)) < len(names):
         raise ValueError(
@@ -153,17 +165,17 @@ def slurm(args, todo: list[dict]) -> list:
         import submitit
     except ImportError:
         raise ValueError("--slurm needs submitit: pip install submitit") from None
-    ex = submitit.AutoExecutor(folder=str(Path(args.out) / "slurm"), cluster="slurm")
-    h, m, s = ([0, 0] + [int(v) for v in args.time.split(":")])[-3:]
+    ex = submitit.AutoExecutor(folder=str(Path(args.out).resolve() / "slurm"), cluster="slurm")
     ex.update_parameters(
-        timeout_min=max(1, h * 60 + m + (s > 0)),
-        gpus_per_node=args.gpus_per_run,
+        timeout_min=args.minutes,
+        **({"gpus_per_node": args.gpus_per_run} if args.gpus_per_run else {}),
         cpus_per_task=args.cpus_per_run,
         tasks_per_node=1,
         name="compare",
         slurm_array_parallelism=args.max_parallel or len(todo) or 1,
         **{f"slurm_{k}": getattr(args, k) for k in ("partition", "account", "constraint") if getattr(args, k)},
         **({"slurm_mem": args.mem} if args.mem else {}),
+        slurm_additional_parameters={"chdir": str(runner.HERE)},  # where the job imports runner.Chain from
     )
     return ex.map_array(runner.Chain(), [line(r) for r in todo])
 
@@ -325,9 +337,9 @@ def visible_gpus() -> list[str]:
     return (ids or [str(i) for i in range(torch.cuda.device_count())])[: torch.cuda.device_count()]
 
 
-def setup(args) -> tuple[dict, Path, list[dict]]:
-    """The grid (the flags, or grid.json for --status and --table), its folder and its runs; ValueError for input
-    that no run could use, before anything starts."""
+def setup(args) -> tuple[dict, Path, list[dict], list[str]]:
+    """The grid (the flags, or grid.json for --status and --table), its folder, its runs and the GPUs to run them
+    on here; ValueError for input that no run could use, before anything starts."""
     out = Path(args.out).resolve()
     saved = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else None
     grid = grid_of(args)
@@ -336,67 +348,64 @@ def setup(args) -> tuple[dict, Path, list[dict]]:
             raise ValueError(f"{out} holds no grid (no grid.json); start one, or point --out at one")
         grid = saved
     elif saved is not None and saved != grid:
-        diff = [k for k in grid if grid[k] != saved.get(k)]
+        diff = next(k for k in grid if grid[k] != saved.get(k))
         raise ValueError(
-            f"{out} holds another grid ({diff[0]}: {saved.get(diff[0])} there, {grid[diff[0]]} here); "
-            "choose another --out"
+            f"{out} holds another grid ({diff}: {saved.get(diff)} there, {grid[diff]} here); choose another --out"
         )
-    if args.slurm and not args.dry_run:
-        if not shutil.which("sbatch"):
-            raise ValueError("--slurm: sbatch is not on PATH (no SLURM here; --dry-run prints the lines to submit)")
-        if not __import__("importlib").util.find_spec("submitit"):
-            raise ValueError("--slurm needs submitit: pip install submitit")
-    return grid, out, runs(grid, out, args.gpus_per_run)
+    if args.slurm and not args.dry_run and not shutil.which("sbatch"):
+        raise ValueError("--slurm: sbatch is not on PATH (no SLURM here; --dry-run prints the lines to submit)")
+    if args.slurm and not args.dry_run and not importlib.util.find_spec("submitit"):
+        raise ValueError("--slurm needs submitit: pip install submitit")
+    found = runs(grid, out, args.gpus_per_run)
+    gpus = visible_gpus() if args.gpus_per_run and not (args.slurm or args.dry_run) else []
+    if 0 < len(gpus) < args.gpus_per_run:
+        raise ValueError(f"--gpus-per-run {args.gpus_per_run}: this machine shows {len(gpus)} GPUs")
+    return grid, out, found, gpus
+
+
+def launch(args, grid: dict, out: Path, found: list[dict], gpus: list[str]) -> int:
+    """Runs (or submits) every unfinished run, then writes the table; 1 if a run failed."""
+    for r in found:
+        r["run"].mkdir(parents=True, exist_ok=True)
+    runner.write_json(grid, out / "grid.json")
+    todo = [r for r in found if not all(runner.finished(d) for d, _ in r["links"])]
+    if args.slurm:
+        jobs = slurm(args, todo)
+        print(f"submitted {len(jobs)} runs: SLURM jobs {' '.join(j.job_id for j in jobs)}", flush=True)
+        if not args.wait:
+            return 0
+        failed = [r["run"].name for r, j in zip(todo, jobs) if j.exception() is not None]
+    else:
+
+        def report(run: str, rc: int) -> None:
+            said = "done" if rc == 0 else f"failed: {runner.last_line(Path(run) / 'console.log')}"
+            print(f"{Path(run).name}: {said}", flush=True)
+
+        lines = {str(r["run"]): line(r) for r in todo}
+        failed = [
+            Path(n).name for n, rc in runner.run_local(lines, gpus, args.gpus_per_run, args.jobs, report).items() if rc
+        ]
+    table(grid, out, found)
+    print(f"wrote {out / 'table.md'}" + (f"; {len(failed)} runs failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args, p = get_args(sys.argv[1:] if argv is None else argv)
     try:
-        grid, out, found = setup(args)
+        grid, out, found, gpus = setup(args)
     except ValueError as e:
         sys.exit(f"{p.prog}: error: {e}")
     if args.dry_run:
         print("\n".join(line(r) for r in found))
     elif args.status:
         for r in found:
-            st = runner.state(r["links"], r["run"] / "console.log")
-            print(
-                f"{r['run'].name}: {st}"
-                + ("" if st in ("done", "waiting") else f": {runner.last_line(r['run'] / 'console.log')}")
-            )
+            st, log = runner.state(r["links"], r["run"] / "console.log"), r["run"] / "console.log"
+            print(f"{r['run'].name}: {st}" + ("" if st in ("done", "waiting") else f": {runner.last_line(log)}"))
     elif args.table:
         print(table(grid, out, found))
     else:
-        for r in found:
-            r["run"].mkdir(parents=True, exist_ok=True)
-        runner.write_json(grid, out / "grid.json")
-        todo = [r for r in found if not all(runner.finished(d) for d, _ in r["links"])]
-        if args.slurm:
-            jobs = slurm(args, todo)
-            print(
-                f"submitted {len(jobs)} runs: SLURM jobs {', '.join(j.job_id for j in jobs)}"
-                if jobs
-                else "nothing to run"
-            )
-            if not args.wait:
-                return 0
-            failed = [r["run"].name for r, j in zip(todo, jobs) if j.exception() is not None]
-        else:
-
-            def report(name: str, rc: int) -> None:
-                print(
-                    f"{Path(name).name}: "
-                    + ("done" if rc == 0 else f"failed: {runner.last_line(Path(name) / 'console.log')}"),
-                    flush=True,
-                )
-
-            rcs = runner.run_local(
-                {str(r["run"]): line(r) for r in todo}, visible_gpus(), args.gpus_per_run, args.jobs, report
-            )
-            failed = [Path(n).name for n, rc in rcs.items() if rc]
-        table(grid, out, found)
-        print(f"wrote {out / 'table.md'}" + (f"; {len(failed)} runs failed: {', '.join(failed)}" if failed else ""))
-        return 1 if failed else 0
+        return launch(args, grid, out, found, gpus)
     return 0
 
 

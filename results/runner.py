@@ -43,7 +43,7 @@ def link(log: str, done: str, cmd: list[str]) -> int:
     line = shlex.join(cmd)
     if finished(done):
         if not any(ln.startswith("done in ") and ln.endswith(f": {line}") for ln in log_lines(log)):
-            record(log, line, cmd, "found its result")
+            record(log, line, cmd, "0s (its result was there)")
         return 0
     with open(log, "a") as f:
         f.write(f"$ {line}\n")
