@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "results"))
 import compare  # noqa: E402
+import compare_table  # noqa: E402
 import runner  # noqa: E402
 
 GRID = ["--losses", "ce,sovr", "--seeds", "0,1", "--datasets", "synthetic", "--points", "8", "--attacks", "apgd-ce"]
@@ -54,10 +55,11 @@ def grid(tmp_path_factory) -> Path:
 def test_grid_end_to_end_writes_table_and_figures(grid: Path) -> None:
     out = grid / "a"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == RUNS
-    rows = table_rows(out)
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == RUNS
     for r in rows:  # every link finished: every figure is there, nothing marked partial
-        assert all(r[k] != "" for k in compare.COLS + ["n", "eps", "gpu", "torch", "commit"]), r
+        assert all(r[k] != "" for k in compare_table.COLS + ["n", "eps", "gpu", "torch", "commit"]), r
         assert r["n"] == "8" and r["eps"] == "8/255" and r["gpu"] == "cpu"
     md = (out / "table.md").read_text()
     assert "Partial" not in md and "| **sovr** | 2 of 2 |" in md and "| sovr - ce, paired | 2 |" in md
@@ -102,6 +104,10 @@ def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path) -> 
         text=True,
     ).stdout
     assert "stopped" in status and ": done" not in status, status
+    subprocess.run(
+        [sys.executable, str(REPO / "results" / "compare.py"), "--table", "--out", "b"], cwd=grid, check=True
+    )
+    assert "**Partial grid: 0 of 4 runs have finished every link**" in (grid / "b" / "table.md").read_text()
     p = start("--out", "b", *GRID, cwd=grid)
     assert p.wait(timeout=600) == 0
     for log in logs:
@@ -123,25 +129,19 @@ def test_local_queue_runs_each_line_on_its_own_gpus_and_reports_failures(tmp_pat
     lines = {}
     for name, rc in (("x", 3), ("y", 0), ("z", 0)):
         (tmp_path / name).mkdir()
-        log = tmp_path / name / "console.log"
-        lines[str(tmp_path / name)] = f'echo "gpus $CUDA_VISIBLE_DEVICES" >> {log} && exit {rc}'
+        lines[str(tmp_path / name)] = (
+            f'echo "gpus $CUDA_VISIBLE_DEVICES" >> {tmp_path / name / "console.log"}; exit {rc}'
+        )
     seen = []
-    rcs = runner.run_local(lines, ["0", "1", "2", "3", "4"], 2, 1, lambda f, rc: seen.append((Path(f).name, rc)))
+    where = runner.slots(["0", "1", "2", "3", "4"], 2, 1)
+    assert where == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]  # two GPUs a run, not GPU 4
+    rcs = runner.run_local(lines, where, lambda f, rc: seen.append((Path(f).name, rc)))
     assert rcs == {str(tmp_path / n): rc for n, rc in (("x", 3), ("y", 0), ("z", 0))}  # x failed, the rest ran
     assert sorted(seen) == [("x", 3), ("y", 0), ("z", 0)]
-    used = {runner.last_line(tmp_path / n / "console.log") for n in "xyz"}
-    assert used <= {"gpus 0,1", "gpus 2,3"}  # two GPUs a run, GPU 4 left out
-    rcs = runner.run_local(
-        {
-            str(tmp_path / "y"): "echo threads $OMP_NUM_THREADS $CUDA_VISIBLE_DEVICES. >> "
-            f"{tmp_path / 'y' / 'console.log'}"
-        },
-        [],
-        1,
-        2,
-        lambda f, rc: None,
-    )
-    assert runner.last_line(tmp_path / "y" / "console.log") == f"threads {max(1, os.cpu_count() // 2)} ."
+    assert {runner.last_line(tmp_path / n / "console.log") for n in "xyz"} <= {"gpus 0,1", "gpus 2,3"}
+    assert (tmp_path / "x" / "run.sh").read_text() == lines[str(tmp_path / "x")] + "\n"  # what bash ran
+    cpu = runner.slots([], 1, 2)
+    assert cpu == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}] * 2
 
 
 def test_default_grid_is_24_runs() -> None:

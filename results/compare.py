@@ -17,16 +17,12 @@ a killed grid and never repeats a finished link (results/runner.py). The grid's 
 """
 
 import contextlib
-import csv
-import glob
 import importlib.util
 import io
 import itertools
 import json
-import math
 import os
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,14 +30,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import runner  # noqa: E402  (the one launcher of results/)
+from compare_table import table  # noqa: E402
 
 import cli  # noqa: E402
-import runlog  # noqa: E402
 
 LOSSES = "ce,trades,mart,mail,gairat,sovr,trades-sovr,ovr"
 LAST_ATTACKS = "apgd-ce,apgd-t"  # last.pt's cheap check; standard AA runs them first, so best.pt's figure is in it
-IMPORTANT = 0.3  # the share of points with the smallest margins, as attack.py's mean_margin_smallest30
-COLS = ["clean", "pgd20", "aa", "gap", "last_minus_best", "train_imp", "train_rest", "test_imp", "test_rest"]
 
 
 def get_args(argv: list[str]):
@@ -117,32 +111,22 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
             raise ValueError(f"unknown dataset {d!r}: use cifar10, cifar100, synthetic or an existing .npz file")
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
     launch = [sys.executable, *torchrun * (gpus_per_run > 1)]
-    found = []
+    found, n = [], str(grid["points"])
     for d, arch, loss, seed in itertools.product(grid["datasets"], grid["archs"], grid["losses"], grid["seeds"]):
         argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch, "--loss", loss]
-        t = quiet(train.get_args, argv := [*argv, "--seed", seed, *grid["train_flags"]])
+        argv += ["--seed", seed, *grid["train_flags"]]
+        t = quiet(train.get_args, argv)
         run = out / os.path.basename(t.out)  # train.py's own name for it
         links = [(str(run), [*launch, str(REPO / "train.py"), *argv, "--out", str(run), "--resume", "auto"])]
         for ckpt, attacks in (("best", grid["attacks"]), ("last", grid["attacks"] or LAST_ATTACKS)):
-            flags = [
-                str(run / f"{ckpt}.pt"),
-                *(["--attacks", attacks] if attacks else []),
-                "--points",
-                str(grid["points"]),
-            ]
+            flags = [str(run / f"{ckpt}.pt"), *["--attacks", attacks] * bool(attacks), "--points", n]
             quiet(attack.get_args, flags)
             mode = attacks.replace(",", "+") if attacks else "standard"
-            links.append(
-                (
-                    str(run / f"{ckpt}.{mode}-Linf-eps*-n{grid['points'] or '*'}-seed0*.json"),
-                    [*launch, str(REPO / "attack.py"), *flags],
-                )
-            )
-        best, points = (
-            str(run / "best.pt"),
-            ["--train-points", str(grid["train_points"]), "--points", str(grid["points"])],
-        )
-        links.append((str(runner.margins_path(best)), [sys.executable, runner.ME, "margins", best, *points]))
+            done = run / f"{ckpt}.{mode}-Linf-eps*-n{grid['points'] or '*'}-seed0*.json"  # any device, any processes
+            links.append((str(done), [*launch, str(REPO / "attack.py"), *flags]))
+        best = str(run / "best.pt")
+        cmd = [sys.executable, runner.ME, "margins", best, "--train-points", str(grid["train_points"]), "--points", n]
+        links.append((str(runner.margins_path(best)), cmd))
         found.append(dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, links=links))
     names = [r["run"] for r in found]
     if len(set(names)) < len(names):
@@ -178,156 +162,6 @@ def slurm(args, todo: list[dict]) -> list:
         slurm_additional_parameters={"chdir": str(runner.HERE)},  # where the job imports runner.Chain from
     )
     return ex.map_array(runner.Chain(), [line(r) for r in todo])
-
-
-def result(done: str) -> dict | None:
-    """A finished link's JSON (None while it has not finished)."""
-    found = sorted(glob.glob(done))
-    return json.loads(Path(found[0]).read_text()) if found else None
-
-
-def smallest(margins: list[float]) -> list[bool]:
-    """The IMPORTANT share of points with the smallest margins (ties: lower index first), as results/late.py."""
-    chosen = set(sorted(range(len(margins)), key=lambda i: margins[i])[: round(IMPORTANT * len(margins))])
-    return [i in chosen for i in range(len(margins))]
-
-
-def metrics(r: dict, ce: dict | None) -> dict:
-    """A run's figures from its finished links only (None where a link has not finished); ce: the same seed's ce
-    run's margins, which fix the important points."""
-    final = runlog.final(str(r["run"]))
-    aa, last, mg = (result(done) if final else None for done, _ in r["links"][1:])
-    recs = [x for x in runlog.records(str(r["run"])) if "epoch" in x]
-    res = {k: None for k in COLS} | dict(s_epoch=statistics.mean(x["time"] for x in recs) if recs else None)
-    if aa:
-        s = aa["settings"]
-        res |= dict(clean=aa["clean_acc"], aa=aa["robust_acc"], n=s["n"], eps=s["eps"], s_aa=aa["time_s"])
-        res["torch"] = aa["versions"]["torch"]
-    if aa and last:  # the same attacks on both: last.pt's list, which best.pt's run also went through
-        res["last_minus_best"] = last["robust_acc"] - aa["robust_after"].get(list(last["robust_after"])[-1], math.nan)
-    if aa and mg:  # PGD-20 on the attacked points; a point counts if it is classified right, clean and attacked
-        res["pgd20"] = statistics.mean(bool(c) and m > 0 for c, m in zip(aa["clean"], mg["test"]))
-        res["gap"] = res["pgd20"] - res["aa"]
-    if mg:
-        res["gpu"] = mg.get("device")
-        for part in ("train", "test") if ce else ():
-            imp = smallest(ce[part])
-            res[f"{part}_imp"] = statistics.mean(v for v, i in zip(mg[part], imp) if i)
-            res[f"{part}_rest"] = statistics.mean(v for v, i in zip(mg[part], imp) if not i)
-    with contextlib.suppress(OSError, IndexError):
-        res["commit"] = json.loads((r["run"] / "links.jsonl").read_text().splitlines()[0])["commit"]
-    return res
-
-
-def fmt(vals: list, col: str) -> str:
-    vals = [v for v in vals if v is not None and not math.isnan(v)]
-    if not vals:
-        return "-"
-    scale, digits = (1, 2) if "_imp" in col or "_rest" in col else (100, 1)
-    sd = f" ± {statistics.stdev(vals) * scale:.{digits}f}" if len(vals) > 1 else ""
-    return f"{statistics.mean(vals) * scale:.{digits}f}{sd}"
-
-
-HEAD = [
-    "clean %",
-    "PGD-20 %",
-    "AA %",
-    "PGD-20 - AA",
-    "last - best, APGD-CE+T",
-    "train margin, important",
-    "train margin, other",
-    "test margin, important",
-    "test margin, other",
-]
-
-
-def table(grid: dict, out: Path, found: list[dict]) -> str:
-    """table.md and table.csv (one row per run), aa.png and margins.png, from the finished links."""
-    ce = {(r["dataset"], r["arch"], r["seed"]): result(r["links"][3][0]) for r in found if r["loss"] == "ce"}
-    for r in found:
-        r["m"] = metrics(r, ce.get((r["dataset"], r["arch"], r["seed"])))
-    complete = [r for r in found if all(runner.finished(d) for d, _ in r["links"])]
-    extra = ["n", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit"]
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *extra])
-        for r in found:
-            w.writerow(
-                [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(r["m"][k] for k in COLS + extra)]
-            )
-    lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
-    if len(complete) < len(found):
-        lines += [
-            f"**Partial grid: {len(complete)} of {len(found)} runs have finished every link**; a cell counts "
-            "only the finished links of its runs (seeds: runs with a figure of their own, of those in the grid).",
-            "",
-        ]
-    lines += [
-        "Per loss, mean ± std over seeds, then each seed; important points: the 30% smallest margins under the "
-        "same seed's ce run (best.pt). Paired: minus ce, same seed.",
-        "",
-    ]
-    lines += [
-        "| loss | seeds | " + " | ".join(HEAD) + " | n | eps | GPU | s/epoch | s per AA | torch | commit |",
-        "|---" * (len(HEAD) + 9) + "|",
-    ]
-    groups: dict = {}
-    for r in found:
-        groups.setdefault((r["dataset"], r["arch"], r["loss"]), []).append(r)
-    for (d, arch, loss), rs in groups.items():
-        have = [r for r in rs if r["m"]["aa"] is not None or r["m"]["clean"] is not None]
-        pre = f"{loss}" + (f" ({d}, {arch})" if len(groups) > len(grid["losses"]) else "")
-        rows = [(f"**{pre}**", f"{len(have)} of {len(rs)}", have)] + [
-            (f"{pre}, seed {r['seed']}", "1", [r]) for r in have
-        ]
-        for name, seeds, sel in rows:
-            cells = [fmt([r["m"][k] for r in sel], k) for k in COLS]
-            first = sel[0]["m"] if sel else {}
-            env = [first.get(k) for k in ("n", "eps", "gpu")] + [
-                fmt([r["m"][k] / 100 for r in sel if r["m"][k]], "s") for k in ("s_epoch", "s_aa")
-            ]
-            env += [first.get("torch"), ",".join(sorted({str(r["m"].get("commit")) for r in sel}))]
-            lines.append(
-                f"| {name} | {seeds} | " + " | ".join(cells + [str(v if v is not None else "-") for v in env]) + " |"
-            )
-        if loss != "ce":
-            base = {r["seed"]: r for r in found if (r["dataset"], r["arch"], r["loss"]) == (d, arch, "ce")}
-            pairs = [(r["m"], base[r["seed"]]["m"]) for r in rs if r["seed"] in base]
-            cells = [fmt([a[k] - b[k] for a, b in pairs if None not in (a[k], b[k])], k) for k in COLS]
-            n = sum(a["aa"] is not None and b["aa"] is not None for a, b in pairs)
-            lines.append(f"| {pre} - ce, paired | {n} | " + " | ".join(cells) + " |" + " |" * 7)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    figures(grid, out, groups)
-    return "\n".join(lines)
-
-
-def figures(grid: dict, out: Path, groups: dict) -> None:
-    """aa.png: AutoAttack accuracy per loss, each seed a point; margins.png: the important points' margins per loss
-    (the first seed), training and test points."""
-    plt = cli.pyplot()
-    if plt is None:
-        return print("matplotlib is not installed: no figures (pip install matplotlib)")
-    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(groups), 3.5))
-    for k, rs in enumerate(groups.values()):
-        v = [100 * r["m"]["aa"] for r in rs if r["m"]["aa"] is not None]
-        ax.scatter([k] * len(v), v, color="C0", s=18)
-        if v:
-            ax.hlines(statistics.mean(v), k - 0.3, k + 0.3, color="C1")
-    ax.set_xticks(range(len(groups)), [k[2] for k in groups], rotation=30)
-    ax.set(ylabel="AutoAttack accuracy % (each seed; line: mean)")
-    fig.tight_layout(), fig.savefig(out / "aa.png", dpi=120), plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, part in zip(axes, ("train", "test")):
-        for (d, arch, loss), rs in groups.items():
-            r = next((r for r in rs if r["m"][f"{part}_imp"] is not None), None)
-            if r:
-                ce = next(c for c in groups[(d, arch, "ce")] if c["seed"] == r["seed"])
-                imp, m = smallest(result(ce["links"][3][0])[part]), result(r["links"][3][0])[part]
-                ax.hist([v for v, i in zip(m, imp) if i], bins=40, histtype="step", label=f"{loss} (seed {r['seed']})")
-        ax.axvline(0, color="gray", linewidth=0.8)
-        ax.set(xlabel=f"PGD-20 logit margin, important {part} points", ylabel="points")
-        ax.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(out / "margins.png", dpi=120), plt.close(fig)
 
 
 def visible_gpus() -> list[str]:
@@ -382,9 +216,8 @@ def launch(args, grid: dict, out: Path, found: list[dict], gpus: list[str]) -> i
             print(f"{Path(run).name}: {said}", flush=True)
 
         lines = {str(r["run"]): line(r) for r in todo}
-        failed = [
-            Path(n).name for n, rc in runner.run_local(lines, gpus, args.gpus_per_run, args.jobs, report).items() if rc
-        ]
+        where = runner.slots(gpus, args.gpus_per_run, args.jobs)
+        failed = [Path(n).name for n, rc in runner.run_local(lines, where, report).items() if rc]
     table(grid, out, found)
     print(f"wrote {out / 'table.md'}" + (f"; {len(failed)} runs failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -37,7 +37,7 @@ def finished(done: str) -> bool:
     return runlog.final(done) is not None if os.path.isdir(done) else bool(glob.glob(done))
 
 
-def link(log: str, done: str, cmd: list[str]) -> int:
+def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Runs one link unless its result exists, logging to `log`; its exit code (1 when it ends without its result).
     A link killed after its result was written, before its done line, gets that line on the next run, not a rerun."""
     line = shlex.join(cmd)
@@ -50,7 +50,7 @@ def link(log: str, done: str, cmd: list[str]) -> int:
         f.flush()
         Path(log).with_name("running").write_text(f"{socket.gethostname()} {os.getpid()}\n")
         t0 = time.time()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         rc = rc or (0 if finished(done) else 1)
         if rc:
             f.write(f"failed ({rc}) in {time.time() - t0:.0f}s: {line}\n")
@@ -116,33 +116,49 @@ def state(links: list[tuple[str, list[str]]], log: str | Path) -> str:
     return "waiting"
 
 
-def run_local(
-    lines: dict[str, str], gpus: list[str], per_run: int, jobs: int, report: Callable[[str, int], None]
-) -> dict[str, int]:
-    """Every run folder's line, written to <folder>/run.sh and run with bash, as many at a time as there are slots:
-    per_run GPUs each (CUDA_VISIBLE_DEVICES), or without GPUs `jobs` slots sharing out the cores
-    (OMP_NUM_THREADS). A failed line does not stop the others; report(folder, exit code) as each ends."""
-    slots: queue.Queue = queue.Queue()
-    for k in range(0, len(gpus) - per_run + 1, per_run):
-        slots.put({"CUDA_VISIBLE_DEVICES": ",".join(gpus[k : k + per_run])})
-    for _ in range(0 if gpus else jobs):
-        slots.put({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))})
-    if slots.empty():
-        raise ValueError(f"--gpus-per-run {per_run} is more than the {len(gpus)} visible GPUs")
+def slots(gpus: list[str], per_run: int, jobs: int, threads: int | None = None) -> list[dict[str, str]]:
+    """Where runs go on this machine: per_run GPUs each (CUDA_VISIBLE_DEVICES), or without GPUs `jobs` CPU slots
+    of `threads` threads each (OMP_NUM_THREADS; default: the cores shared out)."""
+    if gpus:
+        return [
+            {"CUDA_VISIBLE_DEVICES": ",".join(gpus[k : k + per_run])}
+            for k in range(0, len(gpus) - per_run + 1, per_run)
+        ]
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}] * jobs
 
-    def one(folder: str) -> int:
-        script = Path(folder) / "run.sh"
-        script.write_text(lines[folder] + "\n")
-        slot = slots.get()
+
+def run_queue(
+    tasks: dict[str, Callable[[dict], int]], where: list[dict], report: Callable[[str, int], None]
+) -> dict[str, int]:
+    """The local queue: each task(env) once a slot is free, as many at a time as there are slots; a failed task
+    does not stop the others; report(name, exit code) as each ends."""
+    free: queue.Queue = queue.Queue()
+    for slot in where:
+        free.put(slot)
+
+    def one(name: str) -> int:
+        slot = free.get()
         try:
-            rc = subprocess.call(["bash", str(script)], env={**os.environ, **slot}, stdout=subprocess.DEVNULL)
+            rc = tasks[name](slot)
         finally:
-            slots.put(slot)
-        report(folder, rc)
+            free.put(slot)
+        report(name, rc)
         return rc
 
-    with ThreadPoolExecutor(slots.qsize()) as pool:
-        return dict(zip(lines, pool.map(one, lines)))
+    with ThreadPoolExecutor(len(where)) as pool:
+        return dict(zip(tasks, pool.map(one, tasks)))
+
+
+def run_local(lines: dict[str, str], where: list[dict], report: Callable[[str, int], None]) -> dict[str, int]:
+    """Every run folder's line, written to <folder>/run.sh and run with bash in the queue."""
+
+    def task(folder: str) -> Callable[[dict], int]:
+        script = Path(folder) / "run.sh"
+        script.write_text(lines[folder] + "\n")
+        return lambda env: subprocess.call(["bash", str(script)], env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+
+    return run_queue({folder: task(folder) for folder in lines}, where, report)
 
 
 try:  # SLURM's requeue of a timed-out or preempted job, when submitit is installed
@@ -157,6 +173,8 @@ class Chain(Checkpointable):
 
     def __call__(self, line: str) -> None:
         rc = subprocess.call(["bash", "-c", line])
+        if rc < 0 or rc > 128:  # a signal: SLURM is ending the job (requeue, preemption, time limit)
+            time.sleep(600)  # until it ends this process too: a result now would tell --wait the run had ended
         if rc:
             raise RuntimeError(f"the run's line exited with {rc}; its console.log says why")
 
