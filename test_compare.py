@@ -19,6 +19,8 @@ import compare  # noqa: E402
 import compare_table  # noqa: E402
 import runner  # noqa: E402
 
+import runlog  # noqa: E402
+
 GRID = ["--losses", "ce,sovr", "--seeds", "0,1", "--datasets", "synthetic", "--points", "8", "--attacks", "apgd-ce"]
 GRID += ["--train-points", "32", "--jobs", "2", "--", "--smoke", "--train-limit", "128", "--val", "32"]
 RUNS = [f"synthetic-resnet18-{loss}-s{s}" for loss in ("ce", "sovr") for s in (0, 1)]
@@ -108,19 +110,23 @@ def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path) -> 
         [sys.executable, str(REPO / "results" / "compare.py"), "--table", "--out", "b"], cwd=grid, check=True
     )
     assert "**Partial grid: 0 of 4 runs have finished every link**" in (grid / "b" / "table.md").read_text()
+    found = compare.runs(json.loads((grid / "b" / "grid.json").read_text()), grid / "b", 1)
+    finished = {r["run"].name: [shlex.join(c) for d, c in r["links"] if runner.finished(d)] for r in found}
+    seen = {r["run"].name: len(runner.log_lines(r["run"] / "console.log")) for r in found}
+    assert 0 < sum(map(len, finished.values())) < 16  # killed in the middle
     p = start("--out", "b", *GRID, cwd=grid)
     assert p.wait(timeout=600) == 0
-    for log in logs:
-        lines = runner.log_lines(log)
-        done = [ln.split(": ", 1)[1] for ln in lines if ln.startswith("done in ")]
-        assert len(done) == len(set(done)) == 4  # each link finished once
-        for cmd in done:  # and never started again after it finished
-            finished_at = lines.index(next(ln for ln in lines if ln.startswith("done in ") and ln.endswith(cmd)))
-            assert f"$ {cmd}" not in lines[finished_at:]
-        assert len((log.parent / "links.jsonl").read_text().splitlines()) == 4
-        epochs = [
-            r["epoch"] for r in map(json.loads, (log.parent / "log.jsonl").read_text().splitlines()) if "epoch" in r
-        ]
+    for r in found:
+        lines = runner.log_lines(r["run"] / "console.log")
+        assert all(runner.finished(d) for d, _ in r["links"])
+        for cmd in finished[r["run"].name]:  # a link finished before the kill never started again
+            assert f"$ {cmd}" not in lines[seen[r["run"].name] :]
+        for cmd in (shlex.join(c) for _, c in r["links"]):  # started at most twice (once killed), finished once
+            assert (
+                lines.count(f"$ {cmd}") <= 2
+                and sum(ln.startswith("done in ") and ln.endswith(cmd) for ln in lines) <= 1
+            )
+        epochs = [x["epoch"] for x in runlog.records(str(r["run"])) if "epoch" in x]
         assert epochs == [1, 2]
     assert table_rows(grid / "b") == table_rows(grid / "a")
 
@@ -222,3 +228,15 @@ def test_slurm_runs_the_grid_and_a_requeued_job_continues(grid: Path, slurm_clus
     assert lines.count(train) == 1 and flight.startswith("$ ") and lines.count(flight) == 2  # killed and run again
     seed0 = [r for r in table_rows(grid / "a") if r["seed"] == "0"]
     assert table_rows(grid / "c") == seed0
+
+
+def test_study_chains_go_through_the_runner_and_skip_the_published_results() -> None:
+    """results/study.py builds each run's chain for the runner: a rerun of the published study repeats no link."""
+    import study
+
+    args = study.get_args([])
+    for r in study.runs(args):
+        links = study.links(r, args, study.HERE / "e5")
+        assert links[0][1][-2:] == ["--resume", "auto"] and all(runner.finished(d) for d, _ in links), r
+        line = runner.chain_line(links, "console.log", study.REPO)
+        assert links_of(line) == [shlex.join(c) for _, c in links]

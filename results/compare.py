@@ -234,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.status:
         for r in found:
             st, log = runner.state(r["links"], r["run"] / "console.log"), r["run"] / "console.log"
-            print(f"{r['run'].name}: {st}" + ("" if st in ("done", "waiting") else f": {runner.last_line(log)}"))
+            print(
+                f"{r['run'].name}: {st}"
+                + ("" if st == "done" or st.startswith("waiting") else f": {runner.last_line(log)}")
+            )
     elif args.table:
         print(table(grid, out, found))
     else:

@@ -1,6 +1,7 @@
 """The one way results/ launches runs: a run is a chain of links (train.py, attack.py, margins), written as one
-self-contained shell line; the line runs here (a queue of GPUs or CPU slots), on SLURM (submitit, one array job
-per run), or anywhere a user pastes it (compare.py --dry-run).
+self-contained shell line; the line runs here (run_local: a queue of GPU or CPU slots), on SLURM (Chain, a
+submitit job per run), or anywhere a user pastes it (compare.py --dry-run). results/late.py, whose chains decide
+as they go, puts its own tasks in the same queue (run_queue) and runs each command through `link`.
 
 Each link in a line is `python results/runner.py link LOG DONE -- CMD...`: it skips CMD when DONE shows the link's
 result exists (a run folder: train.py's final test report in its log.jsonl; anything else: a glob of result files,
@@ -38,13 +39,10 @@ def finished(done: str) -> bool:
 
 
 def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
-    """Runs one link unless its result exists, logging to `log`; its exit code (1 when it ends without its result).
-    A link killed after its result was written, before its done line, gets that line on the next run, not a rerun."""
-    line = shlex.join(cmd)
+    """Runs one link unless its result exists, logging to `log`; its exit code (1 when it ends without its result)."""
     if finished(done):
-        if not any(ln.startswith("done in ") and ln.endswith(f": {line}") for ln in log_lines(log)):
-            record(log, line, cmd, "0s (its result was there)")
         return 0
+    line = shlex.join(cmd)
     with open(log, "a") as f:
         f.write(f"$ {line}\n")
         f.flush()
@@ -52,21 +50,13 @@ def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None)
         t0 = time.time()
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         rc = rc or (0 if finished(done) else 1)
-        if rc:
-            f.write(f"failed ({rc}) in {time.time() - t0:.0f}s: {line}\n")
+        f.write(f"{'done' if rc == 0 else f'failed ({rc})'} in {time.time() - t0:.0f}s: {line}\n")
     Path(log).with_name("running").unlink(missing_ok=True)
-    if rc == 0:
-        record(log, line, cmd, f"{time.time() - t0:.0f}s")
+    if rc == 0:  # beside the log, what the table reports with the figures: the code that made them
+        rec = dict(cmd=cmd, seconds=round(time.time() - t0, 1), commit=commit(), host=socket.gethostname())
+        with open(Path(log).with_name("links.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
     return rc
-
-
-def record(log: str, line: str, cmd: list[str], took: str) -> None:
-    """The done line, and beside the log what the table reports with the figures: the code that made them."""
-    with open(log, "a") as f:
-        f.write(f"done in {took}: {line}\n")
-    rec = dict(cmd=cmd, took=took, commit=commit(), host=socket.gethostname())
-    with open(Path(log).with_name("links.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def commit() -> str:
@@ -74,11 +64,11 @@ def commit() -> str:
     return run.stdout.strip() or "unknown"
 
 
-def chain_line(links: list[tuple[str, list[str]]], log: str, cwd: str | Path, env: dict[str, str] | None = None) -> str:
-    """One shell line: cd to `cwd`, the environment, each (done, cmd) link through `link`, joined by &&."""
-    envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+def chain_line(links: list[tuple[str, list[str]]], log: str, cwd: str | Path) -> str:
+    """One shell line: cd to `cwd`, then each (done, cmd) link through `link`, joined by &&. Where it runs (GPUs,
+    threads) is the queue's or the scheduler's business, not the line's."""
     parts = [shlex.join([sys.executable, ME, "link", log, done, "--", *cmd]) for done, cmd in links]
-    return f"cd {shlex.quote(str(cwd))} && " + (f"export {envs} && " if envs else "") + " && ".join(parts)
+    return f"cd {shlex.quote(str(cwd))} && " + " && ".join(parts)
 
 
 def write_json(obj: dict, path: str | Path) -> None:
@@ -102,7 +92,8 @@ def last_line(log: str | Path) -> str:
 
 def state(links: list[tuple[str, list[str]]], log: str | Path) -> str:
     """done / running / stopped / failed / waiting, from the links' results and the log's markers."""
-    if all(finished(done) for done, _ in links):
+    done = sum(finished(d) for d, _ in links)
+    if done == len(links):
         return "done"
     last = [ln for ln in log_lines(log) if ln.startswith(MARKS)]
     if last and last[-1].startswith("failed"):
@@ -110,10 +101,18 @@ def state(links: list[tuple[str, list[str]]], log: str | Path) -> str:
     if last and last[-1].startswith("$ "):
         flag = Path(log).with_name("running")
         host, pid = (flag.read_text().split() if flag.exists() else [socket.gethostname(), "0"])[:2]
-        if host == socket.gethostname() and not os.path.exists(f"/proc/{pid}"):
+        if host == socket.gethostname() and not alive(int(pid)):
             return "stopped"  # killed: the same command continues it
         return "running" + ("" if host == socket.gethostname() else f" on {host}")
-    return "waiting"
+    return f"waiting ({done} of {len(links)} links done)"
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of this machine runs (a killed one may linger as a zombie until it is reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] not in "ZX"
+    except (OSError, IndexError):
+        return False
 
 
 def slots(gpus: list[str], per_run: int, jobs: int, threads: int | None = None) -> list[dict[str, str]]:
