@@ -90,14 +90,14 @@ def grid_of(args) -> dict:
     )
 
 
-def quiet(parse, argv: list[str]):
-    """A parser's result, or ValueError with the one line its error printed."""
+def quiet(script: str, parse, argv: list[str]):
+    """A script's parser's result, or ValueError with the one line its error printed."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             return parse(argv)
     except SystemExit:
-        raise ValueError(err.getvalue().strip().splitlines()[-1]) from None
+        raise ValueError(f"{script}: {err.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]}") from None
 
 
 def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
@@ -115,12 +115,12 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     for d, arch, loss, seed in itertools.product(grid["datasets"], grid["archs"], grid["losses"], grid["seeds"]):
         argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch, "--loss", loss]
         argv += ["--seed", seed, *grid["train_flags"]]
-        t = quiet(train.get_args, argv)
+        t = quiet("train.py", train.get_args, argv)
         run = out / os.path.basename(t.out)  # train.py's own name for it
         links = [(str(run), [*launch, str(REPO / "train.py"), *argv, "--out", str(run), "--resume", "auto"])]
         for ckpt, attacks in (("best", grid["attacks"]), ("last", grid["attacks"] or LAST_ATTACKS)):
             flags = [str(run / f"{ckpt}.pt"), *["--attacks", attacks] * bool(attacks), "--points", n]
-            quiet(attack.get_args, flags)
+            quiet("attack.py", attack.get_args, flags)
             mode = attacks.replace(",", "+") if attacks else "standard"
             done = run / f"{ckpt}.{mode}-Linf-eps*-n{grid['points'] or '*'}-seed0*.json"  # any device, any processes
             links.append((str(done), [*launch, str(REPO / "attack.py"), *flags]))

@@ -65,7 +65,7 @@ def fmt(vals: list, col: str) -> str:
     vals = [v for v in vals if v is not None and not math.isnan(v)]
     if not vals:
         return "-"
-    scale, digits = (1, 2) if "_imp" in col or "_rest" in col else (1, 0) if col.startswith("s_") else (100, 1)
+    scale, digits = (1, 2) if "_imp" in col or "_rest" in col else (1, 1) if col.startswith("s_") else (100, 1)
     sd = f" ± {statistics.stdev(vals) * scale:.{digits}f}" if len(vals) > 1 else ""
     return f"{statistics.mean(vals) * scale:.{digits}f}{sd}"
 
