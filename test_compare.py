@@ -240,3 +240,14 @@ def test_study_chains_go_through_the_runner_and_skip_the_published_results() -> 
         assert links[0][1][-2:] == ["--resume", "auto"] and all(runner.finished(d) for d, _ in links), r
         line = runner.chain_line(links, "console.log", study.REPO)
         assert links_of(line) == [shlex.join(c) for _, c in links]
+
+
+def test_failed_runs_are_reported_with_their_last_line_and_the_exit_code(tmp_path: Path) -> None:
+    argv = ["--losses", "ce,sovr", "--seeds", "0", "--datasets", "synthetic", "--jobs", "2", "--out", "f"]
+    p = start(*argv, "--", "--smoke", "--batch", "4096", cwd=tmp_path)  # train.py accepts it, then has too few images
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 1
+    said = "failed: train.py: error: --batch 4096 is larger than the 256 training images"
+    assert sorted(out.splitlines()[:2]) == [f"synthetic-resnet18-{loss}-s0: {said}" for loss in ("ce", "sovr")]
+    assert out.splitlines()[-1].endswith("2 runs failed: synthetic-resnet18-ce-s0, synthetic-resnet18-sovr-s0")
+    assert "**Partial grid: 0 of 2 runs have finished every link**" in (tmp_path / "f" / "table.md").read_text()

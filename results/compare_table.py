@@ -166,5 +166,6 @@ def figures(grid: dict, out: Path, groups: dict) -> None:
                 ax.hist([v for v, i in zip(m, imp) if i], bins=40, histtype="step", label=f"{loss} (seed {r['seed']})")
         ax.axvline(0, color="gray", linewidth=0.8)
         ax.set(xlabel=f"PGD-20 logit margin, important {part} points", ylabel="points")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout(), fig.savefig(out / "margins.png", dpi=120), plt.close(fig)
