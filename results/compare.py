@@ -145,10 +145,8 @@ def line(r: dict) -> str:
 def slurm(args, todo: list[dict]) -> list:
     """One array job per unfinished run: submitit calls runner.Chain on its line; a timed-out or preempted job is
     requeued (submitit's checkpoint) and the same line continues it."""
-    try:
-        import submitit
-    except ImportError:
-        raise ValueError("--slurm needs submitit: pip install submitit") from None
+    import submitit  # setup() checked that it is there
+
     ex = submitit.AutoExecutor(folder=str(Path(args.out).resolve() / "slurm"), cluster="slurm")
     ex.update_parameters(
         timeout_min=args.minutes,
@@ -156,7 +154,7 @@ def slurm(args, todo: list[dict]) -> list:
         cpus_per_task=args.cpus_per_run,
         tasks_per_node=1,
         name="compare",
-        slurm_array_parallelism=args.max_parallel or len(todo) or 1,
+        slurm_array_parallelism=args.max_parallel or len(todo),
         **{f"slurm_{k}": getattr(args, k) for k in ("partition", "account", "constraint") if getattr(args, k)},
         **({"slurm_mem": args.mem} if args.mem else {}),
         slurm_additional_parameters={"chdir": str(runner.HERE)},  # where the job imports runner.Chain from
@@ -204,7 +202,7 @@ def launch(args, grid: dict, out: Path, found: list[dict], gpus: list[str]) -> i
     runner.write_json(grid, out / "grid.json")
     todo = [r for r in found if not all(runner.finished(d) for d, _ in r["links"])]
     if args.slurm:
-        jobs = slurm(args, todo)
+        jobs = slurm(args, todo) if todo else []
         print(f"submitted {len(jobs)} runs: SLURM jobs {' '.join(j.job_id for j in jobs)}", flush=True)
         if not args.wait:
             return 0
@@ -241,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.table:
         print(table(grid, out, found))
     else:
-        return launch(args, grid, out, found, gpus)
+        try:
+            return launch(args, grid, out, found, gpus)
+        except KeyboardInterrupt:
+            sys.exit(f"{p.prog}: interrupted; the same command continues the grid where it stopped")
     return 0
 
 

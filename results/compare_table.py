@@ -61,7 +61,7 @@ def metrics(r: dict, ce: dict | None) -> dict:
 
 
 def fmt(vals: list, col: str) -> str:
-    """mean ± std of the values there are: accuracies in percent, margins with two decimals, seconds whole."""
+    """mean ± std of the values there are: accuracies in percent, margins with two decimals, seconds with one."""
     vals = [v for v in vals if v is not None and not math.isnan(v)]
     if not vals:
         return "-"
@@ -75,7 +75,7 @@ HEAD = [
     "PGD-20 %",
     "AA %",
     "PGD-20 - AA",
-    "last - best, APGD-CE+T",
+    "last - best, same attacks",
     "train margin, important",
     "train margin, other",
     "test margin, important",
