@@ -251,3 +251,10 @@ def test_failed_runs_are_reported_with_their_last_line_and_the_exit_code(tmp_pat
     assert sorted(out.splitlines()[:2]) == [f"synthetic-resnet18-{loss}-s0: {said}" for loss in ("ce", "sovr")]
     assert out.splitlines()[-1].endswith("2 runs failed: synthetic-resnet18-ce-s0, synthetic-resnet18-sovr-s0")
     assert "**Partial grid: 0 of 2 runs have finished every link**" in (tmp_path / "f" / "table.md").read_text()
+
+
+def test_dataset_or_arch_after_the_dash_dash_is_the_grids_axis() -> None:
+    args = compare.get_args(["--losses", "ce", "--", "--dataset", "synthetic", "--arch=wrn16", "--epochs", "2"])[0]
+    assert (args.datasets, args.archs, args.flags) == ("synthetic", "wrn16", ["--epochs", "2"])
+    found = compare.runs(compare.grid_of(args), Path("g").resolve(), 1)
+    assert [r["run"].name for r in found] == ["synthetic-wrn16-ce-s0", "synthetic-wrn16-ce-s1", "synthetic-wrn16-ce-s2"]

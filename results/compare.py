@@ -59,6 +59,13 @@ def get_args(argv: list[str]):
     s("--cpus-per-run", type=int, default=8), s("--mem", default=None, help="per job, e.g. 64G")
     s("--account"), s("--constraint"), s("--max-parallel", type=int, default=0, help="jobs at a time (0 = all)")
     args = p.parse_args(own)
+    for flag, axis in (("--dataset", "datasets"), ("--arch", "archs")):  # after --: the grid's axis, one value
+        at = [i for i, f in enumerate(flags) if f.split("=")[0] == flag]
+        if at:
+            i = at[-1]
+            value = flags[i].split("=", 1)[1] if "=" in flags[i] else (flags[i + 1 : i + 2] or [""])[0]
+            setattr(args, axis, value or p.error(f"{flag} after -- needs a value"))
+            flags = [f for k, f in enumerate(flags) if k != i and not (k == i + 1 and "=" not in flags[i])]
     args.flags, args.prog = flags, p.prog
     for bad in ("--out", "--resume", "--loss", "--seed", "--init"):
         if any(f == bad or f.startswith(bad + "=") for f in flags):
