@@ -54,7 +54,19 @@ def grid(tmp_path_factory) -> Path:
     return cwd
 
 
-def test_grid_end_to_end_writes_table_and_figures(grid: Path) -> None:
+@pytest.fixture
+def here(monkeypatch, capsys):
+    """compare.py's main in this process (no interpreter to start), from `cwd`; what it printed."""
+
+    def run(cwd: Path, *argv: str) -> str:
+        monkeypatch.chdir(cwd)
+        assert compare.main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    return run
+
+
+def test_grid_end_to_end_writes_table_and_figures(grid: Path, here) -> None:
     out = grid / "a"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == RUNS
     with open(out / "table.csv") as f:
@@ -68,13 +80,7 @@ def test_grid_end_to_end_writes_table_and_figures(grid: Path) -> None:
     assert (out / "aa.png").stat().st_size > 0 and (out / "margins.png").stat().st_size > 0
     ce = json.loads((out / RUNS[0] / "best.margins-train-test.json").read_text())
     assert len(ce["train"]) == 32 and len(ce["test"]) == 8
-    status = subprocess.run(
-        [sys.executable, str(REPO / "results" / "compare.py"), "--status", "--out", "a"],
-        cwd=grid,
-        capture_output=True,
-        text=True,
-    )
-    assert status.stdout.splitlines() == [f"{r}: done" for r in RUNS]
+    assert here(grid, "--status", "--out", "a").splitlines() == [f"{r}: done" for r in RUNS]
 
 
 def test_dry_run_prints_exactly_what_ran(grid: Path) -> None:
@@ -91,7 +97,7 @@ def test_dry_run_prints_exactly_what_ran(grid: Path) -> None:
         assert ran == links_of(line)
 
 
-def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path) -> None:
+def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path, here) -> None:
     p = start("--out", "b", *GRID, cwd=grid)
     logs = [grid / "b" / r / "console.log" for r in RUNS]
     while not any("done in " in ln for log in logs for ln in runner.log_lines(log)):
@@ -99,16 +105,9 @@ def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path) -> 
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL)  # the command and every run it started
     p.wait()
-    status = subprocess.run(
-        [sys.executable, str(REPO / "results" / "compare.py"), "--status", "--out", "b"],
-        cwd=grid,
-        capture_output=True,
-        text=True,
-    ).stdout
+    status = here(grid, "--status", "--out", "b")
     assert "stopped" in status and ": done" not in status, status
-    subprocess.run(
-        [sys.executable, str(REPO / "results" / "compare.py"), "--table", "--out", "b"], cwd=grid, check=True
-    )
+    here(grid, "--table", "--out", "b")
     assert "**Partial grid: 0 of 4 runs have finished every link**" in (grid / "b" / "table.md").read_text()
     found = compare.runs(json.loads((grid / "b" / "grid.json").read_text()), grid / "b", 1)
     finished = {r["run"].name: [shlex.join(c) for d, c in r["links"] if runner.finished(d)] for r in found}
