@@ -7,8 +7,6 @@ import json
 import os
 import sys
 
-import cli
-
 
 def records(out: str) -> list[dict]:
     """log.jsonl's records, without a line that a killed run left half-written."""
@@ -88,6 +86,8 @@ _SAID = []
 def curves(out: str, title: str) -> None:
     """curves.png under `title`: validation clean and PGD accuracy with the best epoch marked, training adversarial
     accuracy and loss, learning rate. Robust overfitting shows as a falling PGD curve."""
+    import cli  # here, not at the top: reading a log needs no torch (results/runner.py's links)
+
     plt = cli.pyplot()
     if plt is None:
         if not _SAID:

@@ -11,26 +11,27 @@ and every comparison is paired (same start, same data order and attack starts fo
 and best-by-validation checkpoint gets clean, PGD-20, APGD-CE and APGD-T accuracy on all 1,017 test images,
 and the logit margins of PGD-20 examples of the training points the losses act on and of the test points. The
 important points are the 30% with the smallest margin under the common starting checkpoint, the same points
-for every loss. Runs go two at a time with one CPU thread each; the pre-training alone uses both.
+for every loss. Every command goes through results/runner.py (its link skips what has finished, its queue runs
+two at a time with one CPU thread each); the pre-training alone uses both.
 """
 
 import json
+import os
+import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from study import STUDY_RATIO, reads_burn_in, sh, worst  # noqa: E402  (one runner, one pinned ratio, one margin count)
+import runner  # noqa: E402  (the one launcher of results/, and the margins of training and test points)
+from study import STUDY_RATIO, reads_burn_in, worst  # noqa: E402  (one pinned ratio, one margin count)
 
 import attack  # noqa: E402
 import cli  # noqa: E402
-import models  # noqa: E402
 import runlog  # noqa: E402
-from data import load_data  # noqa: E402
 
 SUBSET = "../shared/data/cifar10_subset.npz"  # as train.py is run from the repository root
 ROOT = HERE / "late"
@@ -74,6 +75,16 @@ def finished(out: Path) -> bool:
     return runlog.final(str(out)) is not None
 
 
+CPU = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def sh(cmd: list, log: Path, done: Path, env: dict) -> None:
+    """One command from the repository root through results/runner.py's link (skipped when `done` shows it
+    finished), its output appended to log; RuntimeError if it fails."""
+    if runner.link(str(log), str(done), [str(c) for c in cmd], env):
+        raise RuntimeError(f"failed: {shlex.join(map(str, cmd))} (see {log})")
+
+
 def pretrain() -> Path:
     """PGD-AT with CE: PRE_EPOCHS at lr 0.1, then PRE_LOW at lr 0.01 from there (--init); the common start."""
     phases = [
@@ -84,7 +95,7 @@ def pretrain() -> Path:
         if not finished(out):
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "train.py", *COMMON, "--loss", "ce", "--milestones", "", "--out", str(out), *flags]
-            sh(cmd + ["--resume", "auto"], out / "console.log", threads=2)
+            sh(cmd + ["--resume", "auto"], out / "console.log", out, {**CPU, "OMP_NUM_THREADS": "2"})
     return ROOT / "start" / "last.pt"
 
 
@@ -93,7 +104,9 @@ def ratio_of(loss: str, ratio: float | None) -> float | None:
     return STUDY_RATIO if ratio is None and "sovr" in loss else ratio
 
 
-def continue_run(loss: str, seed: int, ratio: float | None, ema: bool, start: Path, again: bool = False) -> None:
+def continue_run(
+    loss: str, seed: int, ratio: float | None, ema: bool, start: Path, env: dict, again: bool = False
+) -> None:
     out = ROOT / name(loss, seed, ratio, ema)
     if finished(out) and not again:
         return
@@ -119,7 +132,7 @@ def continue_run(loss: str, seed: int, ratio: float | None, ema: bool, start: Pa
     ]
     cmd += ["--burn-in", "0"] * reads_burn_in(loss)
     cmd += ([] if ratio_of(loss, ratio) is None else ["--ratio", str(ratio_of(loss, ratio))]) + ["--ema"] * ema
-    sh(cmd + (["--resume"] if (out / "last.pt").exists() and not finished(out) else []), out / "console.log")
+    sh(cmd + (["--resume"] if (out / "last.pt").exists() and not finished(out) else []), out / "console.log", out, env)
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -133,62 +146,25 @@ def aa_result(ckpt: Path, mode: str = AA.replace(",", "+"), n: int = 1017) -> Pa
 
 
 def margins_result(ckpt: Path) -> Path:
-    return ckpt.with_suffix(".margins-train-test.json")
+    """runner.margins' JSON: PGD-20 margins of the training points train.py used and of the test points."""
+    return runner.margins_path(ckpt)
 
 
-def evaluate(ckpt: Path) -> None:
+def evaluate(ckpt: Path, env: dict) -> None:
     log = ckpt.parent / f"eval-{ckpt.stem}.log"
-    if not aa_result(ckpt).exists():
-        sh(
-            [sys.executable, "attack.py", str(ckpt), "--attacks", AA, "--device", "cpu", "--bs", "500", "--n", "1017"],
-            log,
-        )
-    if not margins_result(ckpt).exists():
-        sh([sys.executable, str(HERE / "late.py"), "--margins", str(ckpt)], log)
+    aa = [sys.executable, "attack.py", str(ckpt), "--attacks", AA, "--device", "cpu", "--bs", "500", "--n", "1017"]
+    sh(aa, log, aa_result(ckpt), env)
+    sh([sys.executable, runner.ME, "margins", str(ckpt)], log, margins_result(ckpt), env)
 
 
-def margins(ckpt: Path) -> None:
-    """PGD-20 margins (losses.pgd_margins, as attack.py --margins: eval mode, step eps/4) of the training points
-    train.py used, and of the test points; with the training points' PGD-10 accuracy (the training attack), both
-    counted as losses.worst_of counts, and the precision they ran in. Written beside the checkpoint."""
-    import torch
-
-    from losses import pgd_logits, pgd_margins, precision, worst_of
-
-    torch.manual_seed(0)
-    c = models.read(str(ckpt))
-    model = models.from_checkpoint(c)
-    data = load_data(str(REPO / SUBSET), "")
-    split = torch.randperm(len(data["x_train"]), generator=torch.Generator().manual_seed(0))  # as train.py
-    tr = split[VAL:][:TRAIN]
-    out = {}
-    for part, x, y in (("train", data["x_train"][tr], data["y_train"][tr]), ("test", data["x_test"], data["y_test"])):
-        m = pgd_margins(model, x.float() / 255, y, c["eps"] / 255)
-        out[part] = [round(v, 5) for v in m.tolist()]
-    x, y = data["x_train"][tr], data["y_train"][tr]  # the training attack: PGD-10, eval-mode BN
-    out["train_pgd10_acc"] = int(worst_of(*pgd_logits(model, x, y, c["eps"] / 255, 2 / 255, 10), y)[0].sum()) / len(x)
-    out["precision"] = precision("cpu")
-    models.write_json(out, str(margins_result(ckpt)))
-
-
-def standard(ckpt: Path) -> None:
-    if not aa_result(ckpt, "standard", N_STANDARD).exists():
-        sh(
-            [
-                sys.executable,
-                "attack.py",
-                str(ckpt),
-                "--version",
-                "standard",
-                "--n",
-                str(N_STANDARD),
-                "--device",
-                "cpu",
-                "--bs",
-                "500",
-            ],
-            ckpt.parent / f"eval-{ckpt.stem}.log",
-        )
+def standard(ckpt: Path, env: dict) -> None:
+    cmd = [sys.executable, "attack.py", str(ckpt), "--version", "standard", "--n", str(N_STANDARD)]
+    sh(
+        cmd + ["--device", "cpu", "--bs", "500"],
+        ckpt.parent / f"eval-{ckpt.stem}.log",
+        aa_result(ckpt, "standard", N_STANDARD),
+        env,
+    )
 
 
 def wanted(out: Path) -> list[Path]:
@@ -215,37 +191,49 @@ def std_pending(r: tuple) -> bool:
     return r in STANDARD_ON and not aa_result(ROOT / name(*r) / "last.pt", "standard", N_STANDARD).exists()
 
 
-def unit(r: tuple, start: Path) -> None:
+def unit(r: tuple, start: Path, env: dict) -> int:
     """One run from start to its last evaluation, so that an interruption loses at most the runs in flight.
     The checkpoints stay out of git: a finished run with an evaluation missing is trained again if the checkpoint
     that evaluation needs is gone, and only evaluated if it is there."""
     if not pending(r):
-        return
+        return 0
     out = ROOT / name(*r)
     again = False
     if finished(out):
         todo = [c for c in wanted(out) if pending_eval(c)] + ([out / "last.pt"] if std_pending(r) else [])
         again = any(not c.exists() for c in todo)
     if again:  # trained again, and not bit for bit on another CPU: its old evaluations are of other weights
-        for f in [*out.glob("*.json"), *out.glob("eval-*.log"), *out.glob("*.pt"), out / "log.jsonl"]:
-            f.unlink()
-    continue_run(*r, start, again)
-    for ckpt in wanted(out):
-        evaluate(ckpt)
-    if r in STANDARD_ON:
-        standard(out / "last.pt")
+        for f in [
+            *out.glob("*.json"),
+            *out.glob("eval-*.log"),
+            *out.glob("*.pt"),
+            out / "log.jsonl",
+            out / "curves.png",
+        ]:
+            f.unlink(missing_ok=True)  # all of a run's files: train.py refuses a fresh run beside any of them
+    try:
+        continue_run(*r, start, env, again)
+        for ckpt in wanted(out):
+            evaluate(ckpt, env)
+        if r in STANDARD_ON:
+            standard(out / "last.pt", env)
+    except RuntimeError as e:
+        print(f"{name(*r)}: {e}", flush=True)
+        return 1
     tables()
     print(f"done: {name(*r)}", flush=True)
+    return 0
 
 
 def run_all() -> None:
     t0 = time.time()
+    os.chdir(REPO)  # the commands name train.py, attack.py and SUBSET from there
     start = pretrain()
     if not margins_result(start).exists():
-        margins(start)
+        runner.margins(start, device="cpu")
     runs = [(loss, s, None, False) for s in SEEDS for loss in MAIN] + EXTRA
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda r: unit(r, start), runs))
+    tasks = {name(*r): (lambda env, r=r: unit(r, start, env)) for r in runs}
+    runner.run_queue(tasks, runner.slots([], 1, 2, threads=1), lambda run, rc: None)
     tables()
     print(f"all done ({(time.time() - t0) / 3600:.1f} h)", flush=True)
 
@@ -473,10 +461,10 @@ def histograms() -> None:
 if __name__ == "__main__":
     p = cli.parser(__doc__)
     p.add_argument("--table", action="store_true", help="only re-write the table and figures from what exists")
-    p.add_argument("--margins", default=None, help="(internal) compute the margins JSON of one checkpoint")
+    p.add_argument("--margins", default=None, metavar="CKPT", help="its margins JSON: results/runner.py margins CKPT")
     a = p.parse_args()
     if a.margins:
-        margins(Path(a.margins))
+        runner.margins(a.margins, device="cpu")  # as the published files were made
     elif a.table:
         tables()
     else:

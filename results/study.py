@@ -6,23 +6,23 @@
 
 Each run is `train.py` on ../shared/data/cifar10_subset.npz (5,085 train images less `--val` held out; 1,017
 test images) followed by `attack.py` on its best-by-validation checkpoint: AutoAttack, and the
-logit-margin diagnostic. Runs go `--jobs` at a time, one CPU thread each.
+logit-margin diagnostic: one chain per run through results/runner.py (a rerun skips every finished link). Runs
+go `--jobs` at a time, one CPU thread each.
 """
 
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+import runner  # noqa: E402  (the one launcher of results/)
+
 import attack  # noqa: E402  (its result file names and its histogram)
 import cli  # noqa: E402
 import losses  # noqa: E402
@@ -73,21 +73,6 @@ def name(r: dict) -> str:
     return f"{r['loss']}-s{r['seed']}" + ("" if r["ratio"] is None else f"-ratio{r['ratio']:g}")
 
 
-def sh(cmd: list, log: Path, threads: int = 1) -> None:
-    """Runs cmd from the repository root on the CPU with `threads` threads, appending it and its output to log."""
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        subprocess.run(
-            cmd,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            check=True,
-            cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""},
-        )
-
-
 def milestones(e: int) -> str:
     """lr x0.1 at 2/3 and 5/6 of the epochs, kept distinct (MultiStepLR counts a repeated epoch twice)."""
     first = max(1, round(e * 2 / 3))
@@ -99,9 +84,14 @@ def mode(attacks: str) -> str:
     return attacks.replace(",", "+")
 
 
+def result_path(out: Path, mode: str, n: int) -> Path:
+    """attack.py's JSON for this mode on the first n test points (0 = all)."""
+    return Path(attack.result_path(str(out / "best.pt"), mode, "Linf", 8, n or TEST_POINTS, 0))
+
+
 def result(out: Path, mode: str, n: int) -> Path | None:
-    """attack.py's JSON for this mode on the first n test points (0 = all), if it exists."""
-    path = Path(attack.result_path(str(out / "best.pt"), mode, "Linf", 8, n or TEST_POINTS, 0))
+    """That JSON, if it exists."""
+    path = result_path(out, mode, n)
     return path if path.exists() else None
 
 
@@ -109,10 +99,10 @@ def reads_burn_in(loss: str) -> bool:
     return "burn_in" in losses.READS.get(loss, ())  # train.py refuses a flag that the loss does not read
 
 
-def one(r: dict, args, root: Path) -> None:
+def links(r: dict, args, root: Path) -> list[tuple[str, list[str]]]:
+    """The run's chain for results/runner.py, each link with the result that shows it done: train.py, then
+    attack.py on its best-by-validation checkpoint (AutoAttack, the extra attacks on --extra-on, the margins)."""
     out = root / name(r)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "console.log"
     e = args.epochs
     cmd = [
         sys.executable,
@@ -140,18 +130,13 @@ def one(r: dict, args, root: Path) -> None:
     ]
     cmd += ["--burn-in", str(e // 2 if args.burn_in is None else args.burn_in)] * reads_burn_in(r["loss"])
     cmd += ["--ratio", str(STUDY_RATIO if r["ratio"] is None else r["ratio"])] if "sovr" in r["loss"] else []
-    t0 = time.time()
-    if runlog.final(str(out)) is None:
-        sh(cmd + (["--resume"] if (out / "last.pt").exists() else []), log)
+    found = [(str(out), cmd + ["--resume", "auto"])]
     aa = ["--version", args.aa] if args.aa in ("standard", "plus", "rand") else ["--attacks", args.aa]
-    common = [str(out / "best.pt"), "--device", "cpu", "--bs", "500"]
-    if not result(out, mode(args.aa), args.n_aa):
-        sh([sys.executable, "attack.py", *common, *aa, "--n", str(args.n_aa)], log)
-    if name(r) in args.extra_on.split(",") and args.extra_aa and not result(out, mode(args.extra_aa), 0):
-        sh([sys.executable, "attack.py", *common, "--attacks", args.extra_aa], log)
-    if not result(out, "margins", 0):
-        sh([sys.executable, "attack.py", *common, "--margins"], log)
-    print(f"{name(r)} done in {time.time() - t0:.0f}s", flush=True)
+    common = [sys.executable, "attack.py", str(out / "best.pt"), "--device", "cpu", "--bs", "500"]
+    found.append((str(result_path(out, mode(args.aa), args.n_aa)), [*common, *aa, "--n", str(args.n_aa)]))
+    if name(r) in args.extra_on.split(",") and args.extra_aa:
+        found.append((str(result_path(out, mode(args.extra_aa), 0)), [*common, "--attacks", args.extra_aa]))
+    return found + [(str(result_path(out, "margins", 0)), [*common, "--margins"])]
 
 
 def worst(margins: list[float], clean: list) -> list[float]:
@@ -285,13 +270,16 @@ def main() -> None:
         sys.exit(f"study.py: error: {SUBSET} not found")
     root = HERE / args.tag
     root.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for f in [pool.submit(one, r, args, root) for r in runs(args)]:
-            try:
-                f.result()
-            except subprocess.CalledProcessError as e:
-                print(f"failed: {' '.join(e.cmd)} (see its console.log)", flush=True)
+    t0, lines = time.time(), {}
+    for r in runs(args):
+        (root / name(r)).mkdir(parents=True, exist_ok=True)
+        lines[str(root / name(r))] = runner.chain_line(links(r, args, root), str(root / name(r) / "console.log"), REPO)
+
+    def report(run: str, rc: int) -> None:
+        said = "done" if rc == 0 else f"failed: {runner.last_line(Path(run) / 'console.log')} (see its console.log)"
+        print(f"{Path(run).name} {said}", flush=True)
+
+    runner.run_local(lines, runner.slots([], 1, args.jobs, threads=1), report)
     print(f"study wall time {time.time() - t0:.0f}s")
     write(root, args)
 

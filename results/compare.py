@@ -1,0 +1,257 @@
+"""The paper's comparison in one command: every loss, trained, attacked and its margins measured, then one table.
+
+    python results/compare.py                     # the default grid here: every visible GPU busy, one run each
+    python results/compare.py --dry-run           # each run's self-contained shell line, nothing run
+    python results/compare.py --slurm --partition gpu --time 12:00:00    # one SLURM array job per run (submitit)
+    python results/compare.py --status            # a line per run: done / running / stopped / waiting / failed
+    python results/compare.py --table             # table.md, table.csv, aa.png, margins.png from what finished
+    python results/compare.py --losses ce,sovr --seeds 0 --points 20 --attacks apgd-ce -- --dataset synthetic
+
+A run is (dataset, arch, loss, seed) in <out>/<dataset>-<arch>-<objective>-s<seed>/ (train.py's name) and the
+chain: train.py --resume auto; attack.py on best.pt (standard AutoAttack, or --attacks/--points); attack.py on
+last.pt with APGD-CE+APGD-T (best vs last, cheaply); runner.py margins of best.pt (PGD-20 margins of the first
+--train-points training points and of the attacked test points). Flags after `--` go to every train.py command.
+The important points of a run are the 30% of training (and of test) points with the smallest margin under the
+same seed's ce run's best.pt: the same points for every loss of a seed. Running the same command again continues
+a killed grid and never repeats a finished link (results/runner.py). The grid's definition is kept in grid.json.
+"""
+
+import contextlib
+import importlib.util
+import io
+import itertools
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+import runner  # noqa: E402  (the one launcher of results/)
+from compare_table import table  # noqa: E402
+
+import cli  # noqa: E402
+
+LOSSES = "ce,trades,mart,mail,gairat,sovr,trades-sovr,ovr"
+LAST_ATTACKS = "apgd-ce,apgd-t"  # last.pt's cheap check; standard AA runs them first, so best.pt's figure is in it
+
+
+def get_args(argv: list[str]):
+    own, flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    p = cli.parser(__doc__, usage="%(prog)s [options] [-- train.py flags]")
+    a = p.add_argument
+    a("--losses", default=LOSSES, help=f"comma-separated train.py --loss values (default {LOSSES})")
+    a("--archs", default="resnet18", help="comma-separated --arch values (default resnet18)")
+    a("--datasets", default="cifar10", help="comma-separated --dataset values (default cifar10)")
+    a("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    a("--points", type=int, default=0, help="attack.py: the first N test points (default 0 = all)")
+    a("--attacks", default=None, help="attack.py --attacks for best.pt (default: standard AutoAttack)")
+    a("--train-points", type=int, default=10000, help="training points whose margins are measured (default 10000)")
+    a("--out", default="runs/compare", help="the grid's folder (default runs/compare)")
+    a("--gpus-per-run", type=int, default=1, help="GPUs per run, through torchrun when > 1; 0: CPU (default 1)")
+    a("--jobs", type=int, default=1, help="runs at a time without a GPU (default 1)")
+    for flag in ("dry-run", "status", "table", "slurm", "wait"):
+        a(f"--{flag}", action="store_true", help={"wait": "with --slurm: wait for the jobs, then --table"}.get(flag))
+    s = p.add_argument_group("SLURM (with --slurm)").add_argument
+    s("--partition"), s("--time", default="24:00:00", help="per job, HH:MM:SS (default 24:00:00)")
+    s("--cpus-per-run", type=int, default=8), s("--mem", default=None, help="per job, e.g. 64G")
+    s("--account"), s("--constraint"), s("--max-parallel", type=int, default=0, help="jobs at a time (0 = all)")
+    args = p.parse_args(own)
+    for flag, axis in (("--dataset", "datasets"), ("--arch", "archs")):  # after --: the grid's axis, one value
+        at = [i for i, f in enumerate(flags) if f.split("=")[0] == flag]
+        if at:
+            i = at[-1]
+            value = flags[i].split("=", 1)[1] if "=" in flags[i] else (flags[i + 1 : i + 2] or [""])[0]
+            setattr(args, axis, value or p.error(f"{flag} after -- needs a value"))
+            flags = [f for k, f in enumerate(flags) if k != i and not (k == i + 1 and "=" not in flags[i])]
+    args.flags, args.prog = flags, p.prog
+    for bad in ("--out", "--resume", "--loss", "--seed", "--init"):
+        if any(f == bad or f.startswith(bad + "=") for f in flags):
+            p.error(f"{bad} after -- is the grid's own: the runner sets it for every run")
+    if min(args.points, args.train_points, args.gpus_per_run) < 0 or args.jobs < 1:
+        p.error("--points, --train-points and --gpus-per-run must be >= 0, --jobs >= 1")
+    try:
+        args.minutes = minutes(args.time)
+    except (ValueError, KeyError):
+        p.error(f"--time {args.time}: use SLURM's MM, MM:SS, HH:MM:SS or D-HH:MM:SS")
+    return args, p
+
+
+def minutes(t: str) -> int:
+    """A SLURM time limit in whole minutes, rounded up."""
+    days, _, rest = t.rpartition("-")
+    parts = [int(v) for v in rest.split(":")]
+    h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return int(days or 0) * 1440 + h * 60 + m + (s > 0)
+
+
+def grid_of(args) -> dict:
+    return dict(
+        **{k: getattr(args, k).split(",") for k in ("losses", "archs", "datasets", "seeds")},
+        points=args.points,
+        attacks=args.attacks,
+        train_points=args.train_points,
+        train_flags=args.flags,
+    )
+
+
+def quiet(script: str, parse, argv: list[str]):
+    """A script's parser's result, or ValueError with the one line its error printed."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parse(argv)
+    except SystemExit:
+        raise ValueError(f"{script}: {err.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]}") from None
+
+
+def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
+    """Every run of the grid with its links [(done, cmd)], each command checked by train.py's or attack.py's own
+    parser first."""
+    import attack
+    import train
+
+    for d in grid["datasets"]:
+        if d not in ("cifar10", "cifar100", "synthetic") and not (d.endswith(".npz") and os.path.isfile(d)):
+            raise ValueError(f"unknown dataset {d!r}: use cifar10, cifar100, synthetic or an existing .npz file")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
+    launch = [sys.executable, *torchrun * (gpus_per_run > 1)]
+    found, n = [], str(grid["points"])
+    for d, arch, loss, seed in itertools.product(grid["datasets"], grid["archs"], grid["losses"], grid["seeds"]):
+        argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch, "--loss", loss]
+        argv += ["--seed", seed, *grid["train_flags"]]
+        t = quiet("train.py", train.get_args, argv)
+        run = out / os.path.basename(t.out)  # train.py's own name for it
+        links = [(str(run), [*launch, str(REPO / "train.py"), *argv, "--out", str(run), "--resume", "auto"])]
+        for ckpt, attacks in (("best", grid["attacks"]), ("last", grid["attacks"] or LAST_ATTACKS)):
+            flags = [str(run / f"{ckpt}.pt"), *["--attacks", attacks] * bool(attacks), "--points", n]
+            quiet("attack.py", attack.get_args, flags)
+            mode = attacks.replace(",", "+") if attacks else "standard"
+            done = run / f"{ckpt}.{mode}-Linf-eps*-n{grid['points'] or '*'}-seed0*.json"  # any device, any processes
+            links.append((str(done), [*launch, str(REPO / "attack.py"), *flags]))
+        best = str(run / "best.pt")
+        cmd = [sys.executable, runner.ME, "margins", best, "--train-points", str(grid["train_points"]), "--points", n]
+        links.append((str(runner.margins_path(best)), cmd))
+        found.append(dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, links=links))
+    names = [r["run"] for r in found]
+    if len(set(names)) < len(names):
+        raise ValueError(
+            f"two runs of the grid share the folder {max(names, key=names.count)} (see the flags after --)"
+        )
+    return found
+
+
+def line(r: dict) -> str:
+    """The run's shell line: from the directory compare.py was started in (so relative paths in the flags and
+    train.py's ./data mean what they mean here), every script by its absolute path."""
+    return runner.chain_line(r["links"], str(r["run"] / "console.log"), os.getcwd())
+
+
+def slurm(args, todo: list[dict]) -> list:
+    """One array job per unfinished run: submitit calls runner.Chain on its line; a timed-out or preempted job is
+    requeued (submitit's checkpoint) and the same line continues it."""
+    import submitit  # setup() checked that it is there
+
+    ex = submitit.AutoExecutor(folder=str(Path(args.out).resolve() / "slurm"), cluster="slurm")
+    ex.update_parameters(
+        timeout_min=args.minutes,
+        **({"gpus_per_node": args.gpus_per_run} if args.gpus_per_run else {}),
+        cpus_per_task=args.cpus_per_run,
+        tasks_per_node=1,
+        name="compare",
+        slurm_array_parallelism=args.max_parallel or len(todo),
+        **{f"slurm_{k}": getattr(args, k) for k in ("partition", "account", "constraint") if getattr(args, k)},
+        **({"slurm_mem": args.mem} if args.mem else {}),
+        slurm_additional_parameters={"chdir": str(runner.HERE)},  # where the job imports runner.Chain from
+    )
+    return ex.map_array(runner.Chain(), [line(r) for r in todo])
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    ids = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    return (ids or [str(i) for i in range(torch.cuda.device_count())])[: torch.cuda.device_count()]
+
+
+def setup(args) -> tuple[dict, Path, list[dict], list[str]]:
+    """The grid (the flags, or grid.json for --status and --table), its folder, its runs and the GPUs to run them
+    on here; ValueError for input that no run could use, before anything starts."""
+    out = Path(args.out).resolve()
+    saved = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else None
+    grid = grid_of(args)
+    if args.status or args.table:
+        if saved is None:
+            raise ValueError(f"{out} holds no grid (no grid.json); start one, or point --out at one")
+        grid = saved
+    elif saved is not None and saved != grid:
+        diff = next(k for k in grid if grid[k] != saved.get(k))
+        raise ValueError(
+            f"{out} holds another grid ({diff}: {saved.get(diff)} there, {grid[diff]} here); choose another --out"
+        )
+    if args.slurm and not args.dry_run and not shutil.which("sbatch"):
+        raise ValueError("--slurm: sbatch is not on PATH (no SLURM here; --dry-run prints the lines to submit)")
+    if args.slurm and not args.dry_run and not importlib.util.find_spec("submitit"):
+        raise ValueError("--slurm needs submitit: pip install submitit")
+    found = runs(grid, out, args.gpus_per_run)
+    gpus = visible_gpus() if args.gpus_per_run and not (args.slurm or args.dry_run) else []
+    if 0 < len(gpus) < args.gpus_per_run:
+        raise ValueError(f"--gpus-per-run {args.gpus_per_run}: this machine shows {len(gpus)} GPUs")
+    return grid, out, found, gpus
+
+
+def launch(args, grid: dict, out: Path, found: list[dict], gpus: list[str]) -> int:
+    """Runs (or submits) every unfinished run, then writes the table; 1 if a run failed."""
+    for r in found:
+        r["run"].mkdir(parents=True, exist_ok=True)
+    runner.write_json(grid, out / "grid.json")
+    todo = [r for r in found if not all(runner.finished(d) for d, _ in r["links"])]
+    if args.slurm:
+        jobs = slurm(args, todo) if todo else []
+        print(f"submitted {len(jobs)} runs: SLURM jobs {' '.join(j.job_id for j in jobs)}", flush=True)
+        if not args.wait:
+            return 0
+        failed = [r["run"].name for r, j in zip(todo, jobs) if j.exception() is not None]
+    else:
+
+        def report(run: str, rc: int) -> None:
+            said = "done" if rc == 0 else f"failed: {runner.last_line(Path(run) / 'console.log')}"
+            print(f"{Path(run).name}: {said}", flush=True)
+
+        lines = {str(r["run"]): line(r) for r in todo}
+        where = runner.slots(gpus, args.gpus_per_run, args.jobs)
+        failed = [Path(n).name for n, rc in runner.run_local(lines, where, report).items() if rc]
+    table(grid, out, found)
+    print(f"wrote {out / 'table.md'}" + (f"; {len(failed)} runs failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, p = get_args(sys.argv[1:] if argv is None else argv)
+    try:
+        grid, out, found, gpus = setup(args)
+    except ValueError as e:
+        sys.exit(f"{p.prog}: error: {e}")
+    if args.dry_run:
+        print("\n".join(line(r) for r in found))
+    elif args.status:
+        for r in found:
+            st, log = runner.state(r["links"], r["run"] / "console.log"), r["run"] / "console.log"
+            print(
+                f"{r['run'].name}: {st}"
+                + ("" if st == "done" or st.startswith("waiting") else f": {runner.last_line(log)}")
+            )
+    elif args.table:
+        print(table(grid, out, found))
+    else:
+        try:
+            return launch(args, grid, out, found, gpus)
+        except KeyboardInterrupt:
+            sys.exit(f"{p.prog}: interrupted; the same command continues the grid where it stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The table and figures of a results/compare.py grid, from its finished links only: table.md (per loss, mean ±
+std over seeds, each seed, and the paired difference against ce of the same seed), table.csv (one row per run),
+aa.png and margins.png. A run's links are [train, AutoAttack on best.pt, APGD-CE+T on last.pt, margins]."""
+
+import contextlib
+import csv
+import glob
+import json
+import math
+import statistics
+from pathlib import Path
+
+import runner
+
+import cli
+import runlog
+
+IMPORTANT = 0.3  # the share of points with the smallest margins, as attack.py's mean_margin_smallest30
+COLS = ["clean", "pgd20", "aa", "gap", "last_minus_best", "train_imp", "train_rest", "test_imp", "test_rest"]
+TIMES = ("s_epoch", "s_aa")
+EXTRA = ["n", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit"]  # each row's provenance
+
+
+def result(done: str) -> dict | None:
+    """A finished link's JSON (None while it has not finished)."""
+    found = sorted(glob.glob(done))
+    return json.loads(Path(found[0]).read_text()) if found else None
+
+
+def smallest(margins: list[float]) -> list[bool]:
+    """The IMPORTANT share of points with the smallest margins (ties: lower index first), as results/late.py."""
+    chosen = set(sorted(range(len(margins)), key=lambda i: margins[i])[: round(IMPORTANT * len(margins))])
+    return [i in chosen for i in range(len(margins))]
+
+
+def metrics(r: dict, ce: dict | None) -> dict:
+    """A run's figures from its finished links only (None where a link has not finished); ce: the same seed's ce
+    run's margins, which fix the important points."""
+    final = runlog.final(str(r["run"]))
+    aa, last, mg = (result(done) if final else None for done, _ in r["links"][1:])
+    recs = [x for x in runlog.records(str(r["run"])) if "epoch" in x]
+    res = dict.fromkeys([*COLS, *EXTRA]) | dict(s_epoch=statistics.mean(x["time"] for x in recs) if recs else None)
+    if aa:
+        s = aa["settings"]
+        res |= dict(clean=aa["clean_acc"], aa=aa["robust_acc"], n=s["n"], eps=s["eps"], s_aa=aa["time_s"])
+        res["torch"] = aa["versions"]["torch"]
+    if aa and last:  # the same attacks on both: last.pt's list, which best.pt's run also went through
+        res["last_minus_best"] = last["robust_acc"] - aa["robust_after"].get(list(last["robust_after"])[-1], math.nan)
+    if aa and mg:  # PGD-20 on the attacked points; a point counts if it is classified right, clean and attacked
+        res["pgd20"] = statistics.mean(bool(c) and m > 0 for c, m in zip(aa["clean"], mg["test"]))
+        res["gap"] = res["pgd20"] - res["aa"]
+    if mg:
+        res["gpu"] = mg.get("device")
+        for part in ("train", "test") if ce else ():
+            imp = smallest(ce[part])
+            res[f"{part}_imp"] = statistics.mean(v for v, i in zip(mg[part], imp) if i)
+            res[f"{part}_rest"] = statistics.mean(v for v, i in zip(mg[part], imp) if not i)
+    with contextlib.suppress(OSError, IndexError):
+        res["commit"] = json.loads((r["run"] / "links.jsonl").read_text().splitlines()[0])["commit"]
+    return res
+
+
+def fmt(vals: list, col: str) -> str:
+    """mean ± std of the values there are: accuracies in percent, margins with two decimals, seconds with one."""
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    scale, digits = (1, 2) if "_imp" in col or "_rest" in col else (1, 1) if col.startswith("s_") else (100, 1)
+    sd = f" ± {statistics.stdev(vals) * scale:.{digits}f}" if len(vals) > 1 else ""
+    return f"{statistics.mean(vals) * scale:.{digits}f}{sd}"
+
+
+HEAD = [
+    "clean %",
+    "PGD-20 %",
+    "AA %",
+    "PGD-20 - AA",
+    "last - best, same attacks",
+    "train margin, important",
+    "train margin, other",
+    "test margin, important",
+    "test margin, other",
+]
+
+
+def table(grid: dict, out: Path, found: list[dict]) -> str:
+    """table.md and table.csv (one row per run), aa.png and margins.png, from the finished links."""
+    ce = {(r["dataset"], r["arch"], r["seed"]): result(r["links"][3][0]) for r in found if r["loss"] == "ce"}
+    for r in found:
+        r["m"] = metrics(r, ce.get((r["dataset"], r["arch"], r["seed"])))
+    complete = [r for r in found if all(runner.finished(d) for d, _ in r["links"])]
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *EXTRA])
+        for r in found:
+            w.writerow(
+                [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(r["m"][k] for k in COLS + EXTRA)]
+            )
+    lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
+    if len(complete) < len(found):
+        lines += [
+            f"**Partial grid: {len(complete)} of {len(found)} runs have finished every link**; a cell counts "
+            "only the finished links of its runs (seeds: runs with a figure of their own, of those in the grid).",
+            "",
+        ]
+    lines += [
+        "Per loss, mean ± std over seeds, then each seed; important points: the 30% smallest margins under the "
+        "same seed's ce run (best.pt). Paired: minus ce, same seed.",
+        "",
+    ]
+    lines += [
+        "| loss | seeds | " + " | ".join(HEAD) + " | n | eps | GPU | s/epoch | s per AA | torch | commit |",
+        "|---" * (len(HEAD) + 9) + "|",
+    ]
+    groups: dict = {}
+    for r in found:
+        groups.setdefault((r["dataset"], r["arch"], r["loss"]), []).append(r)
+    for (d, arch, loss), rs in groups.items():
+        have = [r for r in rs if r["m"]["aa"] is not None or r["m"]["clean"] is not None]
+        pre = f"{loss}" + (f" ({d}, {arch})" if len(groups) > len(grid["losses"]) else "")
+        rows = [(f"**{pre}**", f"{len(have)} of {len(rs)}", have)] + [
+            (f"{pre}, seed {r['seed']}", "1", [r]) for r in have
+        ]
+        for name, seeds, sel in rows:
+            cells = [fmt([r["m"][k] for r in sel], k) for k in COLS]
+            first = sel[0]["m"] if sel else {}
+            env = [first.get(k) for k in ("n", "eps", "gpu")] + [fmt([r["m"][k] for r in sel], k) for k in TIMES]
+            env += [first.get("torch"), ",".join(sorted({str(r["m"].get("commit")) for r in sel}))]
+            lines.append(
+                f"| {name} | {seeds} | " + " | ".join(cells + [str(v if v is not None else "-") for v in env]) + " |"
+            )
+        if loss != "ce":
+            base = {r["seed"]: r for r in found if (r["dataset"], r["arch"], r["loss"]) == (d, arch, "ce")}
+            pairs = [(r["m"], base[r["seed"]]["m"]) for r in rs if r["seed"] in base]
+            cells = [fmt([a[k] - b[k] for a, b in pairs if None not in (a[k], b[k])], k) for k in COLS]
+            n = sum(a["aa"] is not None and b["aa"] is not None for a, b in pairs)
+            lines.append(f"| {pre} - ce, paired | {n} | " + " | ".join(cells) + " |" + " |" * 7)
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    figures(grid, out, groups)
+    return "\n".join(lines)
+
+
+def figures(grid: dict, out: Path, groups: dict) -> None:
+    """aa.png: AutoAttack accuracy per loss, each seed a point; margins.png: the important points' margins per loss
+    (the first seed), training and test points."""
+    plt = cli.pyplot()
+    if plt is None:
+        return print("matplotlib is not installed: no figures (pip install matplotlib)")
+    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(groups), 3.5))
+    for k, rs in enumerate(groups.values()):
+        v = [100 * r["m"]["aa"] for r in rs if r["m"]["aa"] is not None]
+        ax.scatter([k] * len(v), v, color="C0", s=18)
+        if v:
+            ax.hlines(statistics.mean(v), k - 0.3, k + 0.3, color="C1")
+    many = len({k[:2] for k in groups}) > 1
+    ax.set_xticks(range(len(groups)), [f"{k[2]} ({k[0]}, {k[1]})" if many else k[2] for k in groups], rotation=30)
+    ax.set(ylabel="AutoAttack accuracy % (each seed; line: mean)")
+    fig.tight_layout(), fig.savefig(out / "aa.png", dpi=120), plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, part in zip(axes, ("train", "test")):
+        for (d, arch, loss), rs in groups.items():
+            r = next((r for r in rs if r["m"][f"{part}_imp"] is not None), None)
+            if r:
+                ce = next(c for c in groups[(d, arch, "ce")] if c["seed"] == r["seed"])
+                imp, m = smallest(result(ce["links"][3][0])[part]), result(r["links"][3][0])[part]
+                ax.hist([v for v, i in zip(m, imp) if i], bins=40, histtype="step", label=f"{loss} (seed {r['seed']})")
+        ax.axvline(0, color="gray", linewidth=0.8)
+        ax.set(xlabel=f"PGD-20 logit margin, important {part} points", ylabel="points")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(out / "margins.png", dpi=120), plt.close(fig)

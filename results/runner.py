@@ -1,0 +1,243 @@
+"""The one way results/ launches runs: a run is a chain of links (train.py, attack.py, margins), written as one
+self-contained shell line; the line runs here (run_local: a queue of GPU or CPU slots), on SLURM (Chain, a
+submitit job per run), or anywhere a user pastes it (compare.py --dry-run). results/late.py, whose chains decide
+as they go, puts its own tasks in the same queue (run_queue) and runs each command through `link`.
+
+Each link in a line is `python results/runner.py link LOG DONE -- CMD...`: it skips CMD when DONE shows the link's
+result exists (a run folder: train.py's final test report in its log.jsonl; anything else: a glob of result files,
+e.g. attack.py's JSON, whatever suffix its device or process count gives the name), else appends `$ CMD`, CMD's
+output and `done in Ns: CMD` (or `failed`) to LOG. The links themselves resume (train.py --resume auto, attack.py's
+state file), so running a killed line again continues it and never repeats a finished link.
+
+    python results/runner.py margins CKPT [--train-points N] [--points N]   # PGD-20 margins, train and test points
+"""
+
+import glob
+import json
+import os
+import queue
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+import runlog  # noqa: E402  (no torch: a link starts in a blink)
+
+ME = str(HERE / "runner.py")
+
+
+def finished(done: str) -> bool:
+    """Whether a link's result exists: a run folder holds train.py's final report, or a result glob matches."""
+    return runlog.final(done) is not None if os.path.isdir(done) else bool(glob.glob(done))
+
+
+def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Runs one link unless its result exists, logging to `log`; its exit code (1 when it ends without its result)."""
+    if finished(done):
+        return 0
+    line = shlex.join(cmd)
+    with open(log, "a") as f:
+        f.write(f"$ {line}\n")
+        f.flush()
+        Path(log).with_name("running").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        t0 = time.time()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        rc = rc or (0 if finished(done) else 1)
+        f.write(f"{'done' if rc == 0 else f'failed ({rc})'} in {time.time() - t0:.0f}s: {line}\n")
+    Path(log).with_name("running").unlink(missing_ok=True)
+    if rc == 0:  # beside the log, what the table reports with the figures: the code that made them
+        rec = dict(cmd=cmd, seconds=round(time.time() - t0, 1), commit=commit(), host=socket.gethostname())
+        with open(Path(log).with_name("links.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return rc
+
+
+def commit() -> str:
+    run = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return run.stdout.strip() or "unknown"
+
+
+def chain_line(links: list[tuple[str, list[str]]], log: str, cwd: str | Path) -> str:
+    """One shell line: cd to `cwd`, then each (done, cmd) link through `link`, joined by &&. Where it runs (GPUs,
+    threads) is the queue's or the scheduler's business, not the line's."""
+    parts = [shlex.join([sys.executable, ME, "link", log, done, "--", *cmd]) for done, cmd in links]
+    return f"cd {shlex.quote(str(cwd))} && " + " && ".join(parts)
+
+
+def write_json(obj: dict, path: str | Path) -> None:
+    """Atomic, as models.write_json (which needs torch)."""
+    Path(f"{path}.tmp").write_text(json.dumps(obj, indent=1))
+    os.replace(f"{path}.tmp", path)
+
+
+MARKS = ("$ ", "done in ", "failed (")  # the lines `link` writes around a command's output
+
+
+def log_lines(log: str | Path) -> list[str]:
+    return Path(log).read_text(errors="replace").splitlines() if os.path.exists(log) else []
+
+
+def last_line(log: str | Path) -> str:
+    """The last line a command wrote to the log (its error, when it failed), for a one-line report."""
+    lines = [ln.strip() for ln in log_lines(log) if ln.strip() and not ln.startswith(MARKS)]
+    return lines[-1] if lines else "(no output yet)"
+
+
+def state(links: list[tuple[str, list[str]]], log: str | Path) -> str:
+    """done / running / stopped / failed / waiting, from the links' results and the log's markers."""
+    done = sum(finished(d) for d, _ in links)
+    if done == len(links):
+        return "done"
+    last = [ln for ln in log_lines(log) if ln.startswith(MARKS)]
+    if last and last[-1].startswith("failed"):
+        return "failed"
+    if last and last[-1].startswith("$ "):
+        flag = Path(log).with_name("running")
+        host, pid = (flag.read_text().split() if flag.exists() else [socket.gethostname(), "0"])[:2]
+        if host == socket.gethostname() and not alive(int(pid)):
+            return "stopped"  # killed: the same command continues it
+        return "running" + ("" if host == socket.gethostname() else f" on {host}")
+    return f"waiting ({done} of {len(links)} links done)"
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of this machine runs (a killed one may linger as a zombie until it is reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
+def slots(gpus: list[str], per_run: int, jobs: int, threads: int | None = None) -> list[dict[str, str]]:
+    """Where runs go on this machine: per_run GPUs each (CUDA_VISIBLE_DEVICES), or without GPUs `jobs` CPU slots
+    of `threads` threads each (OMP_NUM_THREADS; default: the cores shared out)."""
+    if gpus:
+        return [
+            {"CUDA_VISIBLE_DEVICES": ",".join(gpus[k : k + per_run])}
+            for k in range(0, len(gpus) - per_run + 1, per_run)
+        ]
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}] * jobs
+
+
+def run_queue(
+    tasks: dict[str, Callable[[dict], int]], where: list[dict], report: Callable[[str, int], None]
+) -> dict[str, int]:
+    """The local queue: each task(env) once a slot is free, as many at a time as there are slots; a failed task
+    does not stop the others; report(name, exit code) as each ends."""
+    free: queue.Queue = queue.Queue()
+    for slot in where:
+        free.put(slot)
+
+    def one(name: str) -> int:
+        slot = free.get()
+        try:
+            rc = tasks[name](slot)
+        finally:
+            free.put(slot)
+        report(name, rc)
+        return rc
+
+    with ThreadPoolExecutor(len(where)) as pool:
+        return dict(zip(tasks, pool.map(one, tasks)))
+
+
+def run_local(lines: dict[str, str], where: list[dict], report: Callable[[str, int], None]) -> dict[str, int]:
+    """Every run folder's line, written to <folder>/run.sh and run with bash in the queue."""
+
+    def task(folder: str) -> Callable[[dict], int]:
+        script = Path(folder) / "run.sh"
+        script.write_text(lines[folder] + "\n")
+        return lambda env: subprocess.call(["bash", str(script)], env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+
+    return run_queue({folder: task(folder) for folder in lines}, where, report)
+
+
+try:  # SLURM's requeue of a timed-out or preempted job, when submitit is installed
+    from submitit.helpers import Checkpointable
+except ImportError:
+    Checkpointable = object
+
+
+class Chain(Checkpointable):
+    """A submitit job: one run's shell line. As a Checkpointable, a job that times out or is preempted is
+    requeued with the same line, which continues the run from its links' results and checkpoints."""
+
+    def __call__(self, line: str) -> None:
+        rc = subprocess.call(["bash", "-c", line])
+        if rc < 0 or rc > 128:  # a signal: SLURM is ending the job (requeue, preemption, time limit)
+            time.sleep(600)  # until it ends this process too: a result now would tell --wait the run had ended
+        if rc:
+            raise RuntimeError(f"the run's line exited with {rc}; its console.log says why")
+
+
+# ---- the margin diagnostic of a checkpoint: its training points and its test points
+
+
+def margins_path(ckpt: str | Path) -> Path:
+    return Path(ckpt).with_suffix(".margins-train-test.json")
+
+
+def margins(ckpt: str | Path, train_points: int = 0, points: int = 0, device: str | None = None) -> dict:
+    """PGD-20 margins (losses.pgd_margins, as attack.py --margins: eval mode, step eps/4) of the first
+    `train_points` (0 = all) of the training points train.py used (its split: the same held-out --val, then
+    --train-limit), and of the first `points` test points (0 = all); with the training points' accuracy under the
+    training attack (PGD --steps, eval-mode BN), both counted as losses.worst_of counts, and the precision they ran
+    in. Written beside the checkpoint."""
+    import torch
+
+    import cli
+    import models
+    from data import load_data
+    from losses import pgd_logits, pgd_margins, precision, worst_of
+
+    torch.manual_seed(0)
+    c = models.read(str(ckpt))
+    a, dev = c["args"], cli.pick_device(device)
+    model = models.from_checkpoint(c, dev)
+    data = load_data(c["dataset"], a.get("data_dir", "./data"))
+    split = torch.randperm(len(data["x_train"]), generator=torch.Generator().manual_seed(0))  # as train.py
+    tr = split[a["val"] :][: a.get("train_limit") or None][: train_points or None]
+    test = slice(0, points or None)
+    out = {}
+    for part, x, y in (
+        ("train", data["x_train"][tr], data["y_train"][tr]),
+        ("test", data["x_test"][test], data["y_test"][test]),
+    ):
+        m = pgd_margins(model, x.float() / 255, y, c["eps"] / 255)
+        out[part] = [round(v, 5) for v in m.tolist()]
+    x, y = data["x_train"][tr], data["y_train"][tr]
+    z, z_adv = pgd_logits(model, x, y, c["eps"] / 255, a.get("step", 2) / 255, a.get("steps", 10))
+    out["train_pgd10_acc"] = int(worst_of(z, z_adv, y.to(z.device))[0].sum()) / len(x)
+    out["precision"] = precision(str(dev))
+    out["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    out["torch"] = torch.__version__
+    models.write_json(out, str(margins_path(ckpt)))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["link"] and len(argv) > 4 and argv[3] == "--":
+        return link(argv[1], argv[2], argv[4:])
+    import cli
+
+    p = cli.parser(__doc__)
+    p.add_argument("command", choices=["margins"])
+    p.add_argument("checkpoint")
+    p.add_argument("--train-points", type=int, default=0, help="first N of train.py's training points (default all)")
+    p.add_argument("--points", type=int, default=0, help="first N test points (default all)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
+    a = p.parse_args(argv)
+    cli.run("runner.py margins", lambda: margins(a.checkpoint, a.train_points, a.points, a.device), "", "rerun it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

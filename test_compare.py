@@ -1,0 +1,259 @@
+"""results/compare.py and results/runner.py: a tiny grid (two losses, two seeds, synthetic data, 8 attacked points)
+end to end through the local queue, killed and run again, its dry run against what ran, bad input, SLURM."""
+
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "results"))
+import compare  # noqa: E402
+import compare_table  # noqa: E402
+import runner  # noqa: E402
+
+import runlog  # noqa: E402
+
+GRID = ["--losses", "ce,sovr", "--seeds", "0,1", "--datasets", "synthetic", "--points", "8", "--attacks", "apgd-ce"]
+GRID += ["--train-points", "32", "--jobs", "2", "--", "--smoke", "--train-limit", "128", "--val", "32"]
+RUNS = [f"synthetic-resnet18-{loss}-s{s}" for loss in ("ce", "sovr") for s in (0, 1)]
+TIMES = ("s_epoch", "s_aa", "commit")  # the only columns two identical grids may differ in (a tree edited meanwhile)
+
+
+def start(*argv: str, cwd: Path) -> subprocess.Popen:
+    """compare.py in a process group of its own, as a user's shell starts it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "results" / "compare.py"), *argv]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def links_of(line: str) -> list[str]:
+    """The commands of a run's shell line (what follows each link's `--`)."""
+    return [shlex.join(part[part.index("--") + 1 :]) for part in map(shlex.split, line.split(" && ")[1:])]
+
+
+def table_rows(out: Path) -> list[dict]:
+    with open(out / "table.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMES} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> Path:
+    """The tiny grid, run once without interruption."""
+    cwd = tmp_path_factory.mktemp("grid")
+    p = start("--out", "a", *GRID, cwd=cwd)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return cwd
+
+
+@pytest.fixture
+def here(monkeypatch, capsys):
+    """compare.py's main in this process (no interpreter to start), from `cwd`; what it printed."""
+
+    def run(cwd: Path, *argv: str) -> str:
+        monkeypatch.chdir(cwd)
+        assert compare.main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    return run
+
+
+def test_grid_end_to_end_writes_table_and_figures(grid: Path, here) -> None:
+    out = grid / "a"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == RUNS
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == RUNS
+    for r in rows:  # every link finished: every figure is there, nothing marked partial
+        assert all(r[k] != "" for k in compare_table.COLS + ["n", "eps", "gpu", "torch", "commit"]), r
+        assert r["n"] == "8" and r["eps"] == "8/255" and r["gpu"] == "cpu"
+    md = (out / "table.md").read_text()
+    assert "Partial" not in md and "| **sovr** | 2 of 2 |" in md and "| sovr - ce, paired | 2 |" in md
+    assert (out / "aa.png").stat().st_size > 0 and (out / "margins.png").stat().st_size > 0
+    ce = json.loads((out / RUNS[0] / "best.margins-train-test.json").read_text())
+    assert len(ce["train"]) == 32 and len(ce["test"]) == 8
+    assert here(grid, "--status", "--out", "a").splitlines() == [f"{r}: done" for r in RUNS]
+
+
+def test_dry_run_prints_exactly_what_ran(grid: Path) -> None:
+    dry = subprocess.run(
+        [sys.executable, str(REPO / "results" / "compare.py"), "--dry-run", "--out", "a", *GRID],
+        cwd=grid,
+        capture_output=True,
+        text=True,
+    )
+    lines = dry.stdout.splitlines()
+    assert lines == [(grid / "a" / r / "run.sh").read_text().strip() for r in RUNS]  # the files bash ran
+    for r, line in zip(RUNS, lines):  # and each link's command is the one its log shows, once
+        ran = [ln[2:] for ln in runner.log_lines(grid / "a" / r / "console.log") if ln.startswith("$ ")]
+        assert ran == links_of(line)
+
+
+def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path, here) -> None:
+    p = start("--out", "b", *GRID, cwd=grid)
+    logs = [grid / "b" / r / "console.log" for r in RUNS]
+    while not any("done in " in ln for log in logs for ln in runner.log_lines(log)):
+        assert p.poll() is None, "the grid finished before it could be killed"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)  # the command and every run it started
+    p.wait()
+    status = here(grid, "--status", "--out", "b")
+    assert "stopped" in status and ": done" not in status, status
+    here(grid, "--table", "--out", "b")
+    assert "**Partial grid: 0 of 4 runs have finished every link**" in (grid / "b" / "table.md").read_text()
+    found = compare.runs(json.loads((grid / "b" / "grid.json").read_text()), grid / "b", 1)
+    finished = {r["run"].name: [shlex.join(c) for d, c in r["links"] if runner.finished(d)] for r in found}
+    seen = {r["run"].name: len(runner.log_lines(r["run"] / "console.log")) for r in found}
+    assert 0 < sum(map(len, finished.values())) < 16  # killed in the middle
+    p = start("--out", "b", *GRID, cwd=grid)
+    assert p.wait(timeout=600) == 0
+    for r in found:
+        lines = runner.log_lines(r["run"] / "console.log")
+        assert all(runner.finished(d) for d, _ in r["links"])
+        for cmd in finished[r["run"].name]:  # a link finished before the kill never started again
+            assert f"$ {cmd}" not in lines[seen[r["run"].name] :]
+        for cmd in (shlex.join(c) for _, c in r["links"]):  # started at most twice (once killed), finished once
+            assert (
+                lines.count(f"$ {cmd}") <= 2
+                and sum(ln.startswith("done in ") and ln.endswith(cmd) for ln in lines) <= 1
+            )
+        epochs = [x["epoch"] for x in runlog.records(str(r["run"])) if "epoch" in x]
+        assert epochs == [1, 2]
+    assert table_rows(grid / "b") == table_rows(grid / "a")
+
+
+def test_local_queue_runs_each_line_on_its_own_gpus_and_reports_failures(tmp_path: Path) -> None:
+    lines = {}
+    for name, rc in (("x", 3), ("y", 0), ("z", 0)):
+        (tmp_path / name).mkdir()
+        lines[str(tmp_path / name)] = (
+            f'echo "gpus $CUDA_VISIBLE_DEVICES" >> {tmp_path / name / "console.log"}; exit {rc}'
+        )
+    seen = []
+    where = runner.slots(["0", "1", "2", "3", "4"], 2, 1)
+    assert where == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]  # two GPUs a run, not GPU 4
+    rcs = runner.run_local(lines, where, lambda f, rc: seen.append((Path(f).name, rc)))
+    assert rcs == {str(tmp_path / n): rc for n, rc in (("x", 3), ("y", 0), ("z", 0))}  # x failed, the rest ran
+    assert sorted(seen) == [("x", 3), ("y", 0), ("z", 0)]
+    assert {runner.last_line(tmp_path / n / "console.log") for n in "xyz"} <= {"gpus 0,1", "gpus 2,3"}
+    assert (tmp_path / "x" / "run.sh").read_text() == lines[str(tmp_path / "x")] + "\n"  # what bash ran
+    cpu = runner.slots([], 1, 2)
+    assert cpu == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}] * 2
+
+
+def test_default_grid_is_24_runs() -> None:
+    grid = compare.grid_of(compare.get_args([])[0])
+    found = compare.runs(grid, Path("runs/compare").resolve(), 1)
+    assert len(found) == 24
+    assert found[0]["run"].name == "cifar10-resnet18-ce-s0" and found[-1]["run"].name == "cifar10-resnet18-ovr-s2"
+    assert "--attacks" not in found[0]["links"][1][1]  # standard AutoAttack on best.pt, every test point
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--losses", "ce,nope"], "invalid choice: 'nope'"),
+        (["--archs", "vgg"], "invalid choice: 'vgg'"),
+        (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--", "--epochs", "0"], "--epochs must be >= 1"),
+        (["--", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--attacks", "apgd-x"], "unknown attack(s) apgd-x"),
+        (["--", "--out", "elsewhere"], "--out after -- is the grid's own"),
+    ],
+)
+def test_bad_input_is_one_line_and_starts_nothing(argv, says, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--out", str(tmp_path / "g"), *argv])
+    code = e.value.code  # a message (sys.exit), or argparse's 2 after its usage and one error line
+    msg = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert says in msg and "\n" not in msg and msg.startswith(("compare.py: error: ", "usage")) is not None, msg
+    assert not (tmp_path / "g").exists()
+
+
+def test_grid_folder_of_another_grid_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "grid.json").write_text(json.dumps(compare.grid_of(compare.get_args(["--seeds", "0"])[0])))
+    with pytest.raises(SystemExit, match="holds another grid \\(seeds: \\['0'\\] there, \\['0', '1', '2'\\] here\\)"):
+        compare.main(["--out", str(tmp_path / "g")])
+    assert os.listdir(tmp_path / "g") == ["grid.json"]
+
+
+def test_slurm_without_sbatch_or_submitit_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SystemExit, match="sbatch is not on PATH"):
+        compare.main(["--out", str(tmp_path / "g"), "--slurm"])
+    (tmp_path / "sbatch").write_text("#!/bin/sh\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    with pytest.raises(SystemExit, match="--slurm needs submitit"):
+        compare.main(["--out", str(tmp_path / "g"), "--slurm"])
+    assert not (tmp_path / "g").exists()
+
+
+def test_slurm_runs_the_grid_and_a_requeued_job_continues(grid: Path, slurm_cluster) -> None:
+    """Seed 0 of the tiny grid as two SLURM array jobs on the real one-node cluster; the sovr job is requeued
+    (scontrol requeue, as a preemption does) once its training has finished: it starts again, skips the finished
+    link, and the table's rows equal the uninterrupted local grid's."""
+    slurm = ["--slurm", "--wait", "--partition", slurm_cluster.partition, "--gpus-per-run", "0", "--cpus-per-run", "1"]
+    argv = [*GRID[: GRID.index("--seeds") + 1], "0", *GRID[GRID.index("--seeds") + 2 :]]
+    p = start("--out", "c", *slurm, "--mem", "1G", *argv, cwd=grid)
+    submitted = p.stdout.readline()
+    assert submitted.startswith("submitted 2 runs: SLURM jobs "), submitted
+    job = submitted.split()[-1]  # sovr-s0's, the array's second task
+    log = grid / "c" / "synthetic-resnet18-sovr-s0" / "console.log"
+    deadline = time.monotonic() + 300
+    started = done = 0
+    while not started > done > 0:  # until training has finished and the next link is in flight
+        assert time.monotonic() < deadline and p.poll() is None, runner.log_lines(log)
+        time.sleep(0.1)
+        marks = [ln[:2] for ln in runner.log_lines(log)]
+        started, done = marks.count("$ "), marks.count("do")
+    flight = [ln for ln in runner.log_lines(log) if ln.startswith("$ ")][-1]
+    slurm_cluster.run("scontrol", "requeue", job)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    lines = runner.log_lines(log)
+    done = [ln.split(": ", 1)[1] for ln in lines if ln.startswith("done in ")]
+    assert len(done) == len(set(done)) == 4  # every link finished once: the requeued job repeated none
+    train = next(ln for ln in lines if ln.startswith("$ ") and "train.py" in ln)
+    assert lines.count(train) == 1 and flight.startswith("$ ") and lines.count(flight) == 2  # killed and run again
+    seed0 = [r for r in table_rows(grid / "a") if r["seed"] == "0"]
+    assert table_rows(grid / "c") == seed0
+
+
+def test_study_chains_go_through_the_runner_and_skip_the_published_results() -> None:
+    """results/study.py builds each run's chain for the runner: a rerun of the published study repeats no link."""
+    import study
+
+    args = study.get_args([])
+    for r in study.runs(args):
+        links = study.links(r, args, study.HERE / "e5")
+        assert links[0][1][-2:] == ["--resume", "auto"] and all(runner.finished(d) for d, _ in links), r
+        line = runner.chain_line(links, "console.log", study.REPO)
+        assert links_of(line) == [shlex.join(c) for _, c in links]
+
+
+def test_failed_runs_are_reported_with_their_last_line_and_the_exit_code(tmp_path: Path) -> None:
+    argv = ["--losses", "ce,sovr", "--seeds", "0", "--datasets", "synthetic", "--jobs", "2", "--out", "f"]
+    p = start(*argv, "--", "--smoke", "--batch", "4096", cwd=tmp_path)  # train.py accepts it, then has too few images
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 1
+    said = "failed: train.py: error: --batch 4096 is larger than the 256 training images"
+    assert sorted(out.splitlines()[:2]) == [f"synthetic-resnet18-{loss}-s0: {said}" for loss in ("ce", "sovr")]
+    assert out.splitlines()[-1].endswith("2 runs failed: synthetic-resnet18-ce-s0, synthetic-resnet18-sovr-s0")
+    assert "**Partial grid: 0 of 2 runs have finished every link**" in (tmp_path / "f" / "table.md").read_text()
+
+
+def test_dataset_or_arch_after_the_dash_dash_is_the_grids_axis() -> None:
+    args = compare.get_args(["--losses", "ce", "--", "--dataset", "synthetic", "--arch=wrn16", "--epochs", "2"])[0]
+    assert (args.datasets, args.archs, args.flags) == ("synthetic", "wrn16", ["--epochs", "2"])
+    found = compare.runs(compare.grid_of(args), Path("g").resolve(), 1)
+    assert [r["run"].name for r in found] == ["synthetic-wrn16-ce-s0", "synthetic-wrn16-ce-s1", "synthetic-wrn16-ce-s2"]
