@@ -161,6 +161,8 @@ def train_val(d: dict, val: int, train_limit: int, batch: int, device: torch.dev
     """The training and validation tensors on the device: the same `val` held-out training images for every seed
     (a permutation seeded 0), and the first `train_limit` of the rest (0 = all)."""
     n = len(d["x_train"])
+    if batch > min(n - 1, train_limit or n):
+        raise ValueError(f"--batch {batch} is larger than the {min(n - 1, train_limit or n)} training images")
     if not 0 < val <= n - batch:  # held out of all n, before --train-limit cuts the rest
         limit = f" (--train-limit {train_limit} then keeps at most {train_limit} of them)" if train_limit else ""
         raise ValueError(

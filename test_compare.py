@@ -100,9 +100,14 @@ def test_dry_run_prints_exactly_what_ran(grid: Path) -> None:
 def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path, here) -> None:
     p = start("--out", "b", *GRID, cwd=grid)
     logs = [grid / "b" / r / "console.log" for r in RUNS]
-    while not any("done in " in ln for log in logs for ln in runner.log_lines(log)):
+
+    def in_flight_after_a_finished_link(log: Path) -> bool:
+        marks = [ln for ln in runner.log_lines(log) if ln.startswith(runner.MARKS)]
+        return len(marks) > 2 and marks[-1].startswith("$ ") and marks[-2].startswith("done in ")
+
+    while not any(in_flight_after_a_finished_link(log) for log in logs):  # kill a link, not the gap between two
         assert p.poll() is None, "the grid finished before it could be killed"
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(p.pid, signal.SIGKILL)  # the command and every run it started
     p.wait()
     status = here(grid, "--status", "--out", "b")

@@ -87,7 +87,7 @@ def test_table_flag_only_tabulates(tmp_path: Path, monkeypatch) -> None:
     fake_run(tmp_path / "t", "ce-s0", 0.40, 0.30, 0.28)
     monkeypatch.setattr(study, "HERE", tmp_path)
     monkeypatch.setattr(study, "SUBSET", tmp_path / "missing.npz")  # a study run would stop here
-    monkeypatch.setattr(study, "sh", lambda *a, **k: pytest.fail("--table ran a command"))
+    monkeypatch.setattr(study.runner, "run_local", lambda *a, **k: pytest.fail("--table ran a command"))
     flags = ["--table", "--tag", "t", "--losses", "ce", "--seeds", "0", "--ratios", "", "--extra-on", ""]
     monkeypatch.setattr(sys, "argv", ["study.py", *flags])
     study.main()
