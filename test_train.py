@@ -59,6 +59,25 @@ def test_smoke_run_writes_checkpoints_that_rebuild_the_model(tmp_path: Path, los
     assert load(tmp_path / "best.pt")["metrics"]["val_pgd"] == max(r["val_pgd"] for r in records[:-1])
 
 
+def test_default_val_holds_out_half_of_a_small_training_set(tmp_path: Path) -> None:
+    """The synthetic set's 1,000 training images with every default but the run's length: 500 held out."""
+    run(
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--width",
+        "8",
+        "--steps",
+        "1",
+        "--eval-steps",
+        "1",
+        "--out",
+        tmp_path,
+    )
+    assert load(tmp_path / "last.pt")["args"]["val"] == 500  # --resume and results/runner.py read it back
+
+
 @pytest.mark.skipif(not SUBSET.exists(), reason="../shared/data/cifar10_subset.npz not present")
 def test_real_subset_trains(tmp_path: Path) -> None:
     run(

@@ -32,6 +32,7 @@ RESUMABLE = {"resume", "stop_after", "device", "compile", "deterministic", "data
 ONCE = {"resume", "stop_after", "out"}
 LAST_ONLY = ("optimizer", "best", "improved", "scheduler", "unaveraged")  # last.pt's keys that best.pt lacks
 EMA_DECAY = 0.995  # DM-Improves-AT's train-wa.py: --tau default
+VAL = 1000  # training images held out for model selection: our choice
 AUX_FRACTION = 0.7  # DM-Improves-AT's core/utils/parser.py: --unsup-fraction default
 ON_OFF = argparse.BooleanOptionalAction
 SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, batch=64, steps=2, eval_steps=2, width=8)
@@ -68,7 +69,13 @@ def data_flags(a) -> None:
         help="cifar10 (default) | cifar100 | synthetic | .npz with x_train, y_train, x_test, y_test",
     )
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
-    a("--val", type=int, default=1000, help="training images held out for model selection (default 1000)")
+    a(
+        "--val",
+        type=int,
+        default=None,
+        help=f"training images held out for model selection (default {VAL}, or half "
+        f"of a training set of fewer than {2 * VAL} images)",
+    )
     a("--train-limit", type=int, default=0, help="use only the first N training images, 0 = all (for quick checks)")
     a("--aux-data", default=None, metavar="NPZ", help="generated images mixed into every batch (default none)")
     a("--aux-fraction", type=float, default=None, help=f"share of each batch from --aux-data (default {AUX_FRACTION})")
@@ -448,6 +455,7 @@ def train(args) -> dict:
         raise ValueError(f"--batch {args.batch} must be divisible by the {world} processes")
     torch.manual_seed(args.seed)
     d = data.load_data(args.dataset, args.data_dir)  # under torchrun, rank 0 downloads first
+    args.val = min(VAL, len(d["x_train"]) // 2) if args.val is None else args.val  # the synthetic set has 1,000
     (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
     aux = data.load_aux(args.aux_data, d, device) if args.aux_data else None  # validation stays on real images
     state = models.read(os.path.join(args.out, "last.pt"), "--resume") if args.resume else None  # checked: take()
