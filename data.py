@@ -173,8 +173,6 @@ def train_val(d: dict, val: int, train_limit: int, batch: int, device: torch.dev
     val_idx, tr_idx = split[:val], split[val:]
     if train_limit:
         tr_idx = tr_idx[:train_limit]
-    if len(tr_idx) < batch:
-        raise ValueError(f"--batch {batch} is larger than the {len(tr_idx)} training images")
     return tuple((d["x_train"][idx].to(device), d["y_train"][idx].to(device)) for idx in (tr_idx, val_idx))
 
 

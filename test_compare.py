@@ -172,6 +172,7 @@ def test_default_grid_is_24_runs() -> None:
         (["--", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["--attacks", "apgd-x"], "unknown attack(s) apgd-x"),
         (["--", "--out", "elsewhere"], "--out after -- is the grid's own"),
+        (["--losses", "ce,mail", "--", "--ratio", "0.2"], "--ratio after -- is read by none of --losses"),
     ],
 )
 def test_bad_input_is_one_line_and_starts_nothing(argv, says, tmp_path: Path, capsys) -> None:
@@ -179,7 +180,7 @@ def test_bad_input_is_one_line_and_starts_nothing(argv, says, tmp_path: Path, ca
         compare.main(["--out", str(tmp_path / "g"), *argv])
     code = e.value.code  # a message (sys.exit), or argparse's 2 after its usage and one error line
     msg = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
-    assert says in msg and "\n" not in msg and msg.startswith(("compare.py: error: ", "usage")) is not None, msg
+    assert says in msg and "\n" not in msg and msg.startswith(("compare.py: error: ", "usage")), msg
     assert not (tmp_path / "g").exists()
 
 
@@ -262,3 +263,39 @@ def test_dataset_or_arch_after_the_dash_dash_is_the_grids_axis() -> None:
     assert (args.datasets, args.archs, args.flags) == ("synthetic", "wrn16", ["--epochs", "2"])
     found = compare.runs(compare.grid_of(args), Path("g").resolve(), 1)
     assert [r["run"].name for r in found] == ["synthetic-wrn16-ce-s0", "synthetic-wrn16-ce-s1", "synthetic-wrn16-ce-s2"]
+
+
+@pytest.mark.parametrize(
+    "t, m", [("90", 90), ("10:30", 11), ("12:00:00", 720), ("1-12", 2160), ("2-06:00", 3240), ("1-00:00:01", 1441)]
+)
+def test_slurm_time_limits_read_as_sbatch_reads_them(t: str, m: int) -> None:
+    assert compare.minutes(t) == m
+
+
+def test_flags_after_the_separator_reach_the_runs_that_read_them() -> None:
+    argv = [
+        "--losses",
+        "ce,sovr",
+        "--seeds",
+        "0",
+        "--",
+        "--ratio",
+        "0.2",
+        "--smoke",
+        "--dataset",
+        "x",
+        "--dataset=synthetic",
+    ]
+    args = compare.get_args(argv)[0]
+    found = {r["loss"]: r for r in compare.runs(compare.grid_of(args), Path("g").resolve(), 1)}
+    train = {loss: found[loss]["links"][0][1] for loss in found}
+    assert "--ratio" not in train["ce"] and train["sovr"][train["sovr"].index("--ratio") + 1] == "0.2"
+    assert found["ce"]["run"].name == "synthetic-resnet18-ce-s0" and found["sovr"]["run"].name.endswith("sovr-r0.2-s0")
+    assert all(train[loss].count("--dataset") == 1 for loss in train)  # the last --dataset, as the grid's axis
+
+
+def test_a_link_killed_by_a_signal_has_failed(tmp_path: Path) -> None:
+    """An OOM-killed command: the link fails (exit 1), so a SLURM job does not take it for SLURM's own signal."""
+    log = tmp_path / "console.log"
+    assert runner.link(str(log), str(tmp_path / "never.json"), ["bash", "-c", "kill -9 $$"]) == 1
+    assert runner.log_lines(log)[-1].startswith("failed (signal 9) in ")

@@ -73,8 +73,8 @@ def data_flags(a) -> None:
         "--val",
         type=int,
         default=None,
-        help=f"training images held out for model selection (default {VAL}, or half "
-        f"of a training set of fewer than {2 * VAL} images)",
+        help=f"training images held out for model selection (default {VAL}; for a set of fewer than {2 * VAL}, half "
+        "of it, leaving at least --batch)",
     )
     a("--train-limit", type=int, default=0, help="use only the first N training images, 0 = all (for quick checks)")
     a("--aux-data", default=None, metavar="NPZ", help="generated images mixed into every batch (default none)")
@@ -455,7 +455,8 @@ def train(args) -> dict:
         raise ValueError(f"--batch {args.batch} must be divisible by the {world} processes")
     torch.manual_seed(args.seed)
     d = data.load_data(args.dataset, args.data_dir)  # under torchrun, rank 0 downloads first
-    args.val = min(VAL, len(d["x_train"]) // 2) if args.val is None else args.val  # the synthetic set has 1,000
+    if args.val is None:  # a small set (the synthetic one has 1,000 images) keeps at least one batch to train on
+        args.val = max(1, min(VAL, len(d["x_train"]) // 2, len(d["x_train"]) - args.batch))
     (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
     aux = data.load_aux(args.aux_data, d, device) if args.aux_data else None  # validation stays on real images
     state = models.read(os.path.join(args.out, "last.pt"), "--resume") if args.resume else None  # checked: take()

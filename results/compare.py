@@ -40,7 +40,7 @@ LAST_ATTACKS = "apgd-ce,apgd-t"  # last.pt's cheap check; standard AA runs them 
 
 def get_args(argv: list[str]):
     own, flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    p = cli.parser(__doc__, usage="%(prog)s [options] [-- train.py flags]")
+    p = cli.parser(__doc__, prog="compare.py", usage="%(prog)s [options] [-- train.py flags]")
     a = p.add_argument
     a("--losses", default=LOSSES, help=f"comma-separated train.py --loss values (default {LOSSES})")
     a("--archs", default="resnet18", help="comma-separated --arch values (default resnet18)")
@@ -59,13 +59,17 @@ def get_args(argv: list[str]):
     s("--cpus-per-run", type=int, default=8), s("--mem", default=None, help="per job, e.g. 64G")
     s("--account"), s("--constraint"), s("--max-parallel", type=int, default=0, help="jobs at a time (0 = all)")
     args = p.parse_args(own)
+    if "--smoke" in flags and not any(f.split("=")[0] == "--dataset" for f in flags):
+        flags += ["--dataset", "synthetic"]  # --smoke's own data: the grid's dataset would win over its default
     for flag, axis in (("--dataset", "datasets"), ("--arch", "archs")):  # after --: the grid's axis, one value
-        at = [i for i, f in enumerate(flags) if f.split("=")[0] == flag]
-        if at:
-            i = at[-1]
-            value = flags[i].split("=", 1)[1] if "=" in flags[i] else (flags[i + 1 : i + 2] or [""])[0]
-            setattr(args, axis, value or p.error(f"{flag} after -- needs a value"))
-            flags = [f for k, f in enumerate(flags) if k != i and not (k == i + 1 and "=" not in flags[i])]
+        keep, rest = [], iter(flags)
+        for f in rest:
+            if f.split("=")[0] != flag:
+                keep.append(f)
+            else:  # the last one wins, as in train.py; none stays in the flags
+                value = f.split("=", 1)[1] if "=" in f else next(rest, "")
+                setattr(args, axis, value or p.error(f"{flag} after -- needs a value"))
+        flags = keep
     args.flags, args.prog = flags, p.prog
     for bad in ("--out", "--resume", "--loss", "--seed", "--init"):
         if any(f == bad or f.startswith(bad + "=") for f in flags):
@@ -75,15 +79,19 @@ def get_args(argv: list[str]):
     try:
         args.minutes = minutes(args.time)
     except (ValueError, KeyError):
-        p.error(f"--time {args.time}: use SLURM's MM, MM:SS, HH:MM:SS or D-HH:MM:SS")
+        p.error(f"--time {args.time}: use SLURM's MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     return args, p
 
 
 def minutes(t: str) -> int:
-    """A SLURM time limit in whole minutes, rounded up."""
+    """A SLURM time limit in whole minutes, rounded up: MM, MM:SS, HH:MM:SS, or after a day count D-HH, D-HH:MM,
+    D-HH:MM:SS (sbatch --time)."""
     days, _, rest = t.rpartition("-")
     parts = [int(v) for v in rest.split(":")]
-    h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    if days:
+        h, m, s = {1: (*parts, 0, 0), 2: (*parts, 0), 3: tuple(parts)}[len(parts)]
+    else:
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
     return int(days or 0) * 1440 + h * 60 + m + (s > 0)
 
 
@@ -103,7 +111,9 @@ def quiet(script: str, parse, argv: list[str]):
     try:
         with contextlib.redirect_stderr(err):
             return parse(argv)
-    except SystemExit:
+    except SystemExit as e:
+        if not e.code:  # -- --help: the script's own help, then the end
+            raise
         raise ValueError(f"{script}: {err.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]}") from None
 
 
@@ -111,6 +121,7 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     """Every run of the grid with its links [(done, cmd)], each command checked by train.py's or attack.py's own
     parser first."""
     import attack
+    import losses
     import train
 
     for d in grid["datasets"]:
@@ -119,9 +130,15 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
     launch = [sys.executable, *torchrun * (gpus_per_run > 1)]
     found, n = [], str(grid["points"])
+    per_loss = {loss: loss_flags(loss, grid["train_flags"], losses) for loss in grid["losses"]}
+    given = {f.split("=")[0][2:].replace("-", "_") for f in grid["train_flags"]} & set(losses.TAGS)
+    for key in sorted(given - {k for _, read in per_loss.values() for k in read}):  # a flag no run would read
+        readers = [loss for loss, keys in losses.READS.items() if key in keys] or ["every loss, with --emr"]
+        flag = "--" + key.replace("_", "-")
+        raise ValueError(f"{flag} after -- is read by none of --losses (it is read by {', '.join(readers)})")
     for d, arch, loss, seed in itertools.product(grid["datasets"], grid["archs"], grid["losses"], grid["seeds"]):
         argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch, "--loss", loss]
-        argv += ["--seed", seed, *grid["train_flags"]]
+        argv += ["--seed", seed, *per_loss[loss][0]]
         t = quiet("train.py", train.get_args, argv)
         run = out / os.path.basename(t.out)  # train.py's own name for it
         links = [(str(run), [*launch, str(REPO / "train.py"), *argv, "--out", str(run), "--resume", "auto"])]
@@ -141,6 +158,24 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
             f"two runs of the grid share the folder {max(names, key=names.count)} (see the flags after --)"
         )
     return found
+
+
+def loss_flags(loss: str, flags: list[str], losses) -> tuple[list[str], set[str]]:
+    """The flags after -- that this loss's train.py gets, and the objective settings among them it reads: an
+    objective flag goes only to the losses that read it (train.py refuses it elsewhere), so that `-- --ratio 0.2`
+    changes sovr and trades-sovr and leaves ce the baseline it is."""
+    objective = {"--" + k.replace("_", "-"): k for k in losses.TAGS}  # each takes one value
+    pairs, i = [], 0
+    while i < len(flags):
+        n = 1 if "=" in flags[i] or flags[i] not in objective else 2
+        pairs.append(flags[i : i + n])
+        i += n
+    emr = next((p[-1].split("=")[-1] for p in pairs if p[0].split("=")[0] == "--emr"), "0")
+    with contextlib.suppress(ValueError):  # a value that is no number: train.py's parser says so
+        emr = float(emr)
+    read = set(losses.reads(loss, emr))
+    keys = [objective.get(p[0].split("=")[0]) for p in pairs]
+    return [f for p, k in zip(pairs, keys) if k is None or k in read for f in p], {k for k in keys if k in read}
 
 
 def line(r: dict) -> str:

@@ -49,8 +49,9 @@ def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None)
         Path(log).with_name("running").write_text(f"{socket.gethostname()} {os.getpid()}\n")
         t0 = time.time()
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        rc = rc or (0 if finished(done) else 1)
-        f.write(f"{'done' if rc == 0 else f'failed ({rc})'} in {time.time() - t0:.0f}s: {line}\n")
+        said = f"signal {-rc}" if rc < 0 else rc  # e.g. the kernel's OOM killer: a failure, not SLURM's signal
+        rc = 1 if rc < 0 else rc or (0 if finished(done) else 1)
+        f.write(f"{'done' if rc == 0 else f'failed ({said or rc})'} in {time.time() - t0:.0f}s: {line}\n")
     Path(log).with_name("running").unlink(missing_ok=True)
     if rc == 0:  # beside the log, what the table reports with the figures: the code that made them
         rec = dict(cmd=cmd, seconds=round(time.time() - t0, 1), commit=commit(), host=socket.gethostname())
