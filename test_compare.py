@@ -208,6 +208,7 @@ def test_slurm_runs_the_grid_and_a_requeued_job_continues(grid: Path, slurm_clus
     """Seed 0 of the tiny grid as two SLURM array jobs on the real one-node cluster; the sovr job is requeued
     (scontrol requeue, as a preemption does) once its training has finished: it starts again, skips the finished
     link, and the table's rows equal the uninterrupted local grid's."""
+    pytest.importorskip("submitit")
     slurm = ["--slurm", "--wait", "--partition", slurm_cluster.partition, "--gpus-per-run", "0", "--cpus-per-run", "1"]
     argv = [*GRID[: GRID.index("--seeds") + 1], "0", *GRID[GRID.index("--seeds") + 2 :]]
     p = start("--out", "c", *slurm, "--mem", "1G", *argv, cwd=grid)
