@@ -262,3 +262,12 @@ def test_dataset_or_arch_after_the_dash_dash_is_the_grids_axis() -> None:
     assert (args.datasets, args.archs, args.flags) == ("synthetic", "wrn16", ["--epochs", "2"])
     found = compare.runs(compare.grid_of(args), Path("g").resolve(), 1)
     assert [r["run"].name for r in found] == ["synthetic-wrn16-ce-s0", "synthetic-wrn16-ce-s1", "synthetic-wrn16-ce-s2"]
+
+
+def test_the_important_points_are_at_least_one_ties_lower_index_first() -> None:
+    """compare_table.smallest, the one 30%-smallest count of results/: one point is its own 30% (as attack.py)."""
+    assert compare_table.smallest([0.5]) == [True]
+    assert (
+        compare_table.smallest([1.0, 0.0, 0.0, 0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+        == [False, True, True, True] + [False] * 6
+    )
