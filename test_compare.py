@@ -300,3 +300,12 @@ def test_a_link_killed_by_a_signal_has_failed(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     assert runner.link(str(log), str(tmp_path / "never.json"), ["bash", "-c", "kill -9 $$"]) == 1
     assert runner.log_lines(log)[-1].startswith("failed (signal 9) in ")
+
+
+def test_the_important_points_are_at_least_one_ties_lower_index_first() -> None:
+    """compare_table.smallest, the one 30%-smallest count of results/: one point is its own 30% (as attack.py)."""
+    assert compare_table.smallest([0.5]) == [True]
+    assert (
+        compare_table.smallest([1.0, 0.0, 0.0, 0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+        == [False, True, True, True] + [False] * 6
+    )

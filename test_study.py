@@ -99,3 +99,72 @@ def test_committed_tables_are_what_the_committed_files_give() -> None:
     """python results/study.py --table and python results/late.py --table re-write the tables unchanged."""
     assert study.table(study.HERE / "e5", args()) == (study.HERE / "e5" / "table.md").read_text()
     assert late.table() == (late.ROOT / "table.md").read_text()
+
+
+def test_table_flag_refuses_flags_that_find_no_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--aa of another study finds no evaluated run: one line, exit 1, the published table.md untouched."""
+    fake_run(tmp_path / "t", "ce-s0", 0.40, 0.30, 0.28)
+    (tmp_path / "t" / "table.md").write_text("published")
+    monkeypatch.setattr(study, "HERE", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["study.py", "--table", "--tag", "t", "--aa", "standard"])
+    with pytest.raises(SystemExit) as e:
+        study.main()
+    assert "no run in" in str(e.value) and "nothing written" in str(e.value)
+    assert (tmp_path / "t" / "table.md").read_text() == "published" and not (tmp_path / "t" / "margins.png").exists()
+
+
+def test_study_exits_1_naming_the_failed_runs_after_the_table(tmp_path: Path, monkeypatch) -> None:
+    fake_run(tmp_path / "t", "ce-s0", 0.40, 0.30, 0.28)
+    monkeypatch.setattr(study, "HERE", tmp_path)
+    monkeypatch.setattr(study, "SUBSET", tmp_path / "t" / "ce-s0" / "log.jsonl")  # exists
+    monkeypatch.setattr(study.runner, "run_local", lambda lines, *a: {f: f.endswith("s1") for f in lines})
+    flags = ["--tag", "t", "--losses", "ce", "--seeds", "0,1", "--ratios", "", "--extra-on", ""]
+    monkeypatch.setattr(sys, "argv", ["study.py", *flags])
+    with pytest.raises(SystemExit) as e:
+        study.main()
+    assert str(e.value).endswith("1 runs failed: ce-s1 (see their console.log)")
+    assert (tmp_path / "t" / "table.md").read_text() == study.table(tmp_path / "t", args(*flags))
+
+
+def test_late_exits_1_naming_the_failed_runs_after_the_tables(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # run_all moves to the repository root; this puts the test's back
+    start = tmp_path / "last.pt"
+    late.margins_result(start).write_text("{}")
+    monkeypatch.setattr(late, "pretrain", lambda: start)
+    drawn = []
+    monkeypatch.setattr(late, "tables", lambda: drawn.append(1))
+    monkeypatch.setattr(late.runner, "run_queue", lambda tasks, *a: {t: t == "mail-s1" for t in tasks})
+    with pytest.raises(SystemExit) as e:
+        late.run_all()
+    assert "1 runs failed: mail-s1 " in str(e.value) and drawn == [1]
+
+
+def test_late_tables_draw_one_at_a_time(monkeypatch) -> None:
+    """unit() redraws the tables from two queue threads: pyplot and table.md take one writer at a time."""
+    held = []
+    monkeypatch.setattr(late, "table", lambda: held.append(late.TABLES.locked()))
+    late.tables()
+    assert held == [True] and not late.TABLES.locked()
+
+
+def test_late_retrain_removes_every_file_train_py_refuses_to_sit_beside(tmp_path: Path, monkeypatch) -> None:
+    """A finished run whose checkpoints are gone is trained again: its files go first (attack.py's state too), so
+    that train.py accepts the fresh run; its console.log stays."""
+    r = ("ce", 0, None, False)
+    out = tmp_path / late.name(*r)
+    out.mkdir()
+    final = {"final": {"best": {"epoch": 14}, "last": {"epoch": 15}}}
+    (out / "log.jsonl").write_text(json.dumps({"epoch": 15}) + "\n" + json.dumps(final) + "\n")
+    files = ["curves.png", "last.apgd-ce+apgd-t-Linf-eps8-n1017-seed0.json.state", "best.margins-train-test.json"]
+    for f in [*files, "eval-last.log", "console.log"]:
+        (out / f).write_text("")
+    monkeypatch.setattr(late, "ROOT", tmp_path)
+    left = []
+
+    def retrain(*a) -> None:
+        left.extend(sorted(p.name for p in out.iterdir()))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(late, "continue_run", retrain)
+    assert late.unit(r, tmp_path / "start.pt", {}) == 1
+    assert left == ["console.log"]

@@ -18,6 +18,8 @@ import runlog
 IMPORTANT = 0.3  # the share of points with the smallest margins, as attack.py's mean_margin_smallest30
 COLS = ["clean", "pgd20", "aa", "gap", "last_minus_best", "train_imp", "train_rest", "test_imp", "test_rest"]
 TIMES = ("s_epoch", "s_aa")
+# as attack.py's histogram: the margins files hold losses.worst_of's margin
+MARGIN = "logit margin $z_y - \\max_{k \\neq y} z_k$, the lower of clean and PGD-20"
 EXTRA = ["n", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit"]  # each row's provenance
 
 
@@ -28,8 +30,10 @@ def result(done: str) -> dict | None:
 
 
 def smallest(margins: list[float]) -> list[bool]:
-    """The IMPORTANT share of points with the smallest margins (ties: lower index first), as results/late.py."""
-    chosen = set(sorted(range(len(margins)), key=lambda i: margins[i])[: round(IMPORTANT * len(margins))])
+    """The IMPORTANT share of points with the smallest margins, at least one as attack.py counts them (ties: lower
+    index first): the important points of compare.py, late.py and study.py's "margin, 30% smallest"."""
+    k = max(1, round(IMPORTANT * len(margins)))
+    chosen = set(sorted(range(len(margins)), key=lambda i: margins[i])[:k])
     return [i in chosen for i in range(len(margins))]
 
 
@@ -165,7 +169,7 @@ def figures(grid: dict, out: Path, groups: dict) -> None:
                 imp, m = smallest(result(ce["links"][3][0])[part]), result(r["links"][3][0])[part]
                 ax.hist([v for v, i in zip(m, imp) if i], bins=40, histtype="step", label=f"{loss} (seed {r['seed']})")
         ax.axvline(0, color="gray", linewidth=0.8)
-        ax.set(xlabel=f"PGD-20 logit margin, important {part} points", ylabel="points")
+        ax.set(xlabel=f"{MARGIN}, important {part} points", ylabel="points")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout(), fig.savefig(out / "margins.png", dpi=120), plt.close(fig)

@@ -20,6 +20,7 @@ import os
 import shlex
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import runner  # noqa: E402  (the one launcher of results/, and the margins of training and test points)
+from compare_table import smallest  # noqa: E402  (the important points, as compare.py's)
 from study import STUDY_RATIO, reads_burn_in, worst  # noqa: E402  (one pinned ratio, one margin count)
 
 import attack  # noqa: E402
@@ -71,10 +73,6 @@ def name(loss: str, seed: int, ratio: float | None, ema: bool = False) -> str:
     return f"{loss}-s{seed}" + ("" if ratio is None else f"-ratio{ratio:g}") + ("-ema" if ema else "")
 
 
-def finished(out: Path) -> bool:
-    return runlog.final(str(out)) is not None
-
-
 CPU = {"CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -92,7 +90,7 @@ def pretrain() -> Path:
         (ROOT / "start", ["--epochs", str(PRE_LOW), "--lr", "0.01", "--init", str(ROOT / "pretrain" / "last.pt")]),
     ]
     for out, flags in phases:
-        if not finished(out):
+        if not runner.finished(str(out)):
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "train.py", *COMMON, "--loss", "ce", "--milestones", "", "--out", str(out), *flags]
             sh(cmd + ["--resume", "auto"], out / "console.log", out, {**CPU, "OMP_NUM_THREADS": "2"})
@@ -108,7 +106,7 @@ def continue_run(
     loss: str, seed: int, ratio: float | None, ema: bool, start: Path, env: dict, again: bool = False
 ) -> None:
     out = ROOT / name(loss, seed, ratio, ema)
-    if finished(out) and not again:
+    if runner.finished(str(out)) and not again:
         return
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -132,7 +130,12 @@ def continue_run(
     ]
     cmd += ["--burn-in", "0"] * reads_burn_in(loss)
     cmd += ([] if ratio_of(loss, ratio) is None else ["--ratio", str(ratio_of(loss, ratio))]) + ["--ema"] * ema
-    sh(cmd + (["--resume"] if (out / "last.pt").exists() and not finished(out) else []), out / "console.log", out, env)
+    sh(
+        cmd + (["--resume"] if (out / "last.pt").exists() and not runner.finished(str(out)) else []),
+        out / "console.log",
+        out,
+        env,
+    )
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -178,7 +181,7 @@ def wanted(out: Path) -> list[Path]:
 def pending(r: tuple) -> bool:
     """Whether a run still lacks its training or one of its evaluations."""
     out = ROOT / name(*r)
-    if not finished(out):
+    if not runner.finished(str(out)):
         return True
     return std_pending(r) or any(pending_eval(c) for c in wanted(out))
 
@@ -199,18 +202,12 @@ def unit(r: tuple, start: Path, env: dict) -> int:
         return 0
     out = ROOT / name(*r)
     again = False
-    if finished(out):
+    if runner.finished(str(out)):
         todo = [c for c in wanted(out) if pending_eval(c)] + ([out / "last.pt"] if std_pending(r) else [])
         again = any(not c.exists() for c in todo)
     if again:  # trained again, and not bit for bit on another CPU: its old evaluations are of other weights
-        for f in [
-            *out.glob("*.json"),
-            *out.glob("eval-*.log"),
-            *out.glob("*.pt"),
-            out / "log.jsonl",
-            out / "curves.png",
-        ]:
-            f.unlink(missing_ok=True)  # all of a run's files: train.py refuses a fresh run beside any of them
+        for f in [*map(out.joinpath, runlog.held(str(out))), *out.glob("eval-*.log")]:
+            f.unlink(missing_ok=True)  # train.py refuses a fresh run beside any file runlog.held lists
     try:
         continue_run(*r, start, env, again)
         for ckpt in wanted(out):
@@ -233,8 +230,11 @@ def run_all() -> None:
         runner.margins(start, device="cpu")
     runs = [(loss, s, None, False) for s in SEEDS for loss in MAIN] + EXTRA
     tasks = {name(*r): (lambda env, r=r: unit(r, start, env)) for r in runs}
-    runner.run_queue(tasks, runner.slots([], 1, 2, threads=1), lambda run, rc: None)
+    rcs = runner.run_queue(tasks, runner.slots([], 1, 2, threads=1), lambda run, rc: None)
     tables()
+    failed = [run for run, rc in rcs.items() if rc]
+    if failed:  # unit() printed why
+        sys.exit(f"late.py: error: {len(failed)} runs failed: {', '.join(failed)} ({(time.time() - t0) / 3600:.1f} h)")
     print(f"all done ({(time.time() - t0) / 3600:.1f} h)", flush=True)
 
 
@@ -252,9 +252,7 @@ def margins_of(ckpt: Path, part: str) -> list[float]:
 
 def important_mask(part: str) -> list[bool]:
     """The 30% of points with the smallest margin under the starting checkpoint (ties: lower index first)."""
-    m = margins_of(ROOT / "start" / "last.pt", part)
-    chosen = set(sorted(range(len(m)), key=lambda i: m[i])[: round(0.3 * len(m))])
-    return [i in chosen for i in range(len(m))]
+    return smallest(margins_of(ROOT / "start" / "last.pt", part))
 
 
 def mean(v: list) -> float:
@@ -342,7 +340,7 @@ def table() -> str | None:
     found = {}
     for r in rows:
         out = ROOT / name(*r)
-        if finished(out):
+        if runner.finished(str(out)):
             for which in ("last", "best"):
                 ckpt = out / f"{which}.pt"
                 if which == "best" and out / "best.pt" not in checkpoints(out):
@@ -411,12 +409,16 @@ OLD_MARGINS = (
 )
 
 
+TABLES = threading.Lock()  # unit() redraws them from run_queue's worker threads: pyplot is not thread-safe
+
+
 def tables() -> None:
-    """late/table.md and late/margins.png from the files under late/."""
-    text = table()
-    if text is not None:
-        (ROOT / "table.md").write_text(text)
-        histograms()
+    """late/table.md and late/margins.png from the files under late/, one writer at a time."""
+    with TABLES:
+        text = table()
+        if text is not None:
+            (ROOT / "table.md").write_text(text)
+            histograms()
 
 
 def histograms() -> None:
@@ -450,7 +452,9 @@ def histograms() -> None:
             ax.set_title(f"{part} points, {'important (30% smallest at start)' if sel else 'rest'}", fontsize=9)
             ax.legend(fontsize=7)
     for ax in axes[1]:
-        ax.set_xlabel("logit margin of the PGD-20 example (final checkpoints, seed 0)")
+        ax.set_xlabel(
+            "logit margin $z_y - \\max_{k \\neq y} z_k$, the lower of clean and PGD-20 (final, seed 0)", fontsize=8
+        )
     for ax in axes[:, 0]:
         ax.set_ylabel("points")
     fig.tight_layout()

@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import runner  # noqa: E402  (the one launcher of results/)
+from compare_table import smallest  # noqa: E402  (the 30% smallest margins, one count for results/)
 
 import attack  # noqa: E402  (its result file names and its histogram)
 import cli  # noqa: E402
@@ -165,7 +166,7 @@ def row(out: Path, args) -> dict:
         extra=extra,
         worst=aa["robust_acc"] if extra is None else min(aa["robust_acc"], extra),
         aa_mode=aa["settings"]["mode"],
-        margin30=statistics.mean(sorted(margins)[: max(1, round(0.3 * len(margins)))]),  # as attack.py
+        margin30=statistics.mean(v for v, i in zip(margins, smallest(margins)) if i),
         margin=statistics.mean(margins),
         epochs=len(recs),
         best_epoch=final["epoch"],
@@ -257,7 +258,12 @@ def write(root: Path, args) -> None:
     """table.md and margins.png from the files under root."""
     if not root.is_dir():
         sys.exit(f"study.py: error: {root} not found: nothing to tabulate")
-    (root / "table.md").write_text(table(root, args))
+    text = table(root, args)
+    if not text:  # row() leaves out a run without the results these flags name: the flags are not the study's
+        sys.exit(
+            f"study.py: error: no run in {root} has finished with these flags (--aa, --losses, ...): nothing written"
+        )
+    (root / "table.md").write_text(text)
     overlay(root, args)
     print((root / "table.md").read_text())
 
@@ -279,9 +285,12 @@ def main() -> None:
         said = "done" if rc == 0 else f"failed: {runner.last_line(Path(run) / 'console.log')} (see its console.log)"
         print(f"{Path(run).name} {said}", flush=True)
 
-    runner.run_local(lines, runner.slots([], 1, args.jobs, threads=1), report)
+    rcs = runner.run_local(lines, runner.slots([], 1, args.jobs, threads=1), report)
     print(f"study wall time {time.time() - t0:.0f}s")
     write(root, args)
+    failed = [Path(run).name for run, rc in rcs.items() if rc]
+    if failed:
+        sys.exit(f"study.py: error: {len(failed)} runs failed: {', '.join(failed)} (see their console.log)")
 
 
 if __name__ == "__main__":
