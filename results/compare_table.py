@@ -150,7 +150,7 @@ def figures(grid: dict, out: Path, groups: dict) -> None:
     plt = cli.pyplot()
     if plt is None:
         return print("matplotlib is not installed: no figures (pip install matplotlib)")
-    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(groups), 3.5))
+    fig, ax = plt.subplots(figsize=(max(4, 1 + 0.9 * len(groups)), 3.5))
     for k, rs in enumerate(groups.values()):
         v = [100 * r["m"]["aa"] for r in rs if r["m"]["aa"] is not None]
         ax.scatter([k] * len(v), v, color="C0", s=18)
@@ -158,18 +158,25 @@ def figures(grid: dict, out: Path, groups: dict) -> None:
             ax.hlines(statistics.mean(v), k - 0.3, k + 0.3, color="C1")
     many = len({k[:2] for k in groups}) > 1
     ax.set_xticks(range(len(groups)), [f"{k[2]} ({k[0]}, {k[1]})" if many else k[2] for k in groups], rotation=30)
-    ax.set(ylabel="AutoAttack accuracy % (each seed; line: mean)")
+    ax.set(ylabel="AutoAttack accuracy %", title="each seed a point, their mean a line")
+    ax.title.set_fontsize(9)
     fig.tight_layout(), fig.savefig(out / "aa.png", dpi=120), plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, part in zip(axes, ("train", "test")):
+        drawn = {}
         for (d, arch, loss), rs in groups.items():
             r = next((r for r in rs if r["m"][f"{part}_imp"] is not None), None)
             if r:
                 ce = next(c for c in groups[(d, arch, "ce")] if c["seed"] == r["seed"])
                 imp, m = smallest(result(ce["links"][3][0])[part]), result(r["links"][3][0])[part]
-                ax.hist([v for v, i in zip(m, imp) if i], bins=40, histtype="step", label=f"{loss} (seed {r['seed']})")
+                drawn[f"{loss} (seed {r['seed']})"] = [v for v, i in zip(m, imp) if i]
+        span = (min(map(min, drawn.values())), max(map(max, drawn.values()))) if drawn else None
+        for name, v in drawn.items():  # one range for every loss, so that their bins compare
+            ax.hist(v, bins=40, range=span, histtype="step", label=name)
         ax.axvline(0, color="gray", linewidth=0.8)
-        ax.set(xlabel=f"{MARGIN}, important {part} points", ylabel="points")
+        ax.set(ylabel="points", title=f"important {part} points (30% smallest under ce)")
+        ax.set_xlabel(MARGIN, fontsize=8)
+        ax.title.set_fontsize(9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout(), fig.savefig(out / "margins.png", dpi=120), plt.close(fig)
