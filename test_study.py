@@ -139,6 +139,15 @@ def test_late_exits_1_naming_the_failed_runs_after_the_tables(tmp_path: Path, mo
     assert "1 runs failed: mail-s1 " in str(e.value) and drawn == [1]
 
 
+def test_late_says_in_one_line_that_the_common_start_failed(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(late.runner, "link", lambda *a: 1)  # the pretraining command fails
+    monkeypatch.setattr(late, "ROOT", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        late.run_all()
+    assert str(e.value).startswith("late.py: error: the common start failed: ") and "pretrain" in str(e.value)
+
+
 def test_late_tables_draw_one_at_a_time(monkeypatch) -> None:
     """unit() redraws the tables from two queue threads: pyplot and table.md take one writer at a time."""
     held = []

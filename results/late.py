@@ -225,7 +225,10 @@ def unit(r: tuple, start: Path, env: dict) -> int:
 def run_all() -> None:
     t0 = time.time()
     os.chdir(REPO)  # the commands name train.py, attack.py and SUBSET from there
-    start = pretrain()
+    try:
+        start = pretrain()
+    except RuntimeError as e:  # every run starts from it: nothing else can run
+        sys.exit(f"late.py: error: the common start {e}")
     if not margins_result(start).exists():
         runner.margins(start, device="cpu")
     runs = [(loss, s, None, False) for s in SEEDS for loss in MAIN] + EXTRA
