@@ -67,7 +67,7 @@ def here(monkeypatch, capsys):
     return run
 
 
-def test_grid_end_to_end_writes_table_and_figures(grid: Path, here) -> None:
+def test_grid_end_to_end_writes_table_and_figures(grid: Path, here, monkeypatch) -> None:
     out = grid / "a"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == RUNS
     with open(out / "table.csv") as f:
@@ -82,6 +82,12 @@ def test_grid_end_to_end_writes_table_and_figures(grid: Path, here) -> None:
     ce = json.loads((out / RUNS[0] / "best.margins-train-test.json").read_text())
     assert len(ce["train"]) == 32 and len(ce["test"]) == 8
     assert here(grid, "--status", "--out", "a").splitlines() == [f"{r}: done" for r in RUNS]
+    plt = pytest.importorskip("matplotlib.pyplot")
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)
+    here(grid, "--table", "--out", "a")  # the same table again, its figures kept to look at
+    assert [f.axes[0].get_ylabel() for f in drawn] == ["AutoAttack accuracy %", "points"]
+    assert all(float(t).is_integer() for ax in drawn[1].axes for t in ax.get_yticks())  # points counted whole
 
 
 def test_dry_run_prints_exactly_what_ran(grid: Path) -> None:

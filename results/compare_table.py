@@ -150,6 +150,8 @@ def figures(grid: dict, out: Path, groups: dict) -> None:
     plt = cli.pyplot()
     if plt is None:
         return print("matplotlib is not installed: no figures (pip install matplotlib)")
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(max(4, 1 + 0.9 * len(groups)), 3.5))
     for k, rs in enumerate(groups.values()):
         v = [100 * r["m"]["aa"] for r in rs if r["m"]["aa"] is not None]
@@ -175,6 +177,7 @@ def figures(grid: dict, out: Path, groups: dict) -> None:
             ax.hist(v, bins=40, range=span, histtype="step", label=name)
         ax.axvline(0, color="gray", linewidth=0.8)
         ax.set(ylabel="points", title=f"important {part} points (30% smallest under ce)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # points are counted whole
         ax.set_xlabel(MARGIN, fontsize=8)
         ax.title.set_fontsize(9)
         if ax.get_legend_handles_labels()[0]:
