@@ -339,7 +339,7 @@ def resolve(args, given: Collection[str] = ()) -> None:
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if unread := [k for k in defaults("", 1) if k in given and k not in reads(args.loss, args.emr)]:
         raise ValueError(
-            f"--loss {args.loss} does not read " + ", ".join(f"--{k.replace('_', '-')} ({_readers(k)})" for k in unread)
+            f"--loss {args.loss} does not read " + ", ".join(f"--{k.replace('_', '-')} ({readers(k)})" for k in unread)
         )
     for k in defaults("", 1):
         v, low = getattr(args, k), 0 if k in NONNEGATIVE else -math.inf
@@ -353,7 +353,7 @@ def reads(loss: str, emr: float) -> tuple[str, ...]:
     return READS.get(loss, ()) + ("emr",) + ("emr_temp", "emr_decay") * bool(emr)
 
 
-def _readers(k: str) -> str:
+def readers(k: str) -> str:
     by = [loss for loss, ks in READS.items() if k in ks]  # none: one of EMR's
     return "read by " + ", ".join(by) if by else "read with --emr > 0"
 

@@ -133,9 +133,8 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     per_loss = {loss: loss_flags(loss, grid["train_flags"], losses) for loss in grid["losses"]}
     given = {f.split("=")[0][2:].replace("-", "_") for f in grid["train_flags"]} & set(losses.TAGS)
     for key in sorted(given - {k for _, read in per_loss.values() for k in read}):  # a flag no run would read
-        readers = [loss for loss, keys in losses.READS.items() if key in keys] or ["every loss, with --emr"]
         flag = "--" + key.replace("_", "-")
-        raise ValueError(f"{flag} after -- is read by none of --losses (it is read by {', '.join(readers)})")
+        raise ValueError(f"{flag} after -- is read by none of --losses ({losses.readers(key)})")
     for d, arch, loss, seed in itertools.product(grid["datasets"], grid["archs"], grid["losses"], grid["seeds"]):
         argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch, "--loss", loss]
         argv += ["--seed", seed, *per_loss[loss][0]]
