@@ -4,6 +4,8 @@ y_train, x_test, y_test; and the training augmentation as batched tensor ops on 
 Images stay uint8 NCHW until a batch is used; models normalize inside, so every consumer feeds [0, 1] images.
 """
 
+import contextlib
+import fcntl
 import os
 import warnings
 import zipfile
@@ -18,19 +20,8 @@ import models
 
 
 def load_data(name: str, data_dir: str) -> dict:
-    """uint8 NCHW images and int64 labels; ValueError with a readable message on bad input. Under torchrun rank 0
-    reads (and downloads) first, then the others, so that no two processes download into one folder."""
-    later = dist.is_initialized() and dist.get_rank() > 0
-    if later:
-        dist.barrier()
-    try:
-        return _read(name, data_dir)
-    finally:  # also after an error: the others then meet it themselves
-        if dist.is_initialized() and not later:
-            dist.barrier()
-
-
-def _read(name: str, data_dir: str) -> dict:
+    """uint8 NCHW images and int64 labels; ValueError with a readable message on bad input. Any number of processes
+    may call it at once on one data folder (torchrun's ranks, a grid's runs): CIFAR's download is locked (_cifar)."""
     if name == "synthetic":  # learnable: the class sets the mean colour of the image
         g = torch.Generator().manual_seed(0)
         y = torch.randint(0, 10, (1200,), generator=g)
@@ -40,28 +31,7 @@ def _read(name: str, data_dir: str) -> dict:
         d = dict(x_train=x[:1000], y_train=y[:1000], x_test=x[1000:], y_test=y[1000:])
         d = {k: v.to(torch.uint8) if k[0] == "x" else v for k, v in d.items()}
     elif name in ("cifar10", "cifar100"):
-        import torchvision  # only needed on this path
-
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        d, made = {}, []  # made: the folders torchvision is about to create, deepest first
-        path = os.path.abspath(data_dir)
-        while not os.path.exists(path):
-            made, path = [*made, path], os.path.dirname(path)
-        for split, train in (("train", True), ("test", False)):
-            try:
-                ds = cls(data_dir, train=train, download=True)
-            except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
-                for folder in made:  # left empty by the failed download: remove them, never one that was there
-                    if os.listdir(folder):
-                        break
-                    os.rmdir(folder)
-                raise ValueError(
-                    f"could not download {name} into {data_dir} ({e}). Without network, put torchvision's "
-                    f"{cls.filename} (from {cls.url}) into {data_dir}, or train on an offline copy: "
-                    "--dataset file.npz with x_train, y_train, x_test, y_test"
-                ) from None
-            d[f"x_{split}"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-            d[f"y_{split}"] = torch.tensor(ds.targets)
+        d = _cifar(name, data_dir)
     elif name.endswith(".npz"):
         d = _read_npz(name)
     else:
@@ -73,6 +43,94 @@ def _read(name: str, data_dir: str) -> dict:
         pix = d["x_train"].float().div(255).transpose(0, 1).reshape(3, -1)
         d["mean"], d["std"] = tuple(pix.mean(1).tolist()), tuple(pix.std(1).tolist())
     return d
+
+
+def _cifar(name: str, data_dir: str) -> dict:
+    """torchvision's CIFAR-10/100 from data_dir, downloaded and extracted there first where missing, all under an
+    exclusive lock on data_dir/.<name>.lock: processes started together (a grid's runs, torchrun's ranks, SLURM
+    jobs on one filesystem) download it once, the others wait for it (a file lock has no timeout, unlike a
+    collective under NCCL's watchdog) and then read what it wrote."""
+    import torchvision  # only needed on this path
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    made, path = [], os.path.abspath(os.path.expanduser(data_dir))  # made: the folders to be created, deepest first
+    while not os.path.exists(path):
+        made, path = [*made, path], os.path.dirname(path)
+    lock = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), f".{name}.lock")
+    with _locked(lock):
+        try:
+            sets = [cls(data_dir, train=train, download=True) for train in (True, False)]
+        except Exception as e:  # urllib's URLError, md5's RuntimeError, gzip's EOFError, tarfile's, pickle's, ...
+            error = _fetch_error(name, cls, data_dir, e)
+            if made and os.listdir(made[0]) == [os.path.basename(lock)]:
+                os.remove(lock)  # held: a process waiting for it locks the next one (_locked)
+            for folder in made:  # left empty by the failed download: remove them, never one that was there
+                if os.listdir(folder):
+                    break
+                os.rmdir(folder)
+            raise error from None
+    d = {}
+    for split, ds in zip(("train", "test"), sets):
+        d[f"x_{split}"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        d[f"y_{split}"] = torch.tensor(ds.targets)
+    return d
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Runs the block holding an exclusive flock on the file at path (made, with its folder, where missing). The
+    lock must be on the file that is still there: one removed meanwhile (by a holder, see _cifar) is locked anew.
+    Where none can be had (a read-only folder, a filesystem without flock), the block runs unlocked, as before."""
+    fd = None
+    while fd is None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # its folder was removed between the two calls
+            continue
+        except OSError:  # nothing can be written there: torchvision reads what is there, or says why not
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. Lustre mounted without flock
+            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        fd = os.close(fd)  # None: again, on the file now at path
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _fetch_error(name: str, cls: type, data_dir: str, e: Exception) -> ValueError:
+    """The one line for a failed download, extraction or read of torchvision's CIFAR files: the first of them in
+    data_dir that is not torchvision's (its md5 differs: truncated or corrupt) and what to do; where all that are
+    there are, the download's error and the offline ways, or (an error torchvision's checks let through) the error."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = os.path.join(data_dir, cls.base_folder)
+    parts = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+    files = [(os.path.join(data_dir, cls.filename), cls.tgz_md5), *((os.path.join(folder, f), m) for f, m in parts)]
+    bad = next((f for f, md5 in files if os.path.isfile(f) and not check_integrity(f, md5)), None)
+    get = f"put torchvision's {cls.filename} (from {cls.url}) into {data_dir}"
+    said = f"{type(e).__name__}: {e}"
+    if bad:
+        return ValueError(
+            f"{bad} is truncated or corrupt (its md5 is not torchvision's; {said}): delete it to "
+            f"download it again, or {get}"
+        )
+    if isinstance(e, OSError):  # urllib's URLError is one
+        return ValueError(
+            f"could not download {name} into {data_dir} ({e}). Without network, {get}, or train on an offline copy: "
+            "--dataset file.npz with x_train, y_train, x_test, y_test"
+        )
+    return ValueError(
+        f"could not read {name} from {data_dir} ({said}): delete {files[0][0]} and {folder} to "
+        f"download them again, or {get}"
+    )
 
 
 def _read_npz(path: str) -> dict:

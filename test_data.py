@@ -1,6 +1,15 @@
 """Tests of data.py: the .npz checks, generated data (--aux-data: memory-mapped, drawn from a stream of its own
-wherever it lives), the held-out split's limits, and what a failed download leaves behind."""
+wherever it lives), the held-out split's limits, what a failed download leaves behind, and CIFAR's download by
+processes started together and from a broken archive (a small fake archive of torchvision's layout, served here)."""
 
+import hashlib
+import http.server
+import io
+import multiprocessing
+import pickle
+import tarfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -9,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import data
 
 CPU = torch.device("cpu")
@@ -162,3 +172,147 @@ def test_failed_download_removes_the_empty_folders_it_made_and_only_those(tmp_pa
         with pytest.raises(ValueError, match="could not download cifar10"):
             data.load_data("cifar10", str(folder))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (24, 3072), dtype=np.uint8)  # 5 training batches, then the test's
+
+
+def fake_archive(cut: int = 0, broken: str = "") -> tuple[bytes, dict]:
+    """cifar-10-python.tar.gz in torchvision's layout (cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta,
+    pickles), 4 of IMAGES a batch, labels i % 10; and the md5s that torchvision's CIFAR10 checks, fitted to it.
+    `cut`: the archive's last bytes dropped (its md5 fitted to what is left); `broken`: that file's bytes no pickle."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    files = {
+        n: pickle.dumps(dict(data=IMAGES[4 * i : 4 * i + 4], labels=[(4 * i + j) % 10 for j in range(4)]))
+        for i, n in enumerate(names)
+    }
+    files["batches.meta"] = pickle.dumps(dict(label_names=[f"class{k}" for k in range(10)]))
+    files = {n: b"no pickle" if n == broken else b for n, b in files.items()}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for n, b in files.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{n}")
+            info.size = len(b)
+            tar.addfile(info, io.BytesIO(b))
+    archive = buf.getvalue()[: -cut or None]
+    md5 = {n: hashlib.md5(b).hexdigest() for n, b in files.items()}
+    return archive, dict(
+        tgz_md5=hashlib.md5(archive).hexdigest(),
+        train_list=[[n, md5[n]] for n in names[:5]],
+        test_list=[["test_batch", md5["test_batch"]]],
+        meta=dict(filename="batches.meta", key="label_names", md5=md5["batches.meta"]),
+    )
+
+
+@pytest.fixture
+def cifar(monkeypatch) -> dict:
+    """torchvision's CIFAR10 pointed at a local HTTP server that serves cifar["body"] (the fake archive, its md5s
+    patched in) slowly, in 6 parts 50 ms apart, and counts the downloads it finished in cifar["gets"]."""
+    import torchvision
+
+    archive, attrs = fake_archive()
+    served = dict(body=archive, gets=0)
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # torchvision follows redirects first
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served["body"])))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.do_HEAD()
+            step = len(served["body"]) // 6 + 1
+            try:
+                for k in range(0, len(served["body"]), step):
+                    self.wfile.write(served["body"][k : k + step])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except ConnectionError:  # torchvision's look for a redirect: a GET whose body it does not read
+                return
+            served["gets"] += 1
+
+        def log_message(self, *a) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "url", f"http://127.0.0.1:{server.server_port}/{cls.filename}")
+    for k, v in attrs.items():
+        monkeypatch.setattr(cls, k, v)
+    yield served
+    server.shutdown()
+    server.server_close()
+
+
+def load_in_child(i: int, folder: str, result: Path) -> None:
+    """A forked process: load_data after i * 0.2 s, past half of another's download; what it got, in `result`."""
+    torch.set_num_threads(1)  # the OpenMP pool a fork inherits from the tests before hangs its first parallel op
+    time.sleep(i * 0.2)
+    try:
+        d = data.load_data("cifar10", folder)
+        same = [
+            np.array_equal(d[k].numpy().reshape(-1, 3072), IMAGES[s])
+            for k, s in (("x_train", slice(20)), ("x_test", slice(20, None)))
+        ]
+        result.write_text(repr([tuple(d[k].shape) for k in ("x_train", "y_train", "x_test", "y_test")] + same))
+    except Exception as e:  # noqa: BLE001  (a traceback of a child is no answer: what it raised is)
+        result.write_text(f"{type(e).__name__}: {e}")
+
+
+def test_processes_started_together_on_one_folder_download_once_and_all_read_it(cifar: dict, tmp_path: Path):
+    """Four processes on one new data folder, each starting while the one before downloads: without a lock each
+    truncates the archive the one before is writing (its md5 then fails, or its read meets a half-written file)."""
+    fork = multiprocessing.get_context("fork")
+    results = [tmp_path / f"{i}.txt" for i in range(4)]
+    procs = [
+        fork.Process(target=load_in_child, args=(i, str(tmp_path / "data"), r), daemon=True)
+        for i, r in enumerate(results)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 30
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        p.kill()  # one that hangs: its result is missing
+    want = repr([(20, 3, 32, 32), (20,), (4, 3, 32, 32), (4,), True, True])  # the shapes; the images put in
+    assert [r.read_text() if r.exists() else "no result" for r in results] == [want] * 4
+    assert cifar["gets"] == 1  # the others waited, then read what the first wrote
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        ".cifar10.lock",
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+    ]
+
+
+@pytest.mark.parametrize(
+    "kw, served, says",
+    [
+        (dict(), True, "{dir}/cifar-10-python.tar.gz is truncated or corrupt (its md5 is not torchvision's; Runtime"),
+        (dict(), False, "{dir}/cifar-10-python.tar.gz is truncated or corrupt (its md5 is not torchvision's; URLError"),
+        (dict(cut=100), False, "could not read cifar10 from {dir} (EOFError: Compressed file ended"),
+        (dict(broken="data_batch_3"), False, "could not read cifar10 from {dir} (UnpicklingError: "),
+    ],
+    ids=["served-truncated", "truncated-offline", "truncated-md5-fits", "batch-no-pickle"],
+)
+def test_a_broken_archive_is_one_line_naming_it(cifar, tmp_path, monkeypatch, kw, served, says) -> None:
+    """Half an archive (its md5 the whole's), served (a download cut short) or left in the folder without network;
+    and what torchvision's md5 checks let through (md5s fitted to a broken archive: its extraction or read raises)."""
+    import torchvision
+
+    folder, cls = tmp_path / "data", torchvision.datasets.CIFAR10
+    archive, attrs = fake_archive(**kw)
+    body = archive if kw else archive[: len(archive) // 2]
+    for k, v in attrs.items():
+        monkeypatch.setattr(cls, k, v)
+    if served:
+        cifar["body"] = body
+    else:
+        folder.mkdir()
+        (folder / cls.filename).write_bytes(body)
+        monkeypatch.setattr(cls, "url", "http://127.0.0.1:9/none")  # no network: nothing listens there
+    with pytest.raises(SystemExit) as e:
+        cli.run("train.py", lambda: data.load_data("cifar10", str(folder)), "", "")
+    assert str(e.value.code).startswith("train.py: error: " + says.format(dir=folder)), e.value.code
+    assert "\n" not in e.value.code and "delete " in e.value.code
+    assert f"put torchvision's cifar-10-python.tar.gz (from {cls.url}) into {folder}" in e.value.code

@@ -454,7 +454,7 @@ def train(args) -> dict:
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} must be divisible by the {world} processes")
     torch.manual_seed(args.seed)
-    d = data.load_data(args.dataset, args.data_dir)  # under torchrun, rank 0 downloads first
+    d = data.load_data(args.dataset, args.data_dir)  # under torchrun, one rank downloads, the others wait (a lock)
     if args.val is None:  # a small set (the synthetic one has 1,000 images) keeps at least one batch to train on
         args.val = max(1, min(VAL, len(d["x_train"]) // 2, len(d["x_train"]) - args.batch))
     (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
