@@ -199,6 +199,36 @@ def test_bad_input_is_one_line_and_starts_nothing(argv, says, tmp_path: Path, ca
     assert not (tmp_path / "g").exists()
 
 
+def test_a_grid_fetches_each_cifar_dataset_once_before_any_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Into the folder the runs read (train.py's --data-dir, else ./data), not for --dry-run or synthetic data; a
+    failed fetch is one line and starts nothing."""
+    import data
+
+    said = []
+    monkeypatch.setattr(data, "load_data", lambda name, folder: said.append((name, folder)))
+    monkeypatch.setattr(runner, "run_local", lambda lines, where, report: said.append(sorted(lines)) or {})
+    monkeypatch.chdir(tmp_path)
+    argv = ["--out", "g", "--losses", "ce,sovr", "--seeds", "0", "--gpus-per-run", "0"]
+    argv += ["--datasets", "cifar10,synthetic,cifar100"]
+    assert compare.main([*argv, "--dry-run", "--", "--data-dir", "d"]) == 0
+    assert said == []
+    capsys.readouterr()
+    assert compare.main([*argv, "--", "--data-dir", "d"]) == 0
+    runs = sorted(f"{d}-resnet18-{loss}-s0" for d in ("cifar10", "synthetic", "cifar100") for loss in ("ce", "sovr"))
+    assert said == [("cifar10", "d"), ("cifar100", "d"), [str(tmp_path / "g" / r) for r in runs]]  # then the runs
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"fetching {d} into d once, before the runs" for d in ("cifar10", "cifar100")]
+
+    def offline(name: str, folder: str) -> None:
+        raise ValueError(f"could not download {name} into {folder} (no network)")
+
+    monkeypatch.setattr(data, "load_data", offline)
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--out", "h", "--losses", "ce", "--seeds", "0", "--gpus-per-run", "0"])
+    assert e.value.code == "compare.py: error: could not download cifar10 into ./data (no network)"
+    assert not (tmp_path / "h").exists() and len(said) == 3  # nothing ran
+
+
 def test_grid_folder_of_another_grid_is_refused(tmp_path: Path) -> None:
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "grid.json").write_text(json.dumps(compare.grid_of(compare.get_args(["--seeds", "0"])[0])))

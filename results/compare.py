@@ -150,7 +150,9 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
         best = str(run / "best.pt")
         cmd = [sys.executable, runner.ME, "margins", best, "--train-points", str(grid["train_points"]), "--points", n]
         links.append((str(runner.margins_path(best)), cmd))
-        found.append(dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, links=links))
+        found.append(
+            dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, data=t.data_dir, links=links)
+        )
     names = [r["run"] for r in found]
     if len(set(names)) < len(names):
         raise ValueError(
@@ -203,6 +205,20 @@ def slurm(args, todo: list[dict]) -> list:
     return ex.map_array(runner.Chain(), [line(r) for r in todo])
 
 
+def fetch(todo: list[dict], prog: str) -> None:
+    """Each CIFAR dataset of the runs to come downloaded once, before any starts, into the folder they read (train.py's
+    --data-dir, relative to here, where they run), saying so: the runs find it there rather than wait in turn for
+    data.py's lock while one of them downloads it. A failure ends the grid in one line before anything starts."""
+    import data
+
+    for name, folder in sorted({(r["dataset"], r["data"]) for r in todo if r["dataset"] in ("cifar10", "cifar100")}):
+        print(f"fetching {name} into {folder} once, before the runs", flush=True)
+        try:
+            data.load_data(name, folder)
+        except ValueError as e:
+            sys.exit(f"{prog}: error: {e}")
+
+
 def visible_gpus() -> list[str]:
     import torch
 
@@ -238,10 +254,11 @@ def setup(args) -> tuple[dict, Path, list[dict], list[str]]:
 
 def launch(args, grid: dict, out: Path, found: list[dict], gpus: list[str]) -> int:
     """Runs (or submits) every unfinished run, then writes the table; 1 if a run failed."""
+    todo = [r for r in found if not all(runner.finished(d) for d, _ in r["links"])]
+    fetch(todo, args.prog)
     for r in found:
         r["run"].mkdir(parents=True, exist_ok=True)
     runner.write_json(grid, out / "grid.json")
-    todo = [r for r in found if not all(runner.finished(d) for d, _ in r["links"])]
     if args.slurm:
         jobs = slurm(args, todo) if todo else []
         print(f"submitted {len(jobs)} runs: SLURM jobs {' '.join(j.job_id for j in jobs)}", flush=True)
