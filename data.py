@@ -53,10 +53,11 @@ def _cifar(name: str, data_dir: str) -> dict:
     import torchvision  # only needed on this path
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    made, path = [], os.path.abspath(os.path.expanduser(data_dir))  # made: the folders to be created, deepest first
+    root = os.path.abspath(os.path.expanduser(data_dir))  # as torchvision reads it
+    made, path = [], root  # made: the folders about to be created, deepest first
     while not os.path.exists(path):
         made, path = [*made, path], os.path.dirname(path)
-    lock = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), f".{name}.lock")
+    lock = os.path.join(root, f".{name}.lock")
     with _locked(lock):
         try:
             sets = [cls(data_dir, train=train, download=True) for train in (True, False)]
@@ -97,7 +98,8 @@ def _locked(path: str) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
-        fd = os.close(fd)  # None: again, on the file now at path
+        os.close(fd)  # again, on the file now at path
+        fd = None
     try:
         yield
     finally:
