@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,28 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+# How long a torchrun process may wait in a collective for the others: SOVR_DIST_TIMEOUT seconds, a day by default.
+# attack.py's ranks attack their shards with no collective and meet only in the final gathers, hours apart where the
+# shards take different times (a resumed evaluation whose shards stopped at different attacks): torch's default (10
+# minutes for NCCL, 30 for gloo) aborted the ranks that finished first. One timeout for the process group is the
+# simplest mechanism that holds for every such wait, and needs no shared folder across nodes; its cost is that a
+# collective that truly hangs is given up as late. A rank that dies does not wait for it: torchrun stops the others,
+# and NCCL and gloo see its connections close.
+DIST_TIMEOUT_S = 24 * 3600
+
+
+def dist_timeout() -> timedelta:
+    """The process group's timeout (SOVR_DIST_TIMEOUT); ValueError for a value that is not a number of seconds."""
+    value = os.environ.get("SOVR_DIST_TIMEOUT", str(DIST_TIMEOUT_S))
+    try:
+        timeout = timedelta(seconds=float(value))
+    except (ValueError, OverflowError):  # not a number, nan, or more days than timedelta holds
+        timeout = timedelta(0)
+    if timeout <= timedelta(0):
+        raise ValueError(f"SOVR_DIST_TIMEOUT={value}: give a number of seconds > 0 (default {DIST_TIMEOUT_S})")
+    return timeout
+
+
 def setup(name: str | None, benchmark: bool = True, deterministic: bool = False) -> tuple[torch.device, int, int]:
     """Device, rank and process count: one process, or under torchrun one per GPU (gloo processes on the CPU).
     With `benchmark`, cuDNN times its kernels once for the fixed shapes of training; `deterministic` instead
@@ -57,7 +80,7 @@ def setup(name: str | None, benchmark: bool = True, deterministic: bool = False)
         torch.use_deterministic_algorithms(True)
     if "RANK" in os.environ:
         cuda = torch.cuda.is_available() and name != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=dist_timeout())
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)

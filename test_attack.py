@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attack
+import cli
 import data
 import models
 import train
@@ -407,3 +408,56 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     )
     again = torchrun()
     assert again["robust"] == ref[:12] + [0] * 12
+
+
+LATE_RANK = """
+import datetime, os, time
+import torch.distributed.distributed_c10d as c10d
+import attack
+import cli
+
+c10d.default_pg_timeout = datetime.timedelta(seconds=2)  # torch's default, as short next to the wait as NCCL's 10 min
+attacks = attack.autoattack
+
+
+def late(*a, **k):
+    out = attacks(*a, **k)
+    if os.environ["RANK"] == "1":
+        time.sleep(4)  # rank 0 waits for rank 1 in the gather past torch's default
+    return out
+
+
+attack.autoattack = late
+attack.main()
+"""
+
+
+def test_a_rank_that_finishes_late_still_meets_the_others(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """cli.setup's process group waits SOVR_DIST_TIMEOUT (a day by default), not torch's default (here shortened to
+    2 s): rank 1 reaches the final gather 4 s after rank 0 and the evaluation completes with one process's result."""
+    shutil.copy(ckpt, tmp_path / "last.pt")
+    (tmp_path / "late.py").write_text(LATE_RANK)
+    flags = ["--points", "4", "--bs", "2", "--attacks", "apgd-ce", "--eps", "24", "--device", "cpu"]
+    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SOVR_DIST_TIMEOUT")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE), CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "late.py"]
+    p = subprocess.run([*cmd, "last.pt", *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    result = attack.result_path(str(tmp_path / "last.pt"), "apgd-ce", "Linf", 24, 4, 0, bs=2, processes=2)
+    res = json.loads(Path(result).read_text())
+    args = attack.get_args([str(tmp_path / "last.pt"), *flags])
+    args.rank, args.world = 0, 1
+    c = models.read(str(tmp_path / "last.pt"))
+    model, (x, y) = models.from_checkpoint(c), attack.test_points(c, args)
+    clean = attack.predict(model, x, 2, "cpu") == y
+    ref = []
+    for half in (slice(0, 2), slice(2, 4)):
+        st = str(tmp_path / f"{half.start}.st")
+        ref += attack.autoattack(model, x[half], y[half], clean[half], 24 / 255, args, st, res["settings"])[0].tolist()
+    assert res["clean"] == clean.int().tolist() and res["robust"] == [int(r) for r in ref]
+    monkeypatch.setenv("SOVR_DIST_TIMEOUT", "2.5")  # the knob, read where the process group starts
+    assert cli.dist_timeout().total_seconds() == 2.5
+    monkeypatch.setenv("SOVR_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="SOVR_DIST_TIMEOUT=soon: give a number of seconds > 0"):
+        cli.dist_timeout()

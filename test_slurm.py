@@ -7,6 +7,7 @@ slurm_gres) fails at submission (no GRES on this node).
 """
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 submitit = pytest.importorskip("submitit")
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "results"))
+import compare  # noqa: E402
 
 
 def _executor(cluster, folder: Path) -> "submitit.AutoExecutor":
@@ -105,3 +108,33 @@ def test_requeue_reruns_the_submitted_callable(slurm_cluster, tmp_path):
     slurm_cluster.run("scancel", "--signal=USR2", jobs[1].job_id)
     assert _result(jobs[0]) == ["checkpoints=0 restarts=0", "checkpoints=0 restarts=1"]
     assert _result(jobs[1]) == ["checkpoints=0 restarts=0", "checkpoints=1 restarts=1"]
+
+
+@pytest.mark.parametrize(
+    "flags, reason, change",
+    [
+        ([], "Invalid generic resource (gres) specification", "--gpus-per-run 0"),  # the node has no GPUs
+        (["--gpus-per-run", "0", "--partition", "nope"], "nope", "--partition"),
+    ],
+)
+def test_an_sbatch_refusal_is_one_line_naming_the_flag(slurm_cluster, tmp_path, capsys, flags, reason, change):
+    """compare.py --slurm on a request sbatch refuses: sbatch's own reason and the flag to change, in one line."""
+    argv = ["--slurm", "--out", str(tmp_path / "g"), "--losses", "ce", "--seeds", "0", *flags, "--", "--smoke"]
+    with pytest.raises(SystemExit) as e:
+        compare.main(argv)
+    said = str(e.value.code)
+    assert said.startswith("compare.py: error: sbatch: error: ") and reason in said and change in said, said
+    assert "\n" not in said and capsys.readouterr().err == ""  # submitit's copy of sbatch's stderr is not shown
+
+
+def test_each_refusal_names_its_flag():
+    """sbatch's reasons this cluster cannot produce (no accounting, no limits), as submitit raises them."""
+    for reason, use in [
+        ("Invalid account or account/partition combination specified", "another --account"),
+        ("Requested time limit is invalid (missing or exceeds some limit)", "a shorter --time"),
+        ("Memory required by task is not available", "less --mem"),
+        ("Requested node configuration is not available", "fewer --cpus-per-run, less --mem or another --constraint"),
+        ("Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)", None),
+    ]:
+        said = compare.refusal(f"sbatch: error: Batch job submission failed: {reason}\n")
+        assert said == f"sbatch: error: Batch job submission failed: {reason}" + (f"; use {use}" if use else "")

@@ -22,6 +22,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -187,7 +188,8 @@ def line(r: dict) -> str:
 
 def slurm(args, todo: list[dict]) -> list:
     """One array job per unfinished run: submitit calls runner.Chain on its line; a timed-out or preempted job is
-    requeued (submitit's checkpoint) and the same line continues it."""
+    requeued (submitit's checkpoint) and the same line continues it. A submission sbatch refuses ends compare.py in
+    one line: sbatch's reason and the flag to change."""
     import submitit  # setup() checked that it is there
 
     ex = submitit.AutoExecutor(folder=str(Path(args.out).resolve() / "slurm"), cluster="slurm")
@@ -202,7 +204,38 @@ def slurm(args, todo: list[dict]) -> list:
         **({"slurm_mem": args.mem} if args.mem else {}),
         slurm_additional_parameters={"chdir": str(runner.HERE)},  # where the job imports runner.Chain from
     )
-    return ex.map_array(runner.Chain(), [line(r) for r in todo])
+    said = io.StringIO()  # submitit prints sbatch's stderr before it raises it: said once, below
+    try:
+        with contextlib.redirect_stderr(said):
+            jobs = ex.map_array(runner.Chain(), [line(r) for r in todo])
+    except submitit.core.utils.FailedJobError as e:
+        sys.exit(f"{args.prog}: error: {refusal(str(e))}")
+    sys.stderr.write(said.getvalue())
+    return jobs
+
+
+# What sbatch's refusal names -> what to change in compare.py's flags (None: no flag of compare.py changes it). The
+# first pattern found wins: an "Invalid account or account/partition combination" is --account's, a "Job violates
+# accounting/QOS policy (... time limits)" the QOS's.
+SBATCH_FLAGS = (
+    (r"generic resource|gres", "--gpus-per-run 0 on a partition without GPUs"),
+    (r"qos", None),
+    (r"account", "another --account"),
+    (r"partition", "another --partition"),
+    (r"time limit|--time", "a shorter --time"),
+    (r"memory|--mem", "less --mem"),
+    (r"feature|constraint", "another --constraint"),
+    (r"node configuration", "fewer --cpus-per-run, less --mem or another --constraint"),
+)
+
+
+def refusal(message: str) -> str:
+    """One line for an sbatch refusal in submitit's message: sbatch's own error lines, and the flag to change."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()] or ["sbatch failed"]
+    errors = [ln.removeprefix("sbatch: error: ") for ln in lines if ln.startswith("sbatch: error: ")]
+    reason = "sbatch: error: " + "; ".join(errors) if errors else lines[-1]
+    use = next((use for pattern, use in SBATCH_FLAGS if re.search(pattern, reason, re.IGNORECASE)), None)
+    return reason + (f"; use {use}" if use else "")
 
 
 def fetch(todo: list[dict], prog: str) -> None:
