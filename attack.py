@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import cli
+import flags
 import losses
 import models
 from data import load_data
@@ -182,7 +183,7 @@ def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
     return dict(
         checkpoint=os.path.abspath(path),
         loss=trained.get("loss"),
-        objective=losses.label(trained) if "epochs" in trained else trained.get("loss"),
+        objective=flags.label(trained) if "epochs" in trained else trained.get("loss"),
         dataset=args.dataset or ckpt["dataset"],
         n=n,
         eps=f"{eps}/255",

@@ -1,16 +1,13 @@
-"""PGD and the figures measured with it, the training objectives that train.py selects with --loss, and their
-flags (defaults; sources: README).
+"""PGD and the figures measured with it, the per-sample formulas of every objective, and the training objectives
+that train.py selects with --loss (their flags and defaults: flags.py).
 
-Every objective is (net, atk, x, y, args, epoch) -> (loss, adversarial logits): `net` is the model of the training
-forward pass (DDP-wrapped or compiled), `atk` the plain model the attack runs on, `args` train.py's flags; it
-crafts its own adversarial examples, so the training loop is the same for all. @objective(name) registers a body
-returning (loss, z_adv, x_adv) and adds --emr's regularizer at x_adv, so EMR combines with every loss. The
-formulas are pure functions of logits, one value per sample ([B], float32, float64 if given).
+Every objective is a plain function (net, atk, x, y, args, epoch) -> (loss, adversarial logits) whose body shows its
+method: the attack, the loss, and emr(), --emr's term, which every loss adds. `net` runs the training forward pass
+(DDP-wrapped or compiled), `atk` is the plain model the attack runs on. The formulas are pure functions of logits,
+one value per sample ([B], float32, float64 if given).
 """
 
-import functools
-import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -18,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sovr import DEFAULT_RATIO, logit_margin, ovr_loss, sovr_loss
+from sovr import logit_margin, ovr_loss, sovr_loss
 
 
 @contextmanager
@@ -227,8 +224,6 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float) -> torch.Tensor:
 def comp_sum_loss(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
     """Comp-sum Phi_tau(u), u = sum_{k != y} exp(z_k - z_y): log(1 + u) (CE) for tau = 1, else
     ((1 + u)^(1 - tau) - 1) / (1 - tau): u at tau 0, generalized CE in (1, 2), 1 - 1/(1 + u) at 2."""
-    if tau < 0:
-        raise ValueError(f"--tau must be >= 0, got {tau}")
     log1pu = F.cross_entropy(_fp(z), y, reduction="none")  # log(1 + u) = logsumexp(z - z_y)
     return log1pu if tau == 1 else torch.expm1((1 - tau) * log1pu) / (1 - tau)
 
@@ -240,16 +235,9 @@ def logit_diff_distance(z_adv, z_clean, y) -> torch.Tensor:
     return torch.linalg.vector_norm(d, dim=1)
 
 
-# EMR's softmax temperature by loss, as the official scripts set it (README, Objectives); the others take AT's.
-EMR_TEMP = {"trades": 1.0, "trades-sovr": 1.0, "mail": 0.1}
-EMR_TEMP_AT = 40.0
-
-
 def emr_penalty(model: nn.Module, x_adv: torch.Tensor, temp: float) -> torch.Tensor:
     """EMR: || grad_x s_i(x') ||_2^2 per sample, s_i = sum_k stopgrad(softmax(z_i / temp))_k z_i,k,
     eval-mode BN, graph kept (create_graph) so that the penalty trains the weights."""
-    if temp <= 0:
-        raise ValueError(f"--emr-temp must be > 0, got {temp}")
     x_adv = x_adv.detach().requires_grad_(True)
     with bn_mode(model, "eval"):
         z = _fp(model(x_adv))
@@ -270,247 +258,110 @@ def emr_lambda(args, epoch: int) -> float:
     return args.emr * args.emr_decay ** sum(epoch >= m for m in args.milestones)
 
 
-# ---- the objectives' flags: defaults (sources: README, Objectives) and a run's name ----
+# ---- the objectives: (net, atk, x, y, args, epoch) -> (loss, adversarial logits) ----
 
 
-def defaults(loss: str, epochs: int) -> dict:
-    """The default of every flag an objective reads, for a run of `epochs` epochs with `loss`."""
-    return dict(
-        ratio=DEFAULT_RATIO,
-        beta=6.0,
-        mail_slope=10.0,
-        mail_bias=-0.5,
-        gairat_lambda=-1.0,
-        tau=1.0,
-        nu=1.0,
-        burn_in=round(epochs * 60 / 110),
-        emr=0.0,
-        emr_temp=EMR_TEMP.get(loss, EMR_TEMP_AT),
-        emr_decay=0.1,
-    )
-
-
-def flags(a: Callable) -> None:
-    """train.py's flags of the objectives (a: argparse's add_argument); None means defaults(), filled by resolve()."""
-    d = defaults("", 110)
-    a("--loss", default="sovr", choices=sorted(OBJECTIVES), help="training objective (default sovr)")
-    a(
-        "--ratio",
-        type=float,
-        default=None,
-        help=f"sovr, trades-sovr: share of the batch that uses OVR (default {d['ratio']})",
-    )
-    a(
-        "--beta",
-        type=float,
-        default=None,
-        help=f"trades, trades-sovr, mart: weight of the KL term (default {d['beta']:g})",
-    )
-    a("--burn-in", type=int, default=None, help="mail, gairat: unweighted epochs first (default: 60/110 of --epochs)")
-    a(
-        "--mail-slope",
-        type=float,
-        default=None,
-        help=f"mail: weight 3 sigmoid(slope (bias - PM)) (default {d['mail_slope']:g})",
-    )
-    a("--mail-bias", type=float, default=None, help=f"mail: weight bias (default {d['mail_bias']:g})")
-    a("--gairat-lambda", type=float, default=None, help=f"gairat: tanh shift lambda (default {d['gairat_lambda']:g})")
-    a("--tau", type=float, default=None, help=f"comp-sum: tau >= 0; 0 sum-exp, 1 CE, 2 MAE (default {d['tau']:g})")
-    a("--nu", type=float, default=None, help=f"comp-sum: weight of the logit-difference distance (default {d['nu']:g})")
-    a("--emr", type=float, default=None, help="any loss: EMR lambda (default 0 = off)")
-    a(
-        "--emr-temp",
-        type=float,
-        default=None,
-        help=f"EMR softmax temperature (default {EMR_TEMP_AT:g}; "
-        + ", ".join(f"{v:g} for {k}" for k, v in EMR_TEMP.items())
-        + ")",
-    )
-    a("--emr-decay", type=float, default=None, help=f"EMR lambda factor at each milestone (default {d['emr_decay']:g})")
-
-
-NONNEGATIVE = ("ratio", "beta", "tau", "nu", "burn_in", "emr", "emr_decay")
-
-
-def resolve(args, given: Collection[str] = ()) -> None:
-    """Gives every objective flag left at None its default for the run; ValueError for a value no run can use, and
-    for a flag in `given` (set on the command line) that the run's objective does not read: it would do nothing."""
-    for k, v in defaults(args.loss, args.epochs).items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    if unread := [k for k in defaults("", 1) if k in given and k not in reads(args.loss, args.emr)]:
-        raise ValueError(
-            f"--loss {args.loss} does not read " + ", ".join(f"--{k.replace('_', '-')} ({readers(k)})" for k in unread)
-        )
-    for k in defaults("", 1):
-        v, low = getattr(args, k), 0 if k in NONNEGATIVE else -math.inf
-        if not low <= v < math.inf or (k == "ratio" and v > 1) or (k == "emr_temp" and v <= 0):
-            say = {"ratio": "lie in [0, 1]", "emr_temp": "be > 0"}.get(k, "be >= 0" if low == 0 else "be finite")
-            raise ValueError(f"--{k.replace('_', '-')} must {say}, got {v:g}")
-
-
-def reads(loss: str, emr: float) -> tuple[str, ...]:
-    """The objective flags a run of `loss` reads: its own, --emr, and EMR's with --emr > 0."""
-    return READS.get(loss, ()) + ("emr",) + ("emr_temp", "emr_decay") * bool(emr)
-
-
-def readers(k: str) -> str:
-    by = [loss for loss, ks in READS.items() if k in ks]  # none: one of EMR's
-    return "read by " + ", ".join(by) if by else "read with --emr > 0"
-
-
-READS = {
-    "sovr": ("ratio",),
-    "trades": ("beta",),
-    "trades-sovr": ("ratio", "beta"),
-    "mart": ("beta",),
-    "mail": ("mail_slope", "mail_bias", "burn_in"),
-    "gairat": ("gairat_lambda", "burn_in"),
-    "comp-sum": ("tau", "nu"),
-}
-TAGS = dict(
-    ratio="r",
-    beta="b",
-    mail_slope="slope",
-    mail_bias="bias",
-    gairat_lambda="lambda",
-    burn_in="burnin",
-    tau="tau",
-    nu="nu",
-    emr="emr",
-    emr_temp="emrtemp",
-    emr_decay="emrdecay",
-)
-
-
-def label(a: dict) -> str:
-    """A run's objective as a name: --loss, then every flag it reads that differs from its default for the run (None
-    is the default), e.g. sovr, sovr-r0.2, trades-b1-emr3, then -ema for weight averaging and -aux for generated
-    data; so that runs of different objectives never share a name."""
-    d = defaults(a["loss"], a["epochs"])
-    ema = "" if a.get("ema") is None else "-ema" + (f"{a['ema']:g}" if a["ema"] != 0.995 else "")
-    aux = (
-        "" if not a.get("aux_data") else "-aux" + (f"{f:g}" if (f := a.get("aux_fraction")) not in (None, 0.7) else "")
-    )
-    tags = [f"-{TAGS[k]}{a[k]:g}" for k in reads(a["loss"], a.get("emr")) if a.get(k) not in (None, d[k])]
-    return a["loss"] + "".join(tags) + ema + aux
-
-
-# ---- objectives ----
-
-OBJECTIVES: dict[str, Callable] = {}
-
-
-def objective(name: str) -> Callable:
-    """Registers body(net, atk, x, y, args, epoch) -> (loss, z_adv, x_adv) as OBJECTIVES[name], adding
-    emr_lambda(args, epoch) * emr_regularizer at x_adv (on the uncompiled attack model) when args.emr > 0."""
-
-    def register(body: Callable) -> Callable:
-        @functools.wraps(body)
-        def fn(net, atk, x, y, args, epoch):
-            loss, z_adv, x_adv = body(net, atk, x, y, args, epoch)
-            if getattr(args, "emr", 0) > 0:
-                plain = getattr(atk, "_orig_mod", atk)  # torch.compile has no double backward
-                reg = emr_regularizer(plain, x_adv, args.emr_temp, args.batch)
-                loss = loss + emr_lambda(args, epoch) * reg
-            return loss, z_adv
-
-        fn.body = body
-        OBJECTIVES[name] = fn
-        return fn
-
-    return register
-
-
-def _attack(atk: nn.Module, x: torch.Tensor, y: torch.Tensor, args, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def attack(atk: nn.Module, x: torch.Tensor, y: torch.Tensor, args, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training attack: PGD --steps at --eps, step --step, BatchNorm in --attack-bn mode; (x', kappa)."""
     return pgd(atk, x, y, args.eps / 255, args.step / 255, args.steps, bn=args.attack_bn, **kw)
 
 
-def _attack_from_clean(atk, x, y, args, distance: Callable, start: str) -> torch.Tensor:
+def attack_from_clean(atk, x, y, args, distance: Callable, start: str) -> torch.Tensor:
     """PGD ascent on sum_i distance(z_adv_i, z_clean_i), z_clean = atk(x) in the attack's BN mode."""
     with torch.no_grad(), bn_mode(atk, args.attack_bn):
         z_clean = atk(x)
-    return _attack(
-        atk, x, y, args, objective=lambda za, y_, zc: distance(za, zc, y_).sum(), start=start, z_clean=z_clean
-    )[0]
+    objective = lambda za, y_, zc: distance(za, zc, y_).sum()  # noqa: E731
+    return attack(atk, x, y, args, objective=objective, start=start, z_clean=z_clean)[0]
 
 
-def _trades_attack(atk, x, y, args) -> torch.Tensor:
-    return _attack_from_clean(atk, x, y, args, lambda za, zc, _: kl_rows(zc, za), start="normal")
+def emr(atk: nn.Module, x_adv: torch.Tensor, args, epoch: int) -> torch.Tensor | float:
+    """--emr's term at x': emr_lambda * emr_regularizer, on the uncompiled model (torch.compile has no double
+    backward); 0 without --emr."""
+    if args.emr <= 0:
+        return 0.0
+    plain = getattr(atk, "_orig_mod", atk)
+    return emr_lambda(args, epoch) * emr_regularizer(plain, x_adv, args.emr_temp, args.batch)
 
 
-def _on_pgd(loss: Callable) -> Callable:
-    """The body of an objective that trains loss(f(x'), y, args) on x' from PGD on CE."""
-
-    def body(net, atk, x, y, args, epoch):
-        x_adv, _ = _attack(atk, x, y, args)
-        z = net(x_adv)
-        return loss(z, y, args), z, x_adv
-
-    return body
+def ce(net, atk, x, y, args, epoch):
+    """Madry et al. 2018, PGD-AT: CE(f(x'), y), x' from PGD on CE."""
+    x_adv, _ = attack(atk, x, y, args)
+    z = net(x_adv)
+    return F.cross_entropy(z.float(), y) + emr(atk, x_adv, args, epoch), z
 
 
-ce = objective("ce")(_on_pgd(lambda z, y, a: F.cross_entropy(z.float(), y)))  # Madry et al. 2018, PGD-AT
-sovr = objective("sovr")(_on_pgd(lambda z, y, a: sovr_loss(z, y, a.ratio)))  # Kanai et al. 2023, --ratio
-ovr = objective("ovr")(_on_pgd(lambda z, y, a: ovr_loss(z, y)))  # OVR on every x': SOVR without its switch
+def sovr(net, atk, x, y, args, epoch):
+    """Kanai et al. 2023, SOVR: OVR on the --ratio share of x' with the smallest logit margins, CE on the rest."""
+    x_adv, _ = attack(atk, x, y, args)
+    z = net(x_adv)
+    return sovr_loss(z, y, args.ratio) + emr(atk, x_adv, args, epoch), z
 
 
-@objective("trades")
+def ovr(net, atk, x, y, args, epoch):
+    """OVR on every x': SOVR without its switch (--loss sovr --ratio 1)."""
+    x_adv, _ = attack(atk, x, y, args)
+    z = net(x_adv)
+    return ovr_loss(z, y) + emr(atk, x_adv, args, epoch), z
+
+
 def trades(net, atk, x, y, args, epoch):
     """Zhang et al. 2019, TRADES: mean of CE(f(x), y) + beta KL(p(x) || p(x')) (batchmean KL), x' from PGD on
     the KL from 0.001 N(0, 1)."""
-    x_adv = _trades_attack(atk, x, y, args)
+    x_adv = attack_from_clean(atk, x, y, args, lambda za, zc, _: kl_rows(zc, za), start="normal")
     z_nat, z_adv = net(x), net(x_adv)
-    return trades_loss(z_nat, z_adv, y, args.beta).mean(), z_adv, x_adv
+    return trades_loss(z_nat, z_adv, y, args.beta).mean() + emr(atk, x_adv, args, epoch), z_adv
 
 
-@objective("trades-sovr")
 def trades_sovr(net, atk, x, y, args, epoch):
     """This project's combination: TRADES with its CE term replaced by SOVR(f(x'), y)."""
-    x_adv = _trades_attack(atk, x, y, args)
+    x_adv = attack_from_clean(atk, x, y, args, lambda za, zc, _: kl_rows(zc, za), start="normal")
     z_nat, z_adv = net(x), net(x_adv)
-    return trades_sovr_loss(z_nat, z_adv, y, args.beta, args.ratio).mean(), z_adv, x_adv
+    return trades_sovr_loss(z_nat, z_adv, y, args.beta, args.ratio).mean() + emr(atk, x_adv, args, epoch), z_adv
 
 
-@objective("mart")
 def mart(net, atk, x, y, args, epoch):
     """Wang et al. 2020, MART: mean BCE(f(x'), y) + beta KL(p(x) || p(x')) (1 - p_y(x)), x' from PGD on CE from
     0.001 N(0, 1)."""
-    x_adv, _ = _attack(atk, x, y, args, start="normal")
+    x_adv, _ = attack(atk, x, y, args, start="normal")
     z_nat, z_adv = net(x), net(x_adv)
-    return mart_loss(z_nat, z_adv, y, args.beta).mean(), z_adv, x_adv
+    return mart_loss(z_nat, z_adv, y, args.beta).mean() + emr(atk, x_adv, args, epoch), z_adv
 
 
-def _reweighted_ce(net, atk, x, y, args, epoch, weights: Callable):
-    """mean w * CE(f(x'), y) with w = weights(z_adv, kappa); plain PGD-AT for epochs < --burn-in."""
-    x_adv, kappa = _attack(atk, x, y, args)
-    z = net(x_adv)
-    loss = F.cross_entropy(z.float(), y, reduction="none")
-    if epoch >= args.burn_in:
-        loss = loss * weights(z, kappa)
-    return loss.mean(), z, x_adv
-
-
-@objective("mail")
 def mail(net, atk, x, y, args, epoch):
-    """Wang, Liu et al. 2021, MAIL-AT: mean w CE(f(x'), y), w = mail_weights, after --burn-in epochs; x' as for
-    ce (every objective shares one PGD, so that comparisons are paired)."""
-    return _reweighted_ce(net, atk, x, y, args, epoch, lambda z, _: mail_weights(z, y, args.mail_slope, args.mail_bias))
+    """Wang, Liu et al. 2021, MAIL-AT: mean w CE(f(x'), y), w = mail_weights, after --burn-in epochs (plain PGD-AT
+    before); x' as for ce (every objective shares one PGD, so that comparisons are paired)."""
+    x_adv, _ = attack(atk, x, y, args)
+    z = net(x_adv)
+    w = mail_weights(z, y, args.mail_slope, args.mail_bias) if epoch >= args.burn_in else 1.0
+    return (w * F.cross_entropy(z.float(), y, reduction="none")).mean() + emr(atk, x_adv, args, epoch), z
 
 
-@objective("gairat")
 def gairat(net, atk, x, y, args, epoch):
     """Zhang et al. 2021, GAIRAT: mean w CE(f(x'), y), w = gair_weights of kappa, the PGD steps (of --steps) that
-    began correctly classified (as GA_PGD counts them), after --burn-in epochs."""
-    return _reweighted_ce(
-        net, atk, x, y, args, epoch, lambda _, kappa: gair_weights(kappa, args.steps, args.gairat_lambda)
-    )
+    began correctly classified (as GA_PGD counts them), after --burn-in epochs (plain PGD-AT before)."""
+    x_adv, kappa = attack(atk, x, y, args)
+    z = net(x_adv)
+    w = gair_weights(kappa, args.steps, args.gairat_lambda) if epoch >= args.burn_in else 1.0
+    return (w * F.cross_entropy(z.float(), y, reduction="none")).mean() + emr(atk, x_adv, args, epoch), z
 
 
-@objective("comp-sum")
 def comp_sum(net, atk, x, y, args, epoch):
     """Mao, Mohri, Zhong 2023, smooth adversarial comp-sum: mean Phi_tau(f(x), y) + nu ||Delta(x') - Delta(x)||_2,
     x' from PGD on that distance, uniform start."""
-    x_adv = _attack_from_clean(atk, x, y, args, logit_diff_distance, start="uniform")
+    x_adv = attack_from_clean(atk, x, y, args, logit_diff_distance, start="uniform")
     z_nat, z_adv = net(x), net(x_adv)
     loss = comp_sum_loss(z_nat, y, args.tau) + args.nu * logit_diff_distance(z_adv, z_nat, y)
-    return loss.mean(), z_adv, x_adv
+    return loss.mean() + emr(atk, x_adv, args, epoch), z_adv
+
+
+OBJECTIVES: dict[str, Callable] = {
+    "ce": ce,
+    "sovr": sovr,
+    "ovr": ovr,
+    "trades": trades,
+    "trades-sovr": trades_sovr,
+    "mart": mart,
+    "mail": mail,
+    "gairat": gairat,
+    "comp-sum": comp_sum,
+}

@@ -1,6 +1,6 @@
-"""A run folder: the files it holds (a fresh run refuses a folder with any of them), its log.jsonl, written by
-train.py (one record per epoch, then the test report) and read by it on --resume and by the studies in results/;
-and curves.png, drawn from it after every epoch."""
+"""A run folder's rules and writes: the files it holds (a fresh run refuses a folder with any of them); what an
+epoch writes, last.pt first, then from it best.pt, the log record and curves.png, so that a resume redoes what a kill
+cut; log.jsonl (one record per epoch, then the test report), read on --resume and by the studies in results/."""
 
 import contextlib
 import json
@@ -32,8 +32,12 @@ def trim(out: str, epochs_done: int) -> None:
     os.replace(os.path.join(out, "log.jsonl.tmp"), os.path.join(out, "log.jsonl"))
 
 
-def begin(out: str, epochs_done: int) -> None:
-    """Makes the run folder (ValueError where it cannot); on resume, trims the log to the epochs last.pt holds."""
+LAST_ONLY = ("optimizer", "best", "improved", "scheduler", "unaveraged")  # last.pt's keys that best.pt lacks
+
+
+def begin(out: str, epochs_done: int, last: dict | None = None, title: str = "") -> None:
+    """Makes the run folder (ValueError where it cannot); on resume from `last` (last.pt's contents), trims the log
+    to the epochs last.pt holds and redoes what a kill cut after it was written."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -42,6 +46,47 @@ def begin(out: str, epochs_done: int) -> None:
         raise ValueError(f"output directory {out} is not writable")
     if epochs_done:
         trim(out, epochs_done)
+    if last:
+        after_last(out, last, title, redo=True)
+
+
+def checkpoint(model, args, d: dict, epoch: int, metrics: dict) -> dict:
+    """What rebuilds the model (models.from_checkpoint) and says how it was trained."""
+    dataset = os.path.abspath(args.dataset) if args.dataset.endswith(".npz") else args.dataset  # found from anywhere
+    return dict(
+        model=model.state_dict(),
+        arch=args.arch,
+        width=args.width,
+        num_classes=d["num_classes"],
+        dataset=dataset,
+        mean=list(d["mean"]),
+        std=list(d["std"]),
+        eps=args.eps,
+        epoch=epoch,
+        metrics=metrics,
+        args=vars(args),
+    )
+
+
+def save_last(out: str, last: dict, title: str) -> None:
+    """An epoch's files: last.pt first (a resume redoes the rest from it), then what follows from it."""
+    import models  # here, not at the top: reading a log needs no torch (results/runner.py's links)
+
+    models.save(last, os.path.join(out, "last.pt"))
+    after_last(out, last, title)
+
+
+def after_last(out: str, last: dict, title: str, redo: bool = False) -> None:
+    """What follows last.pt at the end of an epoch, from last.pt alone: best.pt if the epoch improved on it, the
+    epoch's log record, the curves. A resume redoes what a kill left undone (`redo`)."""
+    import models
+
+    path = os.path.join(out, "best.pt")
+    if last.get("improved") and not (redo and os.path.isfile(path) and models.read(path)["epoch"] == last["epoch"]):
+        models.save({k: v for k, v in last.items() if k not in LAST_ONLY}, path)
+    if not (redo and any(r.get("epoch") == last["epoch"] for r in records(out))):
+        append(out, last["metrics"])
+    curves(out, title)
 
 
 def final(out: str) -> dict | None:

@@ -9,7 +9,7 @@ Where the two runs cannot agree by design, the equivalence runs remove the cause
     SOVR pair checks that per-shard switch against one process that switches within each half of its batch.
 A further run keeps the default model and loss and checks that all ranks end with the same weights and BatchNorm
 statistics. The runs go through a launcher that changes nothing in train.py's logic: it swaps the BatchNorm
-class when asked, and saves each rank's weights before final_report reloads best.pt.
+class when asked, and saves each rank's weights before train.test reloads best.pt.
 """
 
 import json
@@ -77,7 +77,7 @@ def final_report(args, model, *rest):
     return report(args, model, *rest)
 
 
-report, train.final_report = train.final_report, final_report
+report, train.test = train.test, final_report
 train.main(sys.argv[1:])
 '''
 

@@ -16,12 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attack
+import flags
 import losses
 import models
 import train
 from losses import (
     OBJECTIVES,
-    _attack_from_clean,
+    attack_from_clean,
     comp_sum_loss,
     emr_lambda,
     emr_penalty,
@@ -182,8 +183,8 @@ def test_comp_sum_special_cases() -> None:
     assert torch.allclose(comp_sum_loss(z, y, 1.0), F.cross_entropy(z, y, reduction="none"))
     assert torch.allclose(comp_sum_loss(z, y, 0.0), u)
     assert torch.allclose(comp_sum_loss(z, y, 2.0), 1 - 1 / (1 + u))
-    with pytest.raises(ValueError):
-        comp_sum_loss(z, y, -0.5)
+    with pytest.raises(SystemExit):  # refused where it is given: train.py's flags (flags.py)
+        args("--loss", "comp-sum", "--tau", "-0.5")
 
 
 @pytest.mark.parametrize("b,k", SHAPES)
@@ -214,8 +215,8 @@ def test_emr_penalty_on_a_linear_model(temp: float) -> None:
     assert torch.allclose(got, want, atol=1e-6)
     got.sum().backward()  # the penalty reaches the weights through the double backward
     assert lin.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError):
-        emr_penalty(lin, x, 0.0)
+    with pytest.raises(SystemExit):  # refused where it is given: train.py's flags (flags.py)
+        args("--emr", "1", "--emr-temp", "0")
 
 
 # ---- objectives on a tiny BatchNorm conv net ----
@@ -239,23 +240,31 @@ def args(*flags: str):
 
 def burn_in(name: str, epochs: int) -> list[str]:
     """--burn-in for the losses that read it (train.py refuses a flag that the loss does not read)."""
-    return ["--burn-in", str(epochs)] if "burn_in" in losses.READS.get(name, ()) else []
+    return ["--burn-in", str(epochs)] if "burn_in" in flags.READS.get(name, ()) else []
 
 
-def run(name: str, a, model: nn.Module, x, y, epoch: int = 0, body: bool = False, seed: int = 0):
+def run(name: str, a, model: nn.Module, x, y, epoch: int = 0, seed: int = 0):
     """One call of the objective on a copy of `model` (its BN statistics stay untouched) with a fixed seed."""
     m = copy.deepcopy(model).train()
     torch.manual_seed(seed)
-    fn = OBJECTIVES[name].body if body else OBJECTIVES[name]
-    return (*fn(m, m, x, y, a, epoch), m)
+    return (*OBJECTIVES[name](m, m, x, y, a, epoch), m)
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_emr_wrapper(name: str) -> None:
+def test_emr_term(name: str, monkeypatch) -> None:
+    """Every objective adds losses.emr's term at its own x': nothing at lambda 0, the official regularizer else."""
     model, (x, y) = tiny(), data()
-    loss0, z0, x_adv, _ = run(name, args("--loss", name, *burn_in(name, 0)), model, x, y, body=True)
+    seen, term = [], losses.emr
+
+    def spy(atk, x_adv, a, epoch):
+        seen.append((x_adv, term(atk, x_adv, a, epoch)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(losses, "emr", spy)
+    loss0, z0, _ = run(name, args("--loss", name, *burn_in(name, 0)), model, x, y)
+    x_adv, added = seen[-1]
     loss, z, _ = run(name, args("--loss", name, *burn_in(name, 0), "--emr", "0"), model, x, y)
-    assert torch.equal(loss, loss0) and torch.equal(z, z0) and z.shape == (8, 10)  # lambda 0: the base loss
+    assert added == 0.0 and torch.equal(loss, loss0) and torch.equal(z, z0) and z.shape == (8, 10)  # the base loss
     a = args("--loss", name, *burn_in(name, 0), "--emr", "0.5", "--batch", "8")
     loss, _, m = run(name, a, model, x, y)
     want = 0.5 * emr_penalty(m, x_adv, a.emr_temp).sum() / 8**2
@@ -330,7 +339,7 @@ def test_reweighting_reduces_to_pgd_at(name: str, flags: list, scale: float) -> 
 def test_attacks_on_clean_logits_ascend(distance) -> None:
     """TRADES' and comp-sum's PGD moves away from the clean logits: more than the start, in eval-mode BN."""
     model, (x, y) = tiny().eval(), data()
-    x_adv = _attack_from_clean(model, x, y, args(), distance, start="uniform")
+    x_adv = attack_from_clean(model, x, y, args(), distance, start="uniform")
     with torch.no_grad():
         zc = model(x)
         start = distance(model((x + torch.empty_like(x).uniform_(-8 / 255, 8 / 255)).clamp(0, 1)), zc, y).mean()

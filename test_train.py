@@ -357,7 +357,7 @@ def test_mail_for_eleven_epochs_reweights_late_and_lowers_its_lr(tmp_path: Path,
     """Defaults scaled to 11 epochs: 6 unweighted epochs (60/110), lr x0.1 after epoch 10 (100/110)."""
     now, weighted = [], set()
     spy = lambda fn, record: lambda *a: record(a) or fn(*a)  # noqa: E731
-    monkeypatch.setattr(losses, "_reweighted_ce", spy(losses._reweighted_ce, lambda a: now.append(a[5])))
+    monkeypatch.setitem(losses.OBJECTIVES, "mail", spy(losses.mail, lambda a: now.append(a[5])))
     monkeypatch.setattr(losses, "mail_weights", spy(losses.mail_weights, lambda a: weighted.add(now[-1] + 1)))
     run(*SMOKE, "--loss", "mail", "--epochs", 11, "--train-limit", 64, "--out", tmp_path)
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()[:-1]]

@@ -122,7 +122,7 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     """Every run of the grid with its links [(done, cmd)], each command checked by train.py's or attack.py's own
     parser first."""
     import attack
-    import losses
+    import flags as policy
     import train
 
     for d in grid["datasets"]:
@@ -131,11 +131,11 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
     launch = [sys.executable, *torchrun * (gpus_per_run > 1)]
     found, n = [], str(grid["points"])
-    per_loss = {loss: loss_flags(loss, grid["train_flags"], losses) for loss in grid["losses"]}
-    given = {f.split("=")[0][2:].replace("-", "_") for f in grid["train_flags"]} & set(losses.TAGS)
+    per_loss = {loss: loss_flags(loss, grid["train_flags"], policy) for loss in grid["losses"]}
+    given = {f.split("=")[0][2:].replace("-", "_") for f in grid["train_flags"]} & set(policy.TAGS)
     for key in sorted(given - {k for _, read in per_loss.values() for k in read}):  # a flag no run would read
         flag = "--" + key.replace("_", "-")
-        raise ValueError(f"{flag} after -- is read by none of --losses ({losses.readers(key)})")
+        raise ValueError(f"{flag} after -- is read by none of --losses ({policy.readers(key)})")
     for d, arch, loss, seed in itertools.product(grid["datasets"], grid["archs"], grid["losses"], grid["seeds"]):
         argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch, "--loss", loss]
         argv += ["--seed", seed, *per_loss[loss][0]]
@@ -162,11 +162,11 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     return found
 
 
-def loss_flags(loss: str, flags: list[str], losses) -> tuple[list[str], set[str]]:
+def loss_flags(loss: str, flags: list[str], policy) -> tuple[list[str], set[str]]:
     """The flags after -- that this loss's train.py gets, and the objective settings among them it reads: an
     objective flag goes only to the losses that read it (train.py refuses it elsewhere), so that `-- --ratio 0.2`
     changes sovr and trades-sovr and leaves ce the baseline it is."""
-    objective = {"--" + k.replace("_", "-"): k for k in losses.TAGS}  # each takes one value
+    objective = {"--" + k.replace("_", "-"): k for k in policy.TAGS}  # each takes one value
     pairs, i = [], 0
     while i < len(flags):
         n = 1 if "=" in flags[i] or flags[i] not in objective else 2
@@ -175,7 +175,7 @@ def loss_flags(loss: str, flags: list[str], losses) -> tuple[list[str], set[str]
     emr = next((p[-1].split("=")[-1] for p in pairs if p[0].split("=")[0] == "--emr"), "0")
     with contextlib.suppress(ValueError):  # a value that is no number: train.py's parser says so
         emr = float(emr)
-    read = set(losses.reads(loss, emr))
+    read = set(policy.reads(loss, emr))
     keys = [objective.get(p[0].split("=")[0]) for p in pairs]
     return [f for p, k in zip(pairs, keys) if k is None or k in read for f in p], {k for k in keys if k in read}
 

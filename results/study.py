@@ -26,7 +26,7 @@ from compare_table import smallest  # noqa: E402  (the 30% smallest margins, one
 
 import attack  # noqa: E402  (its result file names and its histogram)
 import cli  # noqa: E402
-import losses  # noqa: E402
+import flags  # noqa: E402
 import runlog  # noqa: E402
 
 SUBSET = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
@@ -97,7 +97,7 @@ def result(out: Path, mode: str, n: int) -> Path | None:
 
 
 def reads_burn_in(loss: str) -> bool:
-    return "burn_in" in losses.READS.get(loss, ())  # train.py refuses a flag that the loss does not read
+    return "burn_in" in flags.READS.get(loss, ())  # train.py refuses a flag that the loss does not read
 
 
 def links(r: dict, args, root: Path) -> list[tuple[str, list[str]]]:

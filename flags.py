@@ -1,0 +1,267 @@
+"""The policy of train.py's command line in one place: every flag with its default (and, once, where the default
+comes from), what values it refuses, which losses read each objective flag, what --resume may change, and a run's
+name. fill() gives the defaults that depend on other flags; check() is the one function that refuses."""
+
+import argparse
+import math
+import os
+import sys
+
+import cli
+import losses
+import models
+from sovr import DEFAULT_RATIO
+
+EMA_DECAY = 0.995  # DM-Improves-AT's train-wa.py: --tau default
+AUX_FRACTION = 0.7  # DM-Improves-AT's core/utils/parser.py: --unsup-fraction default
+VAL = 1000  # training images held out for model selection: our choice
+# EMR's softmax temperature by loss, as the official scripts set it (train-AT-EMR.sh: 40; train-TRADES-EMR.sh: 1;
+# src/argument.py, kept by train-MAIL-AT-EMR.sh: 0.1); the other losses take AT's
+EMR_TEMP, EMR_TEMP_AT = {"trades": 1.0, "trades-sovr": 1.0, "mail": 0.1}, 40.0
+SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, batch=64, steps=2, eval_steps=2, width=8)
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(m) for m in value.replace(" ", "").split(",") if m]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, not {value!r}") from None
+
+
+def _auto(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"takes no value or 'auto', not {value!r}")
+    return value
+
+
+ON_OFF, ON = argparse.BooleanOptionalAction, "store_true"
+
+
+def F(name: str, kind, default, rule: str | tuple = "", text: str = "", **kw) -> tuple:
+    """A row of a flag table: its type (or argparse action), default, rule and help; argparse's other keywords."""
+    return name, default, text, rule, {("action" if kind in (ON_OFF, ON) else "type"): kind, **kw} if kind else kw
+
+
+# A string starts a group of flags. A rule says what a value must be, as the refusal says it: ">= a" and "> a"
+# (which also refuse inf and nan), "<= a", an interval, "finite", "a positive number", then any words; None
+# values (a default filled in later) are not checked. %(default)s in a help is the default, so it is written once.
+# fmt: off
+TRAIN = [
+    "data and model",
+    F("--dataset", None, "cifar10", "", "cifar10 (default) | cifar100 | synthetic | .npz with x_train, y_train, "
+      "x_test, y_test"),
+    F("--data-dir", None, "./data", "", "where torchvision downloads CIFAR (default %(default)s)"),
+    F("--val", int, None, "", f"training images held out for model selection (default {VAL}; for a set of fewer "
+      f"than {2 * VAL}, half of it, leaving at least --batch)"),  # its range needs the data: data.train_val
+    F("--train-limit", int, 0, ">= 0", "use only the first N training images, 0 = all (for quick checks)"),
+    F("--aux-data", None, None, "", "generated images mixed into every batch (default none)", metavar="NPZ"),
+    F("--aux-fraction", float, None, "[0, 1)", f"share of each batch from --aux-data (default {AUX_FRACTION})"),
+    F("--arch", None, "resnet18", "", "network (default %(default)s)", choices=sorted(models.ARCHS)),
+    F("--width", int, None, ">= 1", "ResNet base channels / WRN widen factor (default: the arch's standard)"),
+    "recipe",  # Pang et al.'s Bag of Tricks baseline: P2333/Bag-of-Tricks-for-AT's README and train_cifar.py
+    F("--epochs", int, 110, ">= 1", "epochs (default %(default)s)"),
+    F("--milestones", _ints, None, ">= 1 (a drop after epoch 0 would lower the lr from the start)",
+      "epochs after which lr and EMR lambda x0.1 (default: 100/110, 105/110 of --epochs)"),
+    F("--lr", float, 0.1, "a positive number", "SGD learning rate for the global batch (default %(default)s)"),
+    F("--momentum", float, 0.9, "[0, 1)", "SGD momentum (default %(default)s)"),
+    F("--wd", float, 5e-4, ">= 0", "weight decay (default %(default)s)"),
+    F("--batch", int, 128, ">= 1", "global batch size (default %(default)s)"),
+    F("--eps", int, 8, (">= 0", "<= 255 (it is in 1/255 units)"), "L-inf radius in 1/255 units (default 8: 8/255)"),
+    F("--step", int, 2, ">= 0", "PGD step in 1/255 units (default %(default)s)"),
+    F("--steps", int, 10, ">= 1", "PGD steps in training (default %(default)s)"),
+    F("--eval-steps", int, 20, ">= 1", "PGD steps for validation and test (default %(default)s)"),
+    F("--attack-bn", None, "eval", "", "BatchNorm mode while attacking (default %(default)s)",
+      choices=["eval", "train"]),
+    F("--ema", float, None, "(0, 1)", f"evaluate and save a moving average of the weights (default off; --ema "
+      f"alone: {EMA_DECAY})", nargs="?", const=EMA_DECAY, metavar="DECAY"),
+    "objective (each flag: the losses that read it)",
+    F("--loss", None, "sovr", "", "training objective (default %(default)s)", choices=sorted(losses.OBJECTIVES)),
+    F("--ratio", float, DEFAULT_RATIO, "[0, 1]", "sovr, trades-sovr: share of the batch that uses OVR (default "
+      "%(default)s)"),  # why 0.4: sovr.py
+    F("--beta", float, 6.0, ">= 0", "trades, trades-sovr, mart: weight of the KL term (default %(default)g)"),
+    # TRADES' train_trades_cifar10.py; MART's train_wideresnet.py
+    F("--burn-in", int, None, ">= 0", "mail, gairat: unweighted epochs first (default: 60/110 of --epochs)"),
+    # ours: GAIRAT.py reweights after 59 of 120 epochs, MAIL's train.py after 76 of 120
+    F("--mail-slope", float, 10.0, "finite", "mail: weight 3 sigmoid(slope (bias - PM)) (default %(default)g)"),
+    F("--mail-bias", float, -0.5, "finite", "mail: weight bias (default %(default)g)"),
+    # MAIL-AT's recommendation as reported from MAIL's README (its train.py argparse has 1 and -1.5)
+    F("--gairat-lambda", float, -1.0, "finite", "gairat: tanh shift lambda (default %(default)g)"),
+    # GAIRAT.py's --Lambda with its fixed schedule
+    F("--tau", float, 1.0, ">= 0", "comp-sum: tau >= 0; 0 sum-exp, 1 CE, 2 MAE (default %(default)g)"),  # ours
+    F("--nu", float, 1.0, ">= 0", "comp-sum: weight of the logit-difference distance (default %(default)g)"),  # ours
+    F("--emr", float, 0.0, ">= 0", "any loss: EMR lambda (default 0 = off)"),
+    F("--emr-temp", float, None, "> 0", f"EMR softmax temperature (default {EMR_TEMP_AT:g}; "
+      + ", ".join(f"{v:g} for {k}" for k, v in EMR_TEMP.items()) + ")"),
+    F("--emr-decay", float, 0.1, ">= 0", "EMR lambda factor at each milestone (default %(default)g)"),
+    # EMR_decay in EMR's src/argument.py
+    "run",
+    F("--seed", int, 0, "", "random seed (default %(default)s)"),
+    F("--out", None, None, "", "run folder (default runs/<dataset>-<arch>-<objective>-s<seed>)"),
+    F("--resume", _auto, False, "", "continue <out>/last.pt with its flags (those given must match, but "
+      "--stop-after, --device, --compile, --deterministic, --data-dir); 'auto': continue if it exists, else start "
+      "(safe to requeue)", nargs="?", const=True, metavar="auto"),
+    F("--init", None, None, "", "start from this checkpoint's weights, with a fresh optimizer and schedule"),
+    F("--stop-after", int, 0, ">= 0", "train at most N epochs in this invocation, then exit (0 = all)"),
+    F("--device", None, None, "", "cpu | cuda | cuda:N (default cuda if available)"),
+    F("--amp", ON_OFF, None, "", "bf16 autocast in training (default on for CUDA)"),
+    F("--channels-last", ON_OFF, True, "", "NHWC memory format (default on)"),
+    F("--compile", ON_OFF, False, "", "torch.compile the model (default off)"),
+    F("--deterministic", ON_OFF, False, "", "deterministic CUDA kernels: bit for bit (default off)"),
+    F("--sync-bn", ON, False, "", "SyncBatchNorm under torchrun (default off)"),
+    F("--smoke", ON, False, "", f"defaults for a seconds-long CPU check: {SMOKE}"),
+]
+# fmt: on
+NEEDS = [("aux_fraction", "aux_data")]  # (flag, the flag it needs)
+
+# The objective flags each loss reads (the others are refused: they would do nothing), and their tags in run names.
+READS = {
+    "sovr": ("ratio",),
+    "trades": ("beta",),
+    "trades-sovr": ("ratio", "beta"),
+    "mart": ("beta",),
+    "mail": ("mail_slope", "mail_bias", "burn_in"),
+    "gairat": ("gairat_lambda", "burn_in"),
+    "comp-sum": ("tau", "nu"),
+}
+TAGS = dict(
+    ratio="r", beta="b", mail_slope="slope", mail_bias="bias", gairat_lambda="lambda", burn_in="burnin", tau="tau",
+    nu="nu", emr="emr", emr_temp="emrtemp", emr_decay="emrdecay",
+)  # fmt: skip
+# Flags that may change between a run and its --resume without changing the result (--compile and --deterministic
+# change CUDA's float rounding, as another run of a nondeterministic kernel does); --resume takes every flag not
+# given from last.pt, except those of one invocation.
+RESUMABLE = {"resume", "stop_after", "device", "compile", "deterministic", "data_dir", "out", "smoke"}
+ONCE = {"resume", "stop_after", "out"}
+
+
+def parser(doc: str, table: list) -> argparse.ArgumentParser:
+    """A program's parser from its table."""
+    p, group = cli.parser(doc, allow_abbrev=False), None
+    for row in table:
+        if isinstance(row, str):
+            group = p.add_argument_group(row)
+            continue
+        name, default, text, _, kw = row
+        (group or p).add_argument(name, default=default, help=text, **kw)
+    return p
+
+
+def rules(table: list) -> dict[str, tuple[str, ...]]:
+    out = {}
+    for row in table:
+        if not isinstance(row, str) and row[3]:
+            out[row[0][2:].replace("-", "_")] = (row[3],) if isinstance(row[3], str) else row[3]
+    return out
+
+
+def train_args(argv: list[str] | None = None, doc: str = "") -> tuple[argparse.Namespace, dict | None]:
+    """train.py's flags, and last.pt's contents when the run resumes (read once, here): with --resume (or --resume
+    auto finding last.pt), the flags not given are last.pt's."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser(doc, TRAIN)
+    given = cli.given(p, argv)
+    if "smoke" in given:
+        p.set_defaults(**SMOKE)  # explicit flags still win
+    args = p.parse_args(argv)
+    name = os.path.splitext(os.path.basename(args.dataset))[0]
+    args.out = args.out or os.path.join("runs", f"{name}-{args.arch}-{label(vars(args))}-s{args.seed}")
+    args.resume = args.resume is True or (args.resume == "auto" and os.path.isfile(os.path.join(args.out, "last.pt")))
+    try:
+        state = take(args, given) if args.resume else None
+        check(fill(args), given)
+    except ValueError as e:
+        p.error(str(e))
+    return args, state
+
+
+def fill(args: argparse.Namespace) -> argparse.Namespace:
+    """The defaults that depend on other flags: the schedule's (scaled to --epochs), EMR's temperature by loss."""
+    if args.milestones is None:  # the recipe's 100 and 105 of 110 epochs, scaled, each before the last epoch
+        args.milestones = sorted({min(round(args.epochs * f / 110), args.epochs - 1) for f in (100, 105)} - {0})
+    if args.burn_in is None:
+        args.burn_in = round(args.epochs * 60 / 110)
+    if args.emr_temp is None:
+        args.emr_temp = EMR_TEMP.get(args.loss, EMR_TEMP_AT)
+    if args.aux_data and args.aux_fraction is None:
+        args.aux_fraction = AUX_FRACTION
+    return args
+
+
+def check(args: argparse.Namespace, given: set[str], table: list = TRAIN) -> None:
+    """ValueError for a value the table's rules refuse, a flag given without the one it needs, and an objective
+    flag among `given` (the command line's) that the run's loss does not read."""
+    if unread := [k for k in TAGS if k in given and k not in reads(args.loss, args.emr)]:
+        raise ValueError(
+            f"--loss {args.loss} does not read " + ", ".join(f"--{k.replace('_', '-')} ({readers(k)})" for k in unread)
+        )
+    for k, need in NEEDS:
+        if getattr(args, k) is not None and not getattr(args, need):
+            raise ValueError(f"--{k.replace('_', '-')} needs --{need.replace('_', '-')}")
+    for k, says in rules(table).items():
+        values = getattr(args, k)
+        for v in values if isinstance(values, list) else [values]:
+            if bad := next((say for say in says if v is not None and not holds(say, v)), None):
+                raise ValueError(f"--{k.replace('_', '-')} must {'lie in' if bad[0] in '[(' else 'be'} {bad}, got {v}")
+
+
+def holds(rule: str, v: float) -> bool:
+    """Whether v meets a rule of the table: "finite", "a positive number", an interval "[a, b)" (any brackets), or
+    ">= a", "> a", "<= a" followed by any words; the bounds >= and > also refuse inf and nan."""
+    if rule in ("finite", "a positive number"):
+        return math.isfinite(v) and (rule == "finite" or v > 0)
+    if rule[0] in "[(":
+        lo, hi = (float(b) for b in rule[1:-1].split(","))
+        return (lo <= v if rule[0] == "[" else lo < v) and (v <= hi if rule[-1] == "]" else v < hi)
+    op, bound = rule.split()[:2]
+    b = float(bound)
+    return {">=": b <= v < math.inf, ">": b < v < math.inf, "<=": v <= b}[op]
+
+
+def take(args: argparse.Namespace, given: set[str]) -> dict:
+    """--resume: last.pt, and from it every flag not among `given` (but those of one invocation); ValueError naming
+    every given flag that would change the result."""
+    path = os.path.join(args.out, "last.pt")
+    state = models.read(path, "--resume")
+    if "optimizer" not in state:
+        raise ValueError(f"--resume: {path} is not a train.py last.pt")
+    old = state.get("args", {})  # a flag it lacks is newer than the run and keeps its default
+    diff = sorted(k for k in given - RESUMABLE if k in old and old[k] != getattr(args, k))
+    if "epochs" in diff and state["epoch"] >= old["epochs"]:
+        raise ValueError(
+            f"--resume: {path} has finished its {old['epochs']} epochs; to train it longer, start a new run from "
+            f"its weights: --init {path} --out NEW_FOLDER"
+        )
+    if diff:
+        raise ValueError(
+            f"--resume: {path} was trained with {cli.as_flags(old, diff)}, not {cli.as_flags(vars(args), diff)} "
+            "(leave them out to continue it)"
+        )
+    for k, v in old.items():
+        if hasattr(args, k) and k not in given | ONCE:
+            setattr(args, k, v)
+    return state
+
+
+def reads(loss: str, emr: float) -> tuple[str, ...]:
+    """The objective flags a run of `loss` reads: its own, --emr, and EMR's with --emr > 0."""
+    return READS.get(loss, ()) + ("emr",) + ("emr_temp", "emr_decay") * bool(emr)
+
+
+def readers(k: str) -> str:
+    by = [loss for loss, ks in READS.items() if k in ks]  # none: one of EMR's
+    return "read by " + ", ".join(by) if by else "read with --emr > 0"
+
+
+def label(a: dict) -> str:
+    """A run's objective as a name: --loss, then every flag it reads that differs from its default for the run (None
+    is the default), e.g. sovr, sovr-r0.2, trades-b1-emr3, then -ema for weight averaging and -aux for generated
+    data; so that runs of different objectives never share a name."""
+    d = vars(fill(argparse.Namespace(**{**DEFAULTS, "loss": a["loss"], "epochs": a["epochs"]})))
+    ema = "" if a.get("ema") is None else "-ema" + (f"{a['ema']:g}" if a["ema"] != EMA_DECAY else "")
+    aux = "" if not a.get("aux_data") else "-aux"
+    aux += f"{a['aux_fraction']:g}" if aux and a.get("aux_fraction") not in (None, AUX_FRACTION) else ""
+    tags = [f"-{TAGS[k]}{a[k]:g}" for k in reads(a["loss"], a.get("emr")) if a.get(k) not in (None, d[k])]
+    return a["loss"] + "".join(tags) + ema + aux
+
+
+DEFAULTS = {row[0][2:].replace("-", "_"): row[1] for row in TRAIN if not isinstance(row, str)}
