@@ -3,20 +3,29 @@
     python attack.py runs/cifar10-resnet18-sovr-s0/best.pt          # standard AA, the training eps, full test set
     python attack.py best.pt --n 200 --attacks apgd-ce              # quick check with a subset of attacks
     python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins --plot m.png   # margin histograms, PGD-20
+    python attack.py ce/best.pt sovr/best.pt --sweep --n 1000 --plot sweep.png      # is the robustness real?
 
 Results go to <checkpoint>.<settings>.json beside each checkpoint (or in --out DIR). AutoAttack runs in fp32 (with
 TF32 convolutions on Ampere and later GPUs, PyTorch's default; the JSON records which), in eval mode, one attack
 after another on the points still robust (as the package does internally), and records each finished attack with
 its settings, so an interrupted run continues where it stopped; a finished one is not run again, its result is
-printed. Every checkpoint, its test points and its files are checked before the first attack.
+printed. Every checkpoint, its test points and its files are checked before the first attack. The package's own
+checks (a randomized or dynamic model, softmax outputs, zero gradients, the class count, and Square beating the
+white-box attacks, a sign of gradient masking) are printed once each and kept in the JSON's `checks`. --sweep: APGD-CE
+then APGD-T at 1, 2, 4 and 8 times the radius (8, 16, 32, 64/255 by default) and PGD-20 against PGD-100 at the radius,
+on the same points, with one line per checkpoint saying whether the accuracy falls to 0 and more steps never help.
 """
 
 import contextlib
+import copy
+import glob
 import json
 import logging
 import os
 import platform
+import re
 import time
+import warnings
 from importlib import metadata
 
 import torch
@@ -30,6 +39,10 @@ from data import load_data
 
 VERSIONS = ("standard", "plus", "rand")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+# --sweep: the radius (--eps, else the training eps) times these, each attacked by the package's APGD-CE then APGD-T
+# (standard AutoAttack's first two attacks, the strong white-box part); an L-inf ball of 64/255 holds images of every
+# class, so a sound defence keeps next to no point there: more than SWEEP_FLOOR left at the largest radius fails
+SWEEP_SCALES, SWEEP_ATTACKS, SWEEP_FLOOR = (1, 2, 4, 8), "apgd-ce,apgd-t", 0.01
 
 
 def get_args(argv: list[str] | None = None):
@@ -47,7 +60,8 @@ def get_args(argv: list[str] | None = None):
     a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
     a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
     a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
-    a("--plot", metavar="PNG", help="where --margins draws (default margins.png beside the first result)")
+    a("--sweep", action="store_true", help="instead of AutoAttack: APGD-CE+T at 1, 2, 4, 8 x eps, PGD-20 vs PGD-100")
+    a("--plot", metavar="PNG", help="where --margins or --sweep draws (default <mode>.png beside the first result)")
     a("--out", metavar="DIR", help="the folder of the result files (default: beside each checkpoint)")
     a("--verbose", action="store_true", help="the AutoAttack package's own log lines (off by default)")
     args = p.parse_args(argv)
@@ -62,7 +76,11 @@ def get_args(argv: list[str] | None = None):
         ("" in names, f"--attacks takes attack names separated by commas, got {args.attacks!r}"),
         (twice, f"--attacks names {', '.join(twice)} twice"),
         (unknown, f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}"),
-        (args.plot and not args.margins, "--plot draws the histogram of --margins: add --margins, or drop --plot"),
+        (
+            args.sweep and (args.margins or args.attacks is not None),
+            "--sweep runs its own attacks: drop --margins/--attacks",
+        ),
+        (args.plot and not (args.margins or args.sweep), "--plot draws --margins or --sweep: add one, or drop --plot"),
     ]:
         if bad:
             p.error(message)
@@ -132,12 +150,14 @@ def autoattack(
     t0, (aa, run) = time.time(), make_autoattack(model, eps, args)
     st = saved(state_path, settings) or dict(robust=clean.tolist(), after={})
     robust, after, earlier = torch.tensor(st["robust"], dtype=torch.bool), st["after"], st.get("time_s", 0.0)
+    found = st.get("checks", [])  # what the package's checks said before a resume
     if after:
         print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
+        say(found, args.rank)
     for name in [a for a in (args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)) if a not in after]:
         idx = robust.nonzero().flatten()
         aa.attacks_to_run = [name]  # keeps the version's settings for that attack
-        with cli.progress(len(idx), name, "pt", args.rank) as bar:
+        with caught(found, args.rank), cli.progress(len(idx), name, "pt", args.rank) as bar:
             for k in range(0, len(idx), args.bs):
                 part = idx[k : k + args.bs]
                 robust[part] = run(x[part], y[part])[1].cpu() == y[part]
@@ -147,9 +167,80 @@ def autoattack(
         if args.rank == 0:
             shard = f" on this process's {len(robust)} points" * (args.world > 1)
             print(f"after {name}: robust accuracy {robust.float().mean():.2%}{shard}", flush=True)
-        st = dict(settings=settings, robust=robust.tolist(), after=after, time_s=earlier + time.time() - t0)
+        st = dict(
+            settings=settings, robust=robust.tolist(), after=after, checks=found, time_s=earlier + time.time() - t0
+        )
         models.write_json(st, state_path)
-    return robust, after, earlier
+    return robust, after, earlier, found
+
+
+def package_checks():
+    """The AutoAttack package's checks module (make_autoattack's package)."""
+    try:
+        from pyautoattack import checks
+    except ImportError:
+        from autoattack import checks
+    return checks
+
+
+def add(found: list[str], message: str) -> None:
+    """`message` appended unless `found` holds it already, whatever numbers it holds: the package runs its checks at
+    every call, one batch of one attack, so a check says the same at every batch (the zero-gradient count is a
+    batch's): each is kept once, as first said."""
+    key = re.sub(r"\d+(\.\d+)?", "#", message)
+    if all(re.sub(r"\d+(\.\d+)?", "#", m) != key for m in found):
+        found.append(message)
+
+
+def say(messages: list[str], rank: int) -> None:
+    for m in messages if rank == 0 else []:
+        print(f"AutoAttack's check: {m}", flush=True)
+
+
+@contextlib.contextmanager
+def caught(found: list[str], rank: int = 0):
+    """The messages of the package's checks (its checks.py) raised inside, added to `found` (add) and printed, the
+    new ones, on leaving. pyautoattack logs them to its logger, at each call: taken there, they are printed once
+    here instead; a check called without a logger warns (warnings.warn): taken too. Every other log line and warning
+    passes as before. (Upstream autoattack's run_standard_evaluation prints its checks' messages itself.)"""
+    before, shown = len(found), warnings.showwarning
+
+    def logged(record: logging.LogRecord) -> bool:
+        if os.path.basename(record.pathname) != "checks.py":
+            return True
+        add(found, record.getMessage())
+        return False  # printed once, on leaving, not at every call of the package
+
+    def warned(message, category, filename, lineno, file=None, line=None) -> None:
+        if os.path.basename(filename) == "checks.py":
+            add(found, str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    log = logging.getLogger("auto-attack")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module=r"(py)?autoattack\.checks")  # every time, not once per place
+        warnings.showwarning = warned
+        log.addFilter(logged)
+        try:
+            yield found
+        finally:
+            log.removeFilter(logged)
+    say(found[before:], rank)
+
+
+def checks_of(found: list[str], clean: torch.Tensor, after: dict[str, float], args) -> list[str]:
+    """The checks' messages of every process's attacks, once each, and the package's Square check on the whole
+    evaluation's robust accuracy after each attack (its check_square_sr, applied by run_standard_evaluation to one
+    call's {clean, each attack}: attack.py calls it one attack at a time, so it sees them together only here). What
+    this process has not printed yet is printed."""
+    every = list(found)
+    clean = cli.gather(clean.int().tolist())
+    with caught(every, args.rank):
+        for m in cli.gather(found):  # the other processes' messages
+            add(every, m)
+        package_checks().check_square_sr({"clean": sum(clean) / len(clean), **after})
+    return every
 
 
 def result_path(
@@ -188,7 +279,7 @@ def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
         n=n,
         eps=f"{eps}/255",
         norm=args.norm,
-        mode="margins" if args.margins else (args.attacks or args.version).replace(",", "+"),
+        mode="margins" if args.margins else "sweep" if args.sweep else (args.attacks or args.version).replace(",", "+"),
         version=args.version,
         bs=args.bs,
         seed=args.seed,
@@ -257,22 +348,79 @@ def evaluate(path: str, args) -> dict:
         m = torch.tensor(cli.gather(losses.pgd_margins(model, x, y, eps, args.bs).tolist()))
         small = m.sort().values[: max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
+    elif args.sweep:
+        figures, earlier = sweep(model, x, y, clean, e, args)
+        res.update(figures)
     else:
-        robust, after, earlier = autoattack(model, x, y, clean, eps, args, e["state"], s)
+        robust, after, earlier, found = autoattack(model, x, y, clean, eps, args, e["state"], s)
         robust, after = cli.gather(robust.int().tolist()), {k: sum(cli.gather([v])) / s["n"] for k, v in after.items()}
         res.update(robust_acc=sum(robust) / s["n"], robust=robust, robust_after=after)
+        res["checks"] = checks_of(found, clean, after, args)
     clean = cli.gather(clean.int().tolist())
     res.update(clean_acc=sum(clean) / s["n"], clean=clean, time_s=earlier + time.time() - t0)
-    if not args.margins:
+    if not (args.margins or args.sweep):
         res["robustbench"] = model_card(e["ckpt"], model, res, eps, args)
     if args.rank == 0:
         models.write_json(res, e["out"])
         print(f"{line(path, res)}\nwrote {e['out']}")
     if dist.is_initialized():
         dist.barrier()  # the result is written: every shard's state can go
-    if os.path.exists(e["state"]):
-        os.remove(e["state"])
+    for state in glob.glob(glob.escape(e["state"]) + "*"):  # --sweep's radii each have one of their own
+        os.remove(state)
     return res
+
+
+def sweep(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, e: dict, args) -> tuple[dict, float]:
+    """--sweep's figures and the seconds of the parts of a resumed run before this one: APGD-CE then APGD-T through
+    autoattack() (the package's attacks, each radius resumable from a state file of its own) at each SWEEP_SCALES
+    multiple of the radius, then PGD-20 and PGD-100 at the radius (L-inf) on the same points; the verdict."""
+    run, n, found, earlier = copy.copy(args), e["settings"]["n"], [], 0.0
+    run.attacks = SWEEP_ATTACKS
+    acc, after, robust = {}, {}, {}
+    for k in SWEEP_SCALES:
+        r = f"{round(e['eps'] * 255 * k, 4):g}/255"
+        if args.rank == 0:
+            print(f"sweep: {SWEEP_ATTACKS.replace(',', ' then ')} at {r}", flush=True)
+        settings = {**e["settings"], "eps": r, "mode": SWEEP_ATTACKS.replace(",", "+")}
+        flags, left, t, said = autoattack(model, x, y, clean, e["eps"] * k, run, f"{e['state']}.eps{k}", settings)
+        robust[r], earlier = cli.gather(flags.int().tolist()), earlier + t
+        acc[r], after[r] = sum(robust[r]) / n, {a: sum(cli.gather([v])) / n for a, v in left.items()}
+        for m in said:
+            add(found, m)
+    pgd = pgd_pair(model, x, y, e["eps"], args) if args.norm == "Linf" else {}
+    holds, verdict = sweep_verdict(acc, pgd)
+    figures = dict(sweep=dict(radii=list(acc), attacks=SWEEP_ATTACKS, robust_acc=acc, robust_after=after, **pgd))
+    figures.update(sweep_robust=robust, sweep_holds=holds, sweep_verdict=verdict)
+    return {**figures, "checks": checks_of(found, clean, {}, args)}, earlier
+
+
+def pgd_pair(model, x: torch.Tensor, y: torch.Tensor, eps: float, args) -> dict:
+    """PGD-20 and PGD-100 accuracy (losses.worst_of: the clean image counts too) at `eps`, step eps/4 (as
+    --margins' PGD-20), from the same random starts (seeded from --seed): they differ only in the 80 more steps."""
+    out = {}
+    for steps in (20, 100):
+        torch.manual_seed(args.seed)
+        z, z_adv = losses.pgd_logits(model, x, y, eps, eps / 4, steps, args.bs)
+        robust = losses.worst_of(z.cpu(), z_adv.cpu(), y.cpu())[0]
+        out[f"pgd{steps}"] = sum(cli.gather(robust.int().tolist())) / sum(cli.gather([len(y)]))
+    return dict(**out, pgd_step=f"{round(eps * 255 / 4, 4):g}/255")
+
+
+def sweep_verdict(acc: dict[str, float], pgd: dict) -> tuple[bool, str]:
+    """Whether the sweep holds, in one line: the accuracy never rises with the radius and is at most SWEEP_FLOOR at
+    the largest, and PGD-100's is at most PGD-20's (L-inf only: losses.pgd is L-inf PGD)."""
+    radii, why = list(acc), []
+    rises = [(a, b) for a, b in zip(radii, radii[1:]) if acc[b] > acc[a]]
+    why += [f"acc rises from {acc[a]:.1%} at {a} to {acc[b]:.1%} at {b}" for a, b in rises]
+    last = radii[-1]
+    if acc[last] > SWEEP_FLOOR:
+        why.append(f"acc stays at {acc[last]:.1%} at {last} (more than {SWEEP_FLOOR:.0%})")
+    if pgd and pgd["pgd100"] > pgd["pgd20"]:
+        why.append(f"PGD-100 {pgd['pgd100']:.1%} > PGD-20 {pgd['pgd20']:.1%} by {pgd['pgd100'] - pgd['pgd20']:.1%}")
+    if why:
+        return False, f"sweep: fails ({'; '.join(why)})"
+    steps = f"PGD-100 {pgd['pgd100']:.1%} <= PGD-20 {pgd['pgd20']:.1%}" if pgd else "no PGD pair under L2"
+    return True, f"sweep: holds (acc falls to {acc[last]:.1%} at {last}; {steps})"
 
 
 def line(path: str, res: dict) -> str:
@@ -280,9 +428,13 @@ def line(path: str, res: dict) -> str:
     s, on = res["settings"], f" on {res['settings']['processes']} processes" * (res["settings"]["processes"] > 1)
     if s["mode"] == "margins":
         what = f"mean margin {res['mean_margin']:.3f}, mean of the 30% smallest {res['mean_margin_smallest30']:.3f}"
+    elif s["mode"] == "sweep":
+        what = f"{s['norm']}, n={s['n']}, {res['sweep_verdict']}"
     else:
         what = f"AutoAttack ({s['mode']}, {s['norm']} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}"
-    return f"{path}: clean {res['clean_acc']:.2%}, {what}, {res['time_s']:.0f}s{on}"
+    k = len(res.get("checks", []))
+    warned = f", {k} warning{'s' * (k > 1)} of AutoAttack's checks (the JSON's checks)" * (k > 0)
+    return f"{path}: clean {res['clean_acc']:.2%}, {what}{warned}, {res['time_s']:.0f}s{on}"
 
 
 def versions() -> dict:
@@ -343,6 +495,32 @@ def plot(results: list[dict], path: str):
     return fig
 
 
+def plot_sweep(results: list[dict], path: str):
+    """--sweep's accuracy against the radius, one line per checkpoint, labelled as plot() labels them."""
+    plt = cli.pyplot()
+    if plt is None:
+        raise ValueError("--sweep draws with matplotlib: pip install matplotlib (the figures are in the JSON files)")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ticks = {}
+    for r in results:  # at each checkpoint's own radii (its training eps, or --eps, times SWEEP_SCALES)
+        s, sw = r["settings"], r["sweep"]
+        at = {float(k.split("/")[0]): k for k in sw["radii"]}
+        name = f"{s.get('objective') or s['loss']} ({os.path.join(*s['checkpoint'].split(os.sep)[-2:])})"
+        ax.plot(list(at), [100 * v for v in sw["robust_acc"].values()], marker="o", label=name)
+        ticks |= at
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ticks), list(ticks.values()))
+    ax.minorticks_off()
+    what = sw["attacks"].upper().replace(",", " + ")
+    ax.set(xlabel=f"{s['norm']} radius", ylabel=f"accuracy under {what}, %", ylim=(0, None))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return fig
+
+
 def main(argv: list[str] | None = None) -> None:
     args = get_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -358,8 +536,9 @@ def main(argv: list[str] | None = None) -> None:
             if outs.count(out) > 1:
                 same = [p for p, o in zip(args.checkpoints, outs) if o == out]
                 raise ValueError(f"{' and '.join(same)} would both write {out}: evaluate them with different --out")
-        png = args.plot or os.path.join(args.out or os.path.dirname(args.checkpoints[0]) or ".", "margins.png")
-        if args.margins:
+        png = f"{'sweep' if args.sweep else 'margins'}.png"
+        png = args.plot or os.path.join(args.out or os.path.dirname(args.checkpoints[0]) or ".", png)
+        if args.margins or args.sweep:
             writable(os.path.dirname(png) or ".", "the plot", "--plot")
         os.makedirs(args.out or ".", exist_ok=True)
         results = []
@@ -369,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(done or evaluate(p, args))
         if args.margins and args.rank == 0:
             plot(results, png)
+        if args.sweep and args.rank == 0:
+            plot_sweep(results, png)
 
     cli.run(
         "attack.py",
