@@ -10,7 +10,8 @@
 A run is (dataset, arch, loss, seed) in <out>/<dataset>-<arch>-<objective>-s<seed>/ (train.py's name) and the
 chain: train.py --resume auto; attack.py on best.pt (standard AutoAttack, or --attacks/--points); attack.py on
 last.pt with APGD-CE+APGD-T (best vs last, cheaply); runner.py margins of best.pt (PGD-20 margins of the first
---train-points training points and of the attacked test points). Flags after `--` go to every train.py command.
+--train-points training points and of the attacked test points); attack.py --sweep on best.pt (its first
+--sweep-points test points, at most --points). Flags after `--` go to every train.py command.
 The important points of a run are the 30% of training (and of test) points with the smallest margin under the
 same seed's ce run's best.pt: the same points for every loss of a seed. Running the same command again continues
 a killed grid and never repeats a finished link (results/runner.py). The grid's definition is kept in grid.json.
@@ -21,6 +22,7 @@ import importlib.util
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -50,6 +52,7 @@ def get_args(argv: list[str]):
     a("--points", type=int, default=0, help="attack.py: the first N test points (default 0 = all)")
     a("--attacks", default=None, help="attack.py --attacks for best.pt (default: standard AutoAttack)")
     a("--train-points", type=int, default=10000, help="training points whose margins are measured (default 10000)")
+    a("--sweep-points", type=int, default=1000, help="attack.py --sweep on best.pt, N points (default 1000; 0: none)")
     a("--out", default="runs/compare", help="the grid's folder (default runs/compare)")
     a("--gpus-per-run", type=int, default=1, help="GPUs per run, through torchrun when > 1; 0: CPU (default 1)")
     a("--jobs", type=int, default=1, help="runs at a time without a GPU (default 1)")
@@ -75,8 +78,8 @@ def get_args(argv: list[str]):
     for bad in ("--out", "--resume", "--loss", "--seed", "--init"):
         if any(f == bad or f.startswith(bad + "=") for f in flags):
             p.error(f"{bad} after -- is the grid's own: the runner sets it for every run")
-    if min(args.points, args.train_points, args.gpus_per_run) < 0 or args.jobs < 1:
-        p.error("--points, --train-points and --gpus-per-run must be >= 0, --jobs >= 1")
+    if min(args.points, args.train_points, args.sweep_points, args.gpus_per_run) < 0 or args.jobs < 1:
+        p.error("--points, --train-points, --sweep-points and --gpus-per-run must be >= 0, --jobs >= 1")
     try:
         args.minutes = minutes(args.time)
     except (ValueError, KeyError):
@@ -102,6 +105,7 @@ def grid_of(args) -> dict:
         points=args.points,
         attacks=args.attacks,
         train_points=args.train_points,
+        sweep_points=args.sweep_points,
         train_flags=args.flags,
     )
 
@@ -121,7 +125,6 @@ def quiet(script: str, parse, argv: list[str]):
 def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     """Every run of the grid with its links [(done, cmd)], each command checked by train.py's or attack.py's own
     parser first."""
-    import attack
     import flags as policy
     import train
 
@@ -131,6 +134,7 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
     launch = [sys.executable, *torchrun * (gpus_per_run > 1)]
     found, n = [], str(grid["points"])
+    sweep = min(grid.get("sweep_points", 0), grid["points"] or math.inf)  # a grid.json from before the sweep has none
     per_loss = {loss: loss_flags(loss, grid["train_flags"], policy) for loss in grid["losses"]}
     given = {f.split("=")[0][2:].replace("-", "_") for f in grid["train_flags"]} & set(policy.TAGS)
     for key in sorted(given - {k for _, read in per_loss.values() for k in read}):  # a flag no run would read
@@ -143,14 +147,13 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
         run = out / os.path.basename(t.out)  # train.py's own name for it
         links = [(str(run), [*launch, str(REPO / "train.py"), *argv, "--out", str(run), "--resume", "auto"])]
         for ckpt, attacks in (("best", grid["attacks"]), ("last", grid["attacks"] or LAST_ATTACKS)):
-            flags = [str(run / f"{ckpt}.pt"), *["--attacks", attacks] * bool(attacks), "--points", n]
-            quiet("attack.py", attack.get_args, flags)
             mode = attacks.replace(",", "+") if attacks else "standard"
-            done = run / f"{ckpt}.{mode}-Linf-eps*-n{grid['points'] or '*'}-seed0*.json"  # any device, any processes
-            links.append((str(done), [*launch, str(REPO / "attack.py"), *flags]))
+            links.append(evaluation(run / f"{ckpt}.pt", ["--attacks", attacks] * bool(attacks), mode, n, launch))
         best = str(run / "best.pt")
         cmd = [sys.executable, runner.ME, "margins", best, "--train-points", str(grid["train_points"]), "--points", n]
         links.append((str(runner.margins_path(best)), cmd))
+        if sweep:
+            links.append(evaluation(run / "best.pt", ["--sweep"], "sweep", str(sweep), launch))
         found.append(
             dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, data=t.data_dir, links=links)
         )
@@ -160,6 +163,17 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
             f"two runs of the grid share the folder {max(names, key=names.count)} (see the flags after --)"
         )
     return found
+
+
+def evaluation(ckpt: Path, flags: list[str], mode: str, n: str, launch: list[str]) -> tuple[str, list[str]]:
+    """An attack.py link of a run, (done, cmd): its result file's glob (any device, any process count) and its
+    command, checked by attack.py's parser."""
+    import attack
+
+    argv = [str(ckpt), *flags, "--points", n]
+    quiet("attack.py", attack.get_args, argv)
+    done = ckpt.with_name(f"{ckpt.stem}.{mode}-Linf-eps*-n{n if n != '0' else '*'}-seed0*.json")
+    return str(done), [*launch, str(REPO / "attack.py"), *argv]
 
 
 def loss_flags(loss: str, flags: list[str], policy) -> tuple[list[str], set[str]]:

@@ -1,6 +1,7 @@
 """The table and figures of a results/compare.py grid, from its finished links only: table.md (per loss, mean ±
 std over seeds, each seed, and the paired difference against ce of the same seed), table.csv (one row per run),
-aa.png and margins.png. A run's links are [train, AutoAttack on best.pt, APGD-CE+T on last.pt, margins]."""
+aa.png and margins.png. A run's links are [train, AutoAttack on best.pt, APGD-CE+T on last.pt, margins, and unless
+--sweep-points 0 attack.py --sweep on best.pt]."""
 
 import contextlib
 import csv
@@ -21,6 +22,7 @@ TIMES = ("s_epoch", "s_aa")
 # as attack.py's histogram: the margins files hold losses.worst_of's margin
 MARGIN = "logit margin $z_y - \\max_{k \\neq y} z_k$, the lower of clean and PGD-20"
 EXTRA = ["n", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit"]  # each row's provenance
+SOUND = ["sweep", "checks"]  # whether best.pt's --sweep held; what AutoAttack's own checks said in its evaluations
 
 
 def result(done: str) -> dict | None:
@@ -41,9 +43,11 @@ def metrics(r: dict, ce: dict | None) -> dict:
     """A run's figures from its finished links only (None where a link has not finished); ce: the same seed's ce
     run's margins, which fix the important points."""
     final = runlog.final(str(r["run"]))
-    aa, last, mg = (result(done) if final else None for done, _ in r["links"][1:])
+    aa, last, mg, sweep = ([result(done) if final else None for done, _ in r["links"][1:]] + [None])[:4]
     recs = [x for x in runlog.records(str(r["run"])) if "epoch" in x]
     res = dict.fromkeys([*COLS, *EXTRA]) | dict(s_epoch=statistics.mean(x["time"] for x in recs) if recs else None)
+    res["sweep"] = sweep["sweep_holds"] if sweep else None
+    res["checks"] = list(dict.fromkeys(m for x in (aa, last, sweep) if x for m in x.get("checks", [])))
     if aa:
         s = aa["settings"]
         res |= dict(clean=aa["clean_acc"], aa=aa["robust_acc"], n=s["n"], eps=s["eps"], s_aa=aa["time_s"])
@@ -84,6 +88,7 @@ HEAD = [
     "train margin, other",
     "test margin, important",
     "test margin, other",
+    "sweep holds",  # held(), after COLS' cells
 ]
 
 
@@ -95,10 +100,11 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
     complete = [r for r in found if all(runner.finished(d) for d, _ in r["links"])]
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *EXTRA])
+        w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *EXTRA, *SOUND])
         for r in found:
+            m = {**r["m"], "checks": " | ".join(r["m"]["checks"])}
             w.writerow(
-                [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(r["m"][k] for k in COLS + EXTRA)]
+                [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(m[k] for k in COLS + EXTRA + SOUND)]
             )
     lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
     if len(complete) < len(found):
@@ -126,7 +132,8 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
             (f"{pre}, seed {r['seed']}", "1", [r]) for r in have
         ]
         for name, seeds, sel in rows:
-            cells = [fmt([r["m"][k] for r in sel], k) for k in COLS]
+            cells = [fmt([r["m"][k] for r in sel], k) for k in COLS] + [held(sel)]
+            name += " !" * any(r["m"]["checks"] for r in sel)
             first = sel[0]["m"] if sel else {}
             env = [first.get(k) for k in ("n", "eps", "gpu")] + [fmt([r["m"][k] for r in sel], k) for k in TIMES]
             env += [first.get("torch"), ",".join(sorted({str(r["m"].get("commit")) for r in sel}))]
@@ -138,10 +145,26 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
             pairs = [(r["m"], base[r["seed"]]["m"]) for r in rs if r["seed"] in base]
             cells = [fmt([a[k] - b[k] for a, b in pairs if None not in (a[k], b[k])], k) for k in COLS]
             n = sum(a["aa"] is not None and b["aa"] is not None for a, b in pairs)
-            lines.append(f"| {pre} - ce, paired | {n} | " + " | ".join(cells) + " |" + " |" * 7)
+            lines.append(f"| {pre} - ce, paired | {n} | " + " | ".join(cells) + " |" + " |" * 8)
+    lines += warned(found)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     figures(grid, out, groups)
     return "\n".join(lines)
+
+
+def held(sel: list[dict]) -> str:
+    """The sweep column: of the runs with a finished attack.py --sweep, how many held (falls to 0, PGD-100 <=
+    PGD-20); its verdict line, in the run's JSON, says what failed."""
+    vals = [r["m"]["sweep"] for r in sel if r["m"]["sweep"] is not None]
+    return f"{sum(vals)} of {len(vals)}" if vals else "-"
+
+
+def warned(found: list[dict]) -> list[str]:
+    """The footnote of the rows marked !: each run whose evaluations raised one of AutoAttack's own checks, and what
+    it said (attack.py's `checks`)."""
+    said = [f"- {r['run'].name}: {m}" for r in found for m in r["m"]["checks"]]
+    head = "! AutoAttack's own checks warned in an evaluation of these runs (`checks` in their attack.py JSON files):"
+    return ["", head, *said] if said else []
 
 
 def figures(grid: dict, out: Path, groups: dict) -> None:
