@@ -259,7 +259,8 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [ckpt, "--attacks", ""], "--attacks takes attack names separated by commas, got ''")
     expect_error(capsys, [ckpt, "--attacks", "apgd-ce,"], "--attacks takes attack names separated by commas")
     expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-t,apgd-ce"], "--attacks names apgd-ce twice")
-    expect_error(capsys, [ckpt, "--plot", "m.png"], "--plot draws the histogram of --margins: add --margins")
+    expect_error(capsys, [ckpt, "--plot", "m.png"], "--plot draws --margins or --sweep: add one, or drop --plot")
+    expect_error(capsys, [ckpt, "--sweep", "--attacks", "apgd-ce"], "--sweep runs its own attacks: drop --margins")
     expect_error(capsys, [ckpt, "--seed", "-1"], "--n and --seed must be >= 0, --bs >= 1")
     torch.save({**good, "dataset": "../elsewhere/x.npz"}, tmp_path / "moved.pt")
     expect_error(
@@ -314,6 +315,112 @@ def test_model_card_has_what_robustbench_asks(ckpt: Path) -> None:
         training_loss="sovr",
         eps_training="8/255",
     )
+
+
+class Scaled(torch.nn.Module):
+    """A model whose logits are `scale` times the tiny model's plus `noise` times a normal draw: at 1e4 the softmax
+    of cross-entropy saturates (gradient masking: APGD-CE's gradients vanish), noise makes it a randomized model."""
+
+    def __init__(self, model: torch.nn.Module, scale: float = 1.0, noise: float = 0.0):
+        super().__init__()
+        self.model, self.scale, self.noise = model, scale, noise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.scale * self.model(x)
+        return z + self.noise * torch.randn_like(z)
+
+
+SQUARE = "Square Attack has decreased the robust accuracy of"
+RANDOM = 'it seems to be a randomized defense! Please use version="rand".'
+
+
+@pytest.mark.parametrize(
+    "scale, noise, says",
+    [(1.0, 0.0, []), (1e4, 0.0, [SQUARE]), (1.0, 1e-3, [RANDOM])],
+    ids=["plain", "masked", "randomized"],
+)
+def test_the_packages_checks_are_said_once_and_kept(ckpt, tmp_path, capsys, monkeypatch, scale, noise, says) -> None:
+    """A masked model: Square breaks what APGD-CE could not, and the package's own check_square_sr, applied to the
+    whole evaluation's counts, says so; a randomized one: the package's check, run at each of the two batches of each
+    attack, is said once; a plain model: none is said. Printed once, in the result line's count and the JSON."""
+    loaded = models.from_checkpoint
+    monkeypatch.setattr(models, "from_checkpoint", lambda *a, **k: Scaled(loaded(*a, **k), scale, noise))
+    run(ckpt, "--n", 24, "--bs", 12, "--device", "cpu", "--attacks", "apgd-ce,square", "--eps", 64, "--out", tmp_path)
+    out = capsys.readouterr().out
+    res = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [m[: len(s)] for m, s in zip(res["checks"], says)] == says and len(res["checks"]) == len(says), res
+    assert [ln for ln in out.splitlines() if ln.startswith("AutoAttack's check: ")] == [
+        f"AutoAttack's check: {m}" for m in res["checks"]
+    ]
+    assert (f"{len(says)} warning of AutoAttack's checks" in out) == bool(says)
+    if says == [SQUARE]:
+        assert res["robust_after"]["square"] < res["robust_after"]["apgd-ce"] - 0.002
+
+
+def test_the_checks_of_a_resumed_evaluation_survive_the_resume(ckpt: Path, tmp_path: Path, capsys) -> None:
+    """What the checks said before an interruption is kept in the state file, said again and lands in the JSON."""
+    flags = [ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr", "--out", tmp_path]
+    result = Path(attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 8, 24, 0, bs=12))
+    args = attack.get_args([str(a) for a in flags])
+    args.rank, args.world = 0, 1
+    settings = attack.prepare(str(ckpt), args)["settings"]
+    said = "there are 3 points with zero gradient! This might lead to unreliable evaluation"
+    st = dict(settings=settings, robust=[False] * 24, after={"apgd-ce": 0}, checks=[said], time_s=10)
+    Path(str(result) + ".state").write_text(json.dumps(st))
+    run(*flags)
+    assert f"AutoAttack's check: {said}" in capsys.readouterr().out
+    assert json.loads(result.read_text())["checks"] == [said]
+
+
+def test_sweep_writes_its_curve_and_says_whether_it_holds(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Three radii (8, 16 and 64/255; APGD-CE alone, to keep it quick): the accuracy falls to 0 and never rises,
+    PGD-100 <= PGD-20, said in the checkpoint's line; the figures in a JSON of its own, and a PNG."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(attack, "SWEEP_SCALES", (1, 2, 8))
+    monkeypatch.setattr(attack, "SWEEP_ATTACKS", "apgd-ce")
+    run(ckpt, "--n", 8, "--bs", 8, "--device", "cpu", "--sweep", "--out", tmp_path, "--plot", tmp_path / "s.png")
+    out = capsys.readouterr().out.splitlines()
+    res = json.loads((tmp_path / "last.sweep-Linf-eps8-n8-seed0-bs8.json").read_text())
+    sw = res["sweep"]
+    acc = list(sw["robust_acc"].values())
+    assert sw["radii"] == ["8/255", "16/255", "64/255"] and acc == sorted(acc, reverse=True) and acc[-1] == 0
+    assert sw["pgd100"] <= sw["pgd20"] and sw["pgd_step"] == "2/255" and res["checks"] == []
+    assert res["sweep_holds"] and res["sweep_verdict"].startswith("sweep: holds (acc falls to 0.0% at 64/255; ")
+    assert len(res["sweep_robust"]["8/255"]) == 8 and acc[0] == sum(res["sweep_robust"]["8/255"]) / 8
+    assert sum(ln.startswith(f"{ckpt}: clean ") and res["sweep_verdict"] in ln for ln in out) == 1
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.state*"))
+
+
+def test_sweep_plot_draws_a_line_per_checkpoint_at_its_own_radii() -> None:
+    pytest.importorskip("matplotlib")
+    s = dict(checkpoint="/runs/a/last.pt", objective="sovr", norm="Linf")
+    sw = dict(radii=["8/255", "16/255"], attacks="apgd-ce,apgd-t", robust_acc={"8/255": 0.4, "16/255": 0.1})
+    other = dict(radii=["4/255", "8/255"], attacks="apgd-ce,apgd-t", robust_acc={"4/255": 0.5, "8/255": 0.3})
+    fig = attack.plot_sweep(
+        [dict(settings=s, sweep=sw), dict(settings={**s, "objective": "ce"}, sweep=other)], "/dev/null"
+    )
+    ax = fig.axes[0]
+    assert [(ln.get_label(), list(ln.get_xdata())) for ln in ax.get_lines()] == [
+        ("sovr (a/last.pt)", [8.0, 16.0]),
+        ("ce (a/last.pt)", [4.0, 8.0]),
+    ]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8/255", "16/255", "4/255"]
+    assert ax.get_ylabel() == "accuracy under APGD-CE + APGD-T, %"
+
+
+@pytest.mark.parametrize(
+    "acc, pgd, says",
+    [
+        ([0.3, 0.1, 0.0], dict(pgd20=0.4, pgd100=0.4), "holds (acc falls to 0.0% at 64/255; PGD-100 40.0% <= PGD-20"),
+        ([0.3, 0.35, 0.0], dict(pgd20=0.4, pgd100=0.4), "fails (acc rises from 30.0% at 8/255 to 35.0% at 16/255)"),
+        ([0.3, 0.2, 0.1], dict(pgd20=0.4, pgd100=0.4), "fails (acc stays at 10.0% at 64/255 (more than 1%))"),
+        ([0.3, 0.1, 0.0], dict(pgd20=0.4, pgd100=0.45), "fails (PGD-100 45.0% > PGD-20 40.0% by 5.0%)"),
+        ([0.3, 0.1, 0.0], {}, "holds (acc falls to 0.0% at 64/255; no PGD pair under L2)"),
+    ],
+)
+def test_sweep_verdict_names_what_failed_and_by_how_much(acc: list, pgd: dict, says: str) -> None:
+    holds, verdict = attack.sweep_verdict(dict(zip(["8/255", "16/255", "64/255"], acc)), pgd)
+    assert verdict.startswith(f"sweep: {says}") and holds == says.startswith("holds"), verdict
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:

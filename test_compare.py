@@ -2,6 +2,7 @@
 end to end through the local queue, killed and run again, its dry run against what ran, bad input, SLURM."""
 
 import csv
+import glob
 import json
 import os
 import shlex
@@ -23,7 +24,8 @@ import runner  # noqa: E402
 import runlog  # noqa: E402
 
 GRID = ["--losses", "ce,sovr", "--seeds", "0,1", "--datasets", "synthetic", "--points", "8", "--attacks", "apgd-ce"]
-GRID += ["--train-points", "32", "--jobs", "2", "--", "--smoke", "--train-limit", "128", "--val", "32"]
+GRID += ["--train-points", "32", "--sweep-points", "0", "--jobs", "2", "--", "--smoke", "--train-limit", "128"]
+GRID += ["--val", "32"]  # no sweep: test_the_sweep_column_and_the_checks_marker adds it to a copy
 RUNS = [f"synthetic-resnet18-{loss}-s{s}" for loss in ("ce", "sovr") for s in (0, 1)]
 TIMES = ("s_epoch", "s_aa", "commit")  # the only columns two identical grids may differ in (a tree edited meanwhile)
 
@@ -150,6 +152,49 @@ def test_killed_grid_continues_without_repeating_a_finished_link(grid: Path, her
     assert table_rows(grid / "b") == table_rows(grid / "a")
 
 
+def test_the_sweep_column_and_the_checks_marker(grid: Path, here, monkeypatch) -> None:
+    """The tiny grid with --sweep-points 8: each run's last link is attack.py --sweep on best.pt, whose result the
+    link finds (one run for real, APGD-CE at two radii to keep it quick; the others' verdicts set); the table says
+    per loss how many runs held, and marks with ! and a footnote the rows whose evaluations raised a check."""
+    import attack
+
+    shutil.copytree(grid / "a", grid / "d")
+    g = json.loads((grid / "d" / "grid.json").read_text())
+    runner.write_json({**g, "sweep_points": 8}, grid / "d" / "grid.json")
+    found = compare.runs({**g, "sweep_points": 8}, grid / "d", 1)
+    monkeypatch.setattr(attack, "SWEEP_SCALES", (1, 8))
+    monkeypatch.setattr(attack, "SWEEP_ATTACKS", "apgd-ce")
+    done, cmd = found[0]["links"][4]
+    attack.main(cmd[cmd.index(str(REPO / "attack.py")) + 1 :] + ["--device", "cpu"])
+    assert cmd[-3:] == ["--sweep", "--points", "8"] and runner.finished(done)
+    (made,) = map(Path, glob.glob(done))
+    res, said = json.loads(made.read_text()), "it seems to be a randomized defense!"
+    for r, holds, checks in zip(found, (True, True, False, True), ([], [], [], [said])):
+        runner.write_json({**res, "sweep_holds": holds, "checks": checks}, r["run"] / made.name)
+    md = here(grid, "--table", "--out", "d")
+    assert "| sweep holds | n |" in md and "Partial" not in md
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in md.splitlines() if ln.startswith("| ")}
+    col = rows["loss"].index("sweep holds")
+    assert [rows[k][col] for k in ("**ce**", "ce, seed 0", "**sovr** !", "sovr, seed 0", "sovr, seed 1 !")] == [
+        "2 of 2",
+        "1 of 1",
+        "1 of 2",
+        "0 of 1",
+        "1 of 1",
+    ]
+    assert md.splitlines()[-2:] == [
+        "! AutoAttack's own checks warned in an evaluation of these runs (`checks` in their attack.py JSON files):",
+        f"- synthetic-resnet18-sovr-s1: {said}",
+    ]
+    csv_rows = {r["run"]: r for r in table_rows(grid / "d")}
+    assert [(csv_rows[n]["sweep"], csv_rows[n]["checks"]) for n in RUNS] == [
+        ("True", ""),
+        ("True", ""),
+        ("False", ""),
+        ("True", said),
+    ]
+
+
 def test_local_queue_runs_each_line_on_its_own_gpus_and_reports_failures(tmp_path: Path) -> None:
     lines = {}
     for name, rc in (("x", 3), ("y", 0), ("z", 0)):
@@ -175,6 +220,7 @@ def test_default_grid_is_24_runs() -> None:
     assert len(found) == 24
     assert found[0]["run"].name == "cifar10-resnet18-ce-s0" and found[-1]["run"].name == "cifar10-resnet18-ovr-s2"
     assert "--attacks" not in found[0]["links"][1][1]  # standard AutoAttack on best.pt, every test point
+    assert found[0]["links"][4][1][-4:] == [str(found[0]["run"] / "best.pt"), "--sweep", "--points", "1000"]
 
 
 @pytest.mark.parametrize(
@@ -186,6 +232,7 @@ def test_default_grid_is_24_runs() -> None:
         (["--", "--epochs", "0"], "--epochs must be >= 1"),
         (["--", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["--attacks", "apgd-x"], "unknown attack(s) apgd-x"),
+        (["--sweep-points", "-1"], "--sweep-points and --gpus-per-run must be >= 0"),
         (["--", "--out", "elsewhere"], "--out after -- is the grid's own"),
         (["--losses", "ce,mail", "--", "--ratio", "0.2"], "--ratio after -- is read by none of --losses"),
     ],
