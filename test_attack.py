@@ -253,14 +253,23 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [ckpt, "--dataset", "cifar100", "--device", "cpu"], "trained on synthetic")
     expect_error(capsys, [ckpt, "--device", "cuda:7"], "no such CUDA device")
     expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-xx"], "unknown attack(s) apgd-xx")
-    expect_error(capsys, [ckpt, "--margins", "--norm", "L2", "--eps", "127.5"], "--margins uses L-inf PGD")
+    expect_error(
+        capsys, [ckpt, "--margins", "--norm", "L2", "--eps", "127.5"], "--margins needs --norm Linf (it uses L-inf PGD)"
+    )
     expect_error(capsys, [ckpt, "--eps", "-1"], "--eps must be > 0 (in 1/255 units), got -1")
-    expect_error(capsys, [ckpt, "--eps", "256"], "--eps 256 is more than the whole pixel range (255)")
-    expect_error(capsys, [ckpt, "--attacks", ""], "--attacks takes attack names separated by commas, got ''")
-    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,"], "--attacks takes attack names separated by commas")
-    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-t,apgd-ce"], "--attacks names apgd-ce twice")
-    expect_error(capsys, [ckpt, "--plot", "m.png"], "--plot draws the histogram of --margins: add --margins")
-    expect_error(capsys, [ckpt, "--seed", "-1"], "--n and --seed must be >= 0, --bs >= 1")
+    expect_error(
+        capsys, [ckpt, "--eps", "256"], "--eps must be <= 255 with --norm Linf (the whole pixel range), got 256"
+    )
+    expect_error(capsys, [ckpt, "--attacks", ""], "--attacks: takes attack names separated by commas, got ''")
+    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,"], "--attacks: takes attack names separated by commas")
+    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-t,apgd-ce"], "--attacks: names apgd-ce twice")
+    expect_error(
+        capsys, [ckpt, "--plot", "m.png"], "--plot needs --margins (it draws the margins' histogram; or drop --plot)"
+    )
+    expect_error(capsys, [ckpt, "--seed", "-1"], "--seed must be >= 0, got -1")
+    expect_error(capsys, [ckpt, "--n", "-1"], "--n must be >= 0, got -1")
+    expect_error(capsys, [ckpt, "--bs", "0"], "--bs must be >= 1, got 0")
+    expect_error(capsys, [ckpt, "--norm", "L2"], "--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)")
     torch.save({**good, "dataset": "../elsewhere/x.npz"}, tmp_path / "moved.pt")
     expect_error(
         capsys,
