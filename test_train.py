@@ -210,16 +210,16 @@ def test_bad_generated_data_gives_one_clear_line(tmp_path: Path, capsys, arrays:
 def test_evaluation_is_seeded_so_the_same_weights_give_the_same_figures() -> None:
     """A linear model and its own labels, attacked by the random start alone (--step 0): unseeded, four draws
     broke 6, 2, 1 and 3 of these 48 points."""
-    args = train.get_args([*SMOKE, "--eval-steps", "1", "--step", "0"])
+    args = train.get_args([*SMOKE, "--eval-steps", "1", "--step", "0", "--eval-batch", "16"])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()
     x, _ = tiny_batch("cpu", 48)
     with torch.no_grad():
         y = model(x.float() / 255).argmax(1)
-    first = train.evaluate(model, x, y, args, bs=16)
+    first = train.evaluate(model, x, y, args)
     for draw in range(3):
         torch.rand(7 + draw)  # the global random state moves on, as training moves it
-        assert train.evaluate(model, x, y, args, bs=16) == first
+        assert train.evaluate(model, x, y, args) == first
     assert first[0] == 1 and first[1] < 1
 
 
@@ -434,6 +434,42 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, capsys, m
     expect_error(capsys, [*SMOKE, "--loss", "ce", "--out", tmp_path], "loss is nan at epoch 2, step 1")
     ckpt = load(tmp_path / "last.pt")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "phase, says, not_said",
+    [
+        ("train_step", "CUDA out of memory at --batch 64: lower --batch", "--eval-batch"),
+        (
+            "pgd_accuracy",
+            "CUDA out of memory in evaluation (fp32 PGD in batches of its own) at --eval-batch 500: lower --eval-batch",
+            "lower --batch",
+        ),
+    ],
+)
+def test_out_of_memory_names_the_batch_of_its_phase(tmp_path: Path, monkeypatch, phase, says, not_said) -> None:
+    """Out of memory in a training step advises --batch; in validation (fp32 PGD in batches of its own), where
+    --batch changes nothing, --eval-batch."""
+
+    def oom(*a):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 11.00 GiB")
+
+    monkeypatch.setattr(train if phase == "train_step" else losses, phase, oom)
+    with pytest.raises(SystemExit) as e:
+        run(*SMOKE, "--epochs", 1, "--train-limit", 64, "--out", tmp_path)
+    msg = e.value.code
+    assert says in msg and not_said not in msg and "\n" not in msg, msg
+
+
+def test_eval_batch_is_the_batch_of_validation_and_test(tmp_path: Path, monkeypatch) -> None:
+    """--eval-batch sets the batch of every evaluation; a --resume may change it, and no run name carries it."""
+    seen, pgd_accuracy = [], losses.pgd_accuracy
+    first = lambda model, x, y, *a: seen.append(a[-1]) or pgd_accuracy(model, x[: a[-1]], y[: a[-1]], *a)  # noqa: E731
+    monkeypatch.setattr(losses, "pgd_accuracy", first)  # evaluates the first batch only: fast
+    run(*SMOKE, "--epochs", 1, "--train-limit", 64, "--eval-batch", 24, "--out", tmp_path)
+    assert seen == [24] * 3  # the validation of epoch 1, then the test of best.pt and of last.pt
+    assert train.get_args(["--out", str(tmp_path), "--resume", "--eval-batch", "8"]).eval_batch == 8
+    assert train.get_args([*SMOKE, "--eval-batch", "8"]).out == train.get_args(SMOKE).out
 
 
 def test_offline_download_says_what_to_do(tmp_path: Path, capsys, monkeypatch) -> None:

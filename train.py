@@ -32,15 +32,21 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args, state = flags.train_args(argv, __doc__)
-    cli.run(
-        "train.py",
-        lambda: train(args, state),
-        lambda: (
-            f"at --batch {args.batch}: lower --batch (a new run: --resume needs the same --batch), or spread it "
-            f"over GPUs with torchrun; {runlog.kept(args.out)}"
-        ),
-        lambda: runlog.kept(args.out),
-    )
+    PHASE[0] = "train"
+    cli.run("train.py", lambda: train(args, state), lambda: out_of_memory(args), lambda: runlog.kept(args.out))
+
+
+def out_of_memory(args) -> str:
+    """Advice for the batch of the phase (train_epoch's or evaluate's) in which the memory ran out."""
+    return f"{OUT_OF_MEMORY[PHASE[0]].format(**vars(args))}; {runlog.kept(args.out)}"
+
+
+OUT_OF_MEMORY = {
+    "train": "at --batch {batch}: lower --batch (a new run: --resume needs the same --batch), or spread it over "
+    "GPUs with torchrun",
+    "eval": "in evaluation (fp32 PGD in batches of its own) at --eval-batch {eval_batch}: lower --eval-batch",
+}
+PHASE = ["train"]  # where the run is: train_epoch and evaluate set it
 
 
 # ---- the run: its data and model, its epochs, its test
@@ -136,6 +142,7 @@ def train_epoch(net, atk, opt, ema, x_tr, y_tr, aux, args, epoch: int, amp: bool
     """One epoch of steps, with a live line on a terminal (it reads the loss every 10 steps); [steps, 2] losses
     and adversarial accuracies, left on the device. Every epoch reseeds from --seed and its number, so that a
     resumed run repeats exactly what an uninterrupted one does."""
+    PHASE[0] = "train"
     torch.manual_seed((args.seed * 100_003 + epoch) * 1009 + rank)
     steps, objective = len(x_tr) // args.batch, losses.OBJECTIVES[args.loss]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -184,9 +191,13 @@ def stop_if_not_finite(stats: torch.Tensor, args, epoch: int, world: int) -> Non
 # ---- evaluation: validation after every epoch, the test at the end
 
 
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, bs: int = 500) -> tuple[float, float]:
-    """Clean and PGD-<--eval-steps> accuracy as attack.py computes (losses.precision), seeded, summed over ranks."""
-    return losses.pgd_accuracy(model, x, y, args.eps / 255, args.step / 255, args.eval_steps, args.seed, bs)
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, args) -> tuple[float, float]:
+    """Clean and PGD-<--eval-steps> accuracy as attack.py computes (losses.precision), seeded, summed over ranks,
+    in batches of --eval-batch."""
+    PHASE[0] = "eval"
+    return losses.pgd_accuracy(
+        model, x, y, args.eps / 255, args.step / 255, args.eval_steps, args.seed, args.eval_batch
+    )
 
 
 def validate(model, atk, ema, x_val, y_val, args, world: int, epoch: int, stats, lr: float, t0: float) -> dict:
