@@ -7,7 +7,7 @@ Measured in one run on one device, by the same code for CPU and CUDA. Times are 
 repeats after --warmup untimed ones; the model is untrained, which does not change its speed.
   train      one step of train.py's loop, by its own code: data.batches() (crop and flip on the device) and
              train.train_step() (PGD-10 taking only input gradients, the training forward, backward, SGD, and
-             with --ema the average's update); channels_last, bf16 autocast on CUDA
+             with --ema the average's update); channels_last, bf16 autocast as train.py (GPUs from Ampere on)
   textbook   the same step as most public repos write it: a DataLoader with PIL transforms, fp32, NCHW, and
              PGD steps that call loss.backward() (parameter gradients too) and model.zero_grad()
   loss cost  sovr_loss against F.cross_entropy, forward + backward, on float32 logits [512, 10] and [512, 100]
@@ -225,7 +225,7 @@ def count_flops(fn: Callable[[], None]) -> int:
 def time_training(args, targs, model, net, pool: tuple, width: int | None, device: torch.device) -> tuple[dict, tuple]:
     """The project's step against the textbook one, warmed up, then alternated so that a change of load on a shared
     machine hits both; the figures, and the peak memory of each (CUDA)."""
-    cuda = amp = device.type == "cuda"  # train.py's default: bf16 autocast on CUDA only
+    cuda, amp = device.type == "cuda", cli.bf16_default(device)  # train.py's default
     ema = models.EMA(model, targs.ema, 1000) if targs.ema else None
     ours = project_step(net, sgd(model, targs), targs, *pool, amp, ema)
     n_steps = args.warmup + args.repeats
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
             warmup=args.warmup,
             workers=args.workers,
             threads=torch.get_num_threads(),
-            amp_bf16=cuda,
+            amp_bf16=cli.bf16_default(device),
             eps=targs.eps,
             pgd_steps=targs.steps,
             eval_steps=targs.eval_steps,

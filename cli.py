@@ -49,6 +49,15 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def bf16_default(device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast when --amp is not given: on a GPU with bf16 tensor cores, one
+    that torch says supports bf16 and of compute capability 8.0 (Ampere) or later. Elsewhere fp32: the CPU, and
+    GPUs before Ampere (V100, T4), where torch.cuda.is_bf16_supported() is true by emulation, without the cores."""
+    return (
+        device.type == "cuda" and torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
 # How long a torchrun process may wait in a collective for the others: SOVR_DIST_TIMEOUT seconds, a day by default.
 # attack.py's ranks attack their shards with no collective and meet only in the final gathers, hours apart where the
 # shards take different times (a resumed evaluation whose shards stopped at different attacks): torch's default (10

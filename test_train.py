@@ -472,6 +472,30 @@ def test_eval_batch_is_the_batch_of_validation_and_test(tmp_path: Path, monkeypa
     assert train.get_args([*SMOKE, "--eval-batch", "8"]).out == train.get_args(SMOKE).out
 
 
+@pytest.mark.parametrize(
+    "device, bf16, capability, default",
+    [
+        ("cuda", True, (8, 0), True),  # A100
+        ("cuda", True, (9, 0), True),  # H100
+        ("cuda", True, (7, 0), False),  # V100: is_bf16_supported() says True, by emulation
+        ("cuda", True, (7, 5), False),  # T4
+        ("cuda", False, (8, 6), False),
+        ("cpu", True, (9, 0), False),
+    ],
+)
+def test_bf16_autocast_is_the_default_only_on_gpus_with_bf16_tensor_cores(
+    monkeypatch, device, bf16, capability, default
+):
+    import cli
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert cli.bf16_default(torch.device(device)) is default
+    said = train.describe(train.get_args(SMOKE), 64, 64, None, 0, 1, torch.device(device), default)
+    assert ("bf16 autocast training" if default else "fp32 training") in said
+    assert ("no bf16 tensor cores" in said) == (device == "cuda" and not default)
+
+
 def test_offline_download_says_what_to_do(tmp_path: Path, capsys, monkeypatch) -> None:
     import urllib.error
     import urllib.request

@@ -72,7 +72,7 @@ def train(args: argparse.Namespace, state: dict | None = None) -> dict:
     if rank == 0:
         runlog.begin(args.out, start, state, title(args))  # only now: a refused --init or --resume leaves no folder
     del state  # its tensors, a copy of the model and optimizer, are not kept through the run
-    amp = device.type == "cuda" if args.amp is None else args.amp
+    amp = cli.bf16_default(device) if args.amp is None else args.amp
     log(describe(args, len(x_tr), len(x_val), aux, start, world, device, amp))
     net, atk = wrap(model, args, world)
     end = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after)
@@ -284,7 +284,9 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
             + mixed
             + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr "
             f"{args.lr} (x0.1 after epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, "
-            f"device {device}, bf16 training {amp}, {losses.precision(device)} evaluation",
+            f"device {device}, {'bf16 autocast' if amp else 'fp32'} training, {losses.precision(device)} evaluation",
+            *["note: this GPU has no bf16 tensor cores (it is older than Ampere): fp32 training; --amp forces bf16 "
+              "autocast"] * (device.type == "cuda" and args.amp is None and not amp),
             *[f"note: the lr drops after epochs {late} (--milestones) never happen in --epochs {args.epochs}"] * (
                 late != ""
             ),
