@@ -100,8 +100,9 @@ TRAIN = [
     F("--seed", int, 0, "", "random seed (default %(default)s)"),
     F("--out", None, None, "", "run folder (default runs/<dataset>-<arch>-<objective>-s<seed>)"),
     F("--resume", _auto, False, "", "continue <out>/last.pt with its flags (those given must match, but "
-      "--stop-after, --device, --compile, --deterministic, --data-dir, --eval-batch); 'auto': continue if it "
-      "exists, else start (safe to requeue)", nargs="?", const=True, metavar="auto"),
+      "--stop-after, --device, --compile, --deterministic, --data-dir, --eval-batch), on this machine's default "
+      "device unless --device is given; 'auto': continue if it exists, else start (safe to requeue)", nargs="?",
+      const=True, metavar="auto"),
     F("--init", None, None, "", "start from this checkpoint's weights, with a fresh optimizer and schedule"),
     F("--stop-after", int, 0, ">= 0", "train at most N epochs in this invocation, then exit (0 = all)"),
     F("--device", None, None, "", "cpu | cuda | cuda:N (default cuda if available)"),
@@ -132,9 +133,10 @@ TAGS = dict(
 # Flags that may change between a run and its --resume without changing the result (--compile and --deterministic
 # change CUDA's float rounding, as another run of a nondeterministic kernel does; --eval-batch batches validation
 # and test otherwise, never what is trained); --resume takes every flag not given from last.pt, except those of one
-# invocation.
+# invocation and --device: a run begun on the CPU continues on the GPU of the machine it resumes on unless --device
+# says otherwise (and --amp's default follows the device: last.pt keeps None, not what it resolved to).
 RESUMABLE = {"resume", "stop_after", "device", "compile", "deterministic", "data_dir", "out", "smoke", "eval_batch"}
-ONCE = {"resume", "stop_after", "out"}
+ONCE = {"resume", "stop_after", "out", "device"}
 
 
 def parser(doc: str, table: list) -> argparse.ArgumentParser:

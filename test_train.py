@@ -122,7 +122,8 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, extra: list) -> None:
     run(*flags, "--out", tmp_path / "a")
     run(*flags, "--out", tmp_path / "b", "--stop-after", 1)
     assert load(tmp_path / "b" / "last.pt")["epoch"] == 1
-    run("--out", tmp_path / "b", "--resume")  # every flag from last.pt, but --stop-after: to the end
+    run("--out", tmp_path / "b", "--resume", "--device", "cpu")  # every flag from last.pt, but --stop-after and
+    # --device (on a GPU machine the default device is CUDA's): to the end
     a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
     for weights in ("model", "unaveraged") if extra else ("model",):  # with --ema, the average and the trained model
         assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
@@ -638,6 +639,7 @@ def test_resume_takes_every_flag_not_given_from_last_pt(tmp_path: Path, capsys) 
         True,
     )
     assert (args.stop_after, args.resume) == (0, True)  # those of one invocation are not taken
+    assert (args.device, args.amp) == (None, None)  # nor --device cpu: the machine's default, and --amp's for it
     # --smoke's defaults are no flags given: the run's --batch 32 stays; a flag given at the run's value is fine
     assert train.get_args([*SMOKE, "--out", str(tmp_path), "--resume", "--beta", "2"]).batch == 32
     assert train.get_args(["--out", str(tmp_path), "--resume", "--stop-after", "1", "--no-compile"]).stop_after == 1
