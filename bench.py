@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -46,7 +47,7 @@ import train
 from losses import OBJECTIVES, pgd
 from sovr import sovr_loss
 
-# bf16 dense tensor-core peak in TFLOP/s, matched in this order against torch.cuda.get_device_name().
+# bf16 dense tensor-core peak in TFLOP/s, matched in this order against torch.cuda.get_device_name() (peak_tflops).
 BF16_PEAK_TFLOPS = [
     ("H100 PCIe", 756),
     ("H100 NVL", 835),
@@ -296,12 +297,23 @@ def time_eval(args, targs, model, net, x_pool: torch.Tensor, device: torch.devic
     return dict(pgd20_img_s=eval_batch / t_pgd, apgd_ce_img_s=eval_batch / t_aa, apgd_iters=iters)
 
 
+def peak_tflops(name: str) -> float | None:
+    """The bf16 peak of the first BF16_PEAK_TFLOPS entry whose words are words of the device name, in a row (words
+    split at spaces and hyphens: "NVIDIA A100-SXM4-80GB"), so that "L4" is not found in "NVIDIA L40"; None if none."""
+    words = re.split(r"[\s-]+", name)
+    for key, value in BF16_PEAK_TFLOPS:
+        k = key.split()
+        if any(words[i : i + len(k)] == k for i in range(len(words))):
+            return value
+    return None
+
+
 def cuda_figures(result: dict, memory: tuple, targs, model, pool: tuple, device: torch.device) -> dict:
     """Peak memory, achieved TFLOP/s against the device's bf16 dense peak, hours of a 110-epoch run."""
     model.train()
     flops = count_flops(project_step(model, sgd(model, targs), targs, *pool, True))
     tflops = flops / statistics.median(result["train"]["step_s"]) / 1e12
-    peak = next((v for k, v in BF16_PEAK_TFLOPS if k in device_name(device)), None)
+    peak = peak_tflops(device_name(device))
     mem, tb_mem = memory
     return dict(
         train_peak_mem_gib=mem / 2**30,
