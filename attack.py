@@ -16,6 +16,7 @@ then APGD-T at 1, 2, 4 and 8 times the radius (8, 16, 32, 64/255 by default) and
 on the same points, with one line per checkpoint saying whether the accuracy falls to 0 and more steps never help.
 """
 
+import argparse
 import contextlib
 import copy
 import glob
@@ -37,54 +38,14 @@ import losses
 import models
 from data import load_data
 
-VERSIONS = ("standard", "plus", "rand")
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 # --sweep: the radius (--eps, else the training eps) times these, each attacked by the package's APGD-CE then APGD-T
 # (standard AutoAttack's first two attacks, the strong white-box part); an L-inf ball of 64/255 holds images of every
 # class, so a sound defence keeps next to no point there: more than SWEEP_FLOOR left at the largest radius fails
 SWEEP_SCALES, SWEEP_ATTACKS, SWEEP_FLOOR = (1, 2, 4, 8), "apgd-ce,apgd-t", 0.01
 
 
-def get_args(argv: list[str] | None = None):
-    p = cli.parser(__doc__)
-    a = p.add_argument
-    a("checkpoints", nargs="+", help="train.py checkpoints (best.pt or last.pt)")
-    a("--n", "--points", type=int, default=0, help="first N test points (default 0 = all; under torchrun: --points)")
-    a("--bs", type=int, default=500, help="batch size (default 500)")
-    a("--eps", type=float, help="radius in 1/255 units (default: the training eps; L2 needs it, e.g. 127.5)")
-    a("--norm", default="Linf", choices=["Linf", "L2"], help="threat model (default Linf)")
-    a("--version", default="standard", choices=VERSIONS, help="AutoAttack version (default standard, as RobustBench)")
-    a("--attacks", default=None, help="comma-separated custom subset, e.g. apgd-ce,apgd-t, with the version's settings")
-    a("--seed", type=int, default=0, help="AutoAttack's and --margins' seed (default 0)")
-    a("--dataset", default=None, help="test data (default: the checkpoint's dataset); cifar10 | cifar100 | .npz")
-    a("--data-dir", default="./data", help="where torchvision downloads CIFAR (default ./data)")
-    a("--device", default=None, help="cpu | cuda | cuda:N (default cuda if available)")
-    a("--margins", action="store_true", help="instead of AutoAttack: logit margins of PGD-20 examples and a histogram")
-    a("--sweep", action="store_true", help="instead of AutoAttack: APGD-CE+T at 1, 2, 4, 8 x eps, PGD-20 vs PGD-100")
-    a("--plot", metavar="PNG", help="where --margins or --sweep draws (default <mode>.png beside the first result)")
-    a("--out", metavar="DIR", help="the folder of the result files (default: beside each checkpoint)")
-    a("--verbose", action="store_true", help="the AutoAttack package's own log lines (off by default)")
-    args = p.parse_args(argv)
-    names, eps = (args.attacks.split(",") if args.attacks is not None else []), args.eps or 0
-    unknown, twice = set(names) - set(ATTACKS) - {""}, sorted({a for a in names if names.count(a) > 1})
-    for bad, message in [
-        (args.n < 0 or args.bs < 1 or args.seed < 0, "--n and --seed must be >= 0, --bs >= 1"),
-        (args.eps is not None and eps <= 0, f"--eps must be > 0 (in 1/255 units), got {eps:g}"),
-        (args.norm == "Linf" and eps > 255, f"--eps {eps:g} is more than the whole pixel range (255)"),
-        (args.norm == "L2" and args.eps is None, "--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)"),
-        (args.margins and args.norm != "Linf", "--margins uses L-inf PGD; it takes --norm Linf only"),
-        ("" in names, f"--attacks takes attack names separated by commas, got {args.attacks!r}"),
-        (twice, f"--attacks names {', '.join(twice)} twice"),
-        (unknown, f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}"),
-        (
-            args.sweep and (args.margins or args.attacks is not None),
-            "--sweep runs its own attacks: drop --margins/--attacks",
-        ),
-        (args.plot and not (args.margins or args.sweep), "--plot draws --margins or --sweep: add one, or drop --plot"),
-    ]:
-        if bad:
-            p.error(message)
-    return args
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return flags.attack_args(argv, __doc__)  # the flags, their defaults and refusals: flags.ATTACK
 
 
 def test_points(ckpt: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,11 +250,12 @@ def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
     )
 
 
-def prepare(path: str, args, device: str = "cpu") -> dict:
-    """What one evaluation needs: the checkpoint, its model on `device`, this process's share of its test points,
-    its settings and its files; ValueError for anything wrong with them."""
+def prepare(path: str, args) -> dict:
+    """What one evaluation needs, checked before any attack: the checkpoint, its model, this process's share of its
+    test points, its settings, its files, and its result if this evaluation is finished ("done"); ValueError for
+    anything wrong with them."""
     ckpt = models.read(path)
-    model = models.from_checkpoint(ckpt, device, path)
+    model = models.from_checkpoint(ckpt, args.device, path)
     x, y = test_points(ckpt, args)
     eps_int = ckpt["eps"] if args.eps is None else args.eps
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
@@ -307,13 +269,13 @@ def prepare(path: str, args, device: str = "cpu") -> dict:
         where, s["mode"], args.norm, eps_int, s["n"], args.seed, args.bs, other, args.version, args.world, s["device"]
     )
     state = out + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
-    return dict(ckpt=ckpt, model=model, x=x[mine], y=y[mine], eps=eps_int / 255, settings=s, out=out, state=state)
+    e = dict(ckpt=ckpt, model=model, x=x[mine], y=y[mine], eps=eps_int / 255, settings=s, out=out, state=state)
+    return {**e, "done": finished(e, args)}
 
 
-def check(path: str, args) -> tuple[str, dict | None]:
-    """Before any attack: the checkpoint, its test points, and a folder its result and state can be written in.
-    Its result file and the result in it, if this evaluation is finished; ValueError for another's result there."""
-    e = prepare(path, args)
+def finished(e: dict, args) -> dict | None:
+    """The result in e's result file, if this evaluation is finished; else None once its result and state can be
+    written. ValueError for another evaluation's result or state there."""
     if os.path.exists(e["out"]):
         with open(e["out"]) as f:
             res = json.load(f)
@@ -322,10 +284,10 @@ def check(path: str, args) -> tuple[str, dict | None]:
         differ = [k for k in differ if k != "checkpoint" or args.out]
         if differ:
             raise ValueError(f"{e['out']} holds the result of other settings ({', '.join(differ)}): move it away")
-        return e["out"], res
+        return res
     writable(os.path.dirname(e["out"]) or ".", "results", "--out")
     saved(e["state"], e["settings"])
-    return e["out"], None
+    return None
 
 
 def writable(folder: str, what: str, flag: str) -> None:
@@ -338,8 +300,8 @@ def writable(folder: str, what: str, flag: str) -> None:
         raise ValueError(f"cannot write {what} in {folder}: {it} is {why} (choose another {flag})")
 
 
-def evaluate(path: str, args) -> dict:
-    e = prepare(path, args, args.device)
+def evaluate(path: str, e: dict, args) -> dict:
+    """e's evaluation (prepare's): AutoAttack or --margins, its result written and printed."""
     model, x, y, s, eps = e["model"], e["x"], e["y"], e["settings"], e["eps"]
     t0, clean, res = time.time(), predict(model, x, args.bs, args.device) == y, dict(settings=s, versions=versions())
     earlier = 0.0
@@ -382,8 +344,8 @@ def sweep(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, e: dict,
         if args.rank == 0:
             print(f"sweep: {SWEEP_ATTACKS.replace(',', ' then ')} at {r}", flush=True)
         settings = {**e["settings"], "eps": r, "mode": SWEEP_ATTACKS.replace(",", "+")}
-        flags, left, t, said = autoattack(model, x, y, clean, e["eps"] * k, run, f"{e['state']}.eps{k}", settings)
-        robust[r], earlier = cli.gather(flags.int().tolist()), earlier + t
+        hit, left, t, said = autoattack(model, x, y, clean, e["eps"] * k, run, f"{e['state']}.eps{k}", settings)
+        robust[r], earlier = cli.gather(hit.int().tolist()), earlier + t
         acc[r], after[r] = sum(robust[r]) / n, {a: sum(cli.gather([v])) / n for a, v in left.items()}
         for m in said:
             add(found, m)
@@ -530,8 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         # cuDNN's fixed kernels: per-point repeatable
         device, args.rank, args.world = cli.setup(args.device, benchmark=False)
         args.device = str(device)
-        checked = [check(p, args) for p in args.checkpoints]  # all of them before any attack
-        outs = [out for out, _ in checked]
+        todo = [prepare(p, args) for p in args.checkpoints]  # all of them before any attack
+        outs = [e["out"] for e in todo]
         for out in outs:
             if outs.count(out) > 1:
                 same = [p for p, o in zip(args.checkpoints, outs) if o == out]
@@ -542,10 +504,10 @@ def main(argv: list[str] | None = None) -> None:
             writable(os.path.dirname(png) or ".", "the plot", "--plot")
         os.makedirs(args.out or ".", exist_ok=True)
         results = []
-        for p, (out, done) in zip(args.checkpoints, checked):
-            if done and args.rank == 0:
-                print(f"{out} is finished (move it away to evaluate again)\n{line(p, done)}")
-            results.append(done or evaluate(p, args))
+        for p, e in zip(args.checkpoints, todo):
+            if e["done"] and args.rank == 0:
+                print(f"{e['out']} is finished (move it away to evaluate again)\n{line(p, e['done'])}")
+            results.append(e["done"] or evaluate(p, e, args))
         if args.margins and args.rank == 0:
             plot(results, png)
         if args.sweep and args.rank == 0:

@@ -7,7 +7,7 @@ Measured in one run on one device, by the same code for CPU and CUDA. Times are 
 repeats after --warmup untimed ones; the model is untrained, which does not change its speed.
   train      one step of train.py's loop, by its own code: data.batches() (crop and flip on the device) and
              train.train_step() (PGD-10 taking only input gradients, the training forward, backward, SGD, and
-             with --ema the average's update); channels_last, bf16 autocast on CUDA
+             with --ema the average's update); channels_last, bf16 autocast as train.py (GPUs from Ampere on)
   textbook   the same step as most public repos write it: a DataLoader with PIL transforms, fp32, NCHW, and
              PGD steps that call loss.backward() (parameter gradients too) and model.zero_grad()
   loss cost  sovr_loss against F.cross_entropy, forward + backward, on float32 logits [512, 10] and [512, 100]
@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -46,7 +47,7 @@ import train
 from losses import OBJECTIVES, pgd
 from sovr import sovr_loss
 
-# bf16 dense tensor-core peak in TFLOP/s, matched in this order against torch.cuda.get_device_name().
+# bf16 dense tensor-core peak in TFLOP/s, matched in this order against torch.cuda.get_device_name() (peak_tflops).
 BF16_PEAK_TFLOPS = [
     ("H100 PCIe", 756),
     ("H100 NVL", 835),
@@ -225,7 +226,7 @@ def count_flops(fn: Callable[[], None]) -> int:
 def time_training(args, targs, model, net, pool: tuple, width: int | None, device: torch.device) -> tuple[dict, tuple]:
     """The project's step against the textbook one, warmed up, then alternated so that a change of load on a shared
     machine hits both; the figures, and the peak memory of each (CUDA)."""
-    cuda = amp = device.type == "cuda"  # train.py's default: bf16 autocast on CUDA only
+    cuda, amp = device.type == "cuda", cli.bf16_default(device)  # train.py's default
     ema = models.EMA(model, targs.ema, 1000) if targs.ema else None
     ours = project_step(net, sgd(model, targs), targs, *pool, amp, ema)
     n_steps = args.warmup + args.repeats
@@ -296,12 +297,23 @@ def time_eval(args, targs, model, net, x_pool: torch.Tensor, device: torch.devic
     return dict(pgd20_img_s=eval_batch / t_pgd, apgd_ce_img_s=eval_batch / t_aa, apgd_iters=iters)
 
 
+def peak_tflops(name: str) -> float | None:
+    """The bf16 peak of the first BF16_PEAK_TFLOPS entry whose words are words of the device name, in a row (words
+    split at spaces and hyphens: "NVIDIA A100-SXM4-80GB"), so that "L4" is not found in "NVIDIA L40"; None if none."""
+    words = re.split(r"[\s-]+", name)
+    for key, value in BF16_PEAK_TFLOPS:
+        k = key.split()
+        if any(words[i : i + len(k)] == k for i in range(len(words))):
+            return value
+    return None
+
+
 def cuda_figures(result: dict, memory: tuple, targs, model, pool: tuple, device: torch.device) -> dict:
     """Peak memory, achieved TFLOP/s against the device's bf16 dense peak, hours of a 110-epoch run."""
     model.train()
     flops = count_flops(project_step(model, sgd(model, targs), targs, *pool, True))
     tflops = flops / statistics.median(result["train"]["step_s"]) / 1e12
-    peak = next((v for k, v in BF16_PEAK_TFLOPS if k in device_name(device)), None)
+    peak = peak_tflops(device_name(device))
     mem, tb_mem = memory
     return dict(
         train_peak_mem_gib=mem / 2**30,
@@ -365,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
             warmup=args.warmup,
             workers=args.workers,
             threads=torch.get_num_threads(),
-            amp_bf16=cuda,
+            amp_bf16=cli.bf16_default(device),
             eps=targs.eps,
             pgd_steps=targs.steps,
             eval_steps=targs.eval_steps,

@@ -49,6 +49,37 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def rank_device(name: str | None) -> torch.device:
+    """Under torchrun, a process's device: the GPU of its LOCAL_RANK (NCCL), or the CPU (gloo) with --device cpu or
+    without CUDA. ValueError for a --device that names one GPU (every process takes its own) and for a LOCAL_RANK
+    that no visible GPU has (torch.cuda.set_device would raise a CUDA error at it)."""
+    device = pick_device(name)  # the name's own errors: not a device, no CUDA on this machine
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda" or device.index is not None:
+        raise ValueError(
+            f"--device {name} under torchrun: each process takes the GPU of its LOCAL_RANK; give --device cuda, "
+            "cpu (gloo) or none, and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise ValueError(
+            f"LOCAL_RANK {local}, but this process sees {count} GPUs (CUDA_VISIBLE_DEVICES {visible}): start at "
+            f"most {count} processes a node (torchrun --nproc_per_node)"
+        )
+    return torch.device("cuda", local)
+
+
+def bf16_default(device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast when --amp is not given: on a GPU with bf16 tensor cores, one
+    that torch says supports bf16 and of compute capability 8.0 (Ampere) or later. Elsewhere fp32: the CPU, and
+    GPUs before Ampere (V100, T4), where torch.cuda.is_bf16_supported() is true by emulation, without the cores."""
+    return (
+        device.type == "cuda" and torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
 # How long a torchrun process may wait in a collective for the others: SOVR_DIST_TIMEOUT seconds, a day by default.
 # attack.py's ranks attack their shards with no collective and meet only in the final gathers, hours apart where the
 # shards take different times (a resumed evaluation whose shards stopped at different attacks): torch's default (10
@@ -72,17 +103,16 @@ def dist_timeout() -> timedelta:
 
 
 def setup(name: str | None, benchmark: bool = True, deterministic: bool = False) -> tuple[torch.device, int, int]:
-    """Device, rank and process count: one process, or under torchrun one per GPU (gloo processes on the CPU).
-    With `benchmark`, cuDNN times its kernels once for the fixed shapes of training; `deterministic` instead
+    """Device, rank and process count: one process, or under torchrun one per GPU (rank_device; gloo processes on
+    the CPU). With `benchmark`, cuDNN times its kernels once for the fixed shapes of training; `deterministic` instead
     allows only kernels that give the same bits every time (an op without one raises)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA starts cuBLAS: not yet here
         torch.use_deterministic_algorithms(True)
     if "RANK" in os.environ:
-        cuda = torch.cuda.is_available() and name != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=dist_timeout())
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-        if cuda:
+        device = rank_device(name)  # before the process group, whose start waits for every process
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=dist_timeout())
+        if device.type == "cuda":
             torch.cuda.set_device(device)
     else:
         device = pick_device(name)

@@ -1,6 +1,6 @@
-"""The policy of train.py's command line in one place: every flag with its default (and, once, where the default
-comes from), what values it refuses, which losses read each objective flag, what --resume may change, and a run's
-name. fill() gives the defaults that depend on other flags; check() is the one function that refuses."""
+"""The policy of train.py's and attack.py's command lines in one place: every flag with its default (and, once, where
+the default comes from), what values it refuses, which losses read each objective flag, what --resume may change,
+and a run's name. fill() gives the defaults that depend on other flags; check() is the one function that refuses."""
 
 import argparse
 import math
@@ -38,13 +38,21 @@ ON_OFF, ON = argparse.BooleanOptionalAction, "store_true"
 
 
 def F(name: str, kind, default, rule: str | tuple = "", text: str = "", **kw) -> tuple:
-    """A row of a flag table: its type (or argparse action), default, rule and help; argparse's other keywords."""
+    """A row of a flag table: its names (an alias after a space), type (or argparse action), default, rule and help;
+    argparse's other keywords."""
     return name, default, text, rule, {("action" if kind in (ON_OFF, ON) else "type"): kind, **kw} if kind else kw
+
+
+def dest(row: tuple) -> str:
+    return row[0].split()[0].lstrip("-").replace("-", "_")
 
 
 # A string starts a group of flags. A rule says what a value must be, as the refusal says it: ">= a" and "> a"
 # (which also refuse inf and nan), "<= a", an interval, "finite", "a positive number", then any words; None
-# values (a default filled in later) are not checked. %(default)s in a help is the default, so it is written once.
+# values (a default filled in later or an absent flag) are not checked. %(default)s in a help is the default, so it
+# is written once. Rules between flags follow each table: (when, flag, rule, why): where `when` holds ("name": the
+# flag is set; "name=value"), `flag` must meet `rule` (a rule of the table, "given", "=value", or "absent": not set);
+# a flag "a|b" is met by either.
 # fmt: off
 TRAIN = [
     "data and model",
@@ -70,6 +78,8 @@ TRAIN = [
     F("--step", int, 2, ">= 0", "PGD step in 1/255 units (default %(default)s)"),
     F("--steps", int, 10, ">= 1", "PGD steps in training (default %(default)s)"),
     F("--eval-steps", int, 20, ">= 1", "PGD steps for validation and test (default %(default)s)"),
+    F("--eval-batch", int, 500, ">= 1", "validation and test batch (default %(default)s; fp32 PGD keeps WRN-34-10's "
+      "activations, 23 MB an image: 11.5 GB at 500)"),
     F("--attack-bn", None, "eval", "", "BatchNorm mode while attacking (default %(default)s)",
       choices=["eval", "train"]),
     F("--ema", float, None, "(0, 1)", f"evaluate and save a moving average of the weights (default off; --ema "
@@ -98,8 +108,9 @@ TRAIN = [
     F("--seed", int, 0, "", "random seed (default %(default)s)"),
     F("--out", None, None, "", "run folder (default runs/<dataset>-<arch>-<objective>-s<seed>)"),
     F("--resume", _auto, False, "", "continue <out>/last.pt with its flags (those given must match, but "
-      "--stop-after, --device, --compile, --deterministic, --data-dir); 'auto': continue if it exists, else start "
-      "(safe to requeue)", nargs="?", const=True, metavar="auto"),
+      "--stop-after, --device, --compile, --deterministic, --data-dir, --eval-batch), on this machine's default "
+      "device unless --device is given; 'auto': continue if it exists, else start (safe to requeue)", nargs="?",
+      const=True, metavar="auto"),
     F("--init", None, None, "", "start from this checkpoint's weights, with a fresh optimizer and schedule"),
     F("--stop-after", int, 0, ">= 0", "train at most N epochs in this invocation, then exit (0 = all)"),
     F("--device", None, None, "", "cpu | cuda | cuda:N (default cuda if available)"),
@@ -111,7 +122,7 @@ TRAIN = [
     F("--smoke", ON, False, "", f"defaults for a seconds-long CPU check: {SMOKE}"),
 ]
 # fmt: on
-NEEDS = [("aux_fraction", "aux_data")]  # (flag, the flag it needs)
+TRAIN_WITH = [("aux_fraction", "aux_data", "given", "")]
 
 # The objective flags each loss reads (the others are refused: they would do nothing), and their tags in run names.
 READS = {
@@ -128,10 +139,63 @@ TAGS = dict(
     nu="nu", emr="emr", emr_temp="emrtemp", emr_decay="emrdecay",
 )  # fmt: skip
 # Flags that may change between a run and its --resume without changing the result (--compile and --deterministic
-# change CUDA's float rounding, as another run of a nondeterministic kernel does); --resume takes every flag not
-# given from last.pt, except those of one invocation.
-RESUMABLE = {"resume", "stop_after", "device", "compile", "deterministic", "data_dir", "out", "smoke"}
-ONCE = {"resume", "stop_after", "out"}
+# change CUDA's float rounding, as another run of a nondeterministic kernel does; --eval-batch batches validation
+# and test otherwise, never what is trained); --resume takes every flag not given from last.pt, except those of one
+# invocation and --device: a run begun on the CPU continues on the GPU of the machine it resumes on unless --device
+# says otherwise (and --amp's default follows the device: last.pt keeps None, not what it resolved to).
+RESUMABLE = {"resume", "stop_after", "device", "compile", "deterministic", "data_dir", "out", "smoke", "eval_batch"}
+ONCE = {"resume", "stop_after", "out", "device"}
+
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")  # the package's names
+
+
+def _attacks(value: str) -> str:
+    names = value.split(",")
+    twice, unknown = sorted({a for a in names if names.count(a) > 1}), sorted(set(names) - set(ATTACKS) - {""})
+    if "" in names:
+        raise argparse.ArgumentTypeError(f"takes attack names separated by commas, got {value!r}")
+    if twice or unknown:
+        raise argparse.ArgumentTypeError(
+            f"names {', '.join(twice)} twice"
+            if twice
+            else f"unknown attack(s) {', '.join(unknown)}; choose from " + ", ".join(ATTACKS)
+        )
+    return value
+
+
+# fmt: off
+ATTACK = [
+    F("checkpoints", None, None, "", "train.py checkpoints (best.pt or last.pt)", nargs="+"),
+    F("--n --points", int, 0, ">= 0", "first N test points (default 0 = all; under torchrun: --points)", dest="n"),
+    F("--bs", int, 500, ">= 1", "batch size (default %(default)s)"),
+    F("--eps", float, None, "> 0 (in 1/255 units)", "radius in 1/255 units (default: the training eps; L2 needs it, "
+      "e.g. 127.5)"),
+    F("--norm", None, "Linf", "", "threat model (default %(default)s)", choices=["Linf", "L2"]),
+    F("--version", None, "standard", "", "AutoAttack version (default %(default)s, as RobustBench)",
+      choices=["standard", "plus", "rand"]),
+    F("--attacks", _attacks, None, "", "comma-separated custom subset, e.g. apgd-ce,apgd-t, with the version's "
+      "settings"),
+    F("--seed", int, 0, ">= 0", "AutoAttack's and --margins' seed (default %(default)s)"),
+    F("--dataset", None, None, "", "test data (default: the checkpoint's dataset); cifar10 | cifar100 | .npz"),
+    F("--data-dir", None, "./data", "", "where torchvision downloads CIFAR (default %(default)s)"),
+    F("--device", None, None, "", "cpu | cuda | cuda:N (default cuda if available)"),
+    F("--margins", ON, False, "", "instead of AutoAttack: logit margins of PGD-20 examples and a histogram"),
+    F("--sweep", ON, False, "", "instead of AutoAttack: APGD-CE then APGD-T at 1, 2, 4 and 8 x eps, and PGD-20 "
+      "against PGD-100, with a verdict and a plot"),
+    F("--plot", None, None, "", "where --margins or --sweep draws (default margins.png or sweep.png beside the first "
+      "result)", metavar="PNG"),
+    F("--out", None, None, "", "the folder of the result files (default: beside each checkpoint)", metavar="DIR"),
+    F("--verbose", ON, False, "", "the AutoAttack package's own log lines (off by default)"),
+]
+ATTACK_WITH = [
+    ("norm=Linf", "eps", "<= 255", "the whole pixel range"),
+    ("norm=L2", "eps", "given", "in 1/255 units, e.g. 127.5 for 0.5"),
+    ("margins", "norm", "=Linf", "it uses L-inf PGD"),
+    ("plot", "margins|sweep", "given", "it draws their figure; or drop --plot"),
+    ("sweep", "margins", "absent", "two modes: choose one"),
+    ("sweep", "attacks", "absent", "it runs its own, APGD-CE then APGD-T"),
+]
+# fmt: on
 
 
 def parser(doc: str, table: list) -> argparse.ArgumentParser:
@@ -142,7 +206,7 @@ def parser(doc: str, table: list) -> argparse.ArgumentParser:
             group = p.add_argument_group(row)
             continue
         name, default, text, _, kw = row
-        (group or p).add_argument(name, default=default, help=text, **kw)
+        (group or p).add_argument(*name.split(), default=default, help=text, **kw)
     return p
 
 
@@ -150,7 +214,7 @@ def rules(table: list) -> dict[str, tuple[str, ...]]:
     out = {}
     for row in table:
         if not isinstance(row, str) and row[3]:
-            out[row[0][2:].replace("-", "_")] = (row[3],) if isinstance(row[3], str) else row[3]
+            out[dest(row)] = (row[3],) if isinstance(row[3], str) else row[3]
     return out
 
 
@@ -174,6 +238,17 @@ def train_args(argv: list[str] | None = None, doc: str = "") -> tuple[argparse.N
     return args, state
 
 
+def attack_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser(doc, ATTACK)
+    args = p.parse_args(argv)
+    try:
+        check(args, set(), ATTACK, ATTACK_WITH)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
 def fill(args: argparse.Namespace) -> argparse.Namespace:
     """The defaults that depend on other flags: the schedule's (scaled to --epochs), EMR's temperature by loss."""
     if args.milestones is None:  # the recipe's 100 and 105 of 110 epochs, scaled, each before the last epoch
@@ -187,21 +262,42 @@ def fill(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check(args: argparse.Namespace, given: set[str], table: list = TRAIN) -> None:
-    """ValueError for a value the table's rules refuse, a flag given without the one it needs, and an objective
-    flag among `given` (the command line's) that the run's loss does not read."""
+def check(args: argparse.Namespace, given: set[str], table: list = TRAIN, relations: list = TRAIN_WITH) -> None:
+    """ValueError for an objective flag among `given` (the command line's) that the run's loss does not read, a
+    value the table's rules refuse, and a broken rule between flags."""
     if unread := [k for k in TAGS if k in given and k not in reads(args.loss, args.emr)]:
         raise ValueError(
             f"--loss {args.loss} does not read " + ", ".join(f"--{k.replace('_', '-')} ({readers(k)})" for k in unread)
         )
-    for k, need in NEEDS:
-        if getattr(args, k) is not None and not getattr(args, need):
-            raise ValueError(f"--{k.replace('_', '-')} needs --{need.replace('_', '-')}")
     for k, says in rules(table).items():
         values = getattr(args, k)
         for v in values if isinstance(values, list) else [values]:
             if bad := next((say for say in says if v is not None and not holds(say, v)), None):
-                raise ValueError(f"--{k.replace('_', '-')} must {'lie in' if bad[0] in '[(' else 'be'} {bad}, got {v}")
+                raise ValueError(f"{_flag(k)} must {'lie in' if bad[0] in '[(' else 'be'} {bad}, got {v}")
+    for when, k, rule, why in relations:
+        name, _, value = when.partition("=")
+        v, w, flag = (
+            [getattr(args, x) for x in k.split("|")],
+            getattr(args, name),
+            " or ".join(map(_flag, k.split("|"))),
+        )
+        if (w == value if value else w not in (None, False)) and not any(_meets(rule, u) for u in v):
+            when, why = _flag(name) + f" {value}" * bool(value), f" ({why})" * bool(why)
+            if rule == "absent":
+                raise ValueError(f"{when} takes no {flag}{why}")
+            if rule == "given" or rule[0] == "=":
+                raise ValueError(f"{when} needs {flag}{' ' + rule[1:] if rule[0] == '=' else ''}{why}")
+            raise ValueError(f"{flag} must be {rule} with {when}{why}, got {v[0]}")
+
+
+def _meets(rule: str, v) -> bool:
+    if rule in ("given", "absent"):
+        return (v not in (None, False)) == (rule == "given")
+    return v == rule[1:] if rule[0] == "=" else v is None or holds(rule, v)
+
+
+def _flag(k: str) -> str:
+    return "--" + k.replace("_", "-")
 
 
 def holds(rule: str, v: float) -> bool:
@@ -264,4 +360,4 @@ def label(a: dict) -> str:
     return a["loss"] + "".join(tags) + ema + aux
 
 
-DEFAULTS = {row[0][2:].replace("-", "_"): row[1] for row in TRAIN if not isinstance(row, str)}
+DEFAULTS = {dest(row): row[1] for row in TRAIN if not isinstance(row, str)}

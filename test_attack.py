@@ -253,15 +253,23 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [ckpt, "--dataset", "cifar100", "--device", "cpu"], "trained on synthetic")
     expect_error(capsys, [ckpt, "--device", "cuda:7"], "no such CUDA device")
     expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-xx"], "unknown attack(s) apgd-xx")
-    expect_error(capsys, [ckpt, "--margins", "--norm", "L2", "--eps", "127.5"], "--margins uses L-inf PGD")
+    expect_error(
+        capsys, [ckpt, "--margins", "--norm", "L2", "--eps", "127.5"], "--margins needs --norm Linf (it uses L-inf PGD)"
+    )
     expect_error(capsys, [ckpt, "--eps", "-1"], "--eps must be > 0 (in 1/255 units), got -1")
-    expect_error(capsys, [ckpt, "--eps", "256"], "--eps 256 is more than the whole pixel range (255)")
-    expect_error(capsys, [ckpt, "--attacks", ""], "--attacks takes attack names separated by commas, got ''")
-    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,"], "--attacks takes attack names separated by commas")
-    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-t,apgd-ce"], "--attacks names apgd-ce twice")
-    expect_error(capsys, [ckpt, "--plot", "m.png"], "--plot draws --margins or --sweep: add one, or drop --plot")
-    expect_error(capsys, [ckpt, "--sweep", "--attacks", "apgd-ce"], "--sweep runs its own attacks: drop --margins")
-    expect_error(capsys, [ckpt, "--seed", "-1"], "--n and --seed must be >= 0, --bs >= 1")
+    expect_error(
+        capsys, [ckpt, "--eps", "256"], "--eps must be <= 255 with --norm Linf (the whole pixel range), got 256"
+    )
+    expect_error(capsys, [ckpt, "--attacks", ""], "--attacks: takes attack names separated by commas, got ''")
+    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,"], "--attacks: takes attack names separated by commas")
+    expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-t,apgd-ce"], "--attacks: names apgd-ce twice")
+    expect_error(capsys, [ckpt, "--plot", "m.png"], "--plot needs --margins or --sweep (it draws their figure; or drop")
+    expect_error(capsys, [ckpt, "--sweep", "--margins"], "--sweep takes no --margins (two modes: choose one)")
+    expect_error(capsys, [ckpt, "--sweep", "--attacks", "apgd-ce"], "--sweep takes no --attacks (it runs its own, APGD")
+    expect_error(capsys, [ckpt, "--seed", "-1"], "--seed must be >= 0, got -1")
+    expect_error(capsys, [ckpt, "--n", "-1"], "--n must be >= 0, got -1")
+    expect_error(capsys, [ckpt, "--bs", "0"], "--bs must be >= 1, got 0")
+    expect_error(capsys, [ckpt, "--norm", "L2"], "--norm L2 needs --eps (in 1/255 units, e.g. 127.5 for 0.5)")
     torch.save({**good, "dataset": "../elsewhere/x.npz"}, tmp_path / "moved.pt")
     expect_error(
         capsys,
@@ -362,7 +370,7 @@ def test_the_checks_of_a_resumed_evaluation_survive_the_resume(ckpt: Path, tmp_p
     flags = [ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr", "--out", tmp_path]
     result = Path(attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 8, 24, 0, bs=12))
     args = attack.get_args([str(a) for a in flags])
-    args.rank, args.world = 0, 1
+    args.rank, args.world, args.device = 0, 1, "cpu"
     settings = attack.prepare(str(ckpt), args)["settings"]
     said = "there are 3 points with zero gradient! This might lead to unreliable evaluation"
     st = dict(settings=settings, robust=[False] * 24, after={"apgd-ce": 0}, checks=[said], time_s=10)

@@ -1,11 +1,20 @@
-"""bench.py runs end to end with tiny settings and writes every figure; no timing is asserted."""
+"""bench.py runs end to end with tiny settings and writes every figure; no timing is asserted. Its peak table, and
+.ci/gpu's training command."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import bench
+import train
+
+REPO = Path(__file__).resolve().parent
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -76,3 +85,33 @@ def test_bench_rejects_bad_flags(capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [("NVIDIA L40S", 362), ("NVIDIA L4", 121), ("NVIDIA L40", None), ("NVIDIA H100 PCIe", 756),
+     ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA A100-SXM4-80GB", 312), ("Tesla V100-SXM2-16GB", None)],
+)  # fmt: skip
+def test_bf16_peak_is_found_by_whole_words_of_the_device_name(name: str, peak: int | None) -> None:
+    """An L40 (no entry) is not an L4: the table's names are matched as words, not as substrings."""
+    assert bench.peak_tflops(name) == peak
+
+
+def test_gpu_check_trains_with_every_lr_drop_inside_its_epochs(tmp_path: Path) -> None:
+    """.ci/gpu's training (GPU_EPOCHS=10) with a python that records each command: train.py's schedule for that
+    command lowers the lr before the last epoch, where milestones 9,10 put the second drop after it."""
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(REPO / ".ci" / "gpu", tmp_path / ".ci" / "gpu")  # it writes beside itself: results/, runs/
+    (tmp_path / "data.npz").write_bytes(b"")
+    calls = tmp_path / "calls.jsonl"
+    fake = tmp_path / "python"
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\nopen({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "print('Fake-GPU') if sys.argv[1] == '-c' else None\n"
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "GPU_STEPS": "train", "GPU_EPOCHS": "10"}
+    subprocess.run(["bash", str(tmp_path / ".ci" / "gpu"), str(tmp_path / "data.npz")], env=env, capture_output=True)
+    argv = next(a for a in map(json.loads, calls.read_text().splitlines()) if a[0] == "train.py")
+    args = train.get_args(argv[1:])
+    assert args.epochs == 10 and args.milestones and max(args.milestones) < args.epochs, argv

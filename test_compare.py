@@ -204,7 +204,7 @@ def test_local_queue_runs_each_line_on_its_own_gpus_and_reports_failures(tmp_pat
         )
     seen = []
     where = runner.slots(["0", "1", "2", "3", "4"], 2, 1)
-    assert where == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]  # two GPUs a run, not GPU 4
+    assert [w["CUDA_VISIBLE_DEVICES"] for w in where] == ["0,1", "2,3"]  # two GPUs a run, not GPU 4
     rcs = runner.run_local(lines, where, lambda f, rc: seen.append((Path(f).name, rc)))
     assert rcs == {str(tmp_path / n): rc for n, rc in (("x", 3), ("y", 0), ("z", 0))}  # x failed, the rest ran
     assert sorted(seen) == [("x", 3), ("y", 0), ("z", 0)]
@@ -212,6 +212,19 @@ def test_local_queue_runs_each_line_on_its_own_gpus_and_reports_failures(tmp_pat
     assert (tmp_path / "x" / "run.sh").read_text() == lines[str(tmp_path / "x")] + "\n"  # what bash ran
     cpu = runner.slots([], 1, 2)
     assert cpu == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}] * 2
+
+
+@pytest.mark.parametrize(
+    "gpus, per_run, jobs, threads",
+    [(8, 1, 1, ["2"] * 8), (8, 2, 1, ["2"] * 4), (3, 1, 1, ["5"] * 3), (0, 1, 4, ["4"] * 4), (32, 1, 1, ["1"] * 32)],
+)
+def test_every_slot_of_the_local_queue_gets_its_share_of_the_cores(monkeypatch, gpus, per_run, jobs, threads) -> None:
+    """On 16 cores: each process that runs at once (per_run under torchrun) gets its share, at least one, on GPUs
+    as on the CPU, where N concurrent GPU runs each started a thread per core."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    where = runner.slots([str(g) for g in range(gpus)], per_run, jobs)
+    assert [w["OMP_NUM_THREADS"] for w in where] == threads
+    assert runner.slots([], 1, 2, threads=1)[0]["OMP_NUM_THREADS"] == "1"  # a thread count given is kept
 
 
 def test_default_grid_is_24_runs() -> None:

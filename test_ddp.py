@@ -1,4 +1,5 @@
-"""train.py under torchrun (2 CPU processes, gloo): DDP equals a single-process run over the same global batch.
+"""train.py under torchrun (2 CPU processes, gloo): DDP equals a single-process run over the same global batch; and
+each process's device (cli.setup, with torchrun's environment and the GPUs faked).
 
 Where the two runs cannot agree by design, the equivalence runs remove the cause rather than loosen the check:
   - BatchNorm: SyncBatchNorm needs CUDA, so every BatchNorm normalizes with its running statistics (eval
@@ -240,3 +241,60 @@ def test_nccl_one_process_trains_and_resumes(tmp_path: Path) -> None:
     finish(*start(tmp_path, "nccl", 1, False, "--device", "cuda", "--resume", launch=True))
     assert [r["epoch"] for r in log(out)[:2]] == [1, 2] and len(log(out)) == 4  # 2 epochs, then best.pt and last.pt
     assert_checkpoints(out, weights(out, 0))
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch):
+    """cli.setup as a torchrun process of LOCAL_RANK `local` on a machine showing `gpus` GPUs: the process group's
+    start and torch.cuda.set_device are recorded, not run."""
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # setup sets it
+
+    def at(local: int, gpus: int) -> list:
+        monkeypatch.setenv("RANK", str(local))
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus))))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        return calls
+
+    return at
+
+
+@pytest.mark.parametrize(
+    "name, local, gpus, device, backend",
+    [(None, 1, 2, "cuda:1", "nccl"), ("cuda", 1, 2, "cuda:1", "nccl"), ("cpu", 1, 2, "cpu", "gloo"),
+     (None, 1, 0, "cpu", "gloo")],
+)  # fmt: skip
+def test_torchrun_process_takes_the_gpu_of_its_local_rank_or_the_cpu(torchrun_env, name, local, gpus, device, backend):
+    import cli
+
+    calls = torchrun_env(local, gpus)
+    assert cli.setup(name)[0] == torch.device(device)
+    assert calls == [backend, *[torch.device(device)] * (backend == "nccl")]
+
+
+@pytest.mark.parametrize(
+    "name, local, gpus, says",
+    [
+        ("cuda:3", 0, 8, "--device cuda:3 under torchrun: each process takes the GPU of its LOCAL_RANK; give --device "
+         "cuda, cpu (gloo) or none, and choose the GPUs with CUDA_VISIBLE_DEVICES"),
+        (None, 4, 2, "LOCAL_RANK 4, but this process sees 2 GPUs (CUDA_VISIBLE_DEVICES 0,1): start at most 2 "
+         "processes a node (torchrun --nproc_per_node)"),
+        ("cuda", 2, 2, "LOCAL_RANK 2, but this process sees 2 GPUs"),
+        ("cuda", 0, 0, "--device cuda: no such CUDA device on this machine"),
+    ],
+)  # fmt: skip
+def test_torchrun_device_refusals_are_one_line(torchrun_env, tmp_path: Path, name, local, gpus, says) -> None:
+    """An explicit GPU (torchrun gives each process its own) and a LOCAL_RANK beyond the visible GPUs end in one
+    line before the process group starts, where the device was ignored and torch.cuda.set_device raised."""
+    import train
+
+    calls = torchrun_env(local, gpus)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--smoke", *["--device", name] * bool(name), "--out", str(tmp_path / "run")])
+    msg = e.value.code
+    assert msg.startswith("train.py: error: ") and says in msg and "\n" not in msg, msg
+    assert calls == []  # refused before the process group

@@ -122,7 +122,8 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, extra: list) -> None:
     run(*flags, "--out", tmp_path / "a")
     run(*flags, "--out", tmp_path / "b", "--stop-after", 1)
     assert load(tmp_path / "b" / "last.pt")["epoch"] == 1
-    run("--out", tmp_path / "b", "--resume")  # every flag from last.pt, but --stop-after: to the end
+    run("--out", tmp_path / "b", "--resume", "--device", "cpu")  # every flag from last.pt, but --stop-after and
+    # --device (on a GPU machine the default device is CUDA's): to the end
     a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
     for weights in ("model", "unaveraged") if extra else ("model",):  # with --ema, the average and the trained model
         assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
@@ -210,16 +211,16 @@ def test_bad_generated_data_gives_one_clear_line(tmp_path: Path, capsys, arrays:
 def test_evaluation_is_seeded_so_the_same_weights_give_the_same_figures() -> None:
     """A linear model and its own labels, attacked by the random start alone (--step 0): unseeded, four draws
     broke 6, 2, 1 and 3 of these 48 points."""
-    args = train.get_args([*SMOKE, "--eval-steps", "1", "--step", "0"])
+    args = train.get_args([*SMOKE, "--eval-steps", "1", "--step", "0", "--eval-batch", "16"])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()
     x, _ = tiny_batch("cpu", 48)
     with torch.no_grad():
         y = model(x.float() / 255).argmax(1)
-    first = train.evaluate(model, x, y, args, bs=16)
+    first = train.evaluate(model, x, y, args)
     for draw in range(3):
         torch.rand(7 + draw)  # the global random state moves on, as training moves it
-        assert train.evaluate(model, x, y, args, bs=16) == first
+        assert train.evaluate(model, x, y, args) == first
     assert first[0] == 1 and first[1] < 1
 
 
@@ -436,6 +437,66 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, capsys, m
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize(
+    "phase, says, not_said",
+    [
+        ("train_step", "CUDA out of memory at --batch 64: lower --batch", "--eval-batch"),
+        (
+            "pgd_accuracy",
+            "CUDA out of memory in evaluation (fp32 PGD in batches of its own) at --eval-batch 500: lower --eval-batch",
+            "lower --batch",
+        ),
+    ],
+)
+def test_out_of_memory_names_the_batch_of_its_phase(tmp_path: Path, monkeypatch, phase, says, not_said) -> None:
+    """Out of memory in a training step advises --batch; in validation (fp32 PGD in batches of its own), where
+    --batch changes nothing, --eval-batch."""
+
+    def oom(*a):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 11.00 GiB")
+
+    monkeypatch.setattr(train if phase == "train_step" else losses, phase, oom)
+    with pytest.raises(SystemExit) as e:
+        run(*SMOKE, "--epochs", 1, "--train-limit", 64, "--out", tmp_path)
+    msg = e.value.code
+    assert says in msg and not_said not in msg and "\n" not in msg, msg
+
+
+def test_eval_batch_is_the_batch_of_validation_and_test(tmp_path: Path, monkeypatch) -> None:
+    """--eval-batch sets the batch of every evaluation; a --resume may change it, and no run name carries it."""
+    seen, pgd_accuracy = [], losses.pgd_accuracy
+    first = lambda model, x, y, *a: seen.append(a[-1]) or pgd_accuracy(model, x[: a[-1]], y[: a[-1]], *a)  # noqa: E731
+    monkeypatch.setattr(losses, "pgd_accuracy", first)  # evaluates the first batch only: fast
+    run(*SMOKE, "--epochs", 1, "--train-limit", 64, "--eval-batch", 24, "--out", tmp_path)
+    assert seen == [24] * 3  # the validation of epoch 1, then the test of best.pt and of last.pt
+    assert train.get_args(["--out", str(tmp_path), "--resume", "--eval-batch", "8"]).eval_batch == 8
+    assert train.get_args([*SMOKE, "--eval-batch", "8"]).out == train.get_args(SMOKE).out
+
+
+@pytest.mark.parametrize(
+    "device, bf16, capability, default",
+    [
+        ("cuda", True, (8, 0), True),  # A100
+        ("cuda", True, (9, 0), True),  # H100
+        ("cuda", True, (7, 0), False),  # V100: is_bf16_supported() says True, by emulation
+        ("cuda", True, (7, 5), False),  # T4
+        ("cuda", False, (8, 6), False),
+        ("cpu", True, (9, 0), False),
+    ],
+)
+def test_bf16_autocast_is_the_default_only_on_gpus_with_bf16_tensor_cores(
+    monkeypatch, device, bf16, capability, default
+):
+    import cli
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert cli.bf16_default(torch.device(device)) is default
+    said = train.describe(train.get_args(SMOKE), 64, 64, None, 0, 1, torch.device(device), default)
+    assert ("bf16 autocast training" if default else "fp32 training") in said
+    assert ("no bf16 tensor cores" in said) == (device == "cuda" and not default)
+
+
 def test_offline_download_says_what_to_do(tmp_path: Path, capsys, monkeypatch) -> None:
     import urllib.error
     import urllib.request
@@ -578,6 +639,7 @@ def test_resume_takes_every_flag_not_given_from_last_pt(tmp_path: Path, capsys) 
         True,
     )
     assert (args.stop_after, args.resume) == (0, True)  # those of one invocation are not taken
+    assert (args.device, args.amp) == (None, None)  # nor --device cpu: the machine's default, and --amp's for it
     # --smoke's defaults are no flags given: the run's --batch 32 stays; a flag given at the run's value is fine
     assert train.get_args([*SMOKE, "--out", str(tmp_path), "--resume", "--beta", "2"]).batch == 32
     assert train.get_args(["--out", str(tmp_path), "--resume", "--stop-after", "1", "--no-compile"]).stop_after == 1

@@ -32,15 +32,21 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args, state = flags.train_args(argv, __doc__)
-    cli.run(
-        "train.py",
-        lambda: train(args, state),
-        lambda: (
-            f"at --batch {args.batch}: lower --batch (a new run: --resume needs the same --batch), or spread it "
-            f"over GPUs with torchrun; {runlog.kept(args.out)}"
-        ),
-        lambda: runlog.kept(args.out),
-    )
+    PHASE[0] = "train"
+    cli.run("train.py", lambda: train(args, state), lambda: out_of_memory(args), lambda: runlog.kept(args.out))
+
+
+def out_of_memory(args) -> str:
+    """Advice for the batch of the phase (train_epoch's or evaluate's) in which the memory ran out."""
+    return f"{OUT_OF_MEMORY[PHASE[0]].format(**vars(args))}; {runlog.kept(args.out)}"
+
+
+OUT_OF_MEMORY = {
+    "train": "at --batch {batch}: lower --batch (a new run: --resume needs the same --batch), or spread it over "
+    "GPUs with torchrun",
+    "eval": "in evaluation (fp32 PGD in batches of its own) at --eval-batch {eval_batch}: lower --eval-batch",
+}
+PHASE = ["train"]  # where the run is: train_epoch and evaluate set it
 
 
 # ---- the run: its data and model, its epochs, its test
@@ -66,7 +72,7 @@ def train(args: argparse.Namespace, state: dict | None = None) -> dict:
     if rank == 0:
         runlog.begin(args.out, start, state, title(args))  # only now: a refused --init or --resume leaves no folder
     del state  # its tensors, a copy of the model and optimizer, are not kept through the run
-    amp = device.type == "cuda" if args.amp is None else args.amp
+    amp = cli.bf16_default(device) if args.amp is None else args.amp
     log(describe(args, len(x_tr), len(x_val), aux, start, world, device, amp))
     net, atk = wrap(model, args, world)
     end = args.epochs if not args.stop_after else min(args.epochs, start + args.stop_after)
@@ -136,6 +142,7 @@ def train_epoch(net, atk, opt, ema, x_tr, y_tr, aux, args, epoch: int, amp: bool
     """One epoch of steps, with a live line on a terminal (it reads the loss every 10 steps); [steps, 2] losses
     and adversarial accuracies, left on the device. Every epoch reseeds from --seed and its number, so that a
     resumed run repeats exactly what an uninterrupted one does."""
+    PHASE[0] = "train"
     torch.manual_seed((args.seed * 100_003 + epoch) * 1009 + rank)
     steps, objective = len(x_tr) // args.batch, losses.OBJECTIVES[args.loss]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -184,9 +191,13 @@ def stop_if_not_finite(stats: torch.Tensor, args, epoch: int, world: int) -> Non
 # ---- evaluation: validation after every epoch, the test at the end
 
 
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, bs: int = 500) -> tuple[float, float]:
-    """Clean and PGD-<--eval-steps> accuracy as attack.py computes (losses.precision), seeded, summed over ranks."""
-    return losses.pgd_accuracy(model, x, y, args.eps / 255, args.step / 255, args.eval_steps, args.seed, bs)
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, args) -> tuple[float, float]:
+    """Clean and PGD-<--eval-steps> accuracy as attack.py computes (losses.precision), seeded, summed over ranks,
+    in batches of --eval-batch."""
+    PHASE[0] = "eval"
+    return losses.pgd_accuracy(
+        model, x, y, args.eps / 255, args.step / 255, args.eval_steps, args.seed, args.eval_batch
+    )
 
 
 def validate(model, atk, ema, x_val, y_val, args, world: int, epoch: int, stats, lr: float, t0: float) -> dict:
@@ -273,7 +284,9 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
             + mixed
             + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr "
             f"{args.lr} (x0.1 after epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, "
-            f"device {device}, bf16 training {amp}, {losses.precision(device)} evaluation",
+            f"device {device}, {'bf16 autocast' if amp else 'fp32'} training, {losses.precision(device)} evaluation",
+            *["note: this GPU has no bf16 tensor cores (it is older than Ampere): fp32 training; --amp forces bf16 "
+              "autocast"] * (device.type == "cuda" and args.amp is None and not amp),
             *[f"note: the lr drops after epochs {late} (--milestones) never happen in --epochs {args.epochs}"] * (
                 late != ""
             ),

@@ -117,15 +117,16 @@ def alive(pid: int) -> bool:
 
 
 def slots(gpus: list[str], per_run: int, jobs: int, threads: int | None = None) -> list[dict[str, str]]:
-    """Where runs go on this machine: per_run GPUs each (CUDA_VISIBLE_DEVICES), or without GPUs `jobs` CPU slots
-    of `threads` threads each (OMP_NUM_THREADS; default: the cores shared out)."""
+    """Where runs go on this machine: per_run GPUs each (CUDA_VISIBLE_DEVICES), or without GPUs `jobs` CPU slots;
+    each process of a slot (per_run under torchrun, which keeps an OMP_NUM_THREADS it is given) with `threads`
+    threads (OMP_NUM_THREADS; default: the cores shared out among the processes that run at once, as otherwise
+    each would start a thread per core)."""
     if gpus:
-        return [
-            {"CUDA_VISIBLE_DEVICES": ",".join(gpus[k : k + per_run])}
-            for k in range(0, len(gpus) - per_run + 1, per_run)
-        ]
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}] * jobs
+        where = [",".join(gpus[k : k + per_run]) for k in range(0, len(gpus) - per_run + 1, per_run)]
+    else:
+        where, per_run = [""] * jobs, 1
+    threads = threads or max(1, (os.cpu_count() or 1) // (len(where) * per_run))
+    return [{"CUDA_VISIBLE_DEVICES": w, "OMP_NUM_THREADS": str(threads)} for w in where]
 
 
 def run_queue(
