@@ -297,6 +297,17 @@ def test_grid_folder_of_another_grid_is_refused(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "g") == ["grid.json"]
 
 
+def test_a_grid_from_before_the_sweep_has_none_and_resumes_with_sweep_points_0(tmp_path: Path, capsys) -> None:
+    old = compare.grid_of(compare.get_args(["--losses", "ce", "--seeds", "0"])[0])
+    del old["sweep_points"]
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "grid.json").write_text(json.dumps(old))
+    assert compare.main(["--out", str(tmp_path / "g"), "--status"]) == 0
+    assert capsys.readouterr().out == "cifar10-resnet18-ce-s0: waiting (0 of 4 links done)\n"  # no sweep link
+    with pytest.raises(SystemExit, match="holds another grid \\(sweep_points: 0 there, 1000 here\\)"):
+        compare.main(["--out", str(tmp_path / "g"), "--losses", "ce", "--seeds", "0"])
+
+
 def test_slurm_without_sbatch_or_submitit_is_one_line(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SystemExit, match="sbatch is not on PATH"):

@@ -278,6 +278,8 @@ def setup(args) -> tuple[dict, Path, list[dict], list[str]]:
     on here; ValueError for input that no run could use, before anything starts."""
     out = Path(args.out).resolve()
     saved = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else None
+    if saved is not None:
+        saved.setdefault("sweep_points", 0)  # a grid from before --sweep-points had no sweep: it resumes with 0
     grid = grid_of(args)
     if args.status or args.table:
         if saved is None:
