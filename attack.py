@@ -102,23 +102,31 @@ def saved(state_path: str, settings: dict) -> dict | None:
 
 
 def autoattack(
-    model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float, args, state_path: str, settings: dict
-) -> tuple[torch.Tensor, dict, float]:
-    """Per-point robust flags, how many points stay robust after each attack, and the seconds of the parts of a
-    resumed run before this one: the version's attacks (or --attacks) in order, each on the points still robust,
-    in batches of --bs as the package batches them (it reseeds every batch: in one process the flags equal one
-    direct call's); saved after each attack with the time so far, for a rerun."""
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clean: torch.Tensor,
+    eps: float,
+    args,
+    state_path: str,
+    settings: dict,
+    said: list[str] | None = None,
+) -> tuple[torch.Tensor, dict, float, list[str]]:
+    """Per-point robust flags, how many points stay robust after each attack, the seconds of the parts of a resumed
+    run before this one, and what the package's checks said (printed unless in `said`): the version's attacks (or
+    --attacks) in order, each on the points still robust, in batches of --bs as the package batches them (it
+    reseeds every batch: in one process the flags equal one direct call's); saved after each attack, for a rerun."""
     t0, (aa, run) = time.time(), make_autoattack(model, eps, args)
     st = saved(state_path, settings) or dict(robust=clean.tolist(), after={})
     robust, after, earlier = torch.tensor(st["robust"], dtype=torch.bool), st["after"], st.get("time_s", 0.0)
     found = st.get("checks", [])  # what the package's checks said before a resume
     if after:
         print(f"resuming from {state_path}: {', '.join(after)} already run", flush=True)
-        say(found, args.rank)
+        tell(found, args.rank, said)
     for name in [a for a in (args.attacks.split(",") if args.attacks else list(aa.attacks_to_run)) if a not in after]:
         idx = robust.nonzero().flatten()
         aa.attacks_to_run = [name]  # keeps the version's settings for that attack
-        with caught(found, args.rank), cli.progress(len(idx), name, "pt", args.rank) as bar:
+        with caught(found, args.rank, said), cli.progress(len(idx), name, "pt", args.rank) as bar:
             for k in range(0, len(idx), args.bs):
                 part = idx[k : k + args.bs]
                 robust[part] = run(x[part], y[part])[1].cpu() == y[part]
@@ -148,20 +156,28 @@ def add(found: list[str], message: str) -> None:
     """`message` appended unless `found` holds it already, whatever numbers it holds: the package runs its checks at
     every call, one batch of one attack, so a check says the same at every batch (the zero-gradient count is a
     batch's): each is kept once, as first said."""
-    key = re.sub(r"\d+(\.\d+)?", "#", message)
-    if all(re.sub(r"\d+(\.\d+)?", "#", m) != key for m in found):
+    if all(_key(m) != _key(message) for m in found):
         found.append(message)
 
 
-def say(messages: list[str], rank: int) -> None:
-    for m in messages if rank == 0 else []:
-        print(f"AutoAttack's check: {m}", flush=True)
+def _key(message: str) -> str:
+    return re.sub(r"\d+(\.\d+)?", "#", message)
+
+
+def tell(messages: list[str], rank: int, said: list[str] | None = None) -> None:
+    """Prints (rank 0) each of `messages` that is not in `said` (as add() tells them apart), then adds it there."""
+    said = [] if said is None else said
+    for m in messages:
+        if all(_key(m) != _key(s) for s in said):
+            said.append(m)
+            if rank == 0:
+                print(f"AutoAttack's check: {m}", flush=True)
 
 
 @contextlib.contextmanager
-def caught(found: list[str], rank: int = 0):
+def caught(found: list[str], rank: int = 0, said: list[str] | None = None):
     """The messages of the package's checks (its checks.py) raised inside, added to `found` (add) and printed, the
-    new ones, on leaving. pyautoattack logs them to its logger, at each call: taken there, they are printed once
+    new ones (tell), on leaving. pyautoattack logs them to its logger, at each call: taken there, they are printed once
     here instead; a check called without a logger warns (warnings.warn): taken too. Every other log line and warning
     passes as before. (Upstream autoattack's run_standard_evaluation prints its checks' messages itself.)"""
     before, shown = len(found), warnings.showwarning
@@ -187,7 +203,7 @@ def caught(found: list[str], rank: int = 0):
             yield found
         finally:
             log.removeFilter(logged)
-    say(found[before:], rank)
+    tell(found[before:], rank, said)
 
 
 def checks_of(found: list[str], clean: torch.Tensor, after: dict[str, float], args) -> list[str]:
@@ -336,7 +352,7 @@ def sweep(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, e: dict,
     """--sweep's figures and the seconds of the parts of a resumed run before this one: APGD-CE then APGD-T through
     autoattack() (the package's attacks, each radius resumable from a state file of its own) at each SWEEP_SCALES
     multiple of the radius, then PGD-20 and PGD-100 at the radius (L-inf) on the same points; the verdict."""
-    run, n, found, earlier = copy.copy(args), e["settings"]["n"], [], 0.0
+    run, n, found, earlier = copy.copy(args), e["settings"]["n"], [], 0.0  # found: every radius's, printed once
     run.attacks = SWEEP_ATTACKS
     acc, after, robust = {}, {}, {}
     for k in SWEEP_SCALES:
@@ -344,11 +360,10 @@ def sweep(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, e: dict,
         if args.rank == 0:
             print(f"sweep: {SWEEP_ATTACKS.replace(',', ' then ')} at {r}", flush=True)
         settings = {**e["settings"], "eps": r, "mode": SWEEP_ATTACKS.replace(",", "+")}
-        hit, left, t, said = autoattack(model, x, y, clean, e["eps"] * k, run, f"{e['state']}.eps{k}", settings)
+        state = f"{e['state']}.eps{k}"
+        hit, left, t, said = autoattack(model, x, y, clean, e["eps"] * k, run, state, settings, said=found)
         robust[r], earlier = cli.gather(hit.int().tolist()), earlier + t
         acc[r], after[r] = sum(robust[r]) / n, {a: sum(cli.gather([v])) / n for a, v in left.items()}
-        for m in said:
-            add(found, m)
     pgd = pgd_pair(model, x, y, e["eps"], args) if args.norm == "Linf" else {}
     holds, verdict = sweep_verdict(acc, pgd)
     figures = dict(sweep=dict(radii=list(acc), attacks=SWEEP_ATTACKS, robust_acc=acc, robust_after=after, **pgd))

@@ -380,6 +380,19 @@ def test_the_checks_of_a_resumed_evaluation_survive_the_resume(ckpt: Path, tmp_p
     assert json.loads(result.read_text())["checks"] == [said]
 
 
+def test_a_check_is_printed_once_whatever_numbers_it_holds(capsys) -> None:
+    """The zero-gradient count of each batch, and a --sweep's radii sharing what was said: printed once."""
+    said: list[str] = []
+    attack.tell(["there are 3 points with zero gradient!", "it seems to be a dynamic defense!"], 0, said)
+    attack.tell(["there are 5 points with zero gradient!"], 0, said)
+    attack.tell(["it seems to be a dynamic defense!"], 1, [])  # another rank: rank 0 says it
+    assert capsys.readouterr().out.splitlines() == [
+        "AutoAttack's check: there are 3 points with zero gradient!",
+        "AutoAttack's check: it seems to be a dynamic defense!",
+    ]
+    assert said == ["there are 3 points with zero gradient!", "it seems to be a dynamic defense!"]
+
+
 def test_sweep_writes_its_curve_and_says_whether_it_holds(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """Three radii (8, 16 and 64/255; APGD-CE alone, to keep it quick): the accuracy falls to 0 and never rises,
     PGD-100 <= PGD-20, said in the checkpoint's line; the figures in a JSON of its own, and a PNG."""
