@@ -231,7 +231,9 @@ def train_args(argv: list[str] | None = None, doc: str = "") -> tuple[argparse.N
     args.out = args.out or os.path.join("runs", f"{name}-{args.arch}-{label(vars(args))}-s{args.seed}")
     args.resume = args.resume is True or (args.resume == "auto" and os.path.isfile(os.path.join(args.out, "last.pt")))
     try:
-        state = take(args, given) if args.resume else None
+        state = read_last(args, given) if args.resume else None
+        if state:
+            take(args, state, given)
         check(fill(args), given)
     except ValueError as e:
         p.error(str(e))
@@ -313,8 +315,8 @@ def holds(rule: str, v: float) -> bool:
     return {">=": b <= v < math.inf, ">": b < v < math.inf, "<=": v <= b}[op]
 
 
-def take(args: argparse.Namespace, given: set[str]) -> dict:
-    """--resume: last.pt, and from it every flag not among `given` (but those of one invocation); ValueError naming
+def read_last(args: argparse.Namespace, given: set[str]) -> dict:
+    """--resume: last.pt, read once; ValueError for a file that is not one, a run that has finished its epochs, and
     every given flag that would change the result."""
     path = os.path.join(args.out, "last.pt")
     state = models.read(path, "--resume")
@@ -332,10 +334,14 @@ def take(args: argparse.Namespace, given: set[str]) -> dict:
             f"--resume: {path} was trained with {cli.as_flags(old, diff)}, not {cli.as_flags(vars(args), diff)} "
             "(leave them out to continue it)"
         )
-    for k, v in old.items():
+    return state
+
+
+def take(args: argparse.Namespace, state: dict, given: set[str]) -> None:
+    """--resume: every flag not among `given` from last.pt's, but those of one invocation."""
+    for k, v in state.get("args", {}).items():
         if hasattr(args, k) and k not in given | ONCE:
             setattr(args, k, v)
-    return state
 
 
 def reads(loss: str, emr: float) -> tuple[str, ...]:

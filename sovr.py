@@ -25,7 +25,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-DEFAULT_RATIO = 0.4  # our choice: the paper's value could not be verified (README, 'What is from the paper')
+DEFAULT_RATIO = 0.4  # our choice: the paper's value could not be verified (docs/fidelity.md)
 
 
 def _checked(logits: torch.Tensor, target: torch.Tensor, reduction: str = "none") -> torch.Tensor:
