@@ -442,60 +442,57 @@ def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
     )
 
 
-def plot(results: list[dict], path: str):
-    """The margin histograms of `results` in one picture, labelled by objective, run folder and file."""
+def figure(flag: str, what: str):
+    """A new figure and axes for `flag`'s picture; ValueError without matplotlib (`what` is in the JSON files)."""
     plt = cli.pyplot()
     if plt is None:
-        raise ValueError("--margins draws with matplotlib: pip install matplotlib (the margins are in the JSON files)")
-    from matplotlib.ticker import MaxNLocator
+        raise ValueError(f"{flag} draws with matplotlib: pip install matplotlib (the {what} are in the JSON files)")
+    return plt.subplots(figsize=(6, 3.5))
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    lo, hi = min(min(r["margins"]) for r in results), max(max(r["margins"]) for r in results)
-    for r in results:
-        s = r["settings"]
-        ax.hist(
-            r["margins"],
-            bins=60,
-            range=(lo, hi),
-            histtype="step",
-            linewidth=1.5,
-            label=f"{s.get('objective') or s['loss']} ({os.path.join(*s['checkpoint'].split(os.sep)[-2:])})",
-        )
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of points
-    ax.axvline(0, color="gray", linewidth=0.8)
-    ax.set(xlabel="logit margin $z_y - \\max_{k \\neq y} z_k$, the lower of clean and PGD-20", ylabel="test points")
+
+def label_of(s: dict) -> str:
+    """A result's label in a picture: its objective, run folder and file."""
+    return f"{s.get('objective') or s['loss']} ({os.path.join(*s['checkpoint'].split(os.sep)[-2:])})"
+
+
+def save(fig, ax, path: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    cli.pyplot().close(fig)
     print(f"wrote {path}")
     return fig
 
 
+def plot(results: list[dict], path: str):
+    """The margin histograms of `results` in one picture."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = figure("--margins", "margins")
+    lo, hi = min(min(r["margins"]) for r in results), max(max(r["margins"]) for r in results)
+    for r in results:
+        ax.hist(r["margins"], bins=60, range=(lo, hi), histtype="step", linewidth=1.5, label=label_of(r["settings"]))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of points
+    ax.axvline(0, color="gray", linewidth=0.8)
+    ax.set(xlabel="logit margin $z_y - \\max_{k \\neq y} z_k$, the lower of clean and PGD-20", ylabel="test points")
+    return save(fig, ax, path)
+
+
 def plot_sweep(results: list[dict], path: str):
-    """--sweep's accuracy against the radius, one line per checkpoint, labelled as plot() labels them."""
-    plt = cli.pyplot()
-    if plt is None:
-        raise ValueError("--sweep draws with matplotlib: pip install matplotlib (the figures are in the JSON files)")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    """--sweep's accuracy against the radius, one line per checkpoint."""
+    fig, ax = figure("--sweep", "figures")
     ticks = {}
     for r in results:  # at each checkpoint's own radii (its training eps, or --eps, times SWEEP_SCALES)
         s, sw = r["settings"], r["sweep"]
         at = {float(k.split("/")[0]): k for k in sw["radii"]}
-        name = f"{s.get('objective') or s['loss']} ({os.path.join(*s['checkpoint'].split(os.sep)[-2:])})"
-        ax.plot(list(at), [100 * v for v in sw["robust_acc"].values()], marker="o", label=name)
+        ax.plot(list(at), [100 * v for v in sw["robust_acc"].values()], marker="o", label=label_of(s))
         ticks |= at
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(ticks), list(ticks.values()))
     ax.minorticks_off()
     what = sw["attacks"].upper().replace(",", " + ")
     ax.set(xlabel=f"{s['norm']} radius", ylabel=f"accuracy under {what}, %", ylim=(0, None))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return fig
+    return save(fig, ax, path)
 
 
 def main(argv: list[str] | None = None) -> None:
