@@ -21,6 +21,7 @@ def parser(doc: str, **kw) -> argparse.ArgumentParser:
 def given(p: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The dests of the flags that argv sets itself: a second parse in which no flag has a default (set_defaults
     included), so that a default, however it was set, never counts as given."""
+    p.parse_args(argv)  # --help (its %(default)s needs the defaults) and errors, from the parser itself
     q = copy.deepcopy(p)
     q._defaults = {}
     for action in q._actions:
