@@ -20,6 +20,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +136,7 @@ def run_queue(
     """The local queue: each task(env) once a slot is free, as many at a time as there are slots; a failed task
     does not stop the others; report(name, exit code) as each ends."""
     free: queue.Queue = queue.Queue()
+    one_at_a_time = threading.Lock()  # reports print from the queue's threads: a line and its newline apart
     for slot in where:
         free.put(slot)
 
@@ -144,7 +146,8 @@ def run_queue(
             rc = tasks[name](slot)
         finally:
             free.put(slot)
-        report(name, rc)
+        with one_at_a_time:
+            report(name, rc)
         return rc
 
     with ThreadPoolExecutor(len(where)) as pool:
