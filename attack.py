@@ -168,10 +168,10 @@ def tell(messages: list[str], rank: int, said: list[str] | None = None) -> None:
     """Prints (rank 0) each of `messages` that is not in `said` (as add() tells them apart), then adds it there."""
     said = [] if said is None else said
     for m in messages:
-        if all(_key(m) != _key(s) for s in said):
-            said.append(m)
-            if rank == 0:
-                print(f"AutoAttack's check: {m}", flush=True)
+        known = len(said)
+        add(said, m)
+        if len(said) > known and rank == 0:
+            print(f"AutoAttack's check: {m}", flush=True)
 
 
 @contextlib.contextmanager
@@ -206,17 +206,16 @@ def caught(found: list[str], rank: int = 0, said: list[str] | None = None):
     tell(found[before:], rank, said)
 
 
-def checks_of(found: list[str], clean: torch.Tensor, after: dict[str, float], args) -> list[str]:
+def checks_of(found: list[str], clean_acc: float, after: dict[str, float], args) -> list[str]:
     """The checks' messages of every process's attacks, once each, and the package's Square check on the whole
     evaluation's robust accuracy after each attack (its check_square_sr, applied by run_standard_evaluation to one
     call's {clean, each attack}: attack.py calls it one attack at a time, so it sees them together only here). What
     this process has not printed yet is printed."""
     every = list(found)
-    clean = cli.gather(clean.int().tolist())
     with caught(every, args.rank):
         for m in cli.gather(found):  # the other processes' messages
             add(every, m)
-        package_checks().check_square_sr({"clean": sum(clean) / len(clean), **after})
+        package_checks().check_square_sr({"clean": clean_acc, **after})
     return every
 
 
@@ -320,22 +319,22 @@ def evaluate(path: str, e: dict, args) -> dict:
     """e's evaluation (prepare's): AutoAttack or --margins, its result written and printed."""
     model, x, y, s, eps = e["model"], e["x"], e["y"], e["settings"], e["eps"]
     t0, clean, res = time.time(), predict(model, x, args.bs, args.device) == y, dict(settings=s, versions=versions())
-    earlier = 0.0
+    earlier, every = 0.0, cli.gather(clean.int().tolist())  # every process's clean flags
+    clean_acc = sum(every) / s["n"]
     if args.margins:
         torch.manual_seed(args.seed)  # PGD's random starts
         m = torch.tensor(cli.gather(losses.pgd_margins(model, x, y, eps, args.bs).tolist()))
         small = m.sort().values[: max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
     elif args.sweep:
-        figures, earlier = sweep(model, x, y, clean, e, args)
-        res.update(figures)
+        figures, earlier, found = sweep(model, x, y, clean, e, args)
+        res.update(figures, checks=checks_of(found, clean_acc, {}, args))
     else:
         robust, after, earlier, found = autoattack(model, x, y, clean, eps, args, e["state"], s)
-        robust, after = cli.gather(robust.int().tolist()), {k: sum(cli.gather([v])) / s["n"] for k, v in after.items()}
+        robust, after = gathered(robust, after, s["n"])
         res.update(robust_acc=sum(robust) / s["n"], robust=robust, robust_after=after)
-        res["checks"] = checks_of(found, clean, after, args)
-    clean = cli.gather(clean.int().tolist())
-    res.update(clean_acc=sum(clean) / s["n"], clean=clean, time_s=earlier + time.time() - t0)
+        res["checks"] = checks_of(found, clean_acc, after, args)
+    res.update(clean_acc=clean_acc, clean=every, time_s=earlier + time.time() - t0)
     if not (args.margins or args.sweep):
         res["robustbench"] = model_card(e["ckpt"], model, res, eps, args)
     if args.rank == 0:
@@ -348,8 +347,14 @@ def evaluate(path: str, e: dict, args) -> dict:
     return res
 
 
-def sweep(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, e: dict, args) -> tuple[dict, float]:
-    """--sweep's figures and the seconds of the parts of a resumed run before this one: APGD-CE then APGD-T through
+def gathered(robust: torch.Tensor, after: dict[str, int], n: int) -> tuple[list[int], dict[str, float]]:
+    """Every process's robust flags, and the share of all n points robust after each attack."""
+    return cli.gather(robust.int().tolist()), {k: sum(cli.gather([v])) / n for k, v in after.items()}
+
+
+def sweep(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, e: dict, args) -> tuple[dict, float, list]:
+    """--sweep's figures, the seconds of the parts of a resumed run before this one, and what the package's checks
+    said (once each, over every radius): APGD-CE then APGD-T through
     autoattack() (the package's attacks, each radius resumable from a state file of its own) at each SWEEP_SCALES
     multiple of the radius, then PGD-20 and PGD-100 at the radius (L-inf) on the same points; the verdict."""
     run, n, found, earlier = copy.copy(args), e["settings"]["n"], [], 0.0  # found: every radius's, printed once
@@ -361,14 +366,14 @@ def sweep(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, e: dict,
             print(f"sweep: {SWEEP_ATTACKS.replace(',', ' then ')} at {r}", flush=True)
         settings = {**e["settings"], "eps": r, "mode": SWEEP_ATTACKS.replace(",", "+")}
         state = f"{e['state']}.eps{k}"
-        hit, left, t, said = autoattack(model, x, y, clean, e["eps"] * k, run, state, settings, said=found)
-        robust[r], earlier = cli.gather(hit.int().tolist()), earlier + t
-        acc[r], after[r] = sum(robust[r]) / n, {a: sum(cli.gather([v])) / n for a, v in left.items()}
+        hit, left, t, _ = autoattack(model, x, y, clean, e["eps"] * k, run, state, settings, said=found)
+        (robust[r], after[r]), earlier = gathered(hit, left, n), earlier + t
+        acc[r] = sum(robust[r]) / n
     pgd = pgd_pair(model, x, y, e["eps"], args) if args.norm == "Linf" else {}
     holds, verdict = sweep_verdict(acc, pgd)
     figures = dict(sweep=dict(radii=list(acc), attacks=SWEEP_ATTACKS, robust_acc=acc, robust_after=after, **pgd))
     figures.update(sweep_robust=robust, sweep_holds=holds, sweep_verdict=verdict)
-    return {**figures, "checks": checks_of(found, clean, {}, args)}, earlier
+    return figures, earlier, found
 
 
 def pgd_pair(model, x: torch.Tensor, y: torch.Tensor, eps: float, args) -> dict:

@@ -268,9 +268,7 @@ def check(args: argparse.Namespace, given: set[str], table: list = TRAIN, relati
     """ValueError for an objective flag among `given` (the command line's) that the run's loss does not read, a
     value the table's rules refuse, and a broken rule between flags."""
     if unread := [k for k in TAGS if k in given and k not in reads(args.loss, args.emr)]:
-        raise ValueError(
-            f"--loss {args.loss} does not read " + ", ".join(f"--{k.replace('_', '-')} ({readers(k)})" for k in unread)
-        )
+        raise ValueError(f"--loss {args.loss} does not read " + ", ".join(f"{_flag(k)} ({readers(k)})" for k in unread))
     for k, says in rules(table).items():
         values = getattr(args, k)
         for v in values if isinstance(values, list) else [values]:
@@ -283,7 +281,7 @@ def check(args: argparse.Namespace, given: set[str], table: list = TRAIN, relati
             getattr(args, name),
             " or ".join(map(_flag, k.split("|"))),
         )
-        if (w == value if value else w not in (None, False)) and not any(_meets(rule, u) for u in v):
+        if _meets(f"={value}" if value else "given", w) and not any(_meets(rule, u) for u in v):
             when, why = _flag(name) + f" {value}" * bool(value), f" ({why})" * bool(why)
             if rule == "absent":
                 raise ValueError(f"{when} takes no {flag}{why}")
