@@ -113,8 +113,16 @@ def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys, monkeypatch)
     state.unlink()
 
 
-def test_settings_that_change_a_result_never_share_a_file(ckpt: Path) -> None:
+def test_settings_that_change_a_result_never_share_a_file(ckpt: Path, monkeypatch) -> None:
     """Another --bs, --version (with --attacks) or --dataset writes its own JSON and resumes only its own state."""
+    make = attack.make_autoattack
+
+    def quick(*a, **k):  # the files are the test, not the attack: 5 APGD steps (rand's 20 EOT samples each) for 100
+        aa, run = make(*a, **k)
+        aa.apgd.n_iter = 5
+        return aa, run
+
+    monkeypatch.setattr(attack, "make_autoattack", quick)
     base = [ckpt, "--n", 24, "--device", "cpu", "--attacks", "apgd-ce", "--seed", 5]
     for flags in (["--bs", 12], ["--bs", 8], ["--bs", 12, "--version", "rand"], ["--bs", 12, "--dataset", "synthetic"]):
         run(*base, *flags)

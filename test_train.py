@@ -554,20 +554,20 @@ def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path, v
         "auto",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    call = lambda out: subprocess.run([str(c) for c in cmd + ["--out", out]], env=env, capture_output=True, text=True)  # noqa: E731
-    first = call(tmp_path / "a")
-    assert first.returncode == 0, first.stderr
-    p = subprocess.Popen(
-        [str(c) for c in cmd + ["--out", tmp_path / "b"]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    argv = lambda out: [str(c) for c in cmd + ["--out", out]]  # noqa: E731
+    # the uninterrupted run goes alongside the killed one and its restart (one core each): they share no file
+    first = subprocess.Popen(argv(tmp_path / "a"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(argv(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and not (tmp_path / "b" / "last.pt").exists():
         time.sleep(0.05)
     time.sleep(0.3)  # into the second epoch
     p.kill()
     p.wait()
     assert load(tmp_path / "b" / "last.pt")["epoch"] < 3, "the run ended before it could be killed"
-    again = call(tmp_path / "b")
+    again = subprocess.run(argv(tmp_path / "b"), env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "resumed after epoch" in again.stdout, again.stdout + again.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
     a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
     for weights in ("model", "unaveraged") if variant == "ema" else ("model",):
         assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
