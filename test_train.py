@@ -146,6 +146,25 @@ def test_ema_is_the_model_that_is_validated_saved_and_loaded(tmp_path: Path) -> 
     )
 
 
+def test_a_last_pt_holding_best_pts_weights_is_tested_once(tmp_path: Path, monkeypatch) -> None:
+    """One epoch: best.pt is last.pt, so the 200 test images are attacked once and both records hold its figures;
+    a last.pt with other weights is tested on its own."""
+    tested, evaluate = [], train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda model, x, *a: tested.append(len(x)) or evaluate(model, x, *a))
+    run(*SMOKE, "--epochs", 1, "--out", tmp_path)
+    final = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["final"]
+    assert tested == [64, 200] and final["best"] == final["last"]  # validation, then the one test
+    last = load(tmp_path / "last.pt")
+    key = next(k for k, v in last["model"].items() if v.is_floating_point())
+    torch.save({**last, "model": {**last["model"], key: last["model"][key] + 1}}, tmp_path / "last.pt")
+    tested.clear()
+    model = models.load(str(tmp_path / "best.pt"))
+    train.test(
+        train.get_args([*SMOKE, "--out", str(tmp_path)]), model, model, data.load_data("synthetic", ""), print, 0
+    )
+    assert tested == [200, 200]
+
+
 def test_ema_update_follows_dm_improves_at() -> None:
     """watrain.py's ema_update: a copy until 2.5% of the run's steps, then decay min(tau, (1 + t) / (10 + t))."""
     model = torch.nn.Linear(2, 1)
@@ -469,7 +488,7 @@ def test_eval_batch_is_the_batch_of_validation_and_test(tmp_path: Path, monkeypa
     first = lambda model, x, y, *a: seen.append(a[-1]) or pgd_accuracy(model, x[: a[-1]], y[: a[-1]], *a)  # noqa: E731
     monkeypatch.setattr(losses, "pgd_accuracy", first)  # evaluates the first batch only: fast
     run(*SMOKE, "--epochs", 1, "--train-limit", 64, "--eval-batch", 24, "--out", tmp_path)
-    assert seen == [24] * 3  # the validation of epoch 1, then the test of best.pt and of last.pt
+    assert seen == [24] * 2  # the validation of epoch 1, then the one test of best.pt, which is last.pt
     assert train.get_args(["--out", str(tmp_path), "--resume", "--eval-batch", "8"]).eval_batch == 8
     assert train.get_args([*SMOKE, "--eval-batch", "8"]).out == train.get_args(SMOKE).out
 

@@ -224,12 +224,15 @@ def validate(model, atk, ema, x_val, y_val, args, world: int, epoch: int, stats,
 
 
 def test(args, model, atk, d: dict, log, rank: int) -> dict:
-    """Test accuracy of best.pt (chosen on validation) and last.pt; the test set never selects a model."""
-    out = {}
+    """Test accuracy of best.pt (chosen on validation) and last.pt; the test set never selects a model. A last.pt
+    holding best.pt's weights (the last epoch was the best) takes best.pt's figures: the seeded test, run once."""
+    out, best = {}, {}
     for name in ("best", "last"):
         state = models.read(os.path.join(args.out, f"{name}.pt"))
-        model.load_state_dict(state["model"])
-        clean, rob = evaluate(atk, d["x_test"], d["y_test"], args)
+        if state["model"].keys() != best.keys() or not all(torch.equal(v, best[k]) for k, v in state["model"].items()):
+            model.load_state_dict(state["model"])
+            clean, rob = evaluate(atk, d["x_test"], d["y_test"], args)
+        best = state["model"]
         precision = losses.precision(next(atk.parameters()).device)  # the flags as evaluate() ran
         out[name] = dict(epoch=state["epoch"], test_clean=clean, test_pgd=rob, precision=precision)
         log(f"test {name}.pt (epoch {state['epoch']}): clean {clean:.2%} pgd{args.eval_steps} {rob:.2%}")
@@ -272,11 +275,8 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
     never = args.loss in ("mail", "gairat") and args.burn_in >= args.epochs
     origin = f", resumed after epoch {start}" if start else ""
     origin += f", starting from the weights of {args.init}" if args.init and not start else ""
-    mixed = (
-        f" + {len(aux[0])} from {args.aux_data} ({args.aux_fraction:g} of each batch, on {aux[0].device})"
-        if aux
-        else ""
-    )
+    share = f"{args.aux_fraction:g} of each batch, on {aux[0].device}" if aux else ""
+    mixed = f" + {len(aux[0])} from {args.aux_data} ({share})" if aux else ""
     return "\n".join(
         [
             f"run folder {args.out}{origin}",
