@@ -487,65 +487,6 @@ def test_cuda_out_of_memory_is_one_clear_line(ckpt: Path, capsys, cap_gpu_memory
     )
 
 
-def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path: Path) -> None:
-    """2 gloo processes: each attacks its contiguous half; rank 0 writes the one JSON, equal point by point to
-    one process attacking the same two halves. A shard's state file resumes that shard alone."""
-    import shutil
-
-    import torch.distributed as dist
-
-    if not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    shutil.copy(ckpt, tmp_path / "last.pt")
-    flags = ["--points", "24", "--bs", "6", "--attacks", "apgd-ce,apgd-dlr", "--eps", "24", "--device", "cpu"]
-    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in outer}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE), CUDA_VISIBLE_DEVICES="")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(HERE / "attack.py"),
-        str(tmp_path / "last.pt"),
-        *flags,
-    ]
-    result = Path(
-        attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 24, 24, 0, bs=6, processes=2)
-    )
-
-    def torchrun() -> dict:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stdout + p.stderr
-        return json.loads(result.read_text())
-
-    res = torchrun()
-    args = attack.get_args([str(tmp_path / "last.pt"), *flags])
-    args.rank, args.world, args.device = 0, 1, "cpu"
-    c = models.read(str(tmp_path / "last.pt"))
-    model = models.from_checkpoint(c)
-    x, y = attack.test_points(c, args)
-    clean = attack.predict(model, x, 6, "cpu") == y
-    ref = []
-    for half in (slice(0, 12), slice(12, 24)):
-        robust, *_ = attack.autoattack(
-            model, x[half], y[half], clean[half], 24 / 255, args, str(tmp_path / f"{half.start}.st"), res["settings"]
-        )
-        ref += robust.int().tolist()
-    assert res["settings"]["processes"] == 2 and res["clean"] == clean.int().tolist() and res["robust"] == ref
-    assert 0 < sum(ref) < sum(res["clean"]) and res["robustbench"]["autoattack_acc"] == res["robust_acc"]
-    assert not list(tmp_path.glob("*.state*"))
-    # rank 1 was interrupted after apgd-ce, having lost every point (and no result was written): only its shard
-    # resumes from that
-    result.unlink()
-    Path(str(result) + ".state.rank1-of-2").write_text(
-        json.dumps(dict(settings=res["settings"], robust=[False] * 12, after={"apgd-ce": 0}))
-    )
-    again = torchrun()
-    assert again["robust"] == ref[:12] + [0] * 12
-
-
 LATE_RANK = """
 import datetime, os, time
 import torch.distributed.distributed_c10d as c10d
@@ -568,31 +509,65 @@ attack.main()
 """
 
 
-def test_a_rank_that_finishes_late_still_meets_the_others(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
-    """cli.setup's process group waits SOVR_DIST_TIMEOUT (a day by default), not torch's default (here shortened to
-    2 s): rank 1 reaches the final gather 4 s after rank 0 and the evaluation completes with one process's result."""
+def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path: Path) -> None:
+    """2 gloo processes: each attacks its contiguous half; rank 0 writes the one JSON, equal point by point to
+    one process attacking the same two halves. Rank 1 reaches the final gather 4 s after rank 0, past torch's
+    default timeout (shortened here to 2 s): cli.setup's process group waits SOVR_DIST_TIMEOUT (a day by default).
+    A shard's state file resumes that shard alone."""
+    import shutil
+
+    import torch.distributed as dist
+
+    if not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
     shutil.copy(ckpt, tmp_path / "last.pt")
+    flags = ["--points", "24", "--bs", "6", "--attacks", "apgd-ce,apgd-dlr", "--eps", "24", "--device", "cpu"]
     (tmp_path / "late.py").write_text(LATE_RANK)
-    flags = ["--points", "4", "--bs", "2", "--attacks", "apgd-ce", "--eps", "24", "--device", "cpu"]
     outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SOVR_DIST_TIMEOUT")
     env = {k: v for k, v in os.environ.items() if k not in outer}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE), CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "late.py"]
-    p = subprocess.run([*cmd, "last.pt", *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    result = attack.result_path(str(tmp_path / "last.pt"), "apgd-ce", "Linf", 24, 4, 0, bs=2, processes=2)
-    res = json.loads(Path(result).read_text())
+    torchrun_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = Path(
+        attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 24, 24, 0, bs=6, processes=2)
+    )
+
+    def torchrun(script: Path) -> dict:
+        cmd = [*torchrun_cmd, str(script), str(tmp_path / "last.pt"), *flags]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return json.loads(result.read_text())
+
+    res = torchrun(tmp_path / "late.py")
     args = attack.get_args([str(tmp_path / "last.pt"), *flags])
-    args.rank, args.world = 0, 1
+    args.rank, args.world, args.device = 0, 1, "cpu"
     c = models.read(str(tmp_path / "last.pt"))
-    model, (x, y) = models.from_checkpoint(c), attack.test_points(c, args)
-    clean = attack.predict(model, x, 2, "cpu") == y
+    model = models.from_checkpoint(c)
+    x, y = attack.test_points(c, args)
+    clean = attack.predict(model, x, 6, "cpu") == y
     ref = []
-    for half in (slice(0, 2), slice(2, 4)):
-        st = str(tmp_path / f"{half.start}.st")
-        ref += attack.autoattack(model, x[half], y[half], clean[half], 24 / 255, args, st, res["settings"])[0].tolist()
-    assert res["clean"] == clean.int().tolist() and res["robust"] == [int(r) for r in ref]
-    monkeypatch.setenv("SOVR_DIST_TIMEOUT", "2.5")  # the knob, read where the process group starts
+    for half in (slice(0, 12), slice(12, 24)):
+        robust, *_ = attack.autoattack(
+            model, x[half], y[half], clean[half], 24 / 255, args, str(tmp_path / f"{half.start}.st"), res["settings"]
+        )
+        ref += robust.int().tolist()
+    assert res["settings"]["processes"] == 2 and res["clean"] == clean.int().tolist() and res["robust"] == ref
+    assert 0 < sum(ref) < sum(res["clean"]) and res["robustbench"]["autoattack_acc"] == res["robust_acc"]
+    assert not list(tmp_path.glob("*.state*"))
+    # rank 1 was interrupted after apgd-ce, having lost every point (and no result was written): only its shard
+    # resumes from that
+    result.unlink()
+    Path(str(result) + ".state.rank1-of-2").write_text(
+        json.dumps(dict(settings=res["settings"], robust=[False] * 12, after={"apgd-ce": 0}))
+    )
+    again = torchrun(HERE / "attack.py")
+    assert again["robust"] == ref[:12] + [0] * 12
+
+
+def test_the_process_groups_timeout_is_sovr_dist_timeout(monkeypatch) -> None:
+    """The knob, read where the process group starts; its effect: test_torchrun_shards_the_points_and_gathers_..."""
+    monkeypatch.delenv("SOVR_DIST_TIMEOUT", raising=False)
+    assert cli.dist_timeout().total_seconds() == cli.DIST_TIMEOUT_S == 86_400
+    monkeypatch.setenv("SOVR_DIST_TIMEOUT", "2.5")
     assert cli.dist_timeout().total_seconds() == 2.5
     monkeypatch.setenv("SOVR_DIST_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="SOVR_DIST_TIMEOUT=soon: give a number of seconds > 0"):
