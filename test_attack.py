@@ -53,6 +53,20 @@ def run(*argv) -> None:
     attack.main([str(a) for a in argv])
 
 
+@pytest.fixture
+def few_steps(monkeypatch) -> None:
+    """The package's APGD with 5 steps for 100 (rand's 20 EOT samples each), for tests of files, lines and
+    resumes rather than of the attack's strength."""
+    make = attack.make_autoattack
+
+    def quick(*a, **k):
+        aa, run = make(*a, **k)
+        aa.apgd.n_iter = 5
+        return aa, run
+
+    monkeypatch.setattr(attack, "make_autoattack", quick)
+
+
 def result_files(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.parent.glob("last.*.json"))
 
@@ -79,7 +93,7 @@ def test_custom_attacks_match_a_direct_package_call(ckpt: Path) -> None:
     assert res["robust"] == (y_adv == y).int().tolist()
 
 
-def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys, monkeypatch) -> None:
+def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys, monkeypatch, few_steps) -> None:
     run(ckpt, *QUICK, "--attacks", "apgd-ce,apgd-dlr")
     result = Path(attack.result_path(str(ckpt), "apgd-ce+apgd-dlr", "Linf", 8, 24, 0, bs=12))
     settings = json.loads(result.read_text())["settings"]
@@ -113,16 +127,8 @@ def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys, monkeypatch)
     state.unlink()
 
 
-def test_settings_that_change_a_result_never_share_a_file(ckpt: Path, monkeypatch) -> None:
+def test_settings_that_change_a_result_never_share_a_file(ckpt: Path, few_steps) -> None:
     """Another --bs, --version (with --attacks) or --dataset writes its own JSON and resumes only its own state."""
-    make = attack.make_autoattack
-
-    def quick(*a, **k):  # the files are the test, not the attack: 5 APGD steps (rand's 20 EOT samples each) for 100
-        aa, run = make(*a, **k)
-        aa.apgd.n_iter = 5
-        return aa, run
-
-    monkeypatch.setattr(attack, "make_autoattack", quick)
     base = [ckpt, "--n", 24, "--device", "cpu", "--attacks", "apgd-ce", "--seed", 5]
     for flags in (["--bs", 12], ["--bs", 8], ["--bs", 12, "--version", "rand"], ["--bs", 12, "--dataset", "synthetic"]):
         run(*base, *flags)
@@ -153,7 +159,7 @@ def no_attack(*a, **k):
     raise AssertionError("an attack ran")
 
 
-def test_a_finished_evaluation_prints_its_result_and_runs_nothing(ckpt: Path, capsys, monkeypatch) -> None:
+def test_a_finished_evaluation_prints_its_result_and_runs_nothing(ckpt: Path, capsys, monkeypatch, few_steps):
     flags = [ckpt, *QUICK, "--attacks", "apgd-ce", "--seed", 6]
     run(*flags)
     line = capsys.readouterr().out.splitlines()[-2]  # "<checkpoint>: clean ..., AutoAttack (...) ..., Ns"
@@ -299,7 +305,7 @@ def test_interrupt_is_one_line(ckpt: Path, capsys, monkeypatch) -> None:
     )
 
 
-def test_progress_on_a_terminal_and_package_lines_with_verbose(ckpt: Path, capsys, caplog, monkeypatch) -> None:
+def test_progress_on_a_terminal_and_package_lines_with_verbose(ckpt: Path, capsys, caplog, monkeypatch, few_steps):
     flags = [ckpt, *QUICK, "--attacks", "apgd-ce", "--eps", 24]
     run(*flags, "--seed", 1)
     out, err = capsys.readouterr()
@@ -312,7 +318,7 @@ def test_progress_on_a_terminal_and_package_lines_with_verbose(ckpt: Path, capsy
     assert "running apgd-ce" in package()  # the package's own log lines
 
 
-def test_model_card_has_what_robustbench_asks(ckpt: Path) -> None:
+def test_model_card_has_what_robustbench_asks(ckpt: Path, few_steps) -> None:
     run(ckpt, *QUICK, "--attacks", "apgd-ce", "--seed", 4)
     res = json.loads(Path(attack.result_path(str(ckpt), "apgd-ce", "Linf", 8, 24, 4, bs=12)).read_text())
     card, model = res["robustbench"], models.load(str(ckpt))

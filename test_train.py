@@ -566,7 +566,7 @@ def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path, v
         "--device",
         "cpu",
         "--train-limit",
-        512,
+        256,
         "--epochs",
         3,
         "--resume",
