@@ -226,13 +226,13 @@ def validate(model, atk, ema, x_val, y_val, args, world: int, epoch: int, stats,
 def test(args, model, atk, d: dict, log, rank: int) -> dict:
     """Test accuracy of best.pt (chosen on validation) and last.pt; the test set never selects a model. A last.pt
     holding best.pt's weights (the last epoch was the best) takes best.pt's figures: the seeded test, run once."""
-    out, best = {}, {}
+    out, seen = {}, {}  # seen: the weights that clean and rob are the figures of
     for name in ("best", "last"):
         state = models.read(os.path.join(args.out, f"{name}.pt"))
-        if state["model"].keys() != best.keys() or not all(torch.equal(v, best[k]) for k, v in state["model"].items()):
+        if state["model"].keys() != seen.keys() or not all(torch.equal(v, seen[k]) for k, v in state["model"].items()):
             model.load_state_dict(state["model"])
             clean, rob = evaluate(atk, d["x_test"], d["y_test"], args)
-        best = state["model"]
+            seen = state["model"]
         precision = losses.precision(next(atk.parameters()).device)  # the flags as evaluate() ran
         out[name] = dict(epoch=state["epoch"], test_clean=clean, test_pgd=rob, precision=precision)
         log(f"test {name}.pt (epoch {state['epoch']}): clean {clean:.2%} pgd{args.eval_steps} {rob:.2%}")
