@@ -59,7 +59,8 @@ def flags_of(command: str, scripts: dict[str, set[str]]) -> list[tuple[str, str]
     words = [w.split("=")[0] for w in command.split()]
     script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
     if script is None:
-        return [(w, "") for w in words if w.startswith("--") and len(w) > 2] if words[:1] and words[0][:2] == "--" else []
+        bare = words[:1] and words[0].startswith("--")
+        return [(w, "") for w in words if w.startswith("--") and len(w) > 2] if bare else []
     name, found = Path(words[script]).name, []
     if name not in scripts:
         return []
