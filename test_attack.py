@@ -16,6 +16,7 @@ import cli
 import data
 import models
 import train
+from conftest import child_pythonpath
 
 HERE = Path(__file__).resolve().parent
 QUICK = ["--n", "24", "--bs", "12", "--device", "cpu"]
@@ -531,7 +532,7 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     (tmp_path / "late.py").write_text(LATE_RANK)
     outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SOVR_DIST_TIMEOUT")
     env = {k: v for k, v in os.environ.items() if k not in outer}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE), CUDA_VISIBLE_DEVICES="")
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=child_pythonpath(), CUDA_VISIBLE_DEVICES="")
     torchrun_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = Path(
         attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 24, 24, 0, bs=6, processes=2)
