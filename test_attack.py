@@ -6,6 +6,8 @@ import pickle
 import shutil
 import subprocess
 import sys
+import types
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -406,6 +408,23 @@ def test_a_check_is_printed_once_whatever_numbers_it_holds(capsys) -> None:
         "AutoAttack's check: it seems to be a dynamic defense!",
     ]
     assert said == ["there are 3 points with zero gradient!", "it seems to be a dynamic defense!"]
+
+
+def test_versions_name_the_autoattack_package_imported_from_a_path_without_metadata(tmp_path: Path, monkeypatch):
+    """The GPU check's machine gets pyautoattack's .py files on PYTHONPATH, not an installed package: its version is
+    the module's own __version__, or says where it came from; never silently missing."""
+
+    def no_metadata(pkg: str) -> str:
+        raise metadata.PackageNotFoundError(pkg)
+
+    monkeypatch.setattr(metadata, "version", no_metadata)
+    monkeypatch.setitem(sys.modules, "autoattack", None)  # upstream autoattack absent: not named
+    copy = types.ModuleType("pyautoattack")
+    copy.__path__ = [str(tmp_path / "pyautoattack")]
+    monkeypatch.setitem(sys.modules, "pyautoattack", copy)
+    assert attack.versions()["pyautoattack"] == f"unknown ({tmp_path / 'pyautoattack'})"
+    copy.__version__ = "0.2.0"
+    assert {k: v for k, v in attack.versions().items() if "autoattack" in k} == {"pyautoattack": "0.2.0"}
 
 
 def test_sweep_writes_its_curve_and_says_whether_it_holds(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
