@@ -149,3 +149,15 @@ def test_the_summary_labels_the_benchs_precision_from_what_ran(tmp_path: Path, a
     (tmp_path / "bench-wrn34.json").write_text(json.dumps(run))
     text = "\n".join(summary_module().bench(str(tmp_path)))
     assert f"PGD-10 (training), {says}" in text and ("bf16 autocast" in text) == amp
+
+
+def test_a_tests_python_subprocess_keeps_what_is_on_pythonpath(monkeypatch) -> None:
+    """The GPU machine carries pyautoattack's files on PYTHONPATH: torchrun's ranks started by a test need them too."""
+    from conftest import child_pythonpath
+
+    monkeypatch.setenv("PYTHONPATH", "/carried/pyautoattack")
+    assert child_pythonpath() == f"{HERE}{os.pathsep}/carried/pyautoattack"
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_pythonpath() == str(HERE)
+    replacing = [p.name for p in HERE.glob("test_*.py") if re.search(r"PYTHONPATH=(str|os\.fspath)\(", p.read_text())]
+    assert replacing == [], "a subprocess's PYTHONPATH is conftest.child_pythonpath(), which extends it"
