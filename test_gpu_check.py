@@ -28,9 +28,9 @@ class backends:
     class cudnn:
         version = staticmethod(lambda: 91900)
 """
-# python for .ci/gpu: train.py outlives any budget, attack.py fails at once, anything else is the real python
+# python for .ci/gpu: train.py outlives any budget, anything else is the real python
 FAKE_PYTHON = f"""#!/bin/sh
-case "$1" in train.py) exec sleep 30 ;; attack.py) exit 3 ;; esac
+[ "$1" = train.py ] && exec sleep 30
 exec {sys.executable} "$@"
 """
 
@@ -122,7 +122,7 @@ def test_the_headers_estimate_is_the_sum_of_the_default_budgets() -> None:
     )
     assert said, "the header names each step's budget and their sum"
     *parts, total = map(int, said.groups())
-    assert sum(parts) == total and f"at most {total // 60} minutes ({total} s)" in script
+    assert sum(parts) == total and f"at most {total // 60} minutes ({total} s" in script
     defaults = dict(re.findall(r"^    \[(\w+)\]=(?:\$\{GPU_BUDGET_\w+:-)?(\d+)\}?$", script, re.M))
     assert defaults == dict(zip(("start", "tests", "bench", "train", "summary"), map(str, parts)))
 
