@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import glob
+import importlib
 import json
 import logging
 import os
@@ -420,11 +421,30 @@ def line(path: str, res: dict) -> str:
 
 
 def versions() -> dict:
+    """Python's, torch's and the AutoAttack package's versions (each of pyautoattack and upstream autoattack found)."""
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("pyautoattack", "autoattack"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found[pkg] = metadata.version(pkg)
+        version = package_version(pkg)
+        if version:
+            found[pkg] = version
     return found
+
+
+def package_version(pkg: str) -> str | None:
+    """The version of the package this process imports: its __version__, else its installed metadata, else
+    "unknown (<its folder>)" (a copy of its files on PYTHONPATH has no metadata); None where it is absent."""
+    try:
+        module = importlib.import_module(pkg)
+    except ImportError:
+        module = None
+    if getattr(module, "__version__", None):
+        return str(module.__version__)
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        return metadata.version(pkg)
+    if module is None:
+        return None
+    where = [*getattr(module, "__path__", []), getattr(module, "__file__", None)]  # a package's folder, or its file
+    return f"unknown ({where[0]})"
 
 
 def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:

@@ -1,5 +1,6 @@
-"""Fixtures shared by the test files: the CUDA marker's helpers (CUDA tests skip cleanly without a GPU) and a real
-one-node SLURM cluster (slurm_cluster; skips cleanly where SLURM is not installed)."""
+"""Fixtures shared by the test files: the CUDA marker's helpers (CUDA tests skip cleanly without a GPU), a
+subprocess's PYTHONPATH (child_pythonpath) and a real one-node SLURM cluster (slurm_cluster; skips cleanly where
+SLURM is not installed)."""
 
 import ctypes
 import os
@@ -16,6 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+
+def child_pythonpath() -> str:
+    """PYTHONPATH for a test's python subprocess: the project first, then whatever was there (the GPU check carries
+    pyautoattack's files on PYTHONPATH on a machine where it is not installed: a subprocess needs them too)."""
+    return os.pathsep.join([str(Path(__file__).resolve().parent), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @pytest.fixture

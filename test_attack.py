@@ -6,6 +6,8 @@ import pickle
 import shutil
 import subprocess
 import sys
+import types
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import cli
 import data
 import models
 import train
+from conftest import child_pythonpath
 
 HERE = Path(__file__).resolve().parent
 QUICK = ["--n", "24", "--bs", "12", "--device", "cpu"]
@@ -407,6 +410,23 @@ def test_a_check_is_printed_once_whatever_numbers_it_holds(capsys) -> None:
     assert said == ["there are 3 points with zero gradient!", "it seems to be a dynamic defense!"]
 
 
+def test_versions_name_the_autoattack_package_imported_from_a_path_without_metadata(tmp_path: Path, monkeypatch):
+    """The GPU check's machine gets pyautoattack's .py files on PYTHONPATH, not an installed package: its version is
+    the module's own __version__, or says where it came from; never silently missing."""
+
+    def no_metadata(pkg: str) -> str:
+        raise metadata.PackageNotFoundError(pkg)
+
+    monkeypatch.setattr(metadata, "version", no_metadata)
+    monkeypatch.setitem(sys.modules, "autoattack", None)  # upstream autoattack absent: not named
+    copy = types.ModuleType("pyautoattack")
+    copy.__path__ = [str(tmp_path / "pyautoattack")]
+    monkeypatch.setitem(sys.modules, "pyautoattack", copy)
+    assert attack.versions()["pyautoattack"] == f"unknown ({tmp_path / 'pyautoattack'})"
+    copy.__version__ = "0.2.0"
+    assert {k: v for k, v in attack.versions().items() if "autoattack" in k} == {"pyautoattack": "0.2.0"}
+
+
 def test_sweep_writes_its_curve_and_says_whether_it_holds(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """Three radii (8, 16 and 64/255; APGD-CE alone, to keep it quick): the accuracy falls to 0 and never rises,
     PGD-100 <= PGD-20, said in the checkpoint's line; the figures in a JSON of its own, and a PNG."""
@@ -531,7 +551,7 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     (tmp_path / "late.py").write_text(LATE_RANK)
     outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SOVR_DIST_TIMEOUT")
     env = {k: v for k, v in os.environ.items() if k not in outer}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE), CUDA_VISIBLE_DEVICES="")
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=child_pythonpath(), CUDA_VISIBLE_DEVICES="")
     torchrun_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = Path(
         attack.result_path(str(tmp_path / "last.pt"), "apgd-ce+apgd-dlr", "Linf", 24, 24, 0, bs=6, processes=2)

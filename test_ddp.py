@@ -26,6 +26,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import child_pythonpath
+
 REPO = Path(__file__).resolve().parent
 
 
@@ -108,7 +110,7 @@ def start(
     env = {k: v for k, v in os.environ.items() if k not in outer}
     env.update(
         OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=child_pythonpath(),
         TEST_EVAL_BN="1" if eval_bn else "0",
         TEST_SOVR_SHARDS=str(sovr_shards or ""),
         TEST_NAN_RANK="" if nan_rank is None else str(nan_rank),

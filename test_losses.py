@@ -20,6 +20,7 @@ import flags
 import losses
 import models
 import train
+from conftest import child_pythonpath
 from losses import (
     OBJECTIVES,
     attack_from_clean,
@@ -407,7 +408,7 @@ def test_more_processes_than_points(tmp_path: Path) -> None:
     (tmp_path / "shards.py").write_text(SHARDS)
     outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in outer}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=child_pythonpath())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "shards.py", "2"]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -463,9 +464,11 @@ def datasets(tmp_path_factory) -> dict:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # On CUDA (bf16 autocast, channels_last), eagerly and compiled, every objective runs once, on the 100-class data
 # with EMR, weight averaging and generated data riding along: enough to catch a dtype or device error without
-# doubling the GPU suite's time.
+# doubling the GPU suite's time. Compiling costs about 45 s a process on an H100, so .ci/gpu compiles one of them by
+# default, sovr (the ids name the compiled runs: ...-cuda-compile).
 RUNS = [(c, d, []) for c in (10, 100) for d in ("cpu",)] + [
-    pytest.param(100, "cuda", flags, marks=CUDA) for flags in ([], ["--compile"])
+    pytest.param(100, "cuda", flags, marks=CUDA, id=f"100-cuda{'-compile' * bool(flags)}")
+    for flags in ([], ["--compile"])
 ]
 
 

@@ -4,11 +4,19 @@ train-log.jsonl and the attack JSON. Usage: python .ci/gpu_summary.py results/gp
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 import xml.etree.ElementTree as ET
 
 EPOCH_IMAGES = 49_000  # CIFAR-10 less train.py's 1,000 validation images, as bench.py counts it
+# steps.tsv's exit codes that are not the command's own: timeout's (.ci/gpu's budgets) and a step not run
+STEP_ENDS = {
+    "124": "stopped at its budget",
+    "137": "killed at its budget",
+    "skipped": "not run: no time left",
+    "interrupted": "not run: interrupted",
+}
 
 
 def read(path: str) -> str:
@@ -16,14 +24,19 @@ def read(path: str) -> str:
 
 
 def steps(d: str) -> list[str]:
-    rows = [line.split("\t") for line in read(f"{d}/steps.tsv").splitlines() if line]
-    out = ["| step | exit code | seconds | command |", "|---|---|---|---|"]
-    return out + [f"| {n} | {rc} | {s} | `{cmd}` |" for n, rc, s, cmd in rows]
+    """One row a command: its exit code (or that its budget stopped it, or that it did not run), its seconds and its
+    budget (the time it was allowed; steps.tsv of a check before budgets has no such column)."""
+    out = ["| step | exit code | seconds | budget s | command |", "|---|---|---|---|---|"]
+    for line in read(f"{d}/steps.tsv").splitlines():
+        name, rc, seconds, *budget, cmd = line.split("\t")
+        out.append(f"| {name} | {STEP_ENDS.get(rc, rc)} | {seconds} | {''.join(budget) or '-'} | `{cmd}` |")
+    return out
 
 
 def tests(d: str) -> list[str]:
     if not os.path.exists(f"{d}/tests.xml"):
-        return ["Not run."]
+        ran = os.path.exists(f"{d}/tests.log")
+        return ["No tests.xml: killed before pytest wrote it, see tests.log." if ran else "Not run."]
     cases = list(ET.parse(f"{d}/tests.xml").getroot().iter("testcase"))
 
     def outcome(c) -> str:
@@ -32,8 +45,10 @@ def tests(d: str) -> list[str]:
     counts = {k: sum(outcome(c) == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
     counts["failed"] = sum(outcome(c) == "failure" for c in cases)
     gpu = [c for c in cases if any(w in c.get("name").lower() for w in ("cuda", "nccl", "gpu"))]
+    selected = re.search(r"^tests selected: (\d+)", read(f"{d}/env.txt"), re.M)  # more than ran if stopped
     lines = [
-        ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" of {len(cases)} tests; "
+        ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" of {len(cases)} tests"
+        f"{f' ({selected[1]} selected)' if selected else ''}; "
         f"{sum(outcome(c) == 'passed' for c in gpu)} of {len(gpu)} tests named for CUDA/NCCL/GPU passed."
     ]
     for c in cases:
@@ -67,9 +82,9 @@ def bench(d: str) -> list[str]:
     first = runs[0]["settings"]
     lines += [
         "",
-        f"Batch {first['batch']}, `--loss {first['loss']}`, PGD-{first['pgd_steps']} (training), bf16 "
-        f"autocast, channels_last; median of {first['repeats']} timed steps after {first['warmup']} untimed. "
-        "Commands and every figure: the bench-*.json files.",
+        f"Batch {first['batch']}, `--loss {first['loss']}`, PGD-{first['pgd_steps']} (training), "
+        f"{precision(runs)}, channels_last; median of {first['repeats']} timed steps after {first['warmup']} "
+        "untimed. Commands and every figure: the bench-*.json files.",
     ]
     wrn = [r for r in runs if r["settings"]["arch"] == "wrn34"]
     if wrn:
@@ -86,13 +101,32 @@ def bench(d: str) -> list[str]:
     return lines
 
 
+def precision(runs: list[dict]) -> str:
+    """The training step's precision as bench.py ran it (bf16 autocast from Ampere on, fp32 before)."""
+    ran = {r["settings"].get("amp_bf16") for r in runs}
+    if ran == {True}:
+        return "bf16 autocast"
+    if ran == {False}:
+        return "fp32 (this GPU has no bf16 tensor cores)"
+    return "precision as each bench-*.json's settings.amp_bf16 says (not the same in every run)"
+
+
+def trained_in(d: str) -> str:
+    """The training's precision, as train.py's first line says it ('bf16 autocast training', or 'amp True' before)."""
+    ran = re.search(r"(bf16 autocast|fp32) training|amp (True|False)", read(f"{d}/train.log"))
+    if not ran:
+        return "precision not in train.log"
+    return ran[1] or ("bf16 autocast" if ran[2] == "True" else "fp32")
+
+
 def end_to_end(d: str) -> list[str]:
     recs = [json.loads(line) for line in read(f"{d}/train-log.jsonl").splitlines() if line]
     if not recs:
         return ["Not run."]
     epochs = [r for r in recs if "epoch" in r]
     lines = [
-        f"train.py, ResNet-18, {len(epochs)} epochs: {statistics.median(r['time'] for r in epochs):.1f} s per "
+        f"train.py, ResNet-18, {trained_in(d)}, {len(epochs)} epochs: "
+        f"{statistics.median(r['time'] for r in epochs):.1f} s per "
         f"epoch (median; first {epochs[0]['time']:.1f} s), last epoch train adversarial accuracy "
         f"{epochs[-1]['train_adv_acc']:.1%}, "
         f"val clean {epochs[-1]['val_clean']:.1%} / PGD-20 {epochs[-1]['val_pgd']:.1%}."
