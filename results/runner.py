@@ -12,11 +12,13 @@ state file), so running a killed line again continues it and never repeats a fin
     python results/runner.py margins CKPT [--train-points N] [--points N]   # PGD-20 margins, train and test points
 """
 
+import contextlib
 import glob
 import json
 import os
 import queue
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +42,9 @@ def finished(done: str) -> bool:
 
 
 def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
-    """Runs one link unless its result exists, logging to `log`; its exit code (1 when it ends without its result)."""
+    """Runs one link unless its result exists, logging to `log`; its exit code (1 when it ends without its result).
+    A link stopped by Ctrl-C or SIGTERM (its command exits 130 or 143, cli.INTERRUPTED and TERMINATED, having said
+    what it kept) is `stopped`, not failed, and keeps that exit code: the same line continues it."""
     if finished(done):
         return 0
     line = shlex.join(cmd)
@@ -49,16 +53,41 @@ def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None)
         f.flush()
         Path(log).with_name("running").write_text(f"{socket.gethostname()} {os.getpid()}\n")
         t0 = time.time()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        with passed_on(child):
+            rc = child.wait()
         said = f"signal {-rc}" if rc < 0 else rc  # e.g. the kernel's OOM killer: a failure, not SLURM's signal
-        rc = 1 if rc < 0 else rc or (0 if finished(done) else 1)
-        f.write(f"{'done' if rc == 0 else f'failed ({said or rc})'} in {time.time() - t0:.0f}s: {line}\n")
+        rc = 1 if rc < 0 else rc if rc in STOPPED else rc or (0 if finished(done) else 1)
+        end = f"stopped ({STOPPED[rc]})" if rc in STOPPED else "done" if rc == 0 else f"failed ({said or rc})"
+        f.write(f"{end} in {time.time() - t0:.0f}s: {line}\n")
     Path(log).with_name("running").unlink(missing_ok=True)
     if rc == 0:  # beside the log, what the table reports with the figures: the code that made them
         rec = dict(cmd=cmd, seconds=round(time.time() - t0, 1), commit=commit(), host=socket.gethostname())
         with open(Path(log).with_name("links.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
     return rc
+
+
+# cli.INTERRUPTED and cli.TERMINATED, by the same rule (a shell's 128 + the signal): cli needs torch, a link does not
+STOPPED = {128 + signal.SIGINT: "Ctrl-C", 128 + signal.SIGTERM: "SIGTERM"}
+
+
+@contextlib.contextmanager
+def passed_on(child: subprocess.Popen):
+    """While a link's command runs (in a link's own process, its main thread), a SIGTERM to the link reaches the
+    command too, which says what it kept and exits 143, as it does when SLURM signals every process of the job; a
+    Ctrl-C reaches the command from the terminal: the link waits for it rather than kill it mid-save."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *a: child.send_signal(signal.SIGTERM))
+    try:
+        yield
+    finally:
+        for s, handler in zip((signal.SIGINT, signal.SIGTERM), before):
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def commit() -> str:
@@ -75,11 +104,10 @@ def chain_line(links: list[tuple[str, list[str]]], log: str, cwd: str | Path) ->
 
 def write_json(obj: dict, path: str | Path) -> None:
     """Atomic, as models.write_json (which needs torch)."""
-    Path(f"{path}.tmp").write_text(json.dumps(obj, indent=1))
-    os.replace(f"{path}.tmp", path)
+    runlog.write(str(path), json.dumps(obj, indent=1))
 
 
-MARKS = ("$ ", "done in ", "failed (")  # the lines `link` writes around a command's output
+MARKS = ("$ ", "done in ", "failed (", "stopped (")  # the lines `link` writes around a command's output
 
 
 def log_lines(log: str | Path) -> list[str]:
@@ -100,6 +128,8 @@ def state(links: list[tuple[str, list[str]]], log: str | Path) -> str:
     last = [ln for ln in log_lines(log) if ln.startswith(MARKS)]
     if last and last[-1].startswith("failed"):
         return "failed"
+    if last and last[-1].startswith("stopped"):
+        return "stopped"  # by Ctrl-C or SIGTERM: the same command continues it
     if last and last[-1].startswith("$ "):
         flag = Path(log).with_name("running")
         host, pid = (flag.read_text().split() if flag.exists() else [socket.gethostname(), "0"])[:2]
