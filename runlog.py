@@ -27,22 +27,30 @@ def write(path: str, data: bytes | memoryview | str) -> None:
     signal finds the old file or the new one, whole. Any failure (an interruption included) removes PATH.tmp; an
     OSError becomes a WriteError naming PATH. The sync is where a network filesystem or a quota reports that the
     data did not fit (write() may have taken it into the page cache): before the rename, the old file stays."""
-    tmp, data = f"{path}.tmp", data.encode() if isinstance(data, str) else data
+    data = data.encode() if isinstance(data, str) else data
+    special = os.path.exists(path) and not os.path.isfile(path)  # /dev/null, a pipe: written to, never replaced
+    tmp = path if special else f"{path}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        _put(tmp, data, sync=not special)
+        if not special:
+            os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if not special:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         if isinstance(e, OSError):
-            reason = FULL.get(e.errno) or (e.strerror or str(e)).lower()
-            raise WriteError(e.errno, reason, path) from None
+            raise WriteError(e.errno, FULL.get(e.errno) or (e.strerror or str(e)).lower(), path) from None
         raise
+
+
+def _put(path: str, data: bytes | memoryview, sync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

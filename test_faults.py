@@ -97,6 +97,12 @@ def test_every_write_site_goes_through_the_one_writer(folder: Path, monkeypatch)
     assert not list(folder.glob("*.tmp")) and models.read(str(folder / "last.pt"))["epoch"] == 2
 
 
+def test_a_file_that_is_not_a_regular_file_is_written_to_never_replaced() -> None:
+    """`--plot /dev/null`, a pipe: the writer writes into them; a rename over /dev/null (as root) would replace it."""
+    runlog.write(os.devnull, b"x")
+    assert not os.path.isfile(os.devnull) and not os.path.exists(os.devnull + ".tmp")
+
+
 def test_torch_save_s_own_error_is_never_what_a_full_disk_says(tmp_path: Path, full_disk) -> None:
     """torch.save to a file turns a full disk into RuntimeError('basic_ios::clear: iostream error'); models.save
     serializes in memory, so the disk's error is an OSError with its errno, named as cli.run says it."""
