@@ -146,14 +146,9 @@ Message = str | Callable[[], str]
 USAGE, FAILED, INTERRUPTED, TERMINATED = 2, 1, 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is: whatever a Ctrl-C cleans up (a write's
-    temporary file), a SIGTERM cleans up too."""
-
-
 def _terminated(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM (torchrun's, a link's) cuts no cleanup
-    raise Terminated()
+    raise runlog.Terminated()
 
 
 def run(prog: str, job: Callable[[], object], out_of_memory: Message, interrupted: Message):
@@ -178,7 +173,7 @@ def run(prog: str, job: Callable[[], object], out_of_memory: Message, interrupte
     except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the terminal's Ctrl-C on: a second one
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        how = ("terminated (SIGTERM)", TERMINATED) if isinstance(e, Terminated) else ("interrupted", INTERRUPTED)
+        how = ("terminated (SIGTERM)", TERMINATED) if isinstance(e, runlog.Terminated) else ("interrupted", INTERRUPTED)
         if rank == 0:
             print(f"{prog}: {how[0]}; {_say(interrupted)}", file=sys.stderr, flush=True)
         sys.exit(how[1])

@@ -19,6 +19,12 @@ class WriteError(OSError):
         return f"cannot write {self.filename}: {self.strerror}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (cli.run's handler), raised in the main thread as Ctrl-C's KeyboardInterrupt is: whatever a Ctrl-C
+    cleans up (a write's temporary file), a SIGTERM cleans up too. Here, beside WriteError, for results/runner.py's
+    queue, which needs no torch."""
+
+
 FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}  # the disk-full errors
 
 

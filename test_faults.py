@@ -168,6 +168,33 @@ CHILD = (
 )
 
 
+def test_sigterm_to_a_local_grid_stops_its_runs_and_starts_no_other(tmp_path: Path, capsys) -> None:
+    """compare.py's local queue (runner.run_local) gets SIGTERM, which reaches it alone: it passes it to the running
+    line's link (which passes it to its command), starts neither that line's next link nor a queued line, waits for
+    the command to say what it kept, and ends in one line with exit 143."""
+    me, lines = str(os.getpid()), {}
+    for run, cmd in (("a", [sys.executable, "-c", TERMINATING, me]), ("b", [sys.executable, "-c", "0"])):
+        (tmp_path / run).mkdir()
+        links = [(str(tmp_path / run / "one.json"), cmd), (str(tmp_path / run / "two.json"), cmd)]
+        lines[str(tmp_path / run)] = runner.chain_line(links, str(tmp_path / run / "console.log"), tmp_path)
+    job = lambda: runner.run_local(lines, runner.slots([], 1, 1), lambda *a: None)  # noqa: E731
+    with pytest.raises(SystemExit) as e:
+        cli.run("compare.py", job, "", "the same command continues the grid where it stopped")
+    said = "compare.py: terminated (SIGTERM); the same command continues the grid where it stopped\n"
+    assert e.value.code == 143 and capsys.readouterr().err == said
+    marks = [ln for ln in runner.log_lines(tmp_path / "a" / "console.log") if ln.startswith(runner.MARKS)]
+    assert len(marks) == 2 and marks[1].startswith("stopped (SIGTERM)")  # one link, stopped; not the next
+    assert not (tmp_path / "b" / "console.log").exists()  # the queued line never started
+
+
+# a command that SIGTERMs the process in argv[1] (the queue), then waits to be stopped, as cli.run stops a script
+TERMINATING = (
+    "import os, signal, sys, time; "
+    "said = lambda *a: (print('x.py: terminated (SIGTERM); kept', file=sys.stderr), sys.exit(143)); "
+    "signal.signal(signal.SIGTERM, said); os.kill(int(sys.argv[1]), signal.SIGTERM); time.sleep(30)"
+)
+
+
 def mount(where: Path, kib: int, remount: bool = False) -> None:
     size = f"{'remount,' * remount}size={kib}k"
     subprocess.run(["mount", "-t", "tmpfs", "-o", size, "tmpfs", str(where)], check=True, capture_output=True)

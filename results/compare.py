@@ -317,7 +317,8 @@ def launch(args, grid: dict, out: Path, found: list[dict], gpus: list[str]) -> i
     else:
 
         def report(run: str, rc: int) -> None:
-            said = "done" if rc == 0 else f"failed: {runner.last_line(Path(run) / 'console.log')}"
+            said = "done" if rc == 0 else "stopped" if rc in runner.STOPPED else "failed"
+            said += f": {runner.last_line(Path(run) / 'console.log')}" * (rc != 0)
             print(f"{Path(run).name}: {said}", flush=True)
 
         lines = {str(r["run"]): line(r) for r in todo}

@@ -161,18 +161,26 @@ def slots(gpus: list[str], per_run: int, jobs: int, threads: int | None = None) 
 
 
 def run_queue(
-    tasks: dict[str, Callable[[dict], int]], where: list[dict], report: Callable[[str, int], None]
+    tasks: dict[str, Callable[[dict], int]],
+    where: list[dict],
+    report: Callable[[str, int], None],
+    pass_on: Callable[[], None] | None = None,
 ) -> dict[str, int]:
     """The local queue: each task(env) once a slot is free, as many at a time as there are slots; a failed task
-    does not stop the others; report(name, exit code) as each ends."""
+    does not stop the others; report(name, exit code) as each ends. Ctrl-C or SIGTERM (in the main thread) starts
+    no further task; a SIGTERM, which reaches this process alone, is passed on to the tasks running (pass_on), as a
+    terminal's Ctrl-C reaches them itself; the queue waits for them to stop, then raises it on."""
     free: queue.Queue = queue.Queue()
     one_at_a_time = threading.Lock()  # reports print from the queue's threads: a line and its newline apart
+    stopping = threading.Event()
     for slot in where:
         free.put(slot)
 
-    def one(name: str) -> int:
+    def one(name: str) -> int | None:
         slot = free.get()
         try:
+            if stopping.is_set():
+                return None
             rc = tasks[name](slot)
         finally:
             free.put(slot)
@@ -181,18 +189,54 @@ def run_queue(
         return rc
 
     with ThreadPoolExecutor(len(where)) as pool:
-        return dict(zip(tasks, pool.map(one, tasks)))
+        started = [pool.submit(one, name) for name in tasks]
+        try:
+            return {name: f.result() for name, f in zip(tasks, started)}
+        except KeyboardInterrupt as e:
+            stopping.set()
+            if isinstance(e, runlog.Terminated) and pass_on:
+                pass_on()
+            raise
 
 
 def run_local(lines: dict[str, str], where: list[dict], report: Callable[[str, int], None]) -> dict[str, int]:
     """Every run folder's line, written to <folder>/run.sh and run with bash in the queue."""
+    running: dict[str, subprocess.Popen] = {}
 
     def task(folder: str) -> Callable[[dict], int]:
         script = Path(folder) / "run.sh"
         script.write_text(lines[folder] + "\n")
-        return lambda env: subprocess.call(["bash", str(script)], env={**os.environ, **env}, stdout=subprocess.DEVNULL)
 
-    return run_queue({folder: task(folder) for folder in lines}, where, report)
+        def start(env: dict) -> int:
+            with subprocess.Popen(["bash", str(script)], env={**os.environ, **env}, stdout=subprocess.DEVNULL) as p:
+                running[folder] = p
+                try:
+                    rc = p.wait()
+                    return 128 - rc if rc < 0 else rc  # bash killed by a signal (pass_on's): as a shell says it
+                finally:
+                    running.pop(folder)
+
+        return start
+
+    def pass_on() -> None:  # to each line's running link, which passes it to its command; and to bash, which
+        links = [pid for p in list(running.values()) for pid in children(p.pid)]  # would start the next link
+        for pid in [*links, *(p.pid for p in list(running.values()))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        while any(alive(pid) for pid in links):  # each says what it kept, once its command has
+            time.sleep(0.05)
+
+    return run_queue({folder: task(folder) for folder in lines}, where, report, pass_on)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc, as alive())."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(") ", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 try:  # SLURM's requeue of a timed-out or preempted job, when submitit is installed
