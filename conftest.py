@@ -62,6 +62,18 @@ def full_disk(monkeypatch) -> Callable[[int, str], None]:
     return fail
 
 
+@pytest.fixture
+def sigterm_fails_the_test() -> Iterator[None]:
+    """A SIGTERM that the code under test leaves unhandled fails the test, rather than end the test session."""
+
+    def unhandled(*a):
+        raise AssertionError("SIGTERM reached the test process unhandled")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
 # A real one-node SLURM cluster for the tests that submit jobs (Debian: apt-get install slurm-wlm munge).
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")

@@ -132,7 +132,7 @@ def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys, monkeypatch,
 
 @pytest.mark.parametrize("stop", ["full disk", "SIGTERM"])
 def test_a_full_disk_or_sigterm_at_the_result_keeps_the_attacks_for_a_rerun(
-    ckpt: Path, capsys, monkeypatch, few_steps, full_disk, stop: str
+    ckpt: Path, capsys, monkeypatch, few_steps, full_disk, stop: str, sigterm_fails_the_test
 ) -> None:
     """The result JSON cannot be written (no space left) or SIGTERM comes while it is written: one line naming what
     was kept, exit 1 or 143, the .state of the finished attacks kept and no .tmp; the same command then continues."""

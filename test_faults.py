@@ -125,7 +125,7 @@ def test_exit_codes_are_defined_once_and_read_as_a_shell_does() -> None:
     "signum, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")]
 )
 def test_a_signal_during_a_save_leaves_no_temporary_file(
-    tmp_path: Path, monkeypatch, capsys, signum, code, said
+    tmp_path: Path, monkeypatch, capsys, signum, code, said, sigterm_fails_the_test
 ) -> None:
     """Ctrl-C or SIGTERM halfway through a write: one line saying what was kept, its exit code, the file as it was,
     no .tmp; the handlers of the caller are back afterwards."""
@@ -146,7 +146,7 @@ def test_a_signal_during_a_save_leaves_no_temporary_file(
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_a_link_passes_sigterm_on_and_is_stopped_not_failed(tmp_path: Path) -> None:
+def test_a_link_passes_sigterm_on_and_is_stopped_not_failed(tmp_path: Path, sigterm_fails_the_test) -> None:
     """SIGTERM to a link (results/runner.py) reaches its command, which says what it kept and exits 143; the link
     waits for it, logs it as stopped, exits 143 (a requeue script's interruption) and the same line continues it."""
     cmd, before = [sys.executable, "-c", CHILD], signal.getsignal(signal.SIGTERM)
@@ -168,7 +168,7 @@ CHILD = (
 )
 
 
-def test_sigterm_to_a_local_grid_stops_its_runs_and_starts_no_other(tmp_path: Path, capsys) -> None:
+def test_sigterm_to_a_local_grid_stops_its_runs_and_starts_no_other(tmp_path: Path, capsys, sigterm_fails_the_test):
     """compare.py's local queue (runner.run_local) gets SIGTERM, which reaches it alone: it passes it to the running
     line's link (which passes it to its command), starts neither that line's next link nor a queued line, waits for
     the command to say what it kept, and ends in one line with exit 143."""
