@@ -118,7 +118,7 @@ def test_torch_save_s_own_error_is_never_what_a_full_disk_says(tmp_path: Path, f
 
 def test_exit_codes_are_defined_once_and_read_as_a_shell_does() -> None:
     assert (cli.USAGE, cli.FAILED, cli.INTERRUPTED, cli.TERMINATED) == (2, 1, 130, 143)
-    assert set(runner.STOPPED) == {cli.INTERRUPTED, cli.TERMINATED}  # a link needs no torch: the same rule
+    assert set(runner.STOPPED) == {cli.INTERRUPTED, cli.TERMINATED} and runner.TERMINATED == cli.TERMINATED  # no torch
 
 
 @pytest.mark.parametrize(
@@ -146,10 +146,12 @@ def test_a_signal_during_a_save_leaves_no_temporary_file(
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_a_link_passes_sigterm_on_and_is_stopped_not_failed(tmp_path: Path, sigterm_fails_the_test) -> None:
-    """SIGTERM to a link (results/runner.py) reaches its command, which says what it kept and exits 143; the link
-    waits for it, logs it as stopped, exits 143 (a requeue script's interruption) and the same line continues it."""
-    cmd, before = [sys.executable, "-c", CHILD], signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("exits", [143, 1])
+def test_a_link_passes_sigterm_on_and_is_stopped_not_failed(tmp_path: Path, sigterm_fails_the_test, exits) -> None:
+    """SIGTERM to a link (results/runner.py) reaches its command, which says what it kept and exits 143 (or 1, as
+    torchrun does once its processes have stopped); the link waits for it, logs it as stopped, exits 143 (a requeue
+    script's interruption) and the same line continues it."""
+    cmd, before = [sys.executable, "-c", CHILD.replace("143", str(exits))], signal.getsignal(signal.SIGTERM)
     rc = runner.link(str(tmp_path / "console.log"), str(tmp_path / "result.json"), cmd)
     lines = runner.log_lines(tmp_path / "console.log")
     assert (

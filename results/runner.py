@@ -44,7 +44,8 @@ def finished(done: str) -> bool:
 def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Runs one link unless its result exists, logging to `log`; its exit code (1 when it ends without its result).
     A link stopped by Ctrl-C or SIGTERM (its command exits 130 or 143, cli.INTERRUPTED and TERMINATED, having said
-    what it kept) is `stopped`, not failed, and keeps that exit code: the same line continues it."""
+    what it kept; or the link passed a SIGTERM on and its command failed, as torchrun does) is `stopped`, not failed,
+    and exits 130 or 143: the same line continues it."""
     if finished(done):
         return 0
     line = shlex.join(cmd)
@@ -54,9 +55,10 @@ def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None)
         Path(log).with_name("running").write_text(f"{socket.gethostname()} {os.getpid()}\n")
         t0 = time.time()
         child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        with passed_on(child):
+        with passed_on(child) as got:
             rc = child.wait()
         said = f"signal {-rc}" if rc < 0 else rc  # e.g. the kernel's OOM killer: a failure, not SLURM's signal
+        rc = TERMINATED if got and rc else rc  # torchrun, SIGTERMed, exits 1 once its processes have stopped
         rc = 1 if rc < 0 else rc if rc in STOPPED else rc or (0 if finished(done) else 1)
         end = f"stopped ({STOPPED[rc]})" if rc in STOPPED else "done" if rc == 0 else f"failed ({said or rc})"
         f.write(f"{end} in {time.time() - t0:.0f}s: {line}\n")
@@ -69,22 +71,30 @@ def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None)
 
 
 # cli.INTERRUPTED and cli.TERMINATED, by the same rule (a shell's 128 + the signal): cli needs torch, a link does not
-STOPPED = {128 + signal.SIGINT: "Ctrl-C", 128 + signal.SIGTERM: "SIGTERM"}
+TERMINATED = 128 + signal.SIGTERM
+STOPPED = {128 + signal.SIGINT: "Ctrl-C", TERMINATED: "SIGTERM"}
 
 
 @contextlib.contextmanager
 def passed_on(child: subprocess.Popen):
     """While a link's command runs (in a link's own process, its main thread), a SIGTERM to the link reaches the
     command too, which says what it kept and exits 143, as it does when SLURM signals every process of the job; a
-    Ctrl-C reaches the command from the terminal: the link waits for it rather than kill it mid-save."""
+    Ctrl-C reaches the command from the terminal: the link waits for it rather than kill it mid-save. Yields a list
+    that holds the SIGTERMs passed on."""
+    got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield got
         return
     before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *a: child.send_signal(signal.SIGTERM))
+
+    def term(*a) -> None:
+        got.append(signal.SIGTERM)
+        child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, term)
     try:
-        yield
+        yield got
     finally:
         for s, handler in zip((signal.SIGINT, signal.SIGTERM), before):
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
