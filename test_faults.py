@@ -15,6 +15,7 @@ import attack
 import cli
 import models
 import runlog
+import train
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "results"))
@@ -221,8 +222,6 @@ def test_train_on_a_real_full_disk_says_one_line_and_resumes(tmp_path: Path, cap
         pytest.skip("needs root and tmpfs to make a small filesystem")
     try:
         out, flags = disk / "r", ["--smoke", "--device", "cpu", "--width", "4", "--epochs", "2"]
-        import train
-
         train.main([*flags, "--out", str(out), "--stop-after", "1"])
         before = {p.name: p.read_bytes() for p in out.iterdir()}
         used = sum(len(b) for b in before.values()) // 1024
