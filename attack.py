@@ -37,6 +37,7 @@ import cli
 import flags
 import losses
 import models
+import runlog
 from data import load_data
 
 # --sweep: the radius (--eps, else the training eps) times these, each attacked by the package's APGD-CE then APGD-T
@@ -483,8 +484,10 @@ def label_of(s: dict) -> str:
 def save(fig, ax, path: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    cli.pyplot().close(fig)
+    try:
+        runlog.png(fig, path, dpi=120)
+    finally:
+        cli.pyplot().close(fig)
     print(f"wrote {path}")
     return fig
 

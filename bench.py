@@ -441,5 +441,5 @@ def print_table(r: dict) -> None:
         print(f"  {name:<44} {value:<20} {note}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # cli.run: one line and the exit codes of every script (Ctrl-C 130, SIGTERM 143)
+    cli.run("bench.py", main, "at --batch or --eval-batch: lower them", "nothing was written")

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+import runlog
+
 
 def parser(doc: str, **kw) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
@@ -136,26 +138,50 @@ def gather(values: list) -> list:
 
 Message = str | Callable[[], str]
 
+# The exit codes of every script (train.py, attack.py, bench.py, results/*.py), as a shell or a requeue script reads
+# them: argparse's 2 for a bad command line; 1 for a failure at run time; after an interruption, what a shell
+# reports for a death by that signal (128 + its number), so that a script can tell an interruption from a failure:
+# 130 after Ctrl-C (SIGINT), 143 after SIGTERM (SLURM's preemption, scancel and time limit; SLURM's requeue scripts
+# treat 143 as an interruption).
+USAGE, FAILED, INTERRUPTED, TERMINATED = 2, 1, 128 + signal.SIGINT, 128 + signal.SIGTERM
 
-def run(prog: str, job: Callable[[], object], out_of_memory: Message, interrupted: Message) -> None:
-    """Runs job(); an error a user can cause ends in one line and a non-zero exit, never a traceback. A message
-    given as a function is asked for when it is said (what has been saved by then). What every torchrun process meets
-    together (Ctrl-C reaches them all; a non-finite loss is agreed among them) is said once, by rank 0."""
+
+def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM (torchrun's, a link's) cuts no cleanup
+    raise runlog.Terminated()
+
+
+def run(prog: str, job: Callable[[], object], out_of_memory: Message, interrupted: Message):
+    """Runs job() and returns what it returns; an error a user can cause ends in one line and a non-zero exit
+    (FAILED), never a traceback; Ctrl-C and SIGTERM in one line saying what was kept (`interrupted`) and exit
+    INTERRUPTED or TERMINATED. A file that could not be written (a full disk: runlog.WriteError) is named, with what
+    was kept. A message given as a function is asked for when it is said (what has been saved by then). What every
+    torchrun process meets together (Ctrl-C and SIGTERM reach them all; a non-finite loss is agreed among them) is said
+    once, by rank 0."""
     rank = int(os.environ.get("RANK", 0))
+    before = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _terminated)
     try:
-        job()
+        return job()
+    except runlog.WriteError as e:
+        sys.exit(f"{prog}: error: {e}; {_say(interrupted)}")
     except (ValueError, OSError) as e:
         sys.exit(f"{prog}: error: {e}")
     except FloatingPointError as e:
-        sys.exit(f"{prog}: error: {e}" if rank == 0 else 1)
+        sys.exit(f"{prog}: error: {e}" if rank == 0 else FAILED)
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"{prog}: error: CUDA out of memory {_say(out_of_memory)}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the terminal's Ctrl-C on: a second one
-        sys.exit(f"{prog}: interrupted; {_say(interrupted)}" if rank == 0 else 1)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        how = ("terminated (SIGTERM)", TERMINATED) if isinstance(e, runlog.Terminated) else ("interrupted", INTERRUPTED)
+        if rank == 0:
+            print(f"{prog}: {how[0]}; {_say(interrupted)}", file=sys.stderr, flush=True)
+        sys.exit(how[1])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), before):  # a caller's (a test's), as they were
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _say(message: Message) -> str:

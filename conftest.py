@@ -48,6 +48,39 @@ def cap_gpu_memory() -> Iterator[Callable[[int], None]]:
         torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+@pytest.fixture
+def full_disk(monkeypatch) -> Callable[[int, str], None]:
+    """full_disk(code, match): the one low-level writer of every file (runlog._write_all) writes half of a file
+    whose path holds `match`, then fails with OSError(code), as a full disk (ENOSPC) or an exceeded quota (EDQUOT)
+    does; other files are written as ever."""
+    import runlog
+
+    real = runlog._write_all
+
+    def fail(code: int, match: str) -> None:
+        def write_all(fd: int, data) -> None:
+            if match not in os.readlink(f"/proc/self/fd/{fd}"):
+                return real(fd, data)
+            real(fd, bytes(data[: len(data) // 2]))
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(runlog, "_write_all", write_all)
+
+    return fail
+
+
+@pytest.fixture
+def sigterm_fails_the_test() -> Iterator[None]:
+    """A SIGTERM that the code under test leaves unhandled fails the test, rather than end the test session."""
+
+    def unhandled(*a):
+        raise AssertionError("SIGTERM reached the test process unhandled")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
 # A real one-node SLURM cluster for the tests that submit jobs (Debian: apt-get install slurm-wlm munge).
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")

@@ -11,6 +11,7 @@ WRNs (default 10, 4 for wrn16).
 """
 
 import copy
+import io
 import json
 import os
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
+import runlog
 
 STATS = {  # per-channel mean and true (population) std of each training set
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -218,14 +220,14 @@ def _cpu(obj):
 
 
 def save(obj: dict, path: str) -> None:
-    """Atomic, with CPU tensors: a crash during the write leaves the previous file intact."""
-    tmp = f"{path}.tmp"
-    torch.save(_cpu(obj), tmp)
-    os.replace(tmp, path)
+    """Atomic (runlog.write), with CPU tensors: a crash, a full disk or a signal during the write leaves the previous
+    file intact. Serialized in memory first: torch.save writing to a file turns a full disk into a RuntimeError of its
+    C++ stream (basic_ios::clear); written by runlog.write, it is an OSError with its errno."""
+    buf = io.BytesIO()
+    torch.save(_cpu(obj), buf)
+    runlog.write(path, buf.getbuffer())
 
 
 def write_json(obj: dict, path: str, indent: int | None = None) -> None:
     """Atomic, like save()."""
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(f"{path}.tmp", path)
+    runlog.write(path, json.dumps(obj, indent=indent))

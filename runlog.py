@@ -1,11 +1,76 @@
 """A run folder's rules and writes: the files it holds (a fresh run refuses a folder with any of them); what an
 epoch writes, last.pt first, then from it best.pt, the log record and curves.png, so that a resume redoes what a kill
-cut; log.jsonl (one record per epoch, then the test report), read on --resume and by the studies in results/."""
+cut; log.jsonl (one record per epoch, then the test report), read on --resume and by the studies in results/. And
+`write`, the one writer of every file the project keeps (checkpoints, logs, results, tables, figures)."""
 
 import contextlib
+import errno
+import io
 import json
 import os
 import sys
+
+
+class WriteError(OSError):
+    """A file that could not be written, as one line: `cannot write PATH: no space left on device`. The file as it
+    was before stays, and no temporary file is left."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (cli.run's handler), raised in the main thread as Ctrl-C's KeyboardInterrupt is: whatever a Ctrl-C
+    cleans up (a write's temporary file), a SIGTERM cleans up too. Here, beside WriteError, for results/runner.py's
+    queue, which needs no torch."""
+
+
+FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}  # the disk-full errors
+
+
+def write(path: str, data: bytes | memoryview | str) -> None:
+    """Atomic: data into PATH.tmp, synced, then renamed over PATH, so that a reader, a crash, a full disk or a
+    signal finds the old file or the new one, whole. Any failure (an interruption included) removes PATH.tmp; an
+    OSError becomes a WriteError naming PATH. The sync is where a network filesystem or a quota reports that the
+    data did not fit (write() may have taken it into the page cache): before the rename, the old file stays."""
+    data = data.encode() if isinstance(data, str) else data
+    special = os.path.exists(path) and not os.path.isfile(path)  # /dev/null, a pipe: written to, never replaced
+    tmp = path if special else f"{path}.tmp"
+    try:
+        _put(tmp, data, sync=not special)
+        if not special:
+            os.replace(tmp, path)
+    except BaseException as e:
+        if not special:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(e.errno, FULL.get(e.errno) or (e.strerror or str(e)).lower(), path) from None
+        raise
+
+
+def _put(path: str, data: bytes | memoryview, sync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """The one low-level write of every file (os.write until all is written): what a test makes fail."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def png(fig, path: str, dpi: int) -> None:
+    """A matplotlib figure written as a PNG through `write`."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write(path, buf.getvalue())
 
 
 def records(out: str) -> list[dict]:
@@ -19,17 +84,19 @@ def records(out: str) -> list[dict]:
 
 
 def append(out: str, rec: dict) -> None:
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    """rec as log.jsonl's last line: the whole log rewritten (a record an epoch: small), so that a full disk leaves
+    it as it was, never a half line that the next record would run into."""
+    path = os.path.join(out, "log.jsonl")
+    with open(path, "rb") if os.path.exists(path) else contextlib.nullcontext(None) as f:
+        old = f.read() if f else b""
+    write(path, old + (b"\n" * (not old.endswith(b"\n") and bool(old))) + (json.dumps(rec) + "\n").encode())
 
 
 def trim(out: str, epochs_done: int) -> None:
     """Keeps the records of the epochs last.pt holds (a run that logged before it wrote last.pt may have logged an
     epoch more)."""
     keep = [json.dumps(r) + "\n" for r in records(out) if r.get("epoch", epochs_done + 1) <= epochs_done]
-    with open(os.path.join(out, "log.jsonl.tmp"), "w") as f:
-        f.writelines(keep)
-    os.replace(os.path.join(out, "log.jsonl.tmp"), os.path.join(out, "log.jsonl"))
+    write(os.path.join(out, "log.jsonl"), "".join(keep))
 
 
 LAST_ONLY = ("optimizer", "best", "improved", "scheduler", "unaveraged")  # last.pt's keys that best.pt lacks
@@ -140,8 +207,10 @@ def curves(out: str, title: str) -> None:
             _SAID.append(True)
         return
     fig = figure(plt, [r for r in records(out) if "epoch" in r], title)
-    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
-    plt.close(fig)
+    try:
+        png(fig, os.path.join(out, "curves.png"), dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def figure(plt, recs: list[dict], title: str):

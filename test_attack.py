@@ -1,9 +1,11 @@
 """attack.py on a tiny model trained by train.py: results, equality with a direct AutoAttack call, errors."""
 
+import errno
 import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -17,6 +19,7 @@ import attack
 import cli
 import data
 import models
+import runlog
 import train
 from conftest import child_pythonpath
 
@@ -128,6 +131,38 @@ def test_interrupted_run_resumes_from_its_state(ckpt: Path, capsys, monkeypatch,
         )
         assert json.loads(state.read_text())["settings"] == other
     state.unlink()
+
+
+@pytest.mark.parametrize("stop", ["full disk", "SIGTERM"])
+def test_a_full_disk_or_sigterm_at_the_result_keeps_the_attacks_for_a_rerun(
+    ckpt: Path, capsys, monkeypatch, few_steps, full_disk, stop: str, sigterm_fails_the_test
+) -> None:
+    """The result JSON cannot be written (no space left) or SIGTERM comes while it is written: one line naming what
+    was kept, exit 1 or 143, the .state of the finished attacks kept and no .tmp; the same command then continues."""
+    flags = [ckpt, *QUICK, "--attacks", "apgd-ce", "--seed", 3]
+    result = Path(attack.result_path(str(ckpt), "apgd-ce", "Linf", 8, 24, 3, bs=12))
+    real = runlog._write_all
+    if stop == "full disk":
+        full_disk(errno.ENOSPC, result.name + ".tmp")
+    else:
+
+        def terminated(fd: int, data) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(result.name + ".tmp"):
+                os.kill(os.getpid(), signal.SIGTERM)  # as SLURM's scancel: handled at the next line of Python
+            real(fd, data)
+
+        monkeypatch.setattr(runlog, "_write_all", terminated)
+    with pytest.raises(SystemExit) as e:
+        run(*flags)
+    kept = "the attacks finished so far are kept (a .state file beside the result): rerun the same command to continue"
+    said = e.value.code if stop == "full disk" else capsys.readouterr().err.strip().splitlines()[-1]
+    want = f"error: cannot write {result}: no space left on device" if stop == "full disk" else "terminated (SIGTERM)"
+    assert said == f"attack.py: {want}; {kept}" and (e.value.code == 143) == (stop == "SIGTERM"), said
+    assert Path(f"{result}.state").exists() and not result.exists() and not list(ckpt.parent.glob("*.tmp"))
+    monkeypatch.setattr(runlog, "_write_all", real)  # space freed
+    run(*flags)
+    assert "resuming from" in capsys.readouterr().out and result.exists() and not Path(f"{result}.state").exists()
+    result.unlink()
 
 
 def test_settings_that_change_a_result_never_share_a_file(ckpt: Path, few_steps) -> None:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -538,10 +539,31 @@ def test_offline_download_says_what_to_do(tmp_path: Path, capsys, monkeypatch) -
     assert want in str(e.value.code) and "--dataset file.npz" in str(e.value.code), msg
 
 
+# train.py, SIGTERMed by itself halfway through writing its second last.pt (handled between the two halves)
+SIGTERM_MID_SAVE = f"""
+import os, signal, sys
+sys.path.insert(0, {str(HERE)!r})
+import runlog, train
+real, saves = runlog._write_all, []
+
+def write_all(fd, data):
+    saves.append(os.readlink(f"/proc/self/fd/{{fd}}").endswith("/last.pt.tmp"))
+    if saves[-1] and saves.count(True) == 2:
+        real(fd, bytes(data[: len(data) // 2]))
+        os.kill(os.getpid(), signal.SIGTERM)
+    real(fd, data)
+
+runlog._write_all = write_all
+train.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.parametrize("variant", ["plain", "init", "ema"])
 def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path, variant: str) -> None:
     """A run killed mid-epoch and restarted with the identical command ends as an uninterrupted run; also a run
-    that starts from --init without --width (which --init fills in from its checkpoint), and one with --ema."""
+    that starts from --init without --width (which --init fills in from its checkpoint), and one with --ema. The
+    plain run is killed (SIGKILL: nothing said); the --init run gets SIGTERM halfway through its second last.pt, the
+    --ema run mid-epoch: each says in one line what it kept, exits 143 and leaves no temporary file."""
     flags = ["--smoke"] + ["--ema"] * (variant == "ema")
     if variant == "init":
         run(*SMOKE, "--epochs", 1, "--out", tmp_path / "pre")
@@ -576,13 +598,26 @@ def test_resume_auto_restarts_a_killed_run_to_the_same_weights(tmp_path: Path, v
     argv = lambda out: [str(c) for c in cmd + ["--out", out]]  # noqa: E731
     # the uninterrupted run goes alongside the killed one and its restart (one core each): they share no file
     first = subprocess.Popen(argv(tmp_path / "a"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    p = subprocess.Popen(argv(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while p.poll() is None and not (tmp_path / "b" / "last.pt").exists():
+    killed = (
+        argv(tmp_path / "b")
+        if variant != "init"
+        else [sys.executable, "-c", SIGTERM_MID_SAVE, *argv(tmp_path / "b")[2:]]
+    )
+    p = subprocess.Popen(killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while variant != "init" and p.poll() is None and not (tmp_path / "b" / "last.pt").exists():
         time.sleep(0.05)
     time.sleep(0.3)  # into the second epoch
-    p.kill()
-    p.wait()
+    if variant == "plain":
+        p.kill()
+    elif variant == "ema":
+        p.send_signal(signal.SIGTERM)  # as SLURM's preemption, scancel and time limit do
+    said = p.communicate()[1]
     assert load(tmp_path / "b" / "last.pt")["epoch"] < 3, "the run ended before it could be killed"
+    if variant != "plain":
+        kept = f"{tmp_path / 'b' / 'last.pt'} keeps the last finished epoch (continue with --resume)"
+        assert p.returncode == 143 and said.splitlines()[-1] == f"train.py: terminated (SIGTERM); {kept}", said
+        assert not list((tmp_path / "b").glob("*.tmp"))
+        assert variant == "ema" or load(tmp_path / "b" / "last.pt")["epoch"] == 1  # cut at the second
     again = subprocess.run(argv(tmp_path / "b"), env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "resumed after epoch" in again.stdout, again.stdout + again.stderr
     _, err = first.communicate(timeout=300)

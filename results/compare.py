@@ -317,7 +317,8 @@ def launch(args, grid: dict, out: Path, found: list[dict], gpus: list[str]) -> i
     else:
 
         def report(run: str, rc: int) -> None:
-            said = "done" if rc == 0 else f"failed: {runner.last_line(Path(run) / 'console.log')}"
+            said = "done" if rc == 0 else "stopped" if rc in runner.STOPPED else "failed"
+            said += f": {runner.last_line(Path(run) / 'console.log')}" * (rc != 0)
             print(f"{Path(run).name}: {said}", flush=True)
 
         lines = {str(r["run"]): line(r) for r in todo}
@@ -344,12 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                 + ("" if st == "done" or st.startswith("waiting") else f": {runner.last_line(log)}")
             )
     elif args.table:
-        print(table(grid, out, found))
-    else:
-        try:
-            return launch(args, grid, out, found, gpus)
-        except KeyboardInterrupt:
-            sys.exit(f"{p.prog}: interrupted; the same command continues the grid where it stopped")
+        print(cli.run(p.prog, lambda: table(grid, out, found), "", "the runs' files are as they were"))
+    else:  # cli.run: one line for a file it cannot write, Ctrl-C and SIGTERM, and the exit codes of every script
+        again = "the same command continues the grid where it stopped"
+        return cli.run(p.prog, lambda: launch(args, grid, out, found, gpus), "", again)
     return 0
 
 

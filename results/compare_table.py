@@ -6,6 +6,7 @@ aa.png and margins.png. A run's links are [train, AutoAttack on best.pt, APGD-CE
 import contextlib
 import csv
 import glob
+import io
 import json
 import math
 import statistics
@@ -98,14 +99,15 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
     for r in found:
         r["m"] = metrics(r, ce.get((r["dataset"], r["arch"], r["seed"])))
     complete = [r for r in found if all(runner.finished(d) for d, _ in r["links"])]
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *EXTRA, *SOUND])
-        for r in found:
-            m = {**r["m"], "checks": " | ".join(r["m"]["checks"])}
-            w.writerow(
-                [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(m[k] for k in COLS + EXTRA + SOUND)]
-            )
+    csv_text = io.StringIO(newline="")
+    w = csv.writer(csv_text)
+    w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *EXTRA, *SOUND])
+    for r in found:
+        m = {**r["m"], "checks": " | ".join(r["m"]["checks"])}
+        w.writerow(
+            [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(m[k] for k in COLS + EXTRA + SOUND)]
+        )
+    runlog.write(str(out / "table.csv"), csv_text.getvalue())
     lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
     if len(complete) < len(found):
         lines += [
@@ -147,7 +149,7 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
             n = sum(a["aa"] is not None and b["aa"] is not None for a, b in pairs)
             lines.append(f"| {pre} - ce, paired | {n} | " + " | ".join(cells) + " |" + " |" * 8)
     lines += warned(found)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    runlog.write(str(out / "table.md"), "\n".join(lines) + "\n")
     figures(grid, out, groups)
     return "\n".join(lines)
 
@@ -185,7 +187,7 @@ def figures(grid: dict, out: Path, groups: dict) -> None:
     ax.set_xticks(range(len(groups)), [f"{k[2]} ({k[0]}, {k[1]})" if many else k[2] for k in groups], rotation=30)
     ax.set(ylabel="AutoAttack accuracy %", title="each seed a point, their mean a line")
     ax.title.set_fontsize(9)
-    fig.tight_layout(), fig.savefig(out / "aa.png", dpi=120), plt.close(fig)
+    written(plt, fig, out / "aa.png")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, part in zip(axes, ("train", "test")):
         drawn = {}
@@ -205,4 +207,13 @@ def figures(grid: dict, out: Path, groups: dict) -> None:
         ax.title.set_fontsize(9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(out / "margins.png", dpi=120), plt.close(fig)
+    written(plt, fig, out / "margins.png")
+
+
+def written(plt, fig, path: Path) -> None:
+    """fig written to path (runlog.write: whole or not at all), then closed, written or not."""
+    fig.tight_layout()
+    try:
+        runlog.png(fig, str(path), dpi=120)
+    finally:
+        plt.close(fig)

@@ -12,11 +12,13 @@ state file), so running a killed line again continues it and never repeats a fin
     python results/runner.py margins CKPT [--train-points N] [--points N]   # PGD-20 margins, train and test points
 """
 
+import contextlib
 import glob
 import json
 import os
 import queue
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +42,10 @@ def finished(done: str) -> bool:
 
 
 def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
-    """Runs one link unless its result exists, logging to `log`; its exit code (1 when it ends without its result)."""
+    """Runs one link unless its result exists, logging to `log`; its exit code (1 when it ends without its result).
+    A link stopped by Ctrl-C or SIGTERM (its command exits 130 or 143, cli.INTERRUPTED and TERMINATED, having said
+    what it kept; or the link passed a SIGTERM on and its command failed, as torchrun does) is `stopped`, not failed,
+    and exits 130 or 143: the same line continues it."""
     if finished(done):
         return 0
     line = shlex.join(cmd)
@@ -49,16 +54,50 @@ def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None)
         f.flush()
         Path(log).with_name("running").write_text(f"{socket.gethostname()} {os.getpid()}\n")
         t0 = time.time()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        with passed_on(child) as got:
+            rc = child.wait()
         said = f"signal {-rc}" if rc < 0 else rc  # e.g. the kernel's OOM killer: a failure, not SLURM's signal
-        rc = 1 if rc < 0 else rc or (0 if finished(done) else 1)
-        f.write(f"{'done' if rc == 0 else f'failed ({said or rc})'} in {time.time() - t0:.0f}s: {line}\n")
+        rc = TERMINATED if got and rc else rc  # torchrun, SIGTERMed, exits 1 once its processes have stopped
+        rc = 1 if rc < 0 else rc if rc in STOPPED else rc or (0 if finished(done) else 1)
+        end = f"stopped ({STOPPED[rc]})" if rc in STOPPED else "done" if rc == 0 else f"failed ({said or rc})"
+        f.write(f"{end} in {time.time() - t0:.0f}s: {line}\n")
     Path(log).with_name("running").unlink(missing_ok=True)
     if rc == 0:  # beside the log, what the table reports with the figures: the code that made them
         rec = dict(cmd=cmd, seconds=round(time.time() - t0, 1), commit=commit(), host=socket.gethostname())
         with open(Path(log).with_name("links.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
     return rc
+
+
+# cli.INTERRUPTED and cli.TERMINATED, by the same rule (a shell's 128 + the signal): cli needs torch, a link does not
+TERMINATED = 128 + signal.SIGTERM
+STOPPED = {128 + signal.SIGINT: "Ctrl-C", TERMINATED: "SIGTERM"}
+
+
+@contextlib.contextmanager
+def passed_on(child: subprocess.Popen):
+    """While a link's command runs (in a link's own process, its main thread), a SIGTERM to the link reaches the
+    command too, which says what it kept and exits 143, as it does when SLURM signals every process of the job; a
+    Ctrl-C reaches the command from the terminal: the link waits for it rather than kill it mid-save. Yields a list
+    that holds the SIGTERMs passed on."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def term(*a) -> None:
+        got.append(signal.SIGTERM)
+        child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, term)
+    try:
+        yield got
+    finally:
+        for s, handler in zip((signal.SIGINT, signal.SIGTERM), before):
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def commit() -> str:
@@ -75,11 +114,10 @@ def chain_line(links: list[tuple[str, list[str]]], log: str, cwd: str | Path) ->
 
 def write_json(obj: dict, path: str | Path) -> None:
     """Atomic, as models.write_json (which needs torch)."""
-    Path(f"{path}.tmp").write_text(json.dumps(obj, indent=1))
-    os.replace(f"{path}.tmp", path)
+    runlog.write(str(path), json.dumps(obj, indent=1))
 
 
-MARKS = ("$ ", "done in ", "failed (")  # the lines `link` writes around a command's output
+MARKS = ("$ ", "done in ", "failed (", "stopped (")  # the lines `link` writes around a command's output
 
 
 def log_lines(log: str | Path) -> list[str]:
@@ -100,6 +138,8 @@ def state(links: list[tuple[str, list[str]]], log: str | Path) -> str:
     last = [ln for ln in log_lines(log) if ln.startswith(MARKS)]
     if last and last[-1].startswith("failed"):
         return "failed"
+    if last and last[-1].startswith("stopped"):
+        return "stopped"  # by Ctrl-C or SIGTERM: the same command continues it
     if last and last[-1].startswith("$ "):
         flag = Path(log).with_name("running")
         host, pid = (flag.read_text().split() if flag.exists() else [socket.gethostname(), "0"])[:2]
@@ -131,18 +171,26 @@ def slots(gpus: list[str], per_run: int, jobs: int, threads: int | None = None) 
 
 
 def run_queue(
-    tasks: dict[str, Callable[[dict], int]], where: list[dict], report: Callable[[str, int], None]
+    tasks: dict[str, Callable[[dict], int]],
+    where: list[dict],
+    report: Callable[[str, int], None],
+    pass_on: Callable[[], None] | None = None,
 ) -> dict[str, int]:
     """The local queue: each task(env) once a slot is free, as many at a time as there are slots; a failed task
-    does not stop the others; report(name, exit code) as each ends."""
+    does not stop the others; report(name, exit code) as each ends. Ctrl-C or SIGTERM (in the main thread) starts
+    no further task; a SIGTERM, which reaches this process alone, is passed on to the tasks running (pass_on), as a
+    terminal's Ctrl-C reaches them itself; the queue waits for them to stop, then raises it on."""
     free: queue.Queue = queue.Queue()
     one_at_a_time = threading.Lock()  # reports print from the queue's threads: a line and its newline apart
+    stopping = threading.Event()
     for slot in where:
         free.put(slot)
 
-    def one(name: str) -> int:
+    def one(name: str) -> int | None:
         slot = free.get()
         try:
+            if stopping.is_set():
+                return None
             rc = tasks[name](slot)
         finally:
             free.put(slot)
@@ -151,18 +199,54 @@ def run_queue(
         return rc
 
     with ThreadPoolExecutor(len(where)) as pool:
-        return dict(zip(tasks, pool.map(one, tasks)))
+        started = [pool.submit(one, name) for name in tasks]
+        try:
+            return {name: f.result() for name, f in zip(tasks, started)}
+        except KeyboardInterrupt as e:
+            stopping.set()
+            if isinstance(e, runlog.Terminated) and pass_on:
+                pass_on()
+            raise
 
 
 def run_local(lines: dict[str, str], where: list[dict], report: Callable[[str, int], None]) -> dict[str, int]:
     """Every run folder's line, written to <folder>/run.sh and run with bash in the queue."""
+    running: dict[str, subprocess.Popen] = {}
 
     def task(folder: str) -> Callable[[dict], int]:
         script = Path(folder) / "run.sh"
         script.write_text(lines[folder] + "\n")
-        return lambda env: subprocess.call(["bash", str(script)], env={**os.environ, **env}, stdout=subprocess.DEVNULL)
 
-    return run_queue({folder: task(folder) for folder in lines}, where, report)
+        def start(env: dict) -> int:
+            with subprocess.Popen(["bash", str(script)], env={**os.environ, **env}, stdout=subprocess.DEVNULL) as p:
+                running[folder] = p
+                try:
+                    rc = p.wait()
+                    return 128 - rc if rc < 0 else rc  # bash killed by a signal (pass_on's): as a shell says it
+                finally:
+                    running.pop(folder)
+
+        return start
+
+    def pass_on() -> None:  # to each line's running link, which passes it to its command; and to bash, which
+        links = [pid for p in list(running.values()) for pid in children(p.pid)]  # would start the next link
+        for pid in [*links, *(p.pid for p in list(running.values()))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        while any(alive(pid) for pid in links):  # each says what it kept, once its command has
+            time.sleep(0.05)
+
+    return run_queue({folder: task(folder) for folder in lines}, where, report, pass_on)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc, as alive())."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(") ", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 try:  # SLURM's requeue of a timed-out or preempted job, when submitit is installed

@@ -293,5 +293,5 @@ def main() -> None:
         sys.exit(f"study.py: error: {len(failed)} runs failed: {', '.join(failed)} (see their console.log)")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # cli.run: one line and the exit codes of every script (Ctrl-C 130, SIGTERM 143)
+    cli.run("study.py", main, "", "the same command continues the study where it stopped")
