@@ -365,7 +365,8 @@ def test_a_fresh_run_never_overwrites_a_run_folder(tmp_path: Path, capsys) -> No
     expect_error(
         capsys,
         [*SMOKE, "--out", tmp_path, "--epochs", 1],
-        "last.pt, log.jsonl): continue it with --resume (or --resume auto), or choose another --out",
+        f"last.pt, log.jsonl): it is this run, finished: its test results are in {tmp_path / 'log.jsonl'}; to train "
+        "it again: python train.py",
     )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
