@@ -3,6 +3,7 @@ the default comes from), what values it refuses, which losses read each objectiv
 and a run's name. fill() gives the defaults that depend on other flags; check() is the one function that refuses."""
 
 import argparse
+import itertools
 import math
 import os
 import re
@@ -427,10 +428,12 @@ def longer(args: argparse.Namespace, argv: list[str], given: set[str], old: dict
 
 
 def _last(out: str) -> dict | None:
+    """out/last.pt's contents where it is a run's to continue (read_last would take it), else None."""
     try:
-        return models.read(os.path.join(out, "last.pt"))
-    except ValueError:  # unreadable: not a run to continue
+        state = models.read(os.path.join(out, "last.pt"))
+    except ValueError:
         return None
+    return state if "optimizer" in state else None
 
 
 def _explicit(a: dict) -> dict:
@@ -474,7 +477,7 @@ def _tokens(k: str, v) -> list[str]:
 
 
 def _tag(a: dict, keys: list[str]) -> str:
-    """A folder name's part for settings: epochs5, lr0.05, dataset cifar10_subset."""
+    """A folder name's part for settings: epochs5, lr0.05-batch64, datasetcifar10_subset (a file's name)."""
     short = {k: os.path.splitext(os.path.basename(a[k]))[0] if isinstance(a[k], str) else a[k] for k in keys}
     short = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in short.items()}
     return re.sub(r"[^\w.,+-]", "", "-".join(f"{k.replace('_', '-')}{v}" for k, v in short.items()))
@@ -482,7 +485,7 @@ def _tag(a: dict, keys: list[str]) -> str:
 
 def free(stem: str) -> str:
     """stem, or stem-2, stem-3...: the first folder that holds no run's files."""
-    names = (stem, *(f"{stem}-{i}" for i in range(2, 10**6)))
+    names = itertools.chain([stem], (f"{stem}-{i}" for i in itertools.count(2)))
     return next(n for n in names if not runlog.held(n) and not os.path.isfile(n))
 
 
