@@ -95,8 +95,8 @@ TRAIN = [
     F("--momentum", float, 0.9, "[0, 1)", "SGD momentum (default %(default)s)"),
     F("--wd", float, 5e-4, ">= 0", "weight decay (default %(default)s)"),
     F("--batch", int, 128, ">= 1", "global batch size (default %(default)s)"),
-    F("--eps", radius, 8, (">= 0", UNITS, "<= 255 (it is in 1/255 units)"), "L-inf radius in 1/255 units, 8 or 8/255 "
-      "(default 8)"),
+    F("--eps", radius, 8, (">= 0", UNITS, "<= 255 (it is in 1/255 units)"), "L-inf radius in 1/255 units: 8 or 8/255, "
+      "not 0.031 (default 8)"),
     F("--step", radius, 2, (">= 0", UNITS), "PGD step in 1/255 units (default %(default)s)"),
     F("--steps", int, 10, ">= 1", "PGD steps in training (default %(default)s)"),
     F("--eval-steps", int, 20, ">= 1", "PGD steps for validation and test (default %(default)s)"),
@@ -192,8 +192,8 @@ ATTACK = [
     F("--n --points", int, 0, ">= 0", "first N test points (default 0 = all); give it as --points, which torchrun's "
       "parser also passes on (it takes --n for an abbreviation of its own options)", dest="n"),
     F("--bs", int, 500, ">= 1", "batch size (default %(default)s)"),
-    F("--eps", radius, None, ("> 0 (in 1/255 units)", UNITS), "radius in 1/255 units, 8 or 8/255 (default: the "
-      "training eps; L2 needs it, e.g. 127.5 for 0.5)"),
+    F("--eps", radius, None, ("> 0 (in 1/255 units)", UNITS), "radius in 1/255 units: 8 or 8/255, not 0.031 "
+      "(default: the training eps; L2 needs it, e.g. 127.5 for 0.5)"),
     F("--norm", None, "Linf", "", "threat model (default %(default)s)", choices=["Linf", "L2"]),
     F("--version", None, "standard", "", "AutoAttack version (default %(default)s, as RobustBench)",
       choices=["standard", "plus", "rand"]),
