@@ -1,9 +1,9 @@
 """AutoAttack evaluation of a train.py checkpoint, and the logit-margin diagnostic.
 
     python attack.py runs/cifar10-resnet18-sovr-s0/best.pt          # standard AA, the training eps, full test set
-    python attack.py best.pt --n 200 --attacks apgd-ce              # quick check with a subset of attacks
+    python attack.py best.pt --points 200 --attacks apgd-ce         # quick check with a subset of attacks
     python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins --plot m.png   # margin histograms, PGD-20
-    python attack.py ce/best.pt sovr/best.pt --sweep --n 1000 --plot sweep.png      # is the robustness real?
+    python attack.py ce/best.pt sovr/best.pt --sweep --points 1000 --plot sweep.png # is the robustness real?
 
 Results go to <checkpoint>.<settings>.json beside each checkpoint (or in --out DIR). AutoAttack runs in fp32 (with
 TF32 convolutions on Ampere and later GPUs, PyTorch's default; the JSON records which), in eval mode, one attack

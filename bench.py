@@ -61,7 +61,7 @@ EPOCH_IMAGES, EPOCHS = 50_000 - 1_000, 110  # CIFAR-10 less train.py's validatio
 
 
 def get_args(argv: list[str]) -> argparse.Namespace:
-    p = cli.parser(__doc__)
+    p = cli.parser(__doc__, prog="bench.py")
     a = p.add_argument
     a("--arch", default="preact18", choices=sorted(models.ARCHS), help="network (default preact18)")
     a(
@@ -103,10 +103,10 @@ def get_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name in ("batch", "repeats", "warmup"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+            cli.refuse(p, f"--{name} must be >= 1")
     for name in ("eval_batch", "workers", "threads"):
         if (getattr(args, name) or 0) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
+            cli.refuse(p, f"--{name.replace('_', '-')} must be >= 0")
     return args
 
 

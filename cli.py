@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,12 @@ def given(p: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     for action in q._actions:
         action.default = argparse.SUPPRESS
     return set(vars(q.parse_args(argv)))
+
+
+def refuse(p: argparse.ArgumentParser, message: str) -> NoReturn:
+    """A command line refused after parsing (a value, a combination, a flag that would do nothing, a resume that
+    does not match): one line and exit 2, as argparse's own errors, without the usage: the syntax was right."""
+    p.exit(2, f"{p.prog}: error: {message}\n")
 
 
 def as_flags(values: dict, keys: list[str]) -> str:

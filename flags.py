@@ -3,13 +3,17 @@ the default comes from), what values it refuses, which losses read each objectiv
 and a run's name. fill() gives the defaults that depend on other flags; check() is the one function that refuses."""
 
 import argparse
+import itertools
 import math
 import os
+import re
+import shlex
 import sys
 
 import cli
 import losses
 import models
+import runlog
 from sovr import DEFAULT_RATIO
 
 EMA_DECAY = 0.995  # DM-Improves-AT's train-wa.py: --tau default
@@ -28,6 +32,20 @@ def _ints(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, not {value!r}") from None
 
 
+def radius(value: str) -> int | float:
+    """A radius or PGD step in 1/255 units, as every such flag takes it: 8, or 8/255 (the same 8), or a decimal such
+    as 127.5 (L2's 0.5); an int when it is whole, so that 8 is stored, named and compared as the integer it always
+    was. A value between 0 and 1, the fraction form that AutoAttack's users write by habit, is refused by check()."""
+    number, _, per = value.replace(" ", "").partition("/")
+    try:
+        if per not in ("", "255"):
+            raise ValueError
+        v = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number in 1/255 units (8 or 8/255), not {value!r}") from None
+    return int(v) if v.is_integer() else v
+
+
 def _auto(value: str) -> str:
     if value != "auto":
         raise argparse.ArgumentTypeError(f"takes no value or 'auto', not {value!r}")
@@ -35,6 +53,9 @@ def _auto(value: str) -> str:
 
 
 ON_OFF, ON = argparse.BooleanOptionalAction, "store_true"
+# The rule of every radius and step: not in (0, 1), where a value is almost surely 8/255 written as 0.031 (the
+# fraction form of AutoAttack and RobustBench), which here would be 0.031/255 and test next to no perturbation.
+UNITS = "in 1/255 units"
 
 
 def F(name: str, kind, default, rule: str | tuple = "", text: str = "", **kw) -> tuple:
@@ -48,7 +69,7 @@ def dest(row: tuple) -> str:
 
 
 # A string starts a group of flags. A rule says what a value must be, as the refusal says it: ">= a" and "> a"
-# (which also refuse inf and nan), "<= a", an interval, "finite", "a positive number", then any words; None
+# (which also refuse inf and nan), "<= a", an interval, "finite", "a positive number", UNITS, then any words; None
 # values (a default filled in later or an absent flag) are not checked. %(default)s in a help is the default, so it
 # is written once. Rules between flags follow each table: (when, flag, rule, why): where `when` holds ("name": the
 # flag is set; "name=value"), `flag` must meet `rule` (a rule of the table, "given", "=value", or "absent": not set);
@@ -74,8 +95,9 @@ TRAIN = [
     F("--momentum", float, 0.9, "[0, 1)", "SGD momentum (default %(default)s)"),
     F("--wd", float, 5e-4, ">= 0", "weight decay (default %(default)s)"),
     F("--batch", int, 128, ">= 1", "global batch size (default %(default)s)"),
-    F("--eps", int, 8, (">= 0", "<= 255 (it is in 1/255 units)"), "L-inf radius in 1/255 units (default 8: 8/255)"),
-    F("--step", int, 2, ">= 0", "PGD step in 1/255 units (default %(default)s)"),
+    F("--eps", radius, 8, (">= 0", UNITS, "<= 255 (it is in 1/255 units)"), "L-inf radius in 1/255 units: 8 or 8/255, "
+      "not 0.031 (default 8)"),
+    F("--step", radius, 2, (">= 0", UNITS), "PGD step in 1/255 units (default %(default)s)"),
     F("--steps", int, 10, ">= 1", "PGD steps in training (default %(default)s)"),
     F("--eval-steps", int, 20, ">= 1", "PGD steps for validation and test (default %(default)s)"),
     F("--eval-batch", int, 500, ">= 1", "validation and test batch (default %(default)s; fp32 PGD keeps WRN-34-10's "
@@ -114,7 +136,8 @@ TRAIN = [
     F("--init", None, None, "", "start from this checkpoint's weights, with a fresh optimizer and schedule"),
     F("--stop-after", int, 0, ">= 0", "train at most N epochs in this invocation, then exit (0 = all)"),
     F("--device", None, None, "", "cpu | cuda | cuda:N (default cuda if available)"),
-    F("--amp", ON_OFF, None, "", "bf16 autocast in training (default on for CUDA)"),
+    F("--amp", ON_OFF, None, "", "bf16 autocast in training (default on for GPUs of compute capability 8.0, Ampere, "
+      "or later; fp32 elsewhere: the CPU, V100, T4)"),
     F("--channels-last", ON_OFF, True, "", "NHWC memory format (default on)"),
     F("--compile", ON_OFF, False, "", "torch.compile the model (default off)"),
     F("--deterministic", ON_OFF, False, "", "deterministic CUDA kernels: bit for bit (default off)"),
@@ -166,10 +189,11 @@ def _attacks(value: str) -> str:
 # fmt: off
 ATTACK = [
     F("checkpoints", None, None, "", "train.py checkpoints (best.pt or last.pt)", nargs="+"),
-    F("--n --points", int, 0, ">= 0", "first N test points (default 0 = all; under torchrun: --points)", dest="n"),
+    F("--n --points", int, 0, ">= 0", "first N test points (default 0 = all); give it as --points, which torchrun's "
+      "parser also passes on (it takes --n for an abbreviation of its own options)", dest="n"),
     F("--bs", int, 500, ">= 1", "batch size (default %(default)s)"),
-    F("--eps", float, None, "> 0 (in 1/255 units)", "radius in 1/255 units (default: the training eps; L2 needs it, "
-      "e.g. 127.5)"),
+    F("--eps", radius, None, ("> 0 (in 1/255 units)", UNITS), "radius in 1/255 units: 8 or 8/255, not 0.031 "
+      "(default: the training eps; L2 needs it, e.g. 127.5 for 0.5)"),
     F("--norm", None, "Linf", "", "threat model (default %(default)s)", choices=["Linf", "L2"]),
     F("--version", None, "standard", "", "AutoAttack version (default %(default)s, as RobustBench)",
       choices=["standard", "plus", "rand"]),
@@ -198,9 +222,9 @@ ATTACK_WITH = [
 # fmt: on
 
 
-def parser(doc: str, table: list) -> argparse.ArgumentParser:
-    """A program's parser from its table."""
-    p, group = cli.parser(doc, allow_abbrev=False), None
+def parser(doc: str, table: list, prog: str | None = None) -> argparse.ArgumentParser:
+    """A program's parser from its table; `prog` names it in its errors, wherever it is called from."""
+    p, group = cli.parser(doc, allow_abbrev=False, prog=prog), None
     for row in table:
         if isinstance(row, str):
             group = p.add_argument_group(row)
@@ -218,36 +242,47 @@ def rules(table: list) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def train_args(argv: list[str] | None = None, doc: str = "") -> tuple[argparse.Namespace, dict | None]:
+def train_args(
+    argv: list[str] | None = None, doc: str = "", claim: bool = False
+) -> tuple[argparse.Namespace, dict | None]:
     """train.py's flags, and last.pt's contents when the run resumes (read once, here): with --resume (or --resume
-    auto finding last.pt), the flags not given are last.pt's."""
+    auto finding last.pt), the flags not given are last.pt's. With `claim` (train.py's own command line, not a caller
+    that only wants the run's name), a fresh run into a folder that holds a run is refused here, with the command
+    that works."""
     argv = sys.argv[1:] if argv is None else argv
-    p = parser(doc, TRAIN)
-    given = cli.given(p, argv)
-    if "smoke" in given:
-        p.set_defaults(**SMOKE)  # explicit flags still win
-    args = p.parse_args(argv)
+    p, args, given = parse(argv, doc)
     name = os.path.splitext(os.path.basename(args.dataset))[0]
     args.out = args.out or os.path.join("runs", f"{name}-{args.arch}-{label(vars(args))}-s{args.seed}")
     args.resume = args.resume is True or (args.resume == "auto" and os.path.isfile(os.path.join(args.out, "last.pt")))
     try:
-        state = read_last(args, given) if args.resume else None
+        state = read_last(args, given, argv) if args.resume else None
         if state:
             take(args, state, given)
         check(fill(args), given)
+        if claim:
+            runlog.claim(args.out, args.resume, lambda has_last: instead(args, argv, has_last))
     except ValueError as e:
-        p.error(str(e))
+        cli.refuse(p, str(e))
     return args, state
+
+
+def parse(argv: list[str], doc: str = "") -> tuple[argparse.ArgumentParser, argparse.Namespace, set[str]]:
+    """train.py's parser, the flags of argv (--smoke's defaults where it is given) and the dests argv gives."""
+    p = parser(doc, TRAIN, "train.py")
+    given = cli.given(p, argv)
+    if "smoke" in given:
+        p.set_defaults(**SMOKE)  # explicit flags still win
+    return p, p.parse_args(argv), given
 
 
 def attack_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
-    p = parser(doc, ATTACK)
+    p = parser(doc, ATTACK, "attack.py")
     args = p.parse_args(argv)
     try:
         check(args, set(), ATTACK, ATTACK_WITH)
     except ValueError as e:
-        p.error(str(e))
+        cli.refuse(p, str(e))
     return args
 
 
@@ -273,7 +308,11 @@ def check(args: argparse.Namespace, given: set[str], table: list = TRAIN, relati
         values = getattr(args, k)
         for v in values if isinstance(values, list) else [values]:
             if bad := next((say for say in says if v is not None and not holds(say, v)), None):
-                raise ValueError(f"{_flag(k)} must {'lie in' if bad[0] in '[(' else 'be'} {bad}, got {v}")
+                raise ValueError(
+                    fraction(_flag(k), v)
+                    if bad == UNITS
+                    else f"{_flag(k)} must {'lie in' if bad[0] in '[(' else 'be'} {bad}, got {v}"
+                )
     for when, k, rule, why in relations:
         name, _, value = when.partition("=")
         v, w, flag = (
@@ -300,9 +339,19 @@ def _flag(k: str) -> str:
     return "--" + k.replace("_", "-")
 
 
+def fraction(flag: str, v: float) -> str:
+    """The refusal of a radius or step in (0, 1): what it means here and what was likely meant (8 for 0.031, 127.5
+    for L2's 0.5)."""
+    meant = v * 255
+    meant = round(meant) if abs(meant - round(meant)) < 0.1 else float(f"{meant:.4g}")
+    return f"{flag} {v} is {v}/255; for {meant:g}/255 give {flag} {meant:g} (radii and steps are in 1/255 units)"
+
+
 def holds(rule: str, v: float) -> bool:
-    """Whether v meets a rule of the table: "finite", "a positive number", an interval "[a, b)" (any brackets), or
-    ">= a", "> a", "<= a" followed by any words; the bounds >= and > also refuse inf and nan."""
+    """Whether v meets a rule of the table: "finite", "a positive number", UNITS, an interval "[a, b)" (any
+    brackets), or ">= a", "> a", "<= a" followed by any words; the bounds >= and > also refuse inf and nan."""
+    if rule == UNITS:
+        return not 0 < v < 1
     if rule in ("finite", "a positive number"):
         return math.isfinite(v) and (rule == "finite" or v > 0)
     if rule[0] in "[(":
@@ -313,19 +362,19 @@ def holds(rule: str, v: float) -> bool:
     return {">=": b <= v < math.inf, ">": b < v < math.inf, "<=": v <= b}[op]
 
 
-def read_last(args: argparse.Namespace, given: set[str]) -> dict:
-    """--resume: last.pt, read once; ValueError for a file that is not one, a run that has finished its epochs, and
-    every given flag that would change the result."""
+def read_last(args: argparse.Namespace, given: set[str], argv: list[str] = ()) -> dict:
+    """--resume: last.pt, read once; ValueError for a file that is not one, a run that has finished its epochs (with
+    the command that trains it longer), and every given flag that would change the result."""
     path = os.path.join(args.out, "last.pt")
     state = models.read(path, "--resume")
     if "optimizer" not in state:
         raise ValueError(f"--resume: {path} is not a train.py last.pt")
     old = state.get("args", {})  # a flag it lacks is newer than the run and keeps its default
     diff = sorted(k for k in given - RESUMABLE if k in old and old[k] != getattr(args, k))
-    if "epochs" in diff and state["epoch"] >= old["epochs"]:
+    if "epochs" in diff and state["epoch"] >= old["epochs"] and not MODEL & set(diff):
         raise ValueError(
             f"--resume: {path} has finished its {old['epochs']} epochs; to train it longer, start a new run from "
-            f"its weights: --init {path} --out NEW_FOLDER"
+            f"its weights (a fresh schedule of {args.epochs} epochs): {longer(args, argv, given, old)}"
         )
     if diff:
         raise ValueError(
@@ -340,6 +389,108 @@ def take(args: argparse.Namespace, state: dict, given: set[str]) -> None:
     for k, v in state.get("args", {}).items():
         if hasattr(args, k) and k not in given | ONCE:
             setattr(args, k, v)
+
+
+# ---- what works instead: the commands that the refusals of a run folder give, each one that runs
+
+MODEL = {"arch", "width", "dataset"}  # what --init's weights fix: a run that changes them is not trained longer
+FILLED = ("milestones", "burn_in", "emr_temp", "aux_fraction")  # fill()'s, compared only where a command set them
+
+
+def instead(args: argparse.Namespace, argv: list[str], has_last: bool) -> str:
+    """What a fresh run into args.out, which holds a run, can do instead: continue it (the same settings, not
+    finished), or the same command into a free folder, named by the settings that differ from the run's there."""
+    state = _last(args.out) if has_last else None
+    if state is None:
+        return "choose another --out: " + command(_without(argv, ("--out",)) + ["--out", free(args.out)])
+    old = state.get("args", {})
+    differ = _differ(old, vars(args))
+    if not differ and state["epoch"] < old.get("epochs", 0):
+        return "continue it: " + command([*argv, "--resume"])
+    if not differ:
+        done = f"it is this run, finished: its test results are in {os.path.join(args.out, 'log.jsonl')}"
+        return done + "; to train it again: " + command(_without(argv, ("--out",)) + ["--out", free(args.out)])
+    stem = f"{args.out}-{_tag(vars(args), differ)}"
+    return (
+        f"it trained {cli.as_flags(old, differ)}, not {cli.as_flags(vars(args), differ)}; give this run a folder of "
+        f"its own: " + command(_without(argv, ("--out",)) + ["--out", free(stem)])
+    )
+
+
+def longer(args: argparse.Namespace, argv: list[str], given: set[str], old: dict) -> str:
+    """The command that trains a finished run longer: argv's flags, the run's other settings, --init its last.pt."""
+    base = _without(argv, ("--out", "--resume", "--init"))
+    a, b = _explicit(old), _explicit(vars(fill(parse(base)[1])))
+    keep = sorted((a.keys() & b.keys()) - RESUMABLE - given - {"init"})
+    extra = [t for k in keep if a[k] is not None and a[k] != b[k] for t in _tokens(k, old[k])]
+    stem = f"{args.out}-{_tag(vars(args), ['epochs'])}-init"
+    return command([*base, *extra, "--init", os.path.join(args.out, "last.pt"), "--out", free(stem)])
+
+
+def _last(out: str) -> dict | None:
+    """out/last.pt's contents where it is a run's to continue (read_last would take it), else None."""
+    try:
+        state = models.read(os.path.join(out, "last.pt"))
+    except ValueError:
+        return None
+    return state if "optimizer" in state else None
+
+
+def _explicit(a: dict) -> dict:
+    """A run's settings (missing ones at their defaults) with fill()'s values None where fill() gives them."""
+    a = {**DEFAULTS, **a}
+    filled = vars(fill(argparse.Namespace(**{**a, **dict.fromkeys(FILLED)})))
+    return {k: None if k in FILLED and v == filled[k] else v for k, v in a.items()}
+
+
+def _differ(old: dict, new: dict) -> list[str]:
+    """The settings that change the result in which a run's `new` flags differ from `old`, a run's last.pt's; not
+    those that take a value only later (--val: from the data)."""
+    a, b = _explicit(old), _explicit(new)
+    keys = sorted((old.keys() & b.keys()) - RESUMABLE)
+    return [k for k in keys if a[k] != b[k] and (b[k] is not None or k in FILLED)]
+
+
+def _without(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the flags `names` and their values (--resume's: auto, when given)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = a.split("=")[0]
+        if name in names:
+            skip = "=" not in a and (name != "--resume" or argv[i + 1 : i + 2] == ["auto"])
+            continue
+        out.append(a)
+    return out
+
+
+def _tokens(k: str, v) -> list[str]:
+    """The flag that sets k to v."""
+    flag, kind = _flag(k), KINDS.get(k)
+    if kind is ON_OFF:
+        return [flag if v else "--no-" + flag[2:]]
+    if kind == ON:
+        return [flag] * bool(v)
+    return [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+
+
+def _tag(a: dict, keys: list[str]) -> str:
+    """A folder name's part for settings: epochs5, lr0.05-batch64, datasetcifar10_subset (a file's name)."""
+    short = {k: os.path.splitext(os.path.basename(a[k]))[0] if isinstance(a[k], str) else a[k] for k in keys}
+    short = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in short.items()}
+    return re.sub(r"[^\w.,+-]", "", "-".join(f"{k.replace('_', '-')}{v}" for k, v in short.items()))
+
+
+def free(stem: str) -> str:
+    """stem, or stem-2, stem-3...: the first folder that holds no run's files."""
+    names = itertools.chain([stem], (f"{stem}-{i}" for i in itertools.count(2)))
+    return next(n for n in names if not runlog.held(n) and not os.path.isfile(n))
+
+
+def command(argv: list[str]) -> str:
+    return "python train.py " + shlex.join(argv)
 
 
 def reads(loss: str, emr: float) -> tuple[str, ...]:
@@ -365,3 +516,4 @@ def label(a: dict) -> str:
 
 
 DEFAULTS = {dest(row): row[1] for row in TRAIN if not isinstance(row, str)}
+KINDS = {dest(row): row[4].get("action") for row in TRAIN if not isinstance(row, str)}

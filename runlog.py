@@ -9,6 +9,7 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable
 
 
 class WriteError(OSError):
@@ -170,18 +171,20 @@ def held(out: str) -> list[str]:
     )
 
 
-def claim(out: str, resume: bool) -> None:
+def claim(out: str, resume: bool, instead: Callable[[bool], str] | None = None) -> None:
     """Refuses an --out that is a file, and a fresh run into a folder that holds a run's files: it would replace or
-    empty them (ValueError)."""
+    empty them (ValueError). instead(whether there is a last.pt) says what to do instead (train.py's command line
+    knows the command; flags.instead)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a folder")
     files = held(out)
     if files and not resume:
+        has_last = "last.pt" in files
         how = "continue it with --resume (or --resume auto), or choose another --out"
-        if "last.pt" not in files:
+        if not has_last:
             how = "choose another --out"
             files[-1] += "; no last.pt to continue from"
-        raise ValueError(f"{out} holds a run already ({', '.join(files)}): {how}")
+        raise ValueError(f"{out} holds a run already ({', '.join(files)}): {instead(has_last) if instead else how}")
 
 
 def kept(out: str) -> str:

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -278,6 +279,42 @@ def expect_error(capsys, argv: list, match: str) -> None:
         run(*argv)
     msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
     assert e.value.code != 0 and match in msg, msg
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--eps", "0.031"], "--eps 0.031 is 0.031/255; for 8/255 give --eps 8 (radii and steps are in 1/255 units)"),
+        (["--norm", "L2", "--eps", "0.5"], "--eps 0.5 is 0.5/255; for 127.5/255 give --eps 127.5 (radii and steps"),
+    ],
+)
+def test_eps_in_the_fraction_form_is_refused_in_one_line(capsys, argv: list, says: str) -> None:
+    """--eps as train.py reads it (flags.radius): 8/255 is 8, L2's 0.5 is 127.5; 0.031, AutoAttack's way to write
+    8/255, would attack at 0.031/255 and report the clean accuracy as robust: refused before any checkpoint is read."""
+    assert attack.get_args(["best.pt", "--eps", "8/255"]).eps == 8
+    assert attack.get_args(["best.pt", "--norm", "L2", "--eps", "127.5"]).eps == 127.5
+    with pytest.raises(SystemExit) as e:
+        attack.get_args(["best.pt", "--points", "20", "--attacks", "apgd-ce", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"attack.py: error: {says}") and err.count("\n") == 1, err
+
+
+def test_the_examples_pass_torchruns_parser() -> None:
+    """torchrun's parser reads the flags after the script too, abbreviations allowed: it stops at --n (--nnodes,
+    --nproc-per-node...). Every train.py and attack.py line of README.md and of the scripts' docstrings reaches the
+    script whole under torchrun (parsed only, nothing launched)."""
+    from torch.distributed.run import get_args_parser
+
+    text = "\n".join((HERE / name).read_text() for name in ("README.md", "train.py", "attack.py"))
+    lines = [
+        shlex.split(line, comments=True)
+        for line in text.splitlines()
+        if line.strip().startswith(("python ", "torchrun "))
+    ]
+    runs = [(w[i], w[i + 1 :]) for w in lines for i, s in enumerate(w) if s in ("train.py", "attack.py")]
+    assert len(runs) > 15
+    for script, argv in runs:
+        assert get_args_parser().parse_args(["--nproc_per_node=2", script, *argv]).training_script_args == argv
 
 
 class Evil:

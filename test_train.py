@@ -1,10 +1,12 @@
 """End-to-end train.py runs on synthetic data and the real CIFAR-10 subset; resume; clear errors."""
 
+import argparse
 import copy
 import importlib
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 import data
+import flags as policy  # "flags" names the lists of flags in these tests
 import losses
 import models
 import runlog
@@ -299,6 +302,42 @@ def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv: list, matc
     assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
+@pytest.mark.parametrize("value, radius", [("8", 8), ("8/255", 8), ("8.0", 8), ("127.5", 127.5), ("0", 0)])
+def test_a_radius_is_read_in_1_255_units(value: str, radius: float) -> None:
+    """--eps and --step of train.py and attack.py's --eps, one reader: a whole radius stays the int that checkpoints,
+    run names and result files have always held."""
+    assert policy.radius(value) == radius and type(policy.radius(value)) is type(radius)
+    for bad in ("8/256", "eight", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="takes a number in 1/255 units"):
+            policy.radius(bad)
+
+
+def refusal(capsys, argv: list) -> str:
+    """train.py's one line for a command line it refuses after parsing: exit 2, no usage, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("train.py: error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--eps", "0.031"], "--eps 0.031 is 0.031/255; for 8/255 give --eps 8 (radii and steps are in 1/255 units)"),
+        (["--step", "0.0078"], "--step 0.0078 is 0.0078/255; for 2/255 give --step 2 (radii and steps are in 1/255"),
+        (["--ratio", "1.5"], "--ratio must lie in [0, 1], got 1.5"),
+        (["--loss", "ce", "--beta", "1"], "--loss ce does not read --beta"),
+        (["--resume"], "--resume: no such checkpoint"),
+    ],
+)
+def test_a_refusal_after_parsing_is_one_line(tmp_path: Path, capsys, argv: list, says: str) -> None:
+    assert says in refusal(capsys, [*SMOKE, "--out", tmp_path, *argv])
+    with pytest.raises(SystemExit) as e:  # argparse's own syntax errors keep its usage
+        run(*SMOKE, "--arch", "vgg")
+    assert e.value.code == 2 and "usage: train.py" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "arrays, match",
     [
@@ -327,11 +366,47 @@ def test_a_fresh_run_never_overwrites_a_run_folder(tmp_path: Path, capsys) -> No
     expect_error(
         capsys,
         [*SMOKE, "--out", tmp_path, "--epochs", 1],
-        "last.pt, log.jsonl): continue it with --resume (or --resume auto), or choose another --out",
+        f"last.pt, log.jsonl): it is this run, finished: its test results are in {tmp_path / 'log.jsonl'}; to train "
+        "it again: python train.py",
     )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in recs] == [1, None] and "final" in recs[-1]
+
+
+def suggested(capsys, argv: list) -> tuple[str, list[str]]:
+    """A refusal of train.py, and the command it gives as flags."""
+    said = refusal(capsys, argv)
+    assert ": python train.py " in said, said
+    return said, shlex.split(said.split(": python train.py ", 1)[1])
+
+
+def test_a_refused_run_folder_says_the_command_that_works(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The README's trial and then a longer run, into the default folder: the refusal names the setting that
+    differs and gives a command into a folder of its own; --resume's refusal of the finished run gives the command
+    that trains it longer; a run of the same settings is continued, or, finished, run again elsewhere. No command
+    given is refused: the one from --init runs (its first epoch: --stop-after refuses nothing), the others pass
+    train.py's checks of a command line (a fresh run into an empty folder and a resume meet no others)."""
+    monkeypatch.chdir(tmp_path)
+    d = data.load_data("synthetic", "")
+    np.savez(
+        "tiny.npz", x_train=d["x_train"][:48], y_train=d["y_train"][:48], x_test=d["x_test"][:8], y_test=d["y_test"][:8]
+    )
+    tiny, folder = [*SMOKE, "--dataset", "tiny.npz", "--batch", 16, "--val", 16], "runs/tiny-resnet18-sovr-s0"
+    run(*tiny, "--epochs", 1)
+    said, longer = suggested(capsys, [*tiny, "--epochs", 2])
+    assert "it trained --epochs 1, not --epochs 2; give this run a folder of its own: " in said
+    assert policy.train_args(longer, claim=True)[0].out == f"{folder}-epochs2"
+    said, init = suggested(capsys, [*tiny, "--epochs", 2, "--resume"])
+    assert "has finished its 1 epochs; to train it longer, start a new run from its weights" in said
+    assert init[-4:] == ["--init", f"{folder}/last.pt", "--out", f"{folder}-epochs2-init"]
+    run(*init, "--stop-after", 1)
+    said, resume = suggested(capsys, init)  # the same settings, not finished
+    assert said.endswith(f"continue it: python train.py {shlex.join(init)} --resume")
+    assert policy.train_args(resume, claim=True)[1]["epoch"] == 1
+    said, again = suggested(capsys, [*tiny, "--epochs", 1])  # the same settings, finished
+    assert f"it is this run, finished: its test results are in {folder}/log.jsonl; to train it again: " in said
+    assert policy.train_args(again, claim=True)[0].out == f"{folder}-2"
 
 
 def test_resume_auto_of_a_finished_run_says_so(tmp_path: Path, capsys) -> None:
@@ -705,12 +780,11 @@ def test_resume_takes_every_flag_not_given_from_last_pt(tmp_path: Path, capsys) 
     )
     run("--out", tmp_path, "--resume", "--device", "cpu")
     assert load(tmp_path / "last.pt")["epoch"] == 3
-    expect_error(
-        capsys,
-        ["--out", tmp_path, "--resume", "--epochs", 5],
-        "has finished its 3 epochs; to train it longer, start a new run from its weights: "
-        f"--init {tmp_path / 'last.pt'} --out NEW_FOLDER",
-    )
+    said, longer = suggested(capsys, ["--out", tmp_path, "--resume", "--epochs", 5])
+    assert "has finished its 3 epochs; to train it longer, start a new run from its weights" in said
+    old, new = load(tmp_path / "last.pt")["args"], vars(policy.train_args(longer, claim=True)[0])
+    assert new["init"] == str(tmp_path / "last.pt") and new["epochs"] == 5  # the run's settings, but --epochs
+    assert {k for k in old if old[k] != new[k]} <= policy.RESUMABLE | {"init", "epochs", "milestones", "burn_in"}
 
 
 @pytest.mark.parametrize("resumed", [False, True])

@@ -31,7 +31,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, state = flags.train_args(argv, __doc__)
+    args, state = flags.train_args(argv, __doc__, claim=True)
     PHASE[0] = "train"
     cli.run("train.py", lambda: train(args, state), lambda: out_of_memory(args), lambda: runlog.kept(args.out))
 
