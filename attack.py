@@ -69,7 +69,7 @@ def test_points(ckpt: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
     except ValueError as e:
         raise ValueError(f"{e} (the checkpoint's dataset: point --dataset at it)" if not args.dataset else e) from None
     if plain and data["num_classes"] != ckpt["num_classes"]:
-        raise ValueError(f"{name} has {data['num_classes']} classes, the weights {ckpt['num_classes']}")
+        raise ValueError(f"--dataset {name} has {data['num_classes']} classes, the weights {ckpt['num_classes']}")
     if data is None or data["num_classes"] != ckpt["num_classes"]:
         raise ValueError(f"the checkpoint was trained on {ckpt['dataset']} ({ckpt['num_classes']} classes), not {name}")
     n = args.n or len(data["y_test"])
@@ -456,8 +456,8 @@ def assumed(s: dict) -> str:
     if not (a := s.get("assumed")):
         return ""
     return (
-        f" (a state_dict taken as {a['arch']} width {a['width']}, {a['num_classes']} classes, normalization "
-        f"{a['normalization']}; test set {s['dataset']})"
+        f" (a state_dict taken as {a['arch']} width {a['width']} with {a['num_classes']} classes, normalization "
+        f"{a['normalization']}, test set {s['dataset']})"
     )
 
 

@@ -168,10 +168,10 @@ def normalization(value: str | None) -> tuple[str, tuple, tuple] | None:
     if value is None:
         return None
     if value == "none":
-        return "none: images in [0, 1] as they are", (0.0,) * 3, (1.0,) * 3
+        return "none (images in [0, 1] as they are)", (0.0,) * 3, (1.0,) * 3
     if value in models.STATS:
         mean, std = models.STATS[value]
-        return f"{value}: mean {mean}, std {std}", mean, std
+        return f"{value} (mean {mean}, std {std})", mean, std
     try:
         parts = [[float(v) for v in part.split(",")] for part in value.split("/")]
     except ValueError:

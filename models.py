@@ -241,7 +241,7 @@ def read_state_dict(
     inside = "mean" in weights
     weights = weights if inside else {**_unread(model.net), **weights}
     if why := mismatch(model if inside else model.net, weights):
-        raise ValueError(f"{path}: its weights do not fit {arch} width {width} with {rows[-1]} classes: {why}")
+        raise ValueError(f"{path}: its weights do not fit arch {arch} with {rows[-1]} classes, width {width}: {why}")
     if not inside:
         weights = {**{f"net.{k}": v for k, v in weights.items()}, **_buffers(mean, std)}
     mean, std = list(mean), list(std)  # as train.py writes them, and JSON reads them back
@@ -261,8 +261,8 @@ def _normalization(path: str, weights: dict, normalize: tuple | None) -> tuple[s
         if normalize is not None:
             raise ValueError(f"--normalize would do nothing: {path} holds its own mean and std (drop --normalize)")
         mean, std = (tuple(round(v, 6) for v in weights[k].flatten().tolist()) for k in ("mean", "std"))
-        return f"the file's: mean {mean}, std {std}", mean, std
-    return normalize or ("none: images in [0, 1] as they are", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        return f"the file's (mean {mean}, std {std})", mean, std
+    return normalize or ("none (images in [0, 1] as they are)", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def _buffers(mean: tuple, std: tuple) -> dict:
@@ -294,8 +294,8 @@ def with_weights(model: nn.Module, weights: dict, error: str) -> nn.Module:
 
 
 def _unfit(ckpt: dict, path: str) -> str:
-    width = f" width {ckpt['width']}" * bool(ckpt.get("width"))
-    return f"{path}: its weights do not fit arch {ckpt['arch']}{width} with {ckpt['num_classes']} classes"
+    width = f", width {ckpt['width']}" * bool(ckpt.get("width"))
+    return f"{path}: its weights do not fit arch {ckpt['arch']} with {ckpt['num_classes']} classes{width}"
 
 
 def fits(ckpt: dict, path: str = "checkpoint") -> None:
