@@ -176,7 +176,12 @@ def normalization(value: str | None) -> tuple[str, tuple, tuple] | None:
         parts = [[float(v) for v in part.split(",")] for part in value.split("/")]
     except ValueError:
         parts = []
-    if len(parts) != 2 or any(len(p) not in (1, 3) for p in parts) or not all(0 < s < math.inf for s in parts[1]):
+    if (
+        len(parts) != 2
+        or any(len(p) not in (1, 3) for p in parts)
+        or not all(0 < s < math.inf for s in parts[1])
+        or not all(math.isfinite(m) for m in parts[0])
+    ):
         raise argparse.ArgumentTypeError(
             f"takes none, {', '.join(models.STATS)} or MEAN/STD (1 or 3 numbers each, STD > 0), not {value!r}"
         )

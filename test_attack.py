@@ -497,12 +497,13 @@ def test_a_wrapped_state_dict_is_evaluated_and_says_what_was_assumed(tmp_path: P
     net = plain_net("wrn16")
     wrapped = {"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 76}
     torch.save(wrapped, tmp_path / "trades.pt")
+    few = ["--n", 8, "--bs", 8, "--device", "cpu"]
     run(tmp_path / "trades.pt", "--arch", "wrn16", "--width", 1, "--eps", 8, "--normalize", "cifar10", "--dataset",
-        "synthetic", *QUICK, "--attacks", "apgd-ce", "--out", tmp_path)  # fmt: skip
+        "synthetic", *few, "--attacks", "apgd-ce", "--out", tmp_path)  # fmt: skip
     (path,) = tmp_path.glob("trades.*.json")
     res = json.loads(path.read_text())
     mean, std = models.STATS["cifar10"]
-    x, y = attack.test_points(dict(dataset="synthetic", num_classes=10), attack.get_args(["x.pt", *QUICK]))
+    x, y = attack.test_points(dict(dataset="synthetic", num_classes=10), attack.get_args(["x.pt", *map(str, few)]))
     with torch.no_grad():
         clean = net((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).argmax(1) == y
     assert res["clean"] == clean.int().tolist() and res["settings"]["assumed"]["mean"] == pytest.approx(mean)
@@ -554,10 +555,20 @@ def test_a_state_dict_is_refused_in_one_line_before_any_attack(ckpt: Path, tmp_p
         attack.model_of(str(tmp_path / "plain.pt"), e, args)
 
 
+def test_normalize_takes_a_named_set_or_mean_and_std() -> None:
+    mean, std, normalization = *models.STATS["cifar100"], attack.flags.normalization
+    assert normalization("cifar100") == (f"cifar100 (mean {mean}, std {std})", mean, std)
+    assert normalization("0.5/0.25")[1:] == ((0.5,) * 3, (0.25,) * 3) and normalization(None) is None
+    assert normalization("0.1,0.2,0.3/1,2,3")[1:] == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    for bad in ("imagenet", "0.5", "0.5/0", "0.5,0.5/1", "0.5/1/1", "a/b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="takes none, cifar10, cifar100 or MEAN/STD"):
+            normalization(bad)
+
+
 def test_one_model_is_on_the_device_at_a_time(ckpt: Path, tmp_path: Path, monkeypatch, few_steps) -> None:
     """Every checkpoint is checked before the first evaluation, but its model is built only for its own and freed
-    after: while the second is evaluated, the first's model is gone."""
-    import gc
+    after (by reference counting: no garbage collection needed): while the second is evaluated, the first's model
+    is gone."""
     import weakref
 
     built, alive, loaded, attacks = [], [], models.from_checkpoint, attack.autoattack
@@ -567,7 +578,6 @@ def test_one_model_is_on_the_device_at_a_time(ckpt: Path, tmp_path: Path, monkey
         return model
 
     def measure(*a, **k):
-        gc.collect()
         alive.append(sum(r() is not None for r in built))
         return attacks(*a, **k)
 
