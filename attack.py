@@ -4,12 +4,16 @@
     python attack.py best.pt --n 200 --attacks apgd-ce              # quick check with a subset of attacks
     python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins --plot m.png   # margin histograms, PGD-20
     python attack.py ce/best.pt sovr/best.pt --sweep --n 1000 --plot sweep.png      # is the robustness real?
+    python attack.py other.pt --arch wrn34 --eps 8      # a state_dict of models.py's WRN-34-10, on [0, 1] images
 
 Results go to <checkpoint>.<settings>.json beside each checkpoint (or in --out DIR). AutoAttack runs in fp32 (with
 TF32 convolutions on Ampere and later GPUs, PyTorch's default; the JSON records which), in eval mode, one attack
 after another on the points still robust (as the package does internally), and records each finished attack with
 its settings, so an interrupted run continues where it stopped; a finished one is not run again, its result is
-printed. Every checkpoint, its test points and its files are checked before the first attack. The package's own
+printed. Every checkpoint, its test points and its files are checked before the first attack; each model is on
+the device only while it is evaluated. A state_dict that train.py did not write names no arch, normalization, eps
+or dataset: --arch (--width) and --eps say them, --normalize if it expects normalized inputs, --dataset if not the
+CIFAR set of its class count; the result line and the JSON's settings ("assumed") say what was taken. The package's own
 checks (a randomized or dynamic model, softmax outputs, zero gradients, the class count, and Square beating the
 white-box attacks, a sign of gradient masking) are printed once each and kept in the JSON's `checks`. --sweep: APGD-CE
 then APGD-T at 1, 2, 4 and 8 times the radius (8, 16, 32, 64/255 by default) and PGD-20 against PGD-100 at the radius,

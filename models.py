@@ -1,5 +1,6 @@
 """CIFAR models that take images in [0, 1]: input normalization is a buffer inside each model; the weight average
-of train.py --ema; and the checkpoint I/O: `models.load(path)` rebuilds a train.py checkpoint's model in eval mode.
+of train.py --ema; and the checkpoint I/O: `models.load(path)` rebuilds a train.py checkpoint's model in eval mode,
+`models.read_state_dict` takes a state_dict of these networks that train.py did not write.
 
     import models
     model = models.load("runs/cifar10-wrn34-sovr-s0/best.pt", device="cuda")  # images in [0, 1], eval mode
