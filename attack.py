@@ -4,12 +4,16 @@
     python attack.py best.pt --points 200 --attacks apgd-ce         # quick check with a subset of attacks
     python attack.py ce/best.pt mail/best.pt sovr/best.pt --margins --plot m.png   # margin histograms, PGD-20
     python attack.py ce/best.pt sovr/best.pt --sweep --points 1000 --plot sweep.png # is the robustness real?
+    python attack.py other.pt --arch wrn34 --eps 8      # a state_dict of models.py's WRN-34-10, on [0, 1] images
 
 Results go to <checkpoint>.<settings>.json beside each checkpoint (or in --out DIR). AutoAttack runs in fp32 (with
 TF32 convolutions on Ampere and later GPUs, PyTorch's default; the JSON records which), in eval mode, one attack
 after another on the points still robust (as the package does internally), and records each finished attack with
 its settings, so an interrupted run continues where it stopped; a finished one is not run again, its result is
-printed. Every checkpoint, its test points and its files are checked before the first attack. The package's own
+printed. Every checkpoint, its test points and its files are checked before the first attack; each model is on
+the device only while it is evaluated. A state_dict that train.py did not write names no arch, normalization, eps
+or dataset: --arch (--width) and --eps say them, --normalize if it expects normalized inputs, --dataset if not the
+CIFAR set of its class count; the result line and the JSON's settings ("assumed") say what was taken. The package's own
 checks (a randomized or dynamic model, softmax outputs, zero gradients, the class count, and Square beating the
 white-box attacks, a sign of gradient masking) are printed once each and kept in the JSON's `checks`. --sweep: APGD-CE
 then APGD-T at 1, 2, 4 and 8 times the radius (8, 16, 32, 64/255 by default) and PGD-20 against PGD-100 at the radius,
@@ -50,13 +54,28 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     return flags.attack_args(argv, __doc__)  # the flags, their defaults and refusals: flags.ATTACK
 
 
+def checkpoint(path: str, args) -> dict:
+    """path's checkpoint: train.py's, or with --arch a state_dict's as models.read_state_dict takes it (with what was
+    assumed); ValueError for a file that is neither, and for --arch and its flags given with a train.py one."""
+    if args.arch is None:
+        return models.read(path, plain="for a state_dict, give --arch and --eps")
+    given = ", ".join(f"--{k}" for k in ("arch", "width", "normalize") if getattr(args, k) is not None)
+    return models.read_state_dict(path, args.arch, args.width, flags.normalization(args.normalize), given)
+
+
 def test_points(ckpt: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
-    name = args.dataset or ckpt["dataset"]
-    npz = name.endswith(".npz") or ckpt["dataset"].endswith(".npz")  # e.g. the offline CIFAR-10 subset
+    """The first --n test points of --dataset, else of the checkpoint's dataset; ValueError for a set of another class
+    count, and for another set than a train.py checkpoint's own (but an .npz): it was trained on that one."""
+    name, plain = args.dataset or ckpt["dataset"], "assumed" in ckpt  # a state_dict's: no set of its own
+    if name is None:
+        raise ValueError(f"the weights have {ckpt['num_classes']} classes, neither CIFAR's 10 nor 100: give --dataset")
+    npz = name.endswith(".npz") or str(ckpt["dataset"]).endswith(".npz")  # e.g. the offline CIFAR-10 subset
     try:
-        data = load_data(name, args.data_dir) if name == ckpt["dataset"] or npz else None
+        data = load_data(name, args.data_dir) if plain or name == ckpt["dataset"] or npz else None
     except ValueError as e:
         raise ValueError(f"{e} (the checkpoint's dataset: point --dataset at it)" if not args.dataset else e) from None
+    if plain and data["num_classes"] != ckpt["num_classes"]:
+        raise ValueError(f"--dataset {name} has {data['num_classes']} classes, the weights {ckpt['num_classes']}")
     if data is None or data["num_classes"] != ckpt["num_classes"]:
         raise ValueError(f"the checkpoint was trained on {ckpt['dataset']} ({ckpt['num_classes']} classes), not {name}")
     n = args.n or len(data["y_test"])
@@ -264,15 +283,17 @@ def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
         processes=args.world,
         device=torch.device(args.device).type,
         precision=losses.precision(args.device),
+        **({"assumed": ckpt["assumed"]} if "assumed" in ckpt else {}),  # a state_dict's model: what was taken
     )
 
 
 def prepare(path: str, args) -> dict:
-    """What one evaluation needs, checked before any attack: the checkpoint, its model, this process's share of its
-    test points, its settings, its files, and its result if this evaluation is finished ("done"); ValueError for
-    anything wrong with them."""
-    ckpt = models.read(path)
-    model = models.from_checkpoint(ckpt, args.device, path)
+    """What one evaluation needs, checked before any attack: the checkpoint (its weights fit the model it names),
+    this process's share of its test points, its settings, its files, and its result if this evaluation is finished
+    ("done"); ValueError for anything wrong with them. It keeps no weights: evaluate() reads them again and builds
+    the model, one model at a time."""
+    ckpt = checkpoint(path, args)
+    models.fits(ckpt, path)
     x, y = test_points(ckpt, args)
     eps_int = ckpt["eps"] if args.eps is None else args.eps
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
@@ -286,8 +307,22 @@ def prepare(path: str, args) -> dict:
         where, s["mode"], args.norm, eps_int, s["n"], args.seed, args.bs, other, args.version, args.world, s["device"]
     )
     state = out + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
-    e = dict(ckpt=ckpt, model=model, x=x[mine], y=y[mine], eps=eps_int / 255, settings=s, out=out, state=state)
+    about = {k: v for k, v in ckpt.items() if k not in ("model", "unaveraged", "optimizer")}
+    e = dict(ckpt=about, stamp=stamp(path), x=x[mine], y=y[mine], eps=eps_int / 255, settings=s, out=out, state=state)
     return {**e, "done": finished(e, args)}
+
+
+def stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def model_of(path: str, e: dict, args):
+    """e's model on the device, from path read again (prepare kept no weights); ValueError if the file is not the
+    one prepare checked."""
+    if stamp(path) != e["stamp"]:
+        raise ValueError(f"{path} changed after it was checked: rerun to evaluate it as it is now")
+    return models.from_checkpoint(checkpoint(path, args), args.device, path)
 
 
 def finished(e: dict, args) -> dict | None:
@@ -318,8 +353,9 @@ def writable(folder: str, what: str, flag: str) -> None:
 
 
 def evaluate(path: str, e: dict, args) -> dict:
-    """e's evaluation (prepare's): AutoAttack or --margins, its result written and printed."""
-    model, x, y, s, eps = e["model"], e["x"], e["y"], e["settings"], e["eps"]
+    """e's evaluation (prepare's): AutoAttack or --margins, its result written and printed; its model is on the
+    device only meanwhile."""
+    model, x, y, s, eps = model_of(path, e, args), e["x"], e["y"], e["settings"], e["eps"]
     t0, clean, res = time.time(), predict(model, x, args.bs, args.device) == y, dict(settings=s, versions=versions())
     earlier, every = 0.0, cli.gather(clean.int().tolist())  # every process's clean flags
     clean_acc = sum(every) / s["n"]
@@ -418,7 +454,17 @@ def line(path: str, res: dict) -> str:
         what = f"AutoAttack ({s['mode']}, {s['norm']} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}"
     k = len(res.get("checks", []))
     warned = f", {k} warning{'s' * (k > 1)} of AutoAttack's checks (the JSON's checks)" * (k > 0)
-    return f"{path}: clean {res['clean_acc']:.2%}, {what}{warned}, {res['time_s']:.0f}s{on}"
+    return f"{path}{assumed(s)}: clean {res['clean_acc']:.2%}, {what}{warned}, {res['time_s']:.0f}s{on}"
+
+
+def assumed(s: dict) -> str:
+    """What the result line says of a state_dict's model: the arch, width, classes and normalization taken for it."""
+    if not (a := s.get("assumed")):
+        return ""
+    return (
+        f" (a state_dict taken as {a['arch']} width {a['width']} with {a['num_classes']} classes, normalization "
+        f"{a['normalization']}, test set {s['dataset']})"
+    )
 
 
 def versions() -> dict:
@@ -464,7 +510,7 @@ def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
         architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
         params=sum(p.numel() for p in model.parameters()),
         training_loss=s["objective"],
-        eps_training=f"{ckpt['eps']}/255",
+        eps_training=None if ckpt["eps"] is None else f"{ckpt['eps']}/255",  # a state_dict has none
     )
 
 
@@ -478,7 +524,8 @@ def figure(flag: str, what: str):
 
 def label_of(s: dict) -> str:
     """A result's label in a picture: its objective, run folder and file."""
-    return f"{s.get('objective') or s['loss']} ({os.path.join(*s['checkpoint'].split(os.sep)[-2:])})"
+    name = s.get("objective") or s["loss"] or s.get("assumed", {}).get("arch")  # a state_dict's: its arch
+    return f"{name} ({os.path.join(*s['checkpoint'].split(os.sep)[-2:])})"
 
 
 def save(fig, ax, path: str):

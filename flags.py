@@ -186,9 +186,41 @@ def _attacks(value: str) -> str:
     return value
 
 
+def normalization(value: str | None) -> tuple[str, tuple, tuple] | None:
+    """--normalize as (what it is, mean, std); None where not given. ArgumentTypeError for a value it cannot be."""
+    if value is None:
+        return None
+    if value == "none":
+        return "none (images in [0, 1] as they are)", (0.0,) * 3, (1.0,) * 3
+    if value in models.STATS:
+        mean, std = models.STATS[value]
+        return f"{value} (mean {mean}, std {std})", mean, std
+    try:
+        parts = [[float(v) for v in part.split(",")] for part in value.split("/")]
+    except ValueError:
+        parts = []
+    if (
+        len(parts) != 2
+        or any(len(p) not in (1, 3) for p in parts)
+        or not all(0 < s < math.inf for s in parts[1])
+        or not all(math.isfinite(m) for m in parts[0])
+    ):
+        raise argparse.ArgumentTypeError(
+            f"takes none, {', '.join(models.STATS)} or MEAN/STD (1 or 3 numbers each, STD > 0), not {value!r}"
+        )
+    mean, std = (tuple(p * 3 if len(p) == 1 else p) for p in parts)
+    return f"mean {mean}, std {std}", mean, std
+
+
+def _normalize(value: str) -> str:
+    normalization(value)  # refused here, at parsing
+    return value
+
+
 # fmt: off
 ATTACK = [
-    F("checkpoints", None, None, "", "train.py checkpoints (best.pt or last.pt)", nargs="+"),
+    F("checkpoints", None, None, "", "train.py checkpoints (best.pt or last.pt), or with --arch state_dicts",
+      nargs="+"),
     F("--n --points", int, 0, ">= 0", "first N test points (default 0 = all); give it as --points, which torchrun's "
       "parser also passes on (it takes --n for an abbreviation of its own options)", dest="n"),
     F("--bs", int, 500, ">= 1", "batch size (default %(default)s)"),
@@ -200,7 +232,8 @@ ATTACK = [
     F("--attacks", _attacks, None, "", "comma-separated custom subset, e.g. apgd-ce,apgd-t, with the version's "
       "settings"),
     F("--seed", int, 0, ">= 0", "AutoAttack's and --margins' seed (default %(default)s)"),
-    F("--dataset", None, None, "", "test data (default: the checkpoint's dataset); cifar10 | cifar100 | .npz"),
+    F("--dataset", None, None, "", "test data (default: the checkpoint's dataset; a state_dict's: cifar10 or "
+      "cifar100 by its class count); cifar10 | cifar100 | .npz"),
     F("--data-dir", None, "./data", "", "where torchvision downloads CIFAR (default %(default)s)"),
     F("--device", None, None, "", "cpu | cuda | cuda:N (default cuda if available)"),
     F("--margins", ON, False, "", "instead of AutoAttack: logit margins of PGD-20 examples and a histogram"),
@@ -210,6 +243,14 @@ ATTACK = [
       "result)", metavar="PNG"),
     F("--out", None, None, "", "the folder of the result files (default: beside each checkpoint)", metavar="DIR"),
     F("--verbose", ON, False, "", "the AutoAttack package's own log lines (off by default)"),
+    "a state_dict that train.py did not write, of a network as models.py defines it (bare, or under 'state_dict'; "
+    "DataParallel's 'module.' is taken off)",
+    F("--arch", None, None, "", "its network (default: none; a train.py checkpoint names its own)",
+      choices=sorted(models.ARCHS)),
+    F("--width", int, None, ">= 1", "ResNet base channels / WRN widen factor (default: the arch's standard)"),
+    F("--normalize", _normalize, None, "", "the input normalization it expects: none (images in [0, 1] as they "
+      f"are, as TRADES' and MART's networks take them), {', '.join(models.STATS)}, or MEAN/STD, e.g. "
+      "0.5,0.5,0.5/0.25,0.25,0.25 (default: the file's own mean and std where it holds them, else none)"),
 ]
 ATTACK_WITH = [
     ("norm=Linf", "eps", "<= 255", "the whole pixel range"),
@@ -218,6 +259,9 @@ ATTACK_WITH = [
     ("plot", "margins|sweep", "given", "it draws their figure; or drop --plot"),
     ("sweep", "margins", "absent", "two modes: choose one"),
     ("sweep", "attacks", "absent", "it runs its own, APGD-CE then APGD-T"),
+    ("arch", "eps", "given", "a state_dict holds no training eps; in 1/255 units, e.g. 8 for 8/255"),
+    ("width", "arch", "given", "the network of a state_dict; a train.py checkpoint names its own"),
+    ("normalize", "arch", "given", "the network of a state_dict; a train.py checkpoint names its own"),
 ]
 # fmt: on
 

@@ -1,5 +1,6 @@
 """CIFAR models that take images in [0, 1]: input normalization is a buffer inside each model; the weight average
-of train.py --ema; and the checkpoint I/O: `models.load(path)` rebuilds a train.py checkpoint's model in eval mode.
+of train.py --ema; and the checkpoint I/O: `models.load(path)` rebuilds a train.py checkpoint's model in eval mode,
+`models.read_state_dict` takes a state_dict of these networks that train.py did not write.
 
     import models
     model = models.load("runs/cifar10-wrn34-sovr-s0/best.pt", device="cuda")  # images in [0, 1], eval mode
@@ -104,12 +105,13 @@ def wrn(num_classes: int, depth: int, k: int) -> nn.Module:
     )
 
 
+WIDTHS = {"resnet18": 64, "preact18": 64, "wrn34": 10, "wrn28": 10, "wrn16": 4}  # each arch's standard width
 ARCHS = {
-    "resnet18": lambda n, w: resnet(n, w or 64, preact=False),
-    "preact18": lambda n, w: resnet(n, w or 64, preact=True),
-    "wrn34": lambda n, w: wrn(n, 34, w or 10),
-    "wrn28": lambda n, w: wrn(n, 28, w or 10),
-    "wrn16": lambda n, w: wrn(n, 16, w or 4),
+    "resnet18": lambda n, w: resnet(n, w or WIDTHS["resnet18"], preact=False),
+    "preact18": lambda n, w: resnet(n, w or WIDTHS["preact18"], preact=True),
+    "wrn34": lambda n, w: wrn(n, 34, w or WIDTHS["wrn34"]),
+    "wrn28": lambda n, w: wrn(n, 28, w or WIDTHS["wrn28"]),
+    "wrn16": lambda n, w: wrn(n, 16, w or WIDTHS["wrn16"]),
 }
 
 
@@ -158,20 +160,21 @@ class EMA:
 # ---- checkpoints: written by train.py, read here for training, resuming, --init, attack.py and anyone else ----
 
 CHECKPOINT_KEYS = ("model", "arch", "num_classes", "mean", "std", "eps", "dataset")
+PREFIXES = ("module.", "_orig_mod.")  # (Distributed)DataParallel's and torch.compile's, on the keys of its state_dict
+DATASETS = {10: "cifar10", 100: "cifar100"}  # a state_dict's test set by its class count, where no other is given
 
 
-def read(path: str, flag: str | None = None) -> dict:
-    """A train.py checkpoint as a dict of CPU tensors and primitives (torch.load with weights_only=True);
-    ValueError with a readable message (after "--flag: " where a flag named the file) for a missing file, a folder,
-    a file that is no checkpoint, or any other dict."""
-    said, no = f"{flag}: " if flag else "", "not a train.py checkpoint"
+def _torch_load(path: str, said: str) -> object:
+    """What torch.load(weights_only=True) reads from `path` to the CPU; ValueError with a readable message (after
+    `said`) for a missing file, a folder, a file that torch.save did not write, or pickled objects."""
+    no = "not a train.py checkpoint"
     if os.path.isdir(path):
         inside = [f for f in (os.path.join(path, "best.pt"), os.path.join(path, "last.pt")) if os.path.isfile(f)]
         raise ValueError(f"{said}{path} is a folder, not a checkpoint" + f": give {' or '.join(inside)}" * bool(inside))
     if not os.path.isfile(path):
         raise ValueError(f"{said}no such checkpoint: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "Weights only load failed" in str(e):
             raise ValueError(
@@ -180,16 +183,112 @@ def read(path: str, flag: str | None = None) -> dict:
             ) from None
         what = "is empty" if os.path.getsize(path) == 0 else "is not a file torch.save wrote (or one cut short)"
         raise ValueError(f"{said}{path} {what}: {no}") from None
+
+
+def read(path: str, flag: str | None = None, plain: str = "") -> dict:
+    """A train.py checkpoint as a dict of CPU tensors and primitives (torch.load with weights_only=True);
+    ValueError with a readable message (after "--flag: " where a flag named the file) for a missing file, a folder,
+    a file that is no checkpoint, or any other dict; `plain` (a program's way to read a state_dict) is added to the
+    refusal of a state_dict."""
+    said, no = f"{flag}: " if flag else "", "not a train.py checkpoint"
+    ckpt = _torch_load(path, said)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{said}{path} holds a {type(ckpt).__name__}, not a dict with a model: {no}")
     lacks = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if lacks:
-        raise ValueError(f"{said}{path} {'holds no model' if 'model' in lacks else 'lacks ' + ', '.join(lacks)}: {no}")
+        hint = f" ({plain})" * bool(plain and state_dict_of(ckpt) is not None)
+        raise ValueError(
+            f"{said}{path} {'holds no model' if 'model' in lacks else 'lacks ' + ', '.join(lacks)}: {no}{hint}"
+        )
     return ckpt
 
 
+def state_dict_of(obj: object) -> dict | None:
+    """The weights of a file that train.py did not write: a state_dict, bare or under "state_dict" (as TRADES' and
+    MART's scripts save theirs), its keys without the prefixes of PREFIXES; None where `obj` is neither."""
+    weights = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return None
+    for prefix in PREFIXES:
+        if all(str(k).startswith(prefix) for k in weights):
+            weights = {k[len(prefix) :]: v for k, v in weights.items()}
+    return weights
+
+
+def read_state_dict(
+    path: str, arch: str, width: int | None = None, normalize: tuple | None = None, given: str = "--arch"
+) -> dict:
+    """A state_dict of one of ARCHS (a file that train.py did not write) as a checkpoint like read()'s, for
+    from_checkpoint: the weights of the bare network, or of build()'s with its normalization inside (keys "net.*",
+    "mean", "std"); `width` None is the arch's standard; the class count is the last linear layer's rows;
+    `normalize` is (name, mean, std), None where not given: no normalization (images in [0, 1] as they are, as
+    TRADES' and MART's networks take them), or the file's own. eps is None (a state_dict has none); dataset is
+    DATASETS' by the class count (None for another); "assumed" says what was taken for what. ValueError (after
+    `given`, the flags that name the model, where it is a train.py checkpoint) for a file that is not a state_dict,
+    and for weights that do not fit: naming the first missing or unexpected key, or the first of another shape."""
+    obj, width = _torch_load(path, ""), width or WIDTHS[arch]
+    if isinstance(obj, dict) and all(k in obj for k in CHECKPOINT_KEYS):
+        raise ValueError(
+            f"{given} would do nothing: {path} is a train.py checkpoint, which names its own arch, width and "
+            f"normalization (drop {given})"
+        )
+    weights = state_dict_of(obj)
+    if weights is None:
+        raise ValueError(f"{path} holds no state_dict (a dict of tensors, bare or under 'state_dict')")
+    rows = [v.shape[0] for v in weights.values() if v.dim() == 2]  # linear layers' weights, the classifier last
+    if not rows:
+        raise ValueError(f"{path}: its state_dict holds no linear layer, whose rows would be the classes")
+    name, mean, std = _normalization(path, weights, normalize)
+    with torch.device("meta"):  # only its keys and shapes: no memory, no time
+        model = build(arch, rows[-1], mean, std, width)
+    inside = "mean" in weights
+    weights = weights if inside else {**_unread(model.net), **weights}
+    if why := mismatch(model if inside else model.net, weights):
+        raise ValueError(f"{path}: its weights do not fit arch {arch} with {rows[-1]} classes, width {width}: {why}")
+    if not inside:
+        weights = {**{f"net.{k}": v for k, v in weights.items()}, **_buffers(mean, std)}
+    mean, std = list(mean), list(std)  # as train.py writes them, and JSON reads them back
+    assumed = dict(arch=arch, width=width, num_classes=rows[-1], normalization=name, mean=mean, std=std)
+    return dict(model=weights, arch=arch, width=width, num_classes=rows[-1], mean=mean, std=std, eps=None,
+                dataset=DATASETS.get(rows[-1]), assumed=assumed)  # fmt: skip
+
+
+def _unread(net: nn.Module) -> dict:
+    """What a network never reads in eval mode, and older state_dicts lack: BatchNorm's count of batches."""
+    return {k: torch.tensor(0) for k in net.state_dict() if k.endswith("num_batches_tracked")}
+
+
+def _normalization(path: str, weights: dict, normalize: tuple | None) -> tuple[str, tuple, tuple]:
+    """A state_dict's normalization: its own mean and std (then `normalize` is refused), else `normalize`, else none."""
+    if "mean" in weights and "std" in weights:
+        if normalize is not None:
+            raise ValueError(f"--normalize would do nothing: {path} holds its own mean and std (drop --normalize)")
+        mean, std = (tuple(round(v, 6) for v in weights[k].flatten().tolist()) for k in ("mean", "std"))
+        return f"the file's (mean {mean}, std {std})", mean, std
+    return normalize or ("none (images in [0, 1] as they are)", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def _buffers(mean: tuple, std: tuple) -> dict:
+    return {k: torch.tensor(v).view(1, 3, 1, 1) for k, v in (("mean", mean), ("std", std))}
+
+
+def mismatch(model: nn.Module, weights: dict) -> str | None:
+    """What keeps `weights` from loading into `model`, naming the first key at fault: one the model has and they
+    lack, one they have and the model lacks, else one of another shape; None where they fit."""
+    mine = model.state_dict()
+    missing, extra = [k for k in mine if k not in weights], [k for k in weights if k not in mine]
+    why = [f"{what} key {ks[0]}" + f" (and {len(ks) - 1} more)" * (len(ks) > 1)
+           for what, ks in (("missing", missing), ("unexpected", extra)) if ks]  # fmt: skip
+    if not why:
+        shaped = [k for k, v in mine.items() if tuple(weights[k].shape) != tuple(v.shape)]
+        why += [f"{k} is {list(weights[k].shape)} in the file, {list(mine[k].shape)} in the model" for k in shaped[:1]]
+    return ", ".join(why) or None
+
+
 def with_weights(model: nn.Module, weights: dict, error: str) -> nn.Module:
-    """model with `weights` loaded; ValueError(error) where they do not fit it."""
+    """model with `weights` loaded; ValueError(error and the first key at fault: mismatch) where they do not fit."""
+    if why := mismatch(model, weights):
+        raise ValueError(f"{error}: {why}")
     try:
         model.load_state_dict(weights)
     except RuntimeError:
@@ -197,12 +296,25 @@ def with_weights(model: nn.Module, weights: dict, error: str) -> nn.Module:
     return model
 
 
+def _unfit(ckpt: dict, path: str) -> str:
+    width = f", width {ckpt['width']}" * bool(ckpt.get("width"))
+    return f"{path}: its weights do not fit arch {ckpt['arch']} with {ckpt['num_classes']} classes{width}"
+
+
+def fits(ckpt: dict, path: str = "checkpoint") -> None:
+    """from_checkpoint's refusals without building the model (on the meta device: no memory, no time), for a
+    program that checks its checkpoints before it builds their models one at a time; ValueError as from_checkpoint."""
+    with torch.device("meta"):
+        model = build(ckpt["arch"], ckpt["num_classes"], ckpt["mean"], ckpt["std"], ckpt.get("width"))
+    if why := mismatch(model, ckpt["model"]):
+        raise ValueError(f"{_unfit(ckpt, path)}: {why}")
+
+
 def from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", path: str = "checkpoint") -> nn.Module:
-    """The model a train.py checkpoint describes, with its weights (the average, for a run with --ema), on
-    `device`, in eval mode."""
+    """The model a train.py checkpoint (or read_state_dict's) describes, with its weights (the average, for a run
+    with --ema), on `device`, in eval mode."""
     model = build(ckpt["arch"], ckpt["num_classes"], ckpt["mean"], ckpt["std"], ckpt.get("width"))
-    error = f"{path}: its weights do not fit arch {ckpt['arch']} with {ckpt['num_classes']} classes"
-    return with_weights(model, ckpt["model"], error).to(device).eval()
+    return with_weights(model, ckpt["model"], _unfit(ckpt, path)).to(device).eval()
 
 
 def load(path: str, device: str | torch.device = "cpu") -> nn.Module:

@@ -1,5 +1,6 @@
 """attack.py on a tiny model trained by train.py: results, equality with a direct AutoAttack call, errors."""
 
+import argparse
 import errno
 import json
 import os
@@ -548,6 +549,136 @@ def test_sweep_plot_draws_a_line_per_checkpoint_at_its_own_radii() -> None:
 def test_sweep_verdict_names_what_failed_and_by_how_much(acc: list, pgd: dict, says: str) -> None:
     holds, verdict = attack.sweep_verdict(dict(zip(["8/255", "16/255", "64/255"], acc)), pgd)
     assert verdict.startswith(f"sweep: {says}") and holds == says.startswith("holds"), verdict
+
+
+def plain_net(arch: str, classes: int = 10) -> torch.nn.Module:
+    """A tiny network of `arch` (no normalization) with seeded weights and BatchNorm statistics, in eval mode."""
+    torch.manual_seed(0)
+    net = models.ARCHS[arch](classes, 1 if arch == "wrn16" else 2)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def plain_args(path: Path, arch: str, *more) -> argparse.Namespace:
+    width = "1" if arch == "wrn16" else "2"
+    args = attack.get_args([str(path), "--arch", arch, "--width", width, "--eps", "8", *QUICK, *more])
+    args.rank, args.world = 0, 1
+    return args
+
+
+@pytest.mark.parametrize("arch", sorted(models.ARCHS))
+def test_a_state_dict_of_each_arch_is_the_network_that_saved_it(arch: str, tmp_path: Path) -> None:
+    """A bare state_dict of each arch: what attack.py evaluates computes the saved network's logits, on raw [0, 1]
+    images (no normalization by default), and its settings say what was assumed."""
+    net = plain_net(arch)
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    args = plain_args(tmp_path / "plain.pt", arch, "--dataset", "synthetic")
+    e = attack.prepare(str(tmp_path / "plain.pt"), args)
+    with torch.no_grad():
+        assert torch.equal(attack.model_of(str(tmp_path / "plain.pt"), e, args)(e["x"]), net(e["x"]))
+    assumed = e["settings"]["assumed"]
+    assert (assumed["arch"], assumed["num_classes"], assumed["mean"], assumed["std"]) == (arch, 10, [0.0] * 3, [1] * 3)
+    assert assumed["normalization"] == "none (images in [0, 1] as they are)" and e["settings"]["objective"] is None
+
+
+def test_a_wrapped_state_dict_is_evaluated_and_says_what_was_assumed(tmp_path: Path, capsys, few_steps) -> None:
+    """TRADES' and MART's form, {'state_dict': ...} with DataParallel's 'module.', normalized as --normalize says: the
+    clean flags are the saved network's on normalized images; the line, the JSON and the model card say it."""
+    net = plain_net("wrn16")
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 76}
+    torch.save(wrapped, tmp_path / "trades.pt")
+    few = ["--n", 8, "--bs", 8, "--device", "cpu"]
+    run(tmp_path / "trades.pt", "--arch", "wrn16", "--width", 1, "--eps", 8, "--normalize", "cifar10", "--dataset",
+        "synthetic", *few, "--attacks", "apgd-ce", "--out", tmp_path)  # fmt: skip
+    (path,) = tmp_path.glob("trades.*.json")
+    res = json.loads(path.read_text())
+    mean, std = models.STATS["cifar10"]
+    x, y = attack.test_points(dict(dataset="synthetic", num_classes=10), attack.get_args(["x.pt", *map(str, few)]))
+    with torch.no_grad():
+        clean = net((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).argmax(1) == y
+    assert res["clean"] == clean.int().tolist() and res["settings"]["assumed"]["mean"] == pytest.approx(mean)
+    said = f"(a state_dict taken as wrn16 width 1 with 10 classes, normalization cifar10 (mean {mean}, std {std})"
+    assert f"{tmp_path / 'trades.pt'} {said}, test set synthetic): clean " in capsys.readouterr().out
+    card = res["robustbench"]
+    assert (card["architecture"], card["eps_training"], card["training_loss"]) == ("wrn16 width 1", None, None)
+
+
+def test_a_state_dict_is_refused_in_one_line_before_any_attack(ckpt: Path, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setattr(attack, "autoattack", no_attack)
+    torch.save(plain_net("wrn16").state_dict(), tmp_path / "plain.pt")
+    plain = [tmp_path / "plain.pt", "--dataset", "synthetic", *QUICK]
+    expect_error(capsys, plain, "holds no model: not a train.py checkpoint (for a state_dict, give --arch and --eps)")
+    expect_error(capsys, [*plain, "--arch", "wrn16"], "--arch needs --eps (a state_dict holds no training eps")
+    expect_error(capsys, [*plain, "--width", 1, "--eps", 8], "--width needs --arch (the network of a state_dict")
+    expect_error(capsys, [*plain, "--arch", "wrn16", "--eps", 8, "--normalize", "0.5/0"], "argument --normalize")
+    # a mismatch names the first key at fault: missing, unexpected, or of another shape
+    expect_error(
+        capsys,
+        [*plain, "--arch", "preact18", "--width", 1, "--eps", 8],
+        f"{tmp_path / 'plain.pt'}: its weights do not fit arch preact18 with 10 classes, width 1: missing key "
+        "1.6.bn1.weight (and 20 more)",
+    )
+    expect_error(capsys, [*plain, "--arch", "wrn16", "--width", 2, "--eps", 8], "width 2: missing key 1.0.short.weight")
+    torch.save({**plain_net("wrn16").state_dict(), "head.weight": torch.zeros(3, 2)}, tmp_path / "extra.pt")
+    expect_error(
+        capsys,
+        [tmp_path / "extra.pt", "--arch", "wrn16", "--width", 1, "--eps", 8, *QUICK],
+        "with 3 classes, width 1: unexpected key head.weight",
+    )
+    torch.save(plain_net("wrn16", 100).state_dict(), tmp_path / "c100.pt")
+    expect_error(
+        capsys,
+        [tmp_path / "c100.pt", "--arch", "wrn16", "--width", 1, "--eps", 8, "--dataset", "synthetic", *QUICK],
+        "--dataset synthetic has 10 classes, the weights 100",
+    )
+    expect_error(
+        capsys,
+        [ckpt, "--arch", "wrn16", "--width", 1, "--eps", 8, *QUICK],
+        f"--arch, --width would do nothing: {ckpt} is a train.py checkpoint, which names its own arch, width and "
+        "normalization (drop --arch, --width)",
+    )
+    # the file that evaluate() reads again is the one prepare() checked
+    args = plain_args(tmp_path / "plain.pt", "wrn16", "--dataset", "synthetic")
+    e = attack.prepare(str(tmp_path / "plain.pt"), args)
+    os.utime(tmp_path / "plain.pt", ns=(0, 0))
+    with pytest.raises(ValueError, match="plain.pt changed after it was checked: rerun to evaluate it as it is now"):
+        attack.model_of(str(tmp_path / "plain.pt"), e, args)
+
+
+def test_normalize_takes_a_named_set_or_mean_and_std() -> None:
+    mean, std, normalization = *models.STATS["cifar100"], attack.flags.normalization
+    assert normalization("cifar100") == (f"cifar100 (mean {mean}, std {std})", mean, std)
+    assert normalization("0.5/0.25")[1:] == ((0.5,) * 3, (0.25,) * 3) and normalization(None) is None
+    assert normalization("0.1,0.2,0.3/1,2,3")[1:] == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    for bad in ("imagenet", "0.5", "0.5/0", "0.5,0.5/1", "0.5/1/1", "a/b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="takes none, cifar10, cifar100 or MEAN/STD"):
+            normalization(bad)
+
+
+def test_one_model_is_on_the_device_at_a_time(ckpt: Path, tmp_path: Path, monkeypatch, few_steps) -> None:
+    """Every checkpoint is checked before the first evaluation, but its model is built only for its own and freed
+    after (by reference counting: no garbage collection needed): while the second is evaluated, the first's model
+    is gone."""
+    import weakref
+
+    built, alive, loaded, attacks = [], [], models.from_checkpoint, attack.autoattack
+
+    def build(*a, **k):
+        built.append(weakref.ref(model := loaded(*a, **k)))
+        return model
+
+    def measure(*a, **k):
+        alive.append(sum(r() is not None for r in built))
+        return attacks(*a, **k)
+
+    monkeypatch.setattr(models, "from_checkpoint", build)
+    monkeypatch.setattr(attack, "autoattack", measure)
+    run(
+        ckpt, ckpt.parent / "best.pt", "--n", 4, "--bs", 4, "--device", "cpu", "--attacks", "apgd-ce", "--out", tmp_path
+    )
+    assert len(built) == 2 and alive == [1, 1]
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:

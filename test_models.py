@@ -122,3 +122,51 @@ def test_load_rebuilds_in_eval_mode_and_refuses_clearly(tmp_path) -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             models.load(str(tmp_path / name))
+
+
+def test_mismatch_names_the_first_key_at_fault() -> None:
+    model = models.ARCHS["wrn16"](10, 2)
+    weights = model.state_dict()
+    assert models.mismatch(model, weights) is None
+    fewer = {k: v for k, v in weights.items() if k != "1.0.short.weight"}
+    assert models.mismatch(model, {**fewer, "fc.weight": torch.zeros(1)}) == (
+        "missing key 1.0.short.weight, unexpected key fc.weight"
+    )
+    wider = models.ARCHS["wrn16"](10, 3).state_dict()
+    said = models.mismatch(model, wider)
+    assert said == "1.0.conv1.weight is [48, 16, 3, 3] in the file, [32, 16, 3, 3] in the model"
+
+
+def test_read_state_dict_takes_the_forms_others_save_and_refuses_clearly(tmp_path) -> None:
+    """A state_dict with torch.compile's and DataParallel's prefixes and without BatchNorm's batch counts (older
+    torch); one of build()'s model, normalization inside: the file's; the refusals, each naming what is wrong."""
+    torch.manual_seed(0)
+    net = models.ARCHS["wrn16"](100, 1).eval()
+    old = {f"module._orig_mod.{k}": v for k, v in net.state_dict().items() if "num_batches_tracked" not in k}
+    torch.save(old, tmp_path / "old.pt")
+    ckpt = models.read_state_dict(str(tmp_path / "old.pt"), "wrn16", 1)
+    said = (ckpt["num_classes"], ckpt["dataset"], ckpt["eps"], ckpt["mean"], ckpt["std"])
+    assert said == (100, "cifar100", None, [0.0] * 3, [1.0] * 3)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(models.from_checkpoint(ckpt)(x), net(x))
+    full = models.build("wrn16", 10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), width=1).eval()
+    torch.save(full.state_dict(), tmp_path / "full.pt")
+    ckpt = models.read_state_dict(str(tmp_path / "full.pt"), "wrn16", 1)
+    assert ckpt["assumed"]["normalization"] == "the file's (mean (0.5, 0.4, 0.3), std (0.2, 0.25, 0.3))"
+    with torch.no_grad():
+        assert torch.equal(models.from_checkpoint(ckpt)(x), full(x))
+    torch.save(torch.zeros(1), tmp_path / "tensor.pt")
+    torch.save({"state_dict": {"0.weight": torch.zeros(3, 3, 3, 3)}}, tmp_path / "conv.pt")
+    models.save(dict(model=full.state_dict(), arch="wrn16", width=1, num_classes=10, mean=[0.5] * 3,
+                     std=[0.25] * 3, eps=8, dataset="synthetic"), str(tmp_path / "train.pt"))  # fmt: skip
+    for name, normalize, message in [
+        ("full.pt", ("none", (0,) * 3, (1,) * 3), "--normalize would do nothing: .*full.pt holds its own mean and std"),
+        ("tensor.pt", None, "holds no state_dict"),
+        ("conv.pt", None, "holds no linear layer"),
+        ("train.pt", None, "--arch would do nothing: .*train.pt is a train.py checkpoint"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            models.read_state_dict(str(tmp_path / name), "wrn16", 1, normalize)
+    with pytest.raises(ValueError, match="classes.pt: its weights do not fit arch wrn16 with 100 classes, width 1: "):
+        models.fits(dict(ckpt, num_classes=100), str(tmp_path / "classes.pt"))
