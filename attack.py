@@ -430,7 +430,7 @@ def attack_label(s: dict, unit: str = "", threat: bool = False) -> str:
     and, with `threat`, the norm and radius; e.g. `APGD-CE % (n=20, standard's settings)` or `AutoAttack %
     (standard, n=10000)`."""
     name, version = attack_name(s), s.get("version", "standard")
-    how = [f"{s['norm']} {s['eps']}"] * threat + [f"n={s['n']}"]
+    how = [f"{s.get('norm')} {s.get('eps')}"] * (threat and "norm" in s) + [f"n={s['n']}"]
     how = [version, *how] if name == "AutoAttack" else [*how, f"{version}'s settings"]
     return f"{name}{unit} ({', '.join(how)})"
 

@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import runner
@@ -229,3 +230,8 @@ def figures(out: Path, groups: dict, robust: str) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout(), fig.savefig(out / "margins.png", dpi=120), plt.close(fig)
+
+
+if __name__ == "__main__":  # compare.py's module, not a script: it says so, and which command writes the table
+    cli.parser(__doc__ + "\n\n    python results/compare.py --table --out GRID   # writes them").parse_args()
+    sys.exit("compare_table.py: error: compare.py writes the table: python results/compare.py --table --out GRID")
