@@ -329,6 +329,7 @@ def test_slurm_runs_the_grid_and_a_requeued_job_continues(grid: Path, slurm_clus
     slurm = ["--slurm", "--wait", "--partition", slurm_cluster.partition, "--gpus-per-run", "0", "--cpus-per-run", "1"]
     argv = [*GRID[: GRID.index("--seeds") + 1], "0", *GRID[GRID.index("--seeds") + 2 :]]
     p = start("--out", "c", *slurm, "--mem", "1G", *argv, cwd=grid)
+    assert p.stdout.readline().startswith(f"2 of 2 runs to run in {grid / 'c'} (OMP_NUM_THREADS 1, as exported here)")
     submitted = p.stdout.readline()
     assert submitted.startswith("submitted 2 runs: SLURM jobs "), submitted
     job = submitted.split()[-1]  # sovr-s0's, the array's second task
@@ -371,10 +372,10 @@ def test_failed_runs_are_reported_with_their_last_line_and_the_exit_code(tmp_pat
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 1
     said = "s: train.py: error: --batch 4096 is larger than the 256 training images (log: {})"
-    failed = sorted(ln for ln in out.splitlines() if " failed (2) in " in ln)  # a line per failed link
+    failed = sorted(ln for ln in out.splitlines() if " train.py failed (1) in " in ln)  # a line per failed link
     for ln, loss in zip(failed, ("ce", "sovr"), strict=True):
         log = tmp_path / "f" / f"synthetic-resnet18-{loss}-s0" / "console.log"
-        assert ln.startswith(f"synthetic-resnet18-{loss}-s0: train.py failed (2) in ") and ln.endswith(said.format(log))
+        assert ln.startswith(f"synthetic-resnet18-{loss}-s0: train.py failed (1) in ") and ln.endswith(said.format(log))
     assert out.splitlines()[-1].endswith("2 runs failed: synthetic-resnet18-ce-s0, synthetic-resnet18-sovr-s0")
     assert "**Partial grid: 0 of 2 runs have finished every link**" in (tmp_path / "f" / "table.md").read_text()
 

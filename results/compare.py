@@ -410,7 +410,7 @@ def launch(args, grid: dict, out: Path, found: list[dict], gpus: list[str]) -> i
         failed = [Path(n).name for n, rc in rcs.items() if rc]
     table(grid, out, found)
     done = sum(all(runner.finished(d) for d, _ in r["links"]) for r in found)
-    said = f"{done} of {len(found)} runs done, {len(todo)} run in {time.time() - t0:.0f}s; wrote {out / 'table.md'}"
+    said = f"{done} of {len(found)} runs done; ran {len(todo)} in {time.time() - t0:.0f}s; wrote {out / 'table.md'}"
     print(said + (f"; {len(failed)} runs failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
 

@@ -71,7 +71,7 @@ def where() -> str:
         return f"SLURM job {'_'.join(array) if all(array) else env('SLURM_JOB_ID')}"
     gpus, threads = env("CUDA_VISIBLE_DEVICES"), env("OMP_NUM_THREADS")
     device = "" if gpus is None else f"GPU{'s' * (',' in gpus)} {gpus}" if gpus else "the CPU"
-    return device + (f", {threads} threads" if device and threads else "")
+    return device + (f", {threads} thread{'s' * (threads != '1')}" if device and threads else "")
 
 
 def link_name(cmd: list[str]) -> str:
