@@ -5,7 +5,12 @@
     python results/compare.py --slurm --partition gpu --time 12:00:00    # one SLURM array job per run (submitit)
     python results/compare.py --status            # a line per run: done / running / stopped / waiting / failed
     python results/compare.py --table             # table.md, table.csv, aa.png, margins.png from what finished
-    python results/compare.py --losses ce,sovr --seeds 0 --points 20 --attacks apgd-ce -- --dataset synthetic
+    python results/compare.py --losses ce,sovr --seeds 0 --points 20 --attacks apgd-ce --train-points 64 \\
+        --sweep-points 0 --jobs 2 -- --smoke     # small: about 90 s on a 2-core CPU
+
+While a grid runs it prints a line as each link starts (where: GPU, CPU slot or SLURM job), ends (its time and
+figure) or fails (its log's last line and path), and a summary at the end. An exported OMP_NUM_THREADS is every
+run's; an unset one is filled with the cores shared out among the runs at once.
 
 A run is (dataset, arch, loss, seed) in <out>/<dataset>-<arch>-<objective>-s<seed>/ (train.py's name) and the
 chain: train.py --resume auto; attack.py on best.pt (standard AutoAttack, or --attacks/--points); attack.py on
