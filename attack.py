@@ -443,6 +443,36 @@ def sweep_verdict(acc: dict[str, float], pgd: dict) -> tuple[bool, str]:
     return True, f"sweep: holds (acc falls to {acc[last]:.1%} at {last}; {steps})"
 
 
+# The package's attack set of each version (pyautoattack 0.2.0's and upstream's _set_version): a figure is called
+# AutoAttack only when its version's full set ran
+VERSION_ATTACKS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+NAMES = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "fab": "FAB", "fab-t": "FAB-T"}
+
+
+def attack_name(s: dict) -> str:
+    """What made a robust accuracy, from its settings: `AutoAttack` only when the version's full attack set ran
+    (--version alone, or --attacks naming all of them), else the attacks that ran, e.g. `APGD-CE+APGD-T`. The one
+    place that decides it: the summary line, the model card, compare.py's table and figure, late.py and study.py."""
+    ran, version = s["mode"].split("+"), s.get("version", "standard")
+    if s["mode"] == version or set(ran) == set(VERSION_ATTACKS.get(version, ())):
+        return "AutoAttack"
+    return "+".join(NAMES.get(a, a.capitalize()) for a in ran)
+
+
+def attack_label(s: dict, unit: str = "", threat: bool = False) -> str:
+    """attack_name with what else its figure depends on: the points, the version (a subset runs with its settings)
+    and, with `threat`, the norm and radius; e.g. `APGD-CE % (n=20, standard's settings)` or `AutoAttack %
+    (standard, n=10000)`."""
+    name, version = attack_name(s), s.get("version", "standard")
+    how = [f"{s.get('norm')} {s.get('eps')}"] * (threat and "norm" in s) + [f"n={s['n']}"]
+    how = [version, *how] if name == "AutoAttack" else [*how, f"{version}'s settings"]
+    return f"{name}{unit} ({', '.join(how)})"
+
+
 def line(path: str, res: dict) -> str:
     """What a run prints of its result, and a rerun of a finished one."""
     s, on = res["settings"], f" on {res['settings']['processes']} processes" * (res["settings"]["processes"] > 1)
@@ -451,7 +481,7 @@ def line(path: str, res: dict) -> str:
     elif s["mode"] == "sweep":
         what = f"{s['norm']}, n={s['n']}, {res['sweep_verdict']}"
     else:
-        what = f"AutoAttack ({s['mode']}, {s['norm']} {s['eps']}, n={s['n']}) {res['robust_acc']:.2%}"
+        what = f"{attack_label(s, threat=True)} {res['robust_acc']:.2%}"
     k = len(res.get("checks", []))
     warned = f", {k} warning{'s' * (k > 1)} of AutoAttack's checks (the JSON's checks)" * (k > 0)
     return f"{path}{assumed(s)}: clean {res['clean_acc']:.2%}, {what}{warned}, {res['time_s']:.0f}s{on}"
@@ -504,8 +534,9 @@ def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
         eps=eps,
         eps_str=s["eps"],
         clean_acc=res["clean_acc"],
-        autoattack_acc=res["robust_acc"],
-        attacks=s["mode"],
+        robust_acc=res["robust_acc"],
+        autoattack_acc=res["robust_acc"] if attack_name(s) == "AutoAttack" else None,  # not a subset's figure
+        attacks=attack_label(s),
         n_points=s["n"],
         architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
         params=sum(p.numel() for p in model.parameters()),

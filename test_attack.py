@@ -405,8 +405,9 @@ def test_model_card_has_what_robustbench_asks(ckpt: Path, few_steps) -> None:
         eps=8 / 255,
         eps_str="8/255",
         clean_acc=res["clean_acc"],
-        autoattack_acc=res["robust_acc"],
-        attacks="apgd-ce",
+        robust_acc=res["robust_acc"],
+        autoattack_acc=None,  # APGD-CE alone is not AutoAttack
+        attacks="APGD-CE (n=24, standard's settings)",
         n_points=24,
         architecture="wrn16 width 1",
         params=sum(p.numel() for p in model.parameters()),
@@ -780,7 +781,7 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
         )
         ref += robust.int().tolist()
     assert res["settings"]["processes"] == 2 and res["clean"] == clean.int().tolist() and res["robust"] == ref
-    assert 0 < sum(ref) < sum(res["clean"]) and res["robustbench"]["autoattack_acc"] == res["robust_acc"]
+    assert 0 < sum(ref) < sum(res["clean"]) and res["robustbench"]["robust_acc"] == res["robust_acc"]
     assert not list(tmp_path.glob("*.state*"))
     # rank 1 was interrupted after apgd-ce, having lost every point (and no result was written): only its shard
     # resumes from that

@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import os
+import runpy
 import shlex
 import shutil
 import signal
@@ -88,7 +89,7 @@ def test_grid_end_to_end_writes_table_and_figures(grid: Path, here, monkeypatch)
     drawn = []
     monkeypatch.setattr(plt, "close", drawn.append)
     here(grid, "--table", "--out", "a")  # the same table again, its figures kept to look at
-    assert [f.axes[0].get_ylabel() for f in drawn] == ["AutoAttack accuracy %", "points"]
+    assert [f.axes[0].get_ylabel() for f in drawn] == ["APGD-CE accuracy % (n=8, standard's settings)", "points"]
     assert all(float(t).is_integer() for ax in drawn[1].axes for t in ax.get_yticks())  # points counted whole
 
 
@@ -328,6 +329,7 @@ def test_slurm_runs_the_grid_and_a_requeued_job_continues(grid: Path, slurm_clus
     slurm = ["--slurm", "--wait", "--partition", slurm_cluster.partition, "--gpus-per-run", "0", "--cpus-per-run", "1"]
     argv = [*GRID[: GRID.index("--seeds") + 1], "0", *GRID[GRID.index("--seeds") + 2 :]]
     p = start("--out", "c", *slurm, "--mem", "1G", *argv, cwd=grid)
+    assert p.stdout.readline().startswith(f"2 of 2 runs to run in {grid / 'c'} (OMP_NUM_THREADS 1, as exported here)")
     submitted = p.stdout.readline()
     assert submitted.startswith("submitted 2 runs: SLURM jobs "), submitted
     job = submitted.split()[-1]  # sovr-s0's, the array's second task
@@ -369,8 +371,11 @@ def test_failed_runs_are_reported_with_their_last_line_and_the_exit_code(tmp_pat
     p = start(*argv, "--", "--smoke", "--batch", "4096", cwd=tmp_path)  # train.py accepts it, then has too few images
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 1
-    said = "failed: train.py: error: --batch 4096 is larger than the 256 training images"
-    assert sorted(out.splitlines()[:2]) == [f"synthetic-resnet18-{loss}-s0: {said}" for loss in ("ce", "sovr")]
+    said = "s: train.py: error: --batch 4096 is larger than the 256 training images (log: {})"
+    failed = sorted(ln for ln in out.splitlines() if " train.py failed (1) in " in ln)  # a line per failed link
+    for ln, loss in zip(failed, ("ce", "sovr"), strict=True):
+        log = tmp_path / "f" / f"synthetic-resnet18-{loss}-s0" / "console.log"
+        assert ln.startswith(f"synthetic-resnet18-{loss}-s0: train.py failed (1) in ") and ln.endswith(said.format(log))
     assert out.splitlines()[-1].endswith("2 runs failed: synthetic-resnet18-ce-s0, synthetic-resnet18-sovr-s0")
     assert "**Partial grid: 0 of 2 runs have finished every link**" in (tmp_path / "f" / "table.md").read_text()
 
@@ -425,3 +430,165 @@ def test_the_important_points_are_at_least_one_ties_lower_index_first() -> None:
         compare_table.smallest([1.0, 0.0, 0.0, 0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
         == [False, True, True, True] + [False] * 6
     )
+
+
+@pytest.mark.parametrize(
+    "mode, version, name",
+    [
+        ("standard", "standard", "AutoAttack"),
+        ("apgd-ce+apgd-t+fab-t+square", "standard", "AutoAttack"),  # --attacks naming the full set
+        ("apgd-ce", "standard", "APGD-CE"),
+        ("apgd-ce+apgd-t", "standard", "APGD-CE+APGD-T"),
+        ("apgd-ce+apgd-dlr", "rand", "AutoAttack"),  # rand's full set
+        ("apgd-ce+apgd-dlr", "standard", "APGD-CE+APGD-DLR"),
+        ("apgd-ce+apgd-t+fab-t+square", "plus", "APGD-CE+APGD-T+FAB-T+Square"),
+    ],
+)
+def test_a_figure_is_called_autoattack_only_when_the_versions_full_attack_set_ran(mode, version, name) -> None:
+    import attack
+
+    s = dict(mode=mode, version=version, n=20, norm="Linf", eps="8/255")
+    assert attack.attack_name(s) == name
+    how = f"{version}, n=20" if name == "AutoAttack" else f"n=20, {version}'s settings"
+    assert attack.attack_label(s, " %") == f"{name} % ({how})"
+    assert attack.attack_label(s, threat=True) == f"{name} ({how.replace('n=20', 'Linf 8/255, n=20')})"
+
+
+def finished_by_hand(r: dict, robust: float) -> None:
+    """A run's files as its links leave them (train.py's log, attack.py's two results, the margins), written here:
+    the table reads nothing else."""
+    best = dict(epoch=2, test_clean=0.5, test_pgd=0.3)
+    recs = [dict(epoch=1, time=1.0), dict(final=dict(best=best, last=best))]
+    (r["run"] / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    s = dict(n=4, eps="8/255", norm="Linf", mode="apgd-ce", version="standard")
+    res = dict(settings=s, clean_acc=0.5, robust_acc=robust, time_s=2.0, versions=dict(torch="2"), checks=[])
+    res |= dict(clean=[1, 1, 0, 0], robust_after={"apgd-ce": robust})
+    for ckpt in ("best", "last"):
+        (r["run"] / f"{ckpt}.apgd-ce-Linf-eps8-n4-seed0.json").write_text(json.dumps(res))
+    margins = dict(train=[0.5, -0.5, 1.0, 2.0], test=[0.4, -0.1, -1.0, 0.3], device="cpu")
+    runner.margins_path(r["run"] / "best.pt").write_text(json.dumps(margins))
+
+
+def test_a_table_of_apgd_ce_results_says_apgd_ce_not_autoattack(tmp_path: Path, monkeypatch) -> None:
+    """table.md's column, its note, table.csv and aa.png's axis name the attack, the points and the version whose
+    settings it ran with: APGD-CE alone is not AutoAttack."""
+    argv = ["--losses", "ce,sovr", "--seeds", "0", "--datasets", "synthetic", "--points", "4", "--attacks", "apgd-ce"]
+    grid = compare.grid_of(compare.get_args([*argv, "--sweep-points", "0"])[0])
+    found = compare.runs(grid, tmp_path, 0)
+    for r, robust in zip(found, (0.25, 0.0)):
+        r["run"].mkdir()
+        finished_by_hand(r, robust)
+    plt = pytest.importorskip("matplotlib.pyplot")
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)
+    md = compare_table.table(grid, tmp_path, found)
+    assert md == (tmp_path / "table.md").read_text().rstrip("\n") and "Partial" not in md
+    label = "APGD-CE % (n=4, standard's settings)"
+    assert f"| PGD-20 % | {label} | PGD-20 - APGD-CE |" in md and "s per APGD-CE" in md
+    assert f"{label}: APGD-CE alone, not AutoAttack (standard AutoAttack runs APGD-CE, APGD-T, FAB-T, Square)." in md
+    assert "AA" not in md and "| **sovr** | 1 of 1 | 50.0 | 25.0 | 0.0 |" in md
+    assert [r["attacks"] for r in table_rows(tmp_path)] == ["APGD-CE (n=4, standard's settings)"] * 2
+    assert drawn[0].axes[0].get_ylabel() == "APGD-CE accuracy % (n=4, standard's settings)"
+
+
+FAKE_ATTACK = """import json, sys
+s = dict(n=4, eps="8/255", norm="Linf", mode="apgd-ce", version="standard")
+print("after apgd-ce: robust accuracy 25.00%")
+json.dump(dict(settings=s, clean_acc=0.5, robust_acc=0.25), open(sys.argv[1] + ".apgd-ce-n4.json", "w"))
+"""
+
+
+def test_each_link_is_a_line_when_it_starts_and_when_it_ends(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Started (run, link, where: the slot's GPUs and threads), finished (its time and figure, named by what ran),
+    failed (its log's last line and the log's path): read from the markers runner.link writes, as the grid runs."""
+    run, scripts = tmp_path / "synthetic-resnet18-ce-s0", tmp_path / "bin"
+    run.mkdir(), scripts.mkdir()
+    (scripts / "attack.py").write_text(FAKE_ATTACK)
+    (scripts / "train.py").write_text("import sys\nprint('epoch 1')\nsys.exit('train.py: error: out of memory')\n")
+    best, log = str(run / "best.pt"), str(run / "console.log")
+    attack_cmd = [sys.executable, str(scripts / "attack.py"), best, "--attacks", "apgd-ce"]
+    train_cmd = [sys.executable, str(scripts / "train.py"), "--loss", "ce"]
+    r = dict(run=run, links=[(str(run), train_cmd), (best + ".apgd-ce-n4.json", attack_cmd)], eval_steps=2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    with compare.Watch([r]):
+        assert runner.link(log, r["links"][1][0], attack_cmd) == 0
+        assert runner.link(log, str(run), train_cmd) == 1
+    out = [ln.split(" in ", 1)[0] if " in " in ln else ln for ln in capsys.readouterr().out.splitlines()]
+    name = "synthetic-resnet18-ce-s0: "
+    assert [ln.removeprefix(name) for ln in out] == [
+        "attack.py best.pt --attacks apgd-ce started on GPU 3, 4 threads",
+        "attack.py best.pt --attacks apgd-ce done",
+        "train.py started on GPU 3, 4 threads",
+        "train.py failed (1)",
+    ]
+    lines = runner.log_lines(log)
+    event = compare.event(r, next(ln for ln in lines if ln.startswith("done in ")))
+    assert event.endswith(": clean 50.00%, APGD-CE (n=4, standard's settings) 25.00%"), event
+    event = compare.event(r, lines[-1])
+    assert event.endswith(f"s: train.py: error: out of memory (log: {log})"), event
+
+
+def test_status_names_the_link_a_running_run_is_on(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    links = [
+        (str(run), ["python", "train.py", "--loss", "ce"]),
+        (str(run / "x*.json"), ["python", "attack.py", "b.pt"]),
+    ]
+    (run / "console.log").write_text(f"$ {shlex.join(links[0][1])}\ndone in 3s: x\n$ {shlex.join(links[1][1])}\n")
+    (run / "running").write_text(f"{os.uname().nodename} {os.getpid()} GPU 1, 2 threads\n")
+    said = runner.state(links, run / "console.log")
+    assert said == "running attack.py b.pt standard AutoAttack (link 2 of 2) on GPU 1, 2 threads"
+    (run / "running").write_text(f"elsewhere {os.getpid()} SLURM job 7_1\n")
+    said = runner.state(links, run / "console.log")
+    assert said == "running attack.py b.pt standard AutoAttack (link 2 of 2) on SLURM job 7_1, host elsewhere"
+
+
+def test_an_exported_omp_num_threads_is_kept_and_said_and_only_an_unset_one_filled(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A thread count changes results in their last digits: the user's is every run's, said once."""
+    where = []
+    monkeypatch.setattr(runner, "run_local", lambda lines, slots, report: where.append(slots) or {})
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--losses", "ce", "--seeds", "0", "--datasets", "synthetic", "--gpus-per-run", "0", "--jobs", "2"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert compare.main(["--out", "a", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "(OMP_NUM_THREADS=1 from your environment, kept for every run)" in out.splitlines()[0]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert compare.main(["--out", "b", *argv]) == 0
+    assert "(OMP_NUM_THREADS unset: 8 per process, the cores shared out)" in capsys.readouterr().out.splitlines()[0]
+    assert [[w["OMP_NUM_THREADS"] for w in slots] for slots in where] == [["1", "1"], ["8", "8"]]
+
+
+SCRIPTS = sorted(
+    p.relative_to(REPO)
+    for p in [*REPO.glob("*.py"), *REPO.glob("results/*.py")]
+    if "__main__" in p.read_text() and not p.name.startswith(("test_", "conftest"))
+)
+
+
+def tracked() -> tuple[str, list[int]]:
+    """git status, and when each tracked file was last written: a script that rewrote one, even unchanged, shows."""
+    git = ["git", "-C", str(REPO)]
+    status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout
+    files = subprocess.run([*git, "ls-files"], capture_output=True, text=True).stdout.split()
+    return status, [os.stat(REPO / f).st_mtime_ns for f in files if (REPO / f).exists()]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=str)
+def test_every_script_answers_help_and_runs_nothing(script: Path, monkeypatch, capsys) -> None:
+    """As `python SCRIPT --help` runs it (runpy, in this process: no interpreter to start): its usage, exit 0, and
+    no file of the repository written or added."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    before = tracked()
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), "--help"])
+    monkeypatch.setattr(sys, "path", [str((REPO / script).parent), *sys.path])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    assert e.value.code in (0, None) and capsys.readouterr().out.startswith("usage: ")
+    assert tracked() == before

@@ -5,7 +5,12 @@
     python results/compare.py --slurm --partition gpu --time 12:00:00    # one SLURM array job per run (submitit)
     python results/compare.py --status            # a line per run: done / running / stopped / waiting / failed
     python results/compare.py --table             # table.md, table.csv, aa.png, margins.png from what finished
-    python results/compare.py --losses ce,sovr --seeds 0 --points 20 --attacks apgd-ce -- --dataset synthetic
+    python results/compare.py --losses ce,sovr --seeds 0 --points 20 --attacks apgd-ce --train-points 64 \\
+        --sweep-points 0 --jobs 2 -- --smoke     # small: about 90 s on a 2-core CPU
+
+While a grid runs it prints a line as each link starts (where: GPU, CPU slot or SLURM job), ends (its time and
+figure) or fails (its log's last line and path), and a summary at the end. An exported OMP_NUM_THREADS is every
+run's; an unset one is filled with the cores shared out among the runs at once.
 
 A run is (dataset, arch, loss, seed) in <out>/<dataset>-<arch>-<objective>-s<seed>/ (train.py's name) and the
 chain: train.py --resume auto; attack.py on best.pt (standard AutoAttack, or --attacks/--points); attack.py on
@@ -25,20 +30,34 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import statistics
 import sys
+import threading
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import runner  # noqa: E402  (the one launcher of results/)
-from compare_table import table  # noqa: E402
+from compare_table import result, table  # noqa: E402
 
 import cli  # noqa: E402
+import runlog  # noqa: E402
 
 LOSSES = "ce,trades,mart,mail,gairat,sovr,trades-sovr,ovr"
 LAST_ATTACKS = "apgd-ce,apgd-t"  # last.pt's cheap check; standard AA runs them first, so best.pt's figure is in it
+
+
+MODES = {  # compare.py's switches, as --help says them
+    "dry-run": "print each run's self-contained shell line (its links joined by &&), one a line; run nothing",
+    "status": "a line per run of the grid in --out: done / running (which link, where) / stopped / waiting / failed",
+    "table": "write table.md, table.csv, aa.png and margins.png from the finished links; run nothing",
+    "slurm": "submit one SLURM array job per unfinished run through submitit (see the SLURM flags below)",
+    "wait": "with --slurm: wait for the jobs, printing their links' events, then write the table",
+}
 
 
 def get_args(argv: list[str]):
@@ -56,8 +75,8 @@ def get_args(argv: list[str]):
     a("--out", default="runs/compare", help="the grid's folder (default runs/compare)")
     a("--gpus-per-run", type=int, default=1, help="GPUs per run, through torchrun when > 1; 0: CPU (default 1)")
     a("--jobs", type=int, default=1, help="runs at a time without a GPU (default 1)")
-    for flag in ("dry-run", "status", "table", "slurm", "wait"):
-        a(f"--{flag}", action="store_true", help={"wait": "with --slurm: wait for the jobs, then --table"}.get(flag))
+    for flag, said in MODES.items():
+        a(f"--{flag}", action="store_true", help=said)
     s = p.add_argument_group("SLURM (with --slurm)").add_argument
     s("--partition"), s("--time", default="24:00:00", help="per job, HH:MM:SS (default 24:00:00)")
     s("--cpus-per-run", type=int, default=8), s("--mem", default=None, help="per job, e.g. 64G")
@@ -156,6 +175,7 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
             links.append(evaluation(run / "best.pt", ["--sweep"], "sweep", str(sweep), launch))
         found.append(
             dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, data=t.data_dir, links=links)
+            | dict(eval_steps=t.eval_steps)
         )
     names = [r["run"] for r in found]
     if len(set(names)) < len(names):
@@ -301,32 +321,115 @@ def setup(args) -> tuple[dict, Path, list[dict], list[str]]:
     return grid, out, found, gpus
 
 
+class Watch:
+    """One line per event of the runs' links while a grid runs, read from the markers runner.link writes in each
+    console.log (so the same for the local queue and SLURM): a link started and where (runner.where: GPU, CPU or
+    SLURM job), finished (its time and headline figure) or failed (its log's last line and the log's path)."""
+
+    def __init__(self, todo: list[dict]) -> None:
+        self.todo, self.stop = todo, threading.Event()
+        self.seen = {str(r["run"]): len(marks(r["run"] / "console.log")) for r in todo}  # a rerun's old lines
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+
+    def __enter__(self) -> "Watch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.scan()  # what the last links wrote as they ended
+
+    def poll(self) -> None:
+        while not self.stop.wait(1):
+            self.scan()
+
+    def scan(self) -> None:
+        for r in self.todo:
+            new = marks(r["run"] / "console.log")
+            for mark in new[self.seen[str(r["run"])] :]:
+                print(f"{r['run'].name}: {event(r, mark)}", flush=True)
+            self.seen[str(r["run"])] = len(new)
+
+
+def marks(log: Path) -> list[str]:
+    """runner.link's marker lines in a log, whole lines only (one being written waits for the next look)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [ln for ln in text.split("\n")[:-1] if ln.startswith(runner.MARKS)]
+
+
+def event(r: dict, mark: str) -> str:
+    """The line of one marker: `$ CMD` (started, where), `done in Ns: CMD` or `failed (why) in Ns: CMD`."""
+    if mark.startswith("$ "):
+        flag = r["run"] / "running"
+        at = flag.read_text().split(maxsplit=2)[2:] if flag.exists() else []
+        return f"{runner.link_name(shlex.split(mark[2:]))} started" + (f" on {at[0].strip()}" if at else "")
+    said, cmd = mark.split(": ", 1)
+    k = next((k for k, (_, c) in enumerate(r["links"]) if shlex.join(c) == cmd), None)
+    name = runner.link_name(shlex.split(cmd))
+    if said.startswith("done"):
+        return f"{name} {said}" + (f": {headline(r, k)}" if k is not None else "")
+    log = r["run"] / "console.log"
+    return f"{name} {said}: {runner.last_line(log)} (log: {log})"
+
+
+def headline(r: dict, k: int) -> str:
+    """A finished link's figure: train.py's test of best.pt, an attack's robust accuracy named by what ran
+    (attack.attack_label), the margins' means, the sweep's verdict."""
+    import attack
+
+    if k == 0:
+        best = (runlog.final(str(r["run"])) or {}).get("best", {})
+        clean, pgd = best.get("test_clean", math.nan), best.get("test_pgd", math.nan)
+        return f"test of best.pt (epoch {best.get('epoch')}): clean {clean:.2%}, PGD-{r['eval_steps']} {pgd:.2%}"
+    res = result(r["links"][k][0]) or {}
+    if "robust_acc" in res:
+        return f"clean {res['clean_acc']:.2%}, {attack.attack_label(res['settings'])} {res['robust_acc']:.2%}"
+    if "test" in res:
+        train, test = statistics.mean(res["train"]), statistics.mean(res["test"])
+        return f"mean PGD-20 margin {train:.2f} (training points), {test:.2f} (test points)"
+    return res.get("sweep_verdict", "")
+
+
 def launch(args, grid: dict, out: Path, found: list[dict], gpus: list[str]) -> int:
-    """Runs (or submits) every unfinished run, then writes the table; 1 if a run failed."""
-    todo = [r for r in found if not all(runner.finished(d) for d, _ in r["links"])]
+    """Runs (or submits) every unfinished run, a line per event of their links (Watch), then writes the table and
+    a summary line; 1 if a run failed."""
+    todo, t0 = [r for r in found if not all(runner.finished(d) for d, _ in r["links"])], time.time()
     fetch(todo, args.prog)
     for r in found:
         r["run"].mkdir(parents=True, exist_ok=True)
     runner.write_json(grid, out / "grid.json")
+    print(f"{len(todo)} of {len(found)} runs to run in {out}" + (f" ({threads(gpus, args)})" * bool(todo)), flush=True)
     if args.slurm:
         jobs = slurm(args, todo) if todo else []
         print(f"submitted {len(jobs)} runs: SLURM jobs {' '.join(j.job_id for j in jobs)}", flush=True)
         if not args.wait:
             return 0
-        failed = [r["run"].name for r, j in zip(todo, jobs) if j.exception() is not None]
+        with Watch(todo):
+            failed = [r["run"].name for r, j in zip(todo, jobs) if j.exception() is not None]
     else:
-
-        def report(run: str, rc: int) -> None:
-            said = "done" if rc == 0 else "stopped" if rc in runner.STOPPED else "failed"
-            said += f": {runner.last_line(Path(run) / 'console.log')}" * (rc != 0)
-            print(f"{Path(run).name}: {said}", flush=True)
-
         lines = {str(r["run"]): line(r) for r in todo}
-        where = runner.slots(gpus, args.gpus_per_run, args.jobs)
-        failed = [Path(n).name for n, rc in runner.run_local(lines, where, report).items() if rc]
+        where = runner.slots(gpus, args.gpus_per_run, args.jobs, int(os.environ.get("OMP_NUM_THREADS") or 0) or None)
+        with Watch(todo):
+            rcs = runner.run_local(lines, where, lambda run, rc: None)
+        failed = [Path(n).name for n, rc in rcs.items() if rc and rc not in runner.STOPPED]
     table(grid, out, found)
-    print(f"wrote {out / 'table.md'}" + (f"; {len(failed)} runs failed: {', '.join(failed)}" if failed else ""))
+    done = sum(all(runner.finished(d) for d, _ in r["links"]) for r in found)
+    said = f"{done} of {len(found)} runs done; ran {len(todo)} in {time.time() - t0:.0f}s; wrote {out / 'table.md'}"
+    print(said + (f"; {len(failed)} runs failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
+
+
+def threads(gpus: list[str], args) -> str:
+    """What the runs' OMP_NUM_THREADS is, said once: a value the user exported is kept (a thread count changes
+    results in their last digits); only an unset one is filled with the cores shared out (runner.slots)."""
+    mine = os.environ.get("OMP_NUM_THREADS")
+    if args.slurm:
+        return f"OMP_NUM_THREADS {mine}, as exported here" if mine else "OMP_NUM_THREADS as SLURM's job sets it"
+    if mine:
+        return f"OMP_NUM_THREADS={mine} from your environment, kept for every run"
+    fill = runner.slots(gpus, args.gpus_per_run, args.jobs)[0]["OMP_NUM_THREADS"]
+    return f"OMP_NUM_THREADS unset: {fill} per process, the cores shared out"
 
 
 def main(argv: list[str] | None = None) -> int:

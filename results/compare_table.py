@@ -10,10 +10,12 @@ import io
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import runner
 
+import attack
 import cli
 import runlog
 
@@ -22,7 +24,7 @@ COLS = ["clean", "pgd20", "aa", "gap", "last_minus_best", "train_imp", "train_re
 TIMES = ("s_epoch", "s_aa")
 # as attack.py's histogram: the margins files hold losses.worst_of's margin
 MARGIN = "logit margin $z_y - \\max_{k \\neq y} z_k$, the lower of clean and PGD-20"
-EXTRA = ["n", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit"]  # each row's provenance
+EXTRA = ["n", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit", "attacks"]  # each row's provenance
 SOUND = ["sweep", "checks"]  # whether best.pt's --sweep held; what AutoAttack's own checks said in its evaluations
 
 
@@ -52,6 +54,7 @@ def metrics(r: dict, ce: dict | None) -> dict:
     if aa:
         s = aa["settings"]
         res |= dict(clean=aa["clean_acc"], aa=aa["robust_acc"], n=s["n"], eps=s["eps"], s_aa=aa["time_s"])
+        res |= dict(attacks=attack.attack_label(s), settings=s)
         res["torch"] = aa["versions"]["torch"]
     if aa and last:  # the same attacks on both: last.pt's list, which best.pt's run also went through
         res["last_minus_best"] = last["robust_acc"] - aa["robust_after"].get(list(last["robust_after"])[-1], math.nan)
@@ -82,8 +85,8 @@ def fmt(vals: list, col: str) -> str:
 HEAD = [
     "clean %",
     "PGD-20 %",
-    "AA %",
-    "PGD-20 - AA",
+    "{robust}",  # attacked(): AutoAttack only when the version's full attack set ran
+    "PGD-20 - {name}",
     "last - best, same attacks",
     "train margin, important",
     "train margin, other",
@@ -108,22 +111,7 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
             [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(m[k] for k in COLS + EXTRA + SOUND)]
         )
     runlog.write(str(out / "table.csv"), csv_text.getvalue())
-    lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
-    if len(complete) < len(found):
-        lines += [
-            f"**Partial grid: {len(complete)} of {len(found)} runs have finished every link**; a cell counts "
-            "only the finished links of its runs (seeds: runs with a figure of their own, of those in the grid).",
-            "",
-        ]
-    lines += [
-        "Per loss, mean ± std over seeds, then each seed; important points: the 30% smallest margins under the "
-        "same seed's ce run (best.pt). Paired: minus ce, same seed.",
-        "",
-    ]
-    lines += [
-        "| loss | seeds | " + " | ".join(HEAD) + " | n | eps | GPU | s/epoch | s per AA | torch | commit |",
-        "|---" * (len(HEAD) + 9) + "|",
-    ]
+    lines = header(grid, found, len(complete))
     groups: dict = {}
     for r in found:
         groups.setdefault((r["dataset"], r["arch"], r["loss"]), []).append(r)
@@ -150,8 +138,43 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
             lines.append(f"| {pre} - ce, paired | {n} | " + " | ".join(cells) + " |" + " |" * 8)
     lines += warned(found)
     runlog.write(str(out / "table.md"), "\n".join(lines) + "\n")
-    figures(grid, out, groups)
+    figures(out, groups, attack.attack_label(attacked(grid, found), " accuracy %"))
     return "\n".join(lines)
+
+
+def header(grid: dict, found: list[dict], complete: int) -> list[str]:
+    """table.md's lines above its rows: what the grid is, how much of it finished, and what each column measured;
+    a robust accuracy is called AutoAttack only when the version's full attack set ran (attack.attack_name)."""
+    lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
+    if complete < len(found):
+        lines += [
+            f"**Partial grid: {complete} of {len(found)} runs have finished every link**; a cell counts "
+            "only the finished links of its runs (seeds: runs with a figure of their own, of those in the grid).",
+            "",
+        ]
+    lines += [
+        "Per loss, mean ± std over seeds, then each seed; important points: the 30% smallest margins under the "
+        "same seed's ce run (best.pt). Paired: minus ce, same seed.",
+        "",
+    ]
+    s = attacked(grid, found)
+    robust, name = attack.attack_label(s, " %"), attack.attack_name(s)
+    if name != "AutoAttack":
+        full = ", ".join(attack.NAMES.get(a, a.capitalize()) for a in attack.VERSION_ATTACKS["standard"])
+        lines += [f"{robust}: {name} alone, not AutoAttack (standard AutoAttack runs {full}).", ""]
+    head = [h.format(robust=robust, name=name) for h in HEAD]
+    return lines + [
+        "| loss | seeds | " + " | ".join(head) + f" | n | eps | GPU | s/epoch | s per {name} | torch | commit |",
+        "|---" * (len(HEAD) + 9) + "|",
+    ]
+
+
+def attacked(grid: dict, found: list[dict]) -> dict:
+    """The settings of the table's robust column: the first finished evaluation's, else the grid's own (its
+    --attacks or standard AutoAttack, with standard's settings, on --points test points)."""
+    s = next((r["m"]["settings"] for r in found if r["m"].get("settings")), None)
+    mode = (grid["attacks"] or "standard").replace(",", "+")
+    return s or dict(mode=mode, version="standard", n=grid["points"] or "all", norm="Linf", eps="?")
 
 
 def held(sel: list[dict]) -> str:
@@ -169,9 +192,10 @@ def warned(found: list[dict]) -> list[str]:
     return ["", head, *said] if said else []
 
 
-def figures(grid: dict, out: Path, groups: dict) -> None:
-    """aa.png: AutoAttack accuracy per loss, each seed a point; margins.png: the important points' margins per loss
-    (the first seed), training and test points."""
+def figures(out: Path, groups: dict, robust: str) -> None:
+    """aa.png: the robust accuracy (`robust`: attack.attack_label's, AutoAttack only when the full set ran) per loss,
+    each seed a point; margins.png: the important points' margins per loss (the first seed), training and test
+    points."""
     plt = cli.pyplot()
     if plt is None:
         return print("matplotlib is not installed: no figures (pip install matplotlib)")
@@ -185,7 +209,7 @@ def figures(grid: dict, out: Path, groups: dict) -> None:
             ax.hlines(statistics.mean(v), k - 0.3, k + 0.3, color="C1")
     many = len({k[:2] for k in groups}) > 1
     ax.set_xticks(range(len(groups)), [f"{k[2]} ({k[0]}, {k[1]})" if many else k[2] for k in groups], rotation=30)
-    ax.set(ylabel="AutoAttack accuracy %", title="each seed a point, their mean a line")
+    ax.set(ylabel=robust, title="each seed a point, their mean a line")
     ax.title.set_fontsize(9)
     written(plt, fig, out / "aa.png")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -217,3 +241,8 @@ def written(plt, fig, path: Path) -> None:
         runlog.png(fig, str(path), dpi=120)
     finally:
         plt.close(fig)
+
+
+if __name__ == "__main__":  # compare.py's module, not a script: it says so, and which command writes the table
+    cli.parser(__doc__ + "\n\n    python results/compare.py --table --out GRID   # writes them").parse_args()
+    sys.exit("compare_table.py: error: compare.py writes the table: python results/compare.py --table --out GRID")

@@ -2,6 +2,7 @@
 under CE, MAIL- and GAIRAT-weighted CE, OVR and SOVR, all trained from one adversarially pre-trained start.
 
     python results/mechanism.py          # seconds on a CPU; writes results/mechanism.png and mechanism.json
+    python results/mechanism.py --out /tmp/m   # the same figures elsewhere, the published ones left as they are
 
 A linear model z = W x + b on a 10-class Gaussian problem whose points differ in difficulty (noise scale).
 For a linear model the L-inf worst case of each pairwise margin is closed-form:
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 from losses import gair_weights, mail_weights  # noqa: E402  (the project's own weight formulas)
 from sovr import sovr_loss  # noqa: E402
 
@@ -67,7 +69,11 @@ def loss_fn(name: str, W, b, x, y) -> torch.Tensor:
     return sovr_loss(z, y, 1.0 if name == "ovr" else RATIO)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--out", default=HERE, help="the folder of mechanism.json and mechanism.png (default: results/)")
+    out_dir = p.parse_args(argv).out
+    os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
     x, y = problem()
     W = torch.zeros(K, D, dtype=torch.float64, requires_grad=True)
@@ -108,7 +114,13 @@ def main() -> None:
         final={k: dict(important=v[-1][1], rest=v[-1][2], robust_share=v[-1][3]) for k, v in curves.items()},
         curves=curves,
     )
-    with open(os.path.join(HERE, "mechanism.json"), "w") as f:
+    report(out, out_dir)
+    plot(curves, out_dir)
+
+
+def report(out: dict, out_dir: str) -> None:
+    """mechanism.json, and its start and final margins printed."""
+    with open(os.path.join(out_dir, "mechanism.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(
         f"start: important {out['start']['important']:.3f}, rest {out['start']['rest']:.3f}, "
@@ -119,10 +131,9 @@ def main() -> None:
             f"{k:7s} after {STEPS} steps: important {v['important']:7.3f}  "
             f"rest {v['rest']:7.3f}  robust {v['robust_share']:.1%}"
         )
-    plot(curves)
 
 
-def plot(curves: dict) -> None:
+def plot(curves: dict, out_dir: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +150,7 @@ def plot(curves: dict) -> None:
         ax.title.set_fontsize(9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "mechanism.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, "mechanism.png"), dpi=120)
 
 
 if __name__ == "__main__":

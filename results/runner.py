@@ -50,9 +50,11 @@ def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None)
         return 0
     line = shlex.join(cmd)
     with open(log, "a") as f:
+        # before the link's first line, and kept after it ends (the next link replaces it): whoever reads that line,
+        # however late (compare.py's events, --status), finds where it ran; the log's last marker says if it still runs
+        Path(log).with_name("running").write_text(f"{socket.gethostname()} {os.getpid()} {where()}\n")
         f.write(f"$ {line}\n")
         f.flush()
-        Path(log).with_name("running").write_text(f"{socket.gethostname()} {os.getpid()}\n")
         t0 = time.time()
         child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         with passed_on(child) as got:
@@ -62,7 +64,6 @@ def link(log: str, done: str, cmd: list[str], env: dict[str, str] | None = None)
         rc = 1 if rc < 0 else rc if rc in STOPPED else rc or (0 if finished(done) else 1)
         end = f"stopped ({STOPPED[rc]})" if rc in STOPPED else "done" if rc == 0 else f"failed ({said or rc})"
         f.write(f"{end} in {time.time() - t0:.0f}s: {line}\n")
-    Path(log).with_name("running").unlink(missing_ok=True)
     if rc == 0:  # beside the log, what the table reports with the figures: the code that made them
         rec = dict(cmd=cmd, seconds=round(time.time() - t0, 1), commit=commit(), host=socket.gethostname())
         with open(Path(log).with_name("links.jsonl"), "a") as f:
@@ -98,6 +99,30 @@ def passed_on(child: subprocess.Popen):
     finally:
         for s, handler in zip((signal.SIGINT, signal.SIGTERM), before):
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def where() -> str:
+    """Where this process runs, for compare.py's lines and --status: its SLURM job, else its GPUs or the CPU (as the
+    local queue gives them), with its thread count; empty where nothing says (a line pasted into a shell)."""
+    env = os.environ.get
+    if env("SLURM_JOB_ID"):
+        array = env("SLURM_ARRAY_JOB_ID"), env("SLURM_ARRAY_TASK_ID")
+        return f"SLURM job {'_'.join(array) if all(array) else env('SLURM_JOB_ID')}"
+    gpus, threads = env("CUDA_VISIBLE_DEVICES"), env("OMP_NUM_THREADS")
+    device = "" if gpus is None else f"GPU{'s' * (',' in gpus)} {gpus}" if gpus else "the CPU"
+    return device + (f", {threads} thread{'s' * (threads != '1')}" if device and threads else "")
+
+
+def link_name(cmd: list[str]) -> str:
+    """A link's short name for compare.py's lines and --status: its script and checkpoint, and attack.py's mode."""
+    i = next((k for k, c in enumerate(cmd) if c.endswith(".py")), 0)
+    script, rest = Path(cmd[i]).name, cmd[i + 1 :]
+    if script == "runner.py" and rest[:1] == ["margins"]:
+        return f"margins of {Path(rest[1]).name}"
+    if script != "attack.py" or not rest:
+        return script
+    mode = next((f"{f} {v}" for f, v in zip(rest, rest[1:]) if f == "--attacks"), "standard AutoAttack")
+    return f"{script} {Path(rest[0]).name} {'--sweep' if '--sweep' in rest else mode}"
 
 
 def commit() -> str:
@@ -142,10 +167,14 @@ def state(links: list[tuple[str, list[str]]], log: str | Path) -> str:
         return "stopped"  # by Ctrl-C or SIGTERM: the same command continues it
     if last and last[-1].startswith("$ "):
         flag = Path(log).with_name("running")
-        host, pid = (flag.read_text().split() if flag.exists() else [socket.gethostname(), "0"])[:2]
+        host, pid, *at = flag.read_text().split(maxsplit=2) if flag.exists() else [socket.gethostname(), "0"]
         if host == socket.gethostname() and not alive(int(pid)):
             return "stopped"  # killed: the same command continues it
-        return "running" + ("" if host == socket.gethostname() else f" on {host}")
+        cmds = [shlex.join(c) for _, c in links]
+        k = cmds.index(last[-1][2:]) + 1 if last[-1][2:] in cmds else "?"
+        at = [a.strip() for a in at if a.strip()] + [f"host {host}"] * (host != socket.gethostname())
+        on = f" on {', '.join(at)}" if at else ""
+        return f"running {link_name(shlex.split(last[-1][2:]))} (link {k} of {len(links)}){on}"
     return f"waiting ({done} of {len(links)} links done)"
 
 

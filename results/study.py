@@ -152,7 +152,7 @@ def row(out: Path, args) -> dict:
     aa = json.loads(result(out, mode(args.aa), args.n_aa).read_text())
     m = json.loads(result(out, "margins", 0).read_text())
     found = args.extra_aa and result(out, mode(args.extra_aa), 0)
-    extra = json.loads(found.read_text())["robust_acc"] if found else None
+    extra = json.loads(found.read_text()) if found else None
     margins = worst(m["margins"], m["clean"])
     robust = [v for v in margins if v > 0]  # the points classified correctly both clean and after PGD-20
     return dict(
@@ -163,9 +163,10 @@ def row(out: Path, args) -> dict:
         n_aa=aa["settings"]["n"],
         robust_margin=statistics.mean(robust) if robust else float("nan"),
         near0=sum(abs(v) < 0.1 for v in margins) / len(margins),
-        extra=extra,
-        worst=aa["robust_acc"] if extra is None else min(aa["robust_acc"], extra),
-        aa_mode=aa["settings"]["mode"],
+        extra=extra and extra["robust_acc"],
+        worst=aa["robust_acc"] if extra is None else min(aa["robust_acc"], extra["robust_acc"]),
+        aa_settings=aa["settings"],
+        extra_settings=extra and extra["settings"],
         margin30=statistics.mean(v for v, i in zip(margins, smallest(margins)) if i),
         margin=statistics.mean(margins),
         epochs=len(recs),
@@ -193,9 +194,11 @@ def table(root: Path, args) -> str:
             groups.setdefault((r["loss"], r["ratio"]), []).append(found)
     if not groups:
         return ""
-    extra = f" | {mode(args.extra_aa)} %" if args.extra_aa else ""
+    first, every = next(iter(groups.values()))[0], [r for rs in groups.values() for r in rs]
+    extra = f" | {extra_label(every, args)}" if args.extra_aa else ""
     lines = [
-        f"| loss | ratio | seeds | clean % | PGD-20 % | {args.aa} %{extra} | PGD-20 minus worst attack "
+        f"| loss | ratio | seeds | clean % | PGD-20 % | {attack.attack_label(first['aa_settings'], ' %')}{extra} "
+        "| PGD-20 minus worst attack "
         "| margin, 30% smallest | mean margin | margin of robust points | share abs(margin) < 0.1 | epochs "
         "| train h, all seeds |",
         "|---" * (13 + bool(extra)) + "|",
@@ -223,10 +226,16 @@ def table(root: Path, args) -> str:
             f"{sum(r['hours'] for r in rs):.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    first, every = next(iter(groups.values()))[0], [r for rs in groups.values() for r in rs]
-    notes = [f"AutoAttack: {first['aa_mode']} on {first['n_aa']} test points."]
+    notes = [f"Robust accuracy: {attack.attack_label(first['aa_settings'], threat=True)}."]
     notes += [PGD_SOURCE] + [OLD_MARGINS] * any(r["old_margins"] for r in every)
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def extra_label(every: list[dict], args) -> str:
+    """The --extra-aa column's name (attack.attack_label): from its first result, else from the flag (all the test
+    points, standard's settings)."""
+    s = next((r["extra_settings"] for r in every if r["extra_settings"]), None)
+    return attack.attack_label(s or dict(mode=mode(args.extra_aa), n=TEST_POINTS), " %")
 
 
 PGD_SOURCE = (
