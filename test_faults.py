@@ -38,6 +38,7 @@ def picture(path: Path) -> None:
     attack.plot([dict(margins=[0.1, -0.2, 0.3], settings=dict(objective="ce", checkpoint="/r/ce/best.pt"))], str(path))
 
 
+GRID = dict(losses=[], datasets=[], archs=[], attacks=None, points=0)  # an empty grid: its table and figures
 # Each write site, by the call that writes it: (the file it writes, the call on a run folder holding a finished epoch)
 SITES = {
     "last.pt": ("last.pt", lambda out: runlog.save_last(str(out), last_pt(2), "t")),
@@ -49,9 +50,9 @@ SITES = {
     "attack result": ("x.json", lambda out: models.write_json(dict(robust_acc=0.5), str(out / "x.json"))),
     "margins.png": ("m.png", lambda out: picture(out / "m.png")),
     "grid.json": ("grid.json", lambda out: runner.write_json(dict(losses=["ce"]), out / "grid.json")),
-    "table.csv": ("table.csv", lambda out: compare_table.table(dict(losses=[], datasets=[], archs=[]), out, [])),
-    "table.md": ("table.md", lambda out: compare_table.table(dict(losses=[], datasets=[], archs=[]), out, [])),
-    "aa.png": ("aa.png", lambda out: compare_table.table(dict(losses=[], datasets=[], archs=[]), out, [])),
+    "table.csv": ("table.csv", lambda out: compare_table.table(GRID, out, [])),
+    "table.md": ("table.md", lambda out: compare_table.table(GRID, out, [])),
+    "aa.png": ("aa.png", lambda out: compare_table.table(GRID, out, [])),
 }
 
 
