@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,24 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, extra: list) -> None:
     a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
     for weights in ("model", "unaveraged") if extra else ("model",):  # with --ema, the average and the trained model
         assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
+
+
+def test_a_resumed_run_keeps_last_pts_contents_only_until_loaded(tmp_path: Path, monkeypatch) -> None:
+    """--resume reads last.pt whole (the optimizer's state included, the size of the file again per process); once
+    the model and optimizer hold it, nothing keeps it: a weakref to one of its weights is dead in the first resumed
+    epoch."""
+    run(*SMOKE, "--out", tmp_path, "--stop-after", 1)
+    read, refs, alive, epoch = models.read, [], [], train.train_epoch
+
+    def remembered(path: str, flag: str | None = None) -> dict:
+        state = read(path, flag)
+        refs.extend([weakref.ref(next(iter(state["model"].values())))] * (flag == "--resume"))
+        return state
+
+    monkeypatch.setattr(models, "read", remembered)
+    monkeypatch.setattr(train, "train_epoch", lambda *a: alive.append(refs[0]() is not None) or epoch(*a))
+    run("--out", tmp_path, "--resume", "--device", "cpu")
+    assert len(refs) == 1 and alive == [False]
 
 
 def test_ema_is_the_model_that_is_validated_saved_and_loaded(tmp_path: Path) -> None:

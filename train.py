@@ -31,9 +31,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, state = flags.train_args(argv, __doc__)
+    args, *held = flags.train_args(argv, __doc__)  # held: [last.pt's contents on --resume, else None]
     PHASE[0] = "train"
-    cli.run("train.py", lambda: train(args, state), lambda: out_of_memory(args), lambda: runlog.kept(args.out))
+    # train takes the contents out of `held`: nothing here keeps them (optimizer state included) through the run
+    cli.run("train.py", lambda: train(args, held.pop()), lambda: out_of_memory(args), lambda: runlog.kept(args.out))
 
 
 def out_of_memory(args) -> str:
