@@ -311,8 +311,10 @@ def schedule(args) -> str:
     """The lr schedule in words: "lr 0.1 (constant)", "lr 0.1 (x0.1 after epoch 1)", "lr 0.1 (x0.1 after epochs 100
     and 105)"."""
     m = [str(e) for e in args.milestones]
+    if not m:
+        return f"lr {args.lr} (constant)"
     when = f"epoch {m[0]}" if len(m) == 1 else f"epochs {', '.join(m[:-1])} and {m[-1]}"
-    return f"lr {args.lr} ({'x0.1 after ' + when if m else 'constant'})"
+    return f"lr {args.lr} (x0.1 after {when})"
 
 
 def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, world: int, device, amp: bool) -> str:
