@@ -512,7 +512,7 @@ def test_out_of_memory_names_the_batch_of_its_phase(tmp_path: Path, monkeypatch,
     """Out of memory in a training step advises --batch; in validation (fp32 PGD in batches of its own), where
     --batch changes nothing, --eval-batch."""
 
-    def oom(*a):
+    def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 11.00 GiB")
 
     monkeypatch.setattr(train if phase == "train_step" else losses, phase, oom)
