@@ -136,7 +136,7 @@ def test_a_resumed_run_keeps_last_pts_contents_only_until_loaded(tmp_path: Path,
     """--resume reads last.pt whole (the optimizer's state included, the size of the file again per process); once
     the model and optimizer hold it, nothing keeps it: a weakref to one of its weights is dead in the first resumed
     epoch."""
-    run(*SMOKE, "--out", tmp_path, "--stop-after", 1)
+    run(*SMOKE, "--train-limit", 64, "--out", tmp_path, "--stop-after", 1)
     read, refs, alive, epoch = models.read, [], [], train.train_epoch
 
     def remembered(path: str, flag: str | None = None) -> dict:
