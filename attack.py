@@ -309,7 +309,7 @@ def prepare(path: str, args) -> dict:
     state = out + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
     about = {k: v for k, v in ckpt.items() if k not in ("model", "unaveraged", "optimizer")}
     e = dict(ckpt=about, stamp=stamp(path), x=x[mine], y=y[mine], eps=eps_int / 255, settings=s, out=out, state=state)
-    return {**e, "done": finished(e, args)}
+    return {**e, "done": cli.agreed(finished(e, args))}  # rank 0's read: whether every process enters the gathers
 
 
 def stamp(path: str) -> tuple[int, int]:

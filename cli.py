@@ -143,6 +143,17 @@ def gather(values: list) -> list:
     return [v for part in parts for v in part]
 
 
+def agreed(value):
+    """Rank 0's `value` on every torchrun process. What decides whether or how often a process enters a collective
+    (a file it reads, its clock) is taken from rank 0 alone: a process whose own read differed (a stale copy on a
+    network filesystem) would otherwise skip a collective the others wait in, for the process group's timeout."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
 Message = str | Callable[[], str]
 
 # The exit codes of every script (train.py, attack.py, bench.py, results/*.py), as a shell or a requeue script reads

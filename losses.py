@@ -89,10 +89,18 @@ def pgd(
 
 
 def pgd_logits(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, bs: int = 500
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    step: float,
+    steps: int,
+    bs: int = 500,
+    tick: Callable[[int], object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the clean and of the PGD images, in fp32 batches of bs moved to the model's device; x in [0, 1]
-    or uint8 (divided by 255 per batch). An empty x (a rank without points) gives [0, classes] logits."""
+    or uint8 (divided by 255 per batch); tick(n) after each batch of n points (a progress line). An empty x (a rank
+    without points) gives [0, classes] logits."""
     device, out = next(model.parameters()).device, []
     for k in range(0, max(len(x), 1), bs):
         xb, yb = x[k : k + bs].to(device), y[k : k + bs].to(device)
@@ -100,6 +108,8 @@ def pgd_logits(
         x_adv, _ = pgd(model, xb, yb, eps, step, steps)
         with torch.no_grad():
             out.append((model(xb), model(x_adv)))
+        if tick:
+            tick(len(xb))
     return torch.cat([z for z, _ in out]), torch.cat([z for _, z in out])
 
 
@@ -112,15 +122,24 @@ def worst_of(z: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor) -> tuple[tor
 
 
 def pgd_accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, seed: int, bs: int = 500
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    step: float,
+    steps: int,
+    seed: int,
+    bs: int = 500,
+    tick: Callable[[int], object] | None = None,
 ) -> tuple[float, float]:
     """Clean and PGD accuracy (worst_of) in eval mode, train.py's validation and test figures; random starts
-    seeded, so the same weights give the same figures; under torchrun each rank's counts (of none) are summed."""
+    seeded, so the same weights give the same figures; under torchrun each rank's counts (of none) are summed.
+    tick(n) after each batch of this rank's n points."""
     model.eval()
     torch.manual_seed(seed)  # train.py reseeds every epoch, so this draws nothing away from training
     r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     x, y = x[r::w], y[r::w]
-    z, z_adv = pgd_logits(model, x, y, eps, step, steps, bs)
+    z, z_adv = pgd_logits(model, x, y, eps, step, steps, bs, tick)
     y = y.to(z.device)
     robust = worst_of(z, z_adv, y)[0]
     counts = torch.stack([(z.argmax(1) == y).sum(), robust.sum(), y.new_tensor(len(y))]).float()

@@ -471,6 +471,15 @@ def test_the_checks_of_a_resumed_evaluation_survive_the_resume(ckpt: Path, tmp_p
     assert json.loads(result.read_text())["checks"] == [said]
 
 
+def test_rank_0s_read_says_whether_an_evaluation_is_finished(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """A finished evaluation is rank 0's result file (cli.agreed), whatever this process reads: one whose own copy
+    differs (stale) would skip the gathers the others enter, or enter them alone."""
+    args = attack.get_args([str(ckpt), *QUICK, "--out", str(tmp_path)])
+    args.rank, args.world, args.device = 1, 2, "cpu"
+    monkeypatch.setattr(attack.cli, "agreed", lambda value: {"rank 0's": "result"})
+    assert attack.prepare(str(ckpt), args)["done"] == {"rank 0's": "result"}
+
+
 def test_a_check_is_printed_once_whatever_numbers_it_holds(capsys) -> None:
     """The zero-gradient count of each batch, and a --sweep's radii sharing what was said: printed once."""
     said: list[str] = []

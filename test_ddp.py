@@ -16,6 +16,7 @@ class when asked, saves each rank's weights before train.test reloads best.pt, a
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -237,6 +238,88 @@ def test_ctrl_c_under_torchrun_is_said_once(tmp_path: Path) -> None:
         stop(proc)
     assert output.count("train.py: interrupted;") == 1, output
     assert "last.pt keeps the last finished epoch (continue with --resume)" in output, output
+
+
+STALE = """
+import json, os, sys
+import torch
+import cli, data, models, train
+
+out = sys.argv[1]
+device, rank, world = cli.setup("cpu")
+args, d = train.get_args(["--smoke", "--device", "cpu", "--out", out]), data.load_data("synthetic", "")
+model, read, reports = models.load(os.path.join(out, "best.pt")), models.read, []
+
+
+def stale(path, flag=None):  # this process's copy of last.pt is another epoch's (a stale file on its node)
+    state = read(path, flag)
+    if path.endswith("last.pt"):
+        weights = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+        state = {**state, "epoch": 1, "model": weights}
+    return state
+
+
+for differs in (False, True):
+    models.read = stale if differs and rank == 1 else read
+    reports.append(train.test(args, model, model, d, lambda *a: None, rank))
+try:
+    train.same_run(rank, start=2, epochs=2 + rank)
+except ValueError as e:
+    reports.append(str(e))
+with open(os.path.join(out, f"reports-rank{rank}.json"), "w") as f:
+    json.dump(reports, f)
+torch.distributed.destroy_process_group()  # as cli.run does: a gloo process that exits without it may abort
+"""
+
+
+def untimed(report: dict) -> dict:
+    return {name: {k: v for k, v in rec.items() if k != "test_time"} for name, rec in report.items()}
+
+
+def test_rank_0s_reads_decide_every_collective(tmp_path: Path) -> None:
+    """Rank 1 reads another last.pt than rank 0 (a stale copy): rank 0 decides whether last.pt is tested again and
+    every rank tests rank 0's weights, so both end (none waits in a collective the other skipped) with the figures
+    of the test where the reads agree; loop bounds that differ from rank 0's end the differing rank in one line."""
+    import data
+    import models
+    import runlog
+    import train
+
+    args, d = train.get_args(["--smoke", "--device", "cpu"]), data.load_data("synthetic", "")
+    model = models.build(args.arch, d["num_classes"], d["mean"], d["std"], args.width)
+    for name in ("best.pt", "last.pt"):  # the last epoch was the best: one test
+        models.save(runlog.checkpoint(model, args, d, 2, {}), str(tmp_path / name))
+    (tmp_path / "stale.py").write_text(STALE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), SOVR_DIST_TIMEOUT="30", MASTER_ADDR="127.0.0.1")
+    env.update(MASTER_PORT=str(port), WORLD_SIZE="2")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "stale.py"), str(tmp_path)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    rank0, rank1 = (json.loads((tmp_path / f"reports-rank{r}.json").read_text()) for r in (0, 1))
+    assert untimed(rank0[0]) == untimed(rank0[1]) == untimed(rank1[0]) == untimed(rank1[1])
+    assert rank0[1]["last"]["epoch"] == 2 and rank0[1]["last"]["same_weights_as"] == "best.pt"
+    assert len(rank0) == 2 and rank1[2] == (
+        "process 1 read another run than process 0: epochs 3 (process 0: 2); a stale last.pt, log.jsonl or data "
+        "file on its node? Run again once every node sees the same files"
+    )
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs CUDA and NCCL")

@@ -6,12 +6,14 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,24 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, extra: list) -> None:
         assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
 
 
+def test_a_resumed_run_keeps_last_pts_contents_only_until_loaded(tmp_path: Path, monkeypatch) -> None:
+    """--resume reads last.pt whole (the optimizer's state included, the size of the file again per process); once
+    the model and optimizer hold it, nothing keeps it: a weakref to one of its weights is dead in the first resumed
+    epoch."""
+    run(*SMOKE, "--train-limit", 64, "--out", tmp_path, "--stop-after", 1)
+    read, refs, alive, epoch = models.read, [], [], train.train_epoch
+
+    def remembered(path: str, flag: str | None = None) -> dict:
+        state = read(path, flag)
+        refs.extend([weakref.ref(next(iter(state["model"].values())))] * (flag == "--resume"))
+        return state
+
+    monkeypatch.setattr(models, "read", remembered)
+    monkeypatch.setattr(train, "train_epoch", lambda *a: alive.append(refs[0]() is not None) or epoch(*a))
+    run("--out", tmp_path, "--resume", "--device", "cpu")
+    assert len(refs) == 1 and alive == [False]
+
+
 def test_ema_is_the_model_that_is_validated_saved_and_loaded(tmp_path: Path) -> None:
     run(*SMOKE, "--ema", "0.9", "--out", tmp_path)
     last, best = load(tmp_path / "last.pt"), load(tmp_path / "best.pt")
@@ -150,6 +170,12 @@ def test_ema_is_the_model_that_is_validated_saved_and_loaded(tmp_path: Path) -> 
     )
 
 
+def untimed(rec: dict) -> dict:
+    """A test record (log.jsonl's final report, or one checkpoint's) but its seconds and where its figures come from."""
+    drop = ("test_time", "same_weights_as")
+    return {k: untimed(v) if isinstance(v, dict) else v for k, v in rec.items() if k not in drop}
+
+
 def test_a_last_pt_holding_best_pts_weights_is_tested_once(tmp_path: Path, monkeypatch) -> None:
     """One epoch: best.pt is last.pt, so the 200 test images are attacked once and both records hold its figures;
     a last.pt with other weights is tested on its own."""
@@ -157,7 +183,8 @@ def test_a_last_pt_holding_best_pts_weights_is_tested_once(tmp_path: Path, monke
     monkeypatch.setattr(train, "evaluate", lambda model, x, *a: tested.append(len(x)) or evaluate(model, x, *a))
     run(*SMOKE, "--epochs", 1, "--out", tmp_path)
     final = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["final"]
-    assert tested == [64, 200] and final["best"] == final["last"]  # validation, then the one test
+    assert tested == [64, 200] and untimed(final["best"]) == untimed(final["last"])  # validation, then the one test
+    assert final["last"]["same_weights_as"] == "best.pt" and "same_weights_as" not in final["best"]
     last = load(tmp_path / "last.pt")
     key = next(k for k, v in last["model"].items() if v.is_floating_point())
     torch.save({**last, "model": {**last["model"], key: last["model"][key] + 1}}, tmp_path / "last.pt")
@@ -462,6 +489,19 @@ def test_mail_for_eleven_epochs_reweights_late_and_lowers_its_lr(tmp_path: Path,
     assert sorted(set(n + 1 for n in now)) == list(range(1, 12)) and sorted(weighted) == list(range(7, 12))
 
 
+@pytest.mark.parametrize(
+    "milestones, says",
+    [
+        ("", "lr 0.1 (constant)"),
+        ("1", "lr 0.1 (x0.1 after epoch 1)"),
+        ("100,105", "lr 0.1 (x0.1 after epochs 100 and 105)"),
+    ],
+)
+def test_the_header_says_the_lr_schedule_in_words(milestones: str, says: str) -> None:
+    args = train.get_args([*SMOKE, "--epochs", "110", "--milestones", milestones])
+    assert f", {says}, " in train.describe(args, 256, 64, None, 0, 1, torch.device("cpu"), False)
+
+
 def test_a_schedule_that_never_takes_effect_is_said(tmp_path: Path, capsys) -> None:
     run(*SMOKE, "--loss", "gairat", "--epochs", 2, "--burn-in", 2, "--milestones", "1,5", "--out", tmp_path)
     out = capsys.readouterr().out
@@ -548,7 +588,7 @@ def test_out_of_memory_names_the_batch_of_its_phase(tmp_path: Path, monkeypatch,
     """Out of memory in a training step advises --batch; in validation (fp32 PGD in batches of its own), where
     --batch changes nothing, --eval-batch."""
 
-    def oom(*a):
+    def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 11.00 GiB")
 
     monkeypatch.setattr(train if phase == "train_step" else losses, phase, oom)
@@ -561,7 +601,7 @@ def test_out_of_memory_names_the_batch_of_its_phase(tmp_path: Path, monkeypatch,
 def test_eval_batch_is_the_batch_of_validation_and_test(tmp_path: Path, monkeypatch) -> None:
     """--eval-batch sets the batch of every evaluation; a --resume may change it, and no run name carries it."""
     seen, pgd_accuracy = [], losses.pgd_accuracy
-    first = lambda model, x, y, *a: seen.append(a[-1]) or pgd_accuracy(model, x[: a[-1]], y[: a[-1]], *a)  # noqa: E731
+    first = lambda model, x, y, *a, **kw: seen.append(a[-1]) or pgd_accuracy(model, x[: a[-1]], y[: a[-1]], *a, **kw)  # noqa: E731
     monkeypatch.setattr(losses, "pgd_accuracy", first)  # evaluates the first batch only: fast
     run(*SMOKE, "--epochs", 1, "--train-limit", 64, "--eval-batch", 24, "--out", tmp_path)
     assert seen == [24] * 2  # the validation of epoch 1, then the one test of best.pt, which is last.pt
@@ -712,10 +752,16 @@ def test_live_progress_only_on_a_terminal(tmp_path: Path, capsys, monkeypatch) -
     run(*flags, "--out", tmp_path / "pipe")
     out, err = capsys.readouterr()
     assert "img/s" not in err and out.count("epoch   1/1") == 1  # a log keeps one line per epoch
+    # the test at the end says when it starts and how long it took, there and in log.jsonl
+    assert "test best.pt (epoch 1): clean and PGD-2 accuracy of 200 test images ...\n" in out
+    assert re.search(r"test best.pt \(epoch 1\): clean \d+\.\d\d% pgd2 \d+\.\d\d%, \d+\.\ds\n", out), out
+    final = runlog.final(str(tmp_path / "pipe"))
+    assert final["best"]["test_time"] > 0 and "test_time" in final["last"]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     run(*flags, "--out", tmp_path / "tty")
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "img/s" in err and "run left" in err
+    assert "test best.pt: 100%" in err  # the test's live line, as an epoch's
 
 
 def test_training_goes_on_without_matplotlib(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -832,7 +878,7 @@ def test_resume_auto_redoes_what_a_kill_cut_from_the_end_of_an_epoch(tmp_path: P
         assert a.keys() == b.keys() and a["epoch"] == b["epoch"] == 1
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     a, b = runlog.records(str(tmp_path / "a")), runlog.records(str(tmp_path / "b"))
-    assert [r.get("val_pgd") for r in a] == [r.get("val_pgd") for r in b] and a[-1] == b[-1]  # the test report
+    assert [r.get("val_pgd") for r in a] == [r.get("val_pgd") for r in b] and untimed(a[-1]) == untimed(b[-1])
 
 
 def test_deterministic_mode_is_set_before_cuda_and_kept_on_resume(tmp_path: Path, monkeypatch) -> None:

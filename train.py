@@ -10,6 +10,7 @@ Every flag, its default and where the default comes from: flags.py.
 """
 
 import argparse
+import gc
 import math
 import os
 import time
@@ -31,9 +32,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, state = flags.train_args(argv, __doc__, claim=True)
+    args, *held = flags.train_args(argv, __doc__, claim=True)  # held: [last.pt's contents on --resume, else None]
     PHASE[0] = "train"
-    cli.run("train.py", lambda: train(args, state), lambda: out_of_memory(args), lambda: runlog.kept(args.out))
+    # train takes the contents out of `held`: nothing here keeps them (optimizer state included) through the run
+    cli.run("train.py", lambda: train(args, held.pop()), lambda: out_of_memory(args), lambda: runlog.kept(args.out))
 
 
 def out_of_memory(args) -> str:
@@ -66,12 +68,15 @@ def train(args: argparse.Namespace, state: dict | None = None) -> dict:
     (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
     aux = data.load_aux(args.aux_data, d, device) if args.aux_data else None  # validation stays on real images
     model, ema, opt, sched, start, best = make_model(args, d, device, world, len(x_tr) // args.batch, state)
-    if start >= args.epochs and runlog.final(args.out):
+    final = runlog.final(args.out) if start >= args.epochs else None
+    same_run(rank, start=start, epochs=args.epochs, train=len(x_tr), val=len(x_val), finished=final is not None)
+    if final is not None:
         log(f"{args.out} has finished its {args.epochs} epochs; its test results are in log.jsonl")
-        return runlog.final(args.out)
+        return final
     if rank == 0:
         runlog.begin(args.out, start, state, title(args))  # only now: a refused --init or --resume leaves no folder
     del state  # its tensors, a copy of the model and optimizer, are not kept through the run
+    gc.collect()  # nor by garbage cycles that reach a dead frame which held it (matplotlib's text parser leaves some)
     amp = cli.bf16_default(device) if args.amp is None else args.amp
     log(describe(args, len(x_tr), len(x_val), aux, start, world, device, amp))
     net, atk = wrap(model, args, world)
@@ -91,6 +96,20 @@ def train(args: argparse.Namespace, state: dict | None = None) -> dict:
         dist.barrier()  # rank 0 has written best.pt and last.pt
     judged = (ema.model, ema.model) if ema else (model, atk)  # the module that loads weights, and how it is run
     return test(args, *judged, d, log, rank)
+
+
+def same_run(rank: int, **plan) -> None:
+    """ValueError on a process whose `plan` (its first epoch, its epochs, its data's sizes: how many collectives
+    it will enter) is not rank 0's (cli.agreed): its own read of last.pt, log.jsonl or the data differed, a stale
+    copy on a network filesystem. That process ends, and torchrun the others, where they would wait in a collective
+    for the process group's timeout (a day); weights and optimizer state read from another file are not mended."""
+    first = cli.agreed(plan)
+    if first != plan:
+        differ = ", ".join(f"{k} {plan[k]} (process 0: {first[k]})" for k in plan if plan[k] != first[k])
+        raise ValueError(
+            f"process {rank} read another run than process 0: {differ}; a stale last.pt, log.jsonl or data file on "
+            "its node? Run again once every node sees the same files"
+        )
 
 
 def make_model(args, d: dict, device: torch.device, world: int, steps: int, state: dict | None) -> tuple:
@@ -191,12 +210,12 @@ def stop_if_not_finite(stats: torch.Tensor, args, epoch: int, world: int) -> Non
 # ---- evaluation: validation after every epoch, the test at the end
 
 
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, args) -> tuple[float, float]:
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, tick=None) -> tuple[float, float]:
     """Clean and PGD-<--eval-steps> accuracy as attack.py computes (losses.precision), seeded, summed over ranks,
-    in batches of --eval-batch."""
+    in batches of --eval-batch; tick(n) after each batch of n points."""
     PHASE[0] = "eval"
     return losses.pgd_accuracy(
-        model, x, y, args.eps / 255, args.step / 255, args.eval_steps, args.seed, args.eval_batch
+        model, x, y, args.eps / 255, args.step / 255, args.eval_steps, args.seed, args.eval_batch, tick=tick
     )
 
 
@@ -224,21 +243,41 @@ def validate(model, atk, ema, x_val, y_val, args, world: int, epoch: int, stats,
 
 
 def test(args, model, atk, d: dict, log, rank: int) -> dict:
-    """Test accuracy of best.pt (chosen on validation) and last.pt; the test set never selects a model. A last.pt
-    holding best.pt's weights (the last epoch was the best) takes best.pt's figures: the seeded test, run once."""
-    out, seen = {}, {}  # seen: the weights that clean and rob are the figures of
+    """Test accuracy of best.pt (chosen on validation) and last.pt, each with its seconds (test_time); the test set
+    never selects a model. A last.pt holding best.pt's weights (the last epoch was the best) takes best.pt's
+    figures: the seeded test, run once. Rank 0 reads the files and decides (cli.agreed), and every process tests
+    rank 0's weights: no process's own read decides whether it enters the evaluation's collective."""
+    out, seen = {}, {}  # seen (rank 0): the weights that clean and rob are the figures of
     for name in ("best", "last"):
-        state = models.read(os.path.join(args.out, f"{name}.pt"))
-        if state["model"].keys() != seen.keys() or not all(torch.equal(v, seen[k]) for k, v in state["model"].items()):
-            model.load_state_dict(state["model"])
-            clean, rob = evaluate(atk, d["x_test"], d["y_test"], args)
+        state = models.read(os.path.join(args.out, f"{name}.pt")) if rank == 0 else {"model": {}, "epoch": None}
+        same = state["model"].keys() == seen.keys() and all(torch.equal(v, seen[k]) for k, v in state["model"].items())
+        (epoch, same), t0 = cli.agreed((state["epoch"], same)), time.time()
+        if not same:
+            n = len(d["y_test"])
+            log(f"test {name}.pt (epoch {epoch}): clean and PGD-{args.eval_steps} accuracy of {n} test images ...")
+            clean, rob = tested(args, model, atk, state["model"], d, f"test {name}.pt", rank)
             seen = state["model"]
         precision = losses.precision(next(atk.parameters()).device)  # the flags as evaluate() ran
-        out[name] = dict(epoch=state["epoch"], test_clean=clean, test_pgd=rob, precision=precision)
-        log(f"test {name}.pt (epoch {state['epoch']}): clean {clean:.2%} pgd{args.eval_steps} {rob:.2%}")
+        out[name] = dict(epoch=epoch, test_clean=clean, test_pgd=rob, precision=precision, test_time=time.time() - t0)
+        out[name].update({"same_weights_as": "best.pt"} if same else {})
+        took = "best.pt's figures (the same weights)" if same else f"{out[name]['test_time']:.1f}s"
+        log(f"test {name}.pt (epoch {epoch}): clean {clean:.2%} pgd{args.eval_steps} {rob:.2%}, {took}")
     if rank == 0:
         runlog.append(args.out, {"final": out})
     return out
+
+
+def tested(args, model, atk, weights: dict, d: dict, desc: str, rank: int) -> tuple[float, float]:
+    """Clean and PGD test accuracy of rank 0's `weights` (the others take them from it), with a live line on a
+    terminal as an epoch has."""
+    if rank == 0:
+        model.load_state_dict(weights)
+    if dist.is_initialized():
+        for t in model.state_dict().values():  # the module's own tensors: the broadcast writes into them
+            dist.broadcast(t, 0)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    with cli.progress(len(range(rank, len(d["y_test"]), world)), desc, "img", rank) as bar:
+        return evaluate(atk, d["x_test"], d["y_test"], args, bar.update)
 
 
 # ---- what an epoch saves (rank 0): the run folder's rules are runlog.py's
@@ -268,6 +307,16 @@ def title(args) -> str:
     return f"{args.out}: {flags.label(vars(args))}, {args.arch}, eps {args.eps}/255"
 
 
+def schedule(args) -> str:
+    """The lr schedule in words: "lr 0.1 (constant)", "lr 0.1 (x0.1 after epoch 1)", "lr 0.1 (x0.1 after epochs 100
+    and 105)"."""
+    m = [str(e) for e in args.milestones]
+    if not m:
+        return f"lr {args.lr} (constant)"
+    when = f"epoch {m[0]}" if len(m) == 1 else f"epochs {', '.join(m[:-1])} and {m[-1]}"
+    return f"lr {args.lr} (x0.1 after {when})"
+
+
 def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, world: int, device, amp: bool) -> str:
     """The run in a few lines: where it writes, what it starts from, what it trains, and what a combination of
     flags means that their names do not say (a schedule that never takes effect)."""
@@ -282,9 +331,9 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
             f"run folder {args.out}{origin}",
             f"{flags.label(vars(args))} {args.arch} on {args.dataset}: {n_train} train / {n_val} val images"
             + mixed
-            + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, lr "
-            f"{args.lr} (x0.1 after epochs {','.join(map(str, args.milestones)) or 'none'}), eps {args.eps}/255, "
-            f"device {device}, {'bf16 autocast' if amp else 'fp32'} training, {losses.precision(device)} evaluation",
+            + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, "
+            f"{schedule(args)}, eps {args.eps}/255, device {device}, {'bf16 autocast' if amp else 'fp32'} training, "
+            f"{losses.precision(device)} evaluation",
             *["note: this GPU has no bf16 tensor cores (it is older than Ampere): fp32 training; --amp forces bf16 "
               "autocast"] * (device.type == "cuda" and args.amp is None and not amp),
             *[f"note: the lr drops after epochs {late} (--milestones) never happen in --epochs {args.epochs}"] * (
