@@ -29,8 +29,6 @@ import torch.distributed as dist
 
 from conftest import child_pythonpath
 
-REPO = Path(__file__).resolve().parent
-
 
 def aux_file(path: Path) -> str:
     """Generated images in DM-Improves-AT's format: `image` uint8 N x 32 x 32 x 3, `label`."""
@@ -294,7 +292,7 @@ def test_rank_0s_reads_decide_every_collective(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), SOVR_DIST_TIMEOUT="30", MASTER_ADDR="127.0.0.1")
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=child_pythonpath(), SOVR_DIST_TIMEOUT="30", MASTER_ADDR="127.0.0.1")
     env.update(MASTER_PORT=str(port), WORLD_SIZE="2")
     procs = [
         subprocess.Popen(
