@@ -153,5 +153,5 @@ def plot(curves: dict, out_dir: str) -> None:
     fig.savefig(os.path.join(out_dir, "mechanism.png"), dpi=120)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # cli.run: one line and the exit codes of every script (Ctrl-C 130, SIGTERM 143)
+    cli.run("mechanism.py", main, "", "rerun it: it writes its files only at its end")
