@@ -6,7 +6,7 @@
     python results/compare.py --status            # a line per run: done / running / stopped / waiting / failed
     python results/compare.py --table             # table.md, table.csv, aa.png, margins.png from what finished
     python results/compare.py --losses ce,sovr --seeds 0 --points 20 --attacks apgd-ce --train-points 64 \\
-        --sweep-points 0 --jobs 2 -- --smoke     # small: about 90 s on a 2-core CPU
+        --sweep-points 0 --jobs 2 -- --smoke     # small: 20 s on an idle 2-core CPU
 
 While a grid runs it prints a line as each link starts (where: GPU, CPU slot or SLURM job), ends (its time and
 figure) or fails (its log's last line and path), and a summary at the end. An exported OMP_NUM_THREADS is every
