@@ -179,7 +179,12 @@ def run(prog: str, job: Callable[[], object], out_of_memory: Message, interrupte
     rank = int(os.environ.get("RANK", 0))
     before = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _terminated)
     try:
-        return job()
+        out = job()
+        if dist.is_initialized():
+            # every process past its last collective before any tears the group down: a gloo rank that destroyed it
+            # right after receiving a broadcast aborted now and then ("terminate called without an active exception")
+            dist.barrier()
+        return out
     except runlog.WriteError as e:
         sys.exit(f"{prog}: error: {e}; {_say(interrupted)}")
     except (ValueError, OSError) as e:
