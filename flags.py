@@ -191,7 +191,7 @@ def normalization(value: str | None) -> tuple[str, tuple, tuple] | None:
     if value is None:
         return None
     if value == "none":
-        return "none (images in [0, 1] as they are)", (0.0,) * 3, (1.0,) * 3
+        return models.NO_NORMALIZATION
     if value in models.STATS:
         mean, std = models.STATS[value]
         return f"{value} (mean {mean}, std {std})", mean, std

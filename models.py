@@ -162,6 +162,7 @@ class EMA:
 CHECKPOINT_KEYS = ("model", "arch", "num_classes", "mean", "std", "eps", "dataset")
 PREFIXES = ("module.", "_orig_mod.")  # (Distributed)DataParallel's and torch.compile's, on the keys of its state_dict
 DATASETS = {10: "cifar10", 100: "cifar100"}  # a state_dict's test set by its class count, where no other is given
+NO_NORMALIZATION = ("none (images in [0, 1] as they are)", (0.0,) * 3, (1.0,) * 3)  # (name, mean, std)
 
 
 def _torch_load(path: str, said: str) -> object:
@@ -265,7 +266,7 @@ def _normalization(path: str, weights: dict, normalize: tuple | None) -> tuple[s
             raise ValueError(f"--normalize would do nothing: {path} holds its own mean and std (drop --normalize)")
         mean, std = (tuple(round(v, 6) for v in weights[k].flatten().tolist()) for k in ("mean", "std"))
         return f"the file's (mean {mean}, std {std})", mean, std
-    return normalize or ("none (images in [0, 1] as they are)", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    return normalize or NO_NORMALIZATION
 
 
 def _buffers(mean: tuple, std: tuple) -> dict:
