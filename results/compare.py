@@ -328,7 +328,7 @@ class Watch:
 
     def __init__(self, todo: list[dict]) -> None:
         self.todo, self.stop = todo, threading.Event()
-        self.seen = {str(r["run"]): len(marks(r["run"] / "console.log")) for r in todo}  # a rerun's old lines
+        self.seen = {str(r["run"]): len(runner.markers(r["run"] / "console.log")) for r in todo}  # a rerun's old lines
         self.thread = threading.Thread(target=self.poll, daemon=True)
 
     def __enter__(self) -> "Watch":
@@ -346,24 +346,17 @@ class Watch:
 
     def scan(self) -> None:
         for r in self.todo:
-            new = marks(r["run"] / "console.log")
+            new = runner.markers(r["run"] / "console.log")
             for mark in new[self.seen[str(r["run"])] :]:
                 print(f"{r['run'].name}: {event(r, mark)}", flush=True)
             self.seen[str(r["run"])] = len(new)
 
 
-def marks(log: Path) -> list[str]:
-    """runner.link's marker lines in a log, whole lines only (one being written waits for the next look)."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return [ln for ln in text.split("\n")[:-1] if ln.startswith(runner.MARKS)]
-
-
 def event(r: dict, mark: str) -> str:
     """The line of one marker: `$ CMD` (started, where), `done in Ns: CMD` or `failed (why) in Ns: CMD`."""
     if mark.startswith("$ "):
-        flag = r["run"] / "running"
-        at = flag.read_text().split(maxsplit=2)[2:] if flag.exists() else []
-        return f"{runner.link_name(shlex.split(mark[2:]))} started" + (f" on {at[0].strip()}" if at else "")
+        at = runner.running(r["run"] / "console.log")[2]
+        return f"{runner.link_name(shlex.split(mark[2:]))} started" + f" on {at}" * bool(at)
     said, cmd = mark.split(": ", 1)
     k = next((k for k, (_, c) in enumerate(r["links"]) if shlex.join(c) == cmd), None)
     name = runner.link_name(shlex.split(cmd))

@@ -149,6 +149,20 @@ def log_lines(log: str | Path) -> list[str]:
     return Path(log).read_text(errors="replace").splitlines() if os.path.exists(log) else []
 
 
+def markers(log: str | Path) -> list[str]:
+    """`link`'s marker lines in a log, whole lines only (one being written waits for the next look)."""
+    text = Path(log).read_text(errors="replace") if os.path.exists(log) else ""
+    return [ln for ln in text.split("\n")[:-1] if ln.startswith(MARKS)]
+
+
+def running(log: str | Path) -> tuple[str, int, str]:
+    """The host, pid and place (where()) of the link that started last beside `log` (its `running` file); this
+    host, pid 0 and no place where there is none."""
+    flag = Path(log).with_name("running")
+    host, pid, *at = flag.read_text().split(maxsplit=2) if flag.exists() else [socket.gethostname(), "0"]
+    return host, int(pid), "".join(at).strip()
+
+
 def last_line(log: str | Path) -> str:
     """The last line a command wrote to the log (its error, when it failed), for a one-line report."""
     lines = [ln.strip() for ln in log_lines(log) if ln.strip() and not ln.startswith(MARKS)]
@@ -160,19 +174,18 @@ def state(links: list[tuple[str, list[str]]], log: str | Path) -> str:
     done = sum(finished(d) for d, _ in links)
     if done == len(links):
         return "done"
-    last = [ln for ln in log_lines(log) if ln.startswith(MARKS)]
+    last = markers(log)
     if last and last[-1].startswith("failed"):
         return "failed"
     if last and last[-1].startswith("stopped"):
         return "stopped"  # by Ctrl-C or SIGTERM: the same command continues it
     if last and last[-1].startswith("$ "):
-        flag = Path(log).with_name("running")
-        host, pid, *at = flag.read_text().split(maxsplit=2) if flag.exists() else [socket.gethostname(), "0"]
-        if host == socket.gethostname() and not alive(int(pid)):
+        host, pid, at = running(log)
+        if host == socket.gethostname() and not alive(pid):
             return "stopped"  # killed: the same command continues it
         cmds = [shlex.join(c) for _, c in links]
         k = cmds.index(last[-1][2:]) + 1 if last[-1][2:] in cmds else "?"
-        at = [a.strip() for a in at if a.strip()] + [f"host {host}"] * (host != socket.gethostname())
+        at = [at] * bool(at) + [f"host {host}"] * (host != socket.gethostname())
         on = f" on {', '.join(at)}" if at else ""
         return f"running {link_name(shlex.split(last[-1][2:]))} (link {k} of {len(links)}){on}"
     return f"waiting ({done} of {len(links)} links done)"
