@@ -562,10 +562,7 @@ def label_of(s: dict) -> str:
 def save(fig, ax, path: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        runlog.png(fig, path, dpi=120)
-    finally:
-        cli.pyplot().close(fig)
+    runlog.png(fig, path, dpi=120)
     print(f"wrote {path}")
     return fig
 

@@ -68,10 +68,15 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def png(fig, path: str, dpi: int) -> None:
-    """A matplotlib figure written as a PNG through `write`."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    write(path, buf.getvalue())
+    """A matplotlib figure written as a PNG through `write`, then closed, written or not."""
+    import matplotlib.pyplot as plt  # the figure's own: matplotlib is there
+
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+        write(path, buf.getvalue())
+    finally:
+        plt.close(fig)
 
 
 def records(out: str) -> list[dict]:
@@ -209,11 +214,7 @@ def curves(out: str, title: str) -> None:
             print("matplotlib is not installed: no curves.png is drawn (pip install matplotlib)", file=sys.stderr)
             _SAID.append(True)
         return
-    fig = figure(plt, [r for r in records(out) if "epoch" in r], title)
-    try:
-        png(fig, os.path.join(out, "curves.png"), dpi=100)
-    finally:
-        plt.close(fig)
+    png(figure(plt, [r for r in records(out) if "epoch" in r], title), os.path.join(out, "curves.png"), dpi=100)
 
 
 def figure(plt, recs: list[dict], title: str):

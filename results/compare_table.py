@@ -211,7 +211,7 @@ def figures(out: Path, groups: dict, robust: str) -> None:
     ax.set_xticks(range(len(groups)), [f"{k[2]} ({k[0]}, {k[1]})" if many else k[2] for k in groups], rotation=30)
     ax.set(ylabel=robust, title="each seed a point, their mean a line")
     ax.title.set_fontsize(9)
-    written(plt, fig, out / "aa.png")
+    written(fig, out / "aa.png")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, part in zip(axes, ("train", "test")):
         drawn = {}
@@ -231,16 +231,12 @@ def figures(out: Path, groups: dict, robust: str) -> None:
         ax.title.set_fontsize(9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    written(plt, fig, out / "margins.png")
+    written(fig, out / "margins.png")
 
 
-def written(plt, fig, path: Path) -> None:
-    """fig written to path (runlog.write: whole or not at all), then closed, written or not."""
+def written(fig, path: Path) -> None:
     fig.tight_layout()
-    try:
-        runlog.png(fig, str(path), dpi=120)
-    finally:
-        plt.close(fig)
+    runlog.png(fig, str(path), dpi=120)  # whole or not at all, and closed
 
 
 if __name__ == "__main__":  # compare.py's module, not a script: it says so, and which command writes the table
