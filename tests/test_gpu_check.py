@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent
 FAKE_TORCH = """
 import os
 if os.environ["FAKE_TORCH"] == "broken":
@@ -159,5 +159,9 @@ def test_a_tests_python_subprocess_keeps_what_is_on_pythonpath(monkeypatch) -> N
     assert child_pythonpath() == f"{HERE}{os.pathsep}/carried/pyautoattack"
     monkeypatch.delenv("PYTHONPATH")
     assert child_pythonpath() == str(HERE)
-    replacing = [p.name for p in HERE.glob("test_*.py") if re.search(r"PYTHONPATH=(str|os\.fspath)\(", p.read_text())]
+    replacing = [
+        p.name
+        for p in [*HERE.glob("test_*.py"), *HERE.glob("tests/test_*.py")]
+        if re.search(r"PYTHONPATH=(str|os\.fspath)\(", p.read_text())
+    ]
     assert replacing == [], "a subprocess's PYTHONPATH is conftest.child_pythonpath(), which extends it"

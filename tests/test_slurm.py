@@ -15,7 +15,7 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE / "results"))
 import compare  # noqa: E402
 

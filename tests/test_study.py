@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "results"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "results"))
 import late  # noqa: E402
 import study  # noqa: E402
 

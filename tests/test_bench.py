@@ -14,7 +14,7 @@ import torch
 import bench
 import train
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

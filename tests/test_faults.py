@@ -17,7 +17,7 @@ import models
 import runlog
 import train
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE / "results"))
 import compare_table  # noqa: E402
 import runner  # noqa: E402

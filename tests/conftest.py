@@ -22,7 +22,7 @@ import torch
 def child_pythonpath() -> str:
     """PYTHONPATH for a test's python subprocess: the project first, then whatever was there (the GPU check carries
     pyautoattack's files on PYTHONPATH on a machine where it is not installed: a subprocess needs them too)."""
-    return os.pathsep.join([str(Path(__file__).resolve().parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return os.pathsep.join([str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import runlog
 import train
 from conftest import child_pythonpath
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent
 QUICK = ["--n", "24", "--bs", "12", "--device", "cpu"]
 
 

@@ -27,7 +27,7 @@ import models
 import runlog
 import train
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent
 SUBSET = HERE.parent / "shared" / "data" / "cifar10_subset.npz"
 SMOKE = ["--smoke", "--device", "cpu"]
 

@@ -1,13 +1,17 @@
 """The documentation (README.md, docs/*.md, results/README.md) names only flags that exist, each with the script that
 reads it, and every relative link reaches a file and a heading that exist."""
 
+import ast
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "results"))
 import compare  # noqa: E402
 
@@ -111,3 +115,28 @@ def test_every_relative_link_reaches_its_file_and_heading(doc):
         elif anchor and anchor not in {slug(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)}:
             broken.append(target)
     assert not broken, f"{doc.relative_to(REPO)}: " + ", ".join(broken)
+
+
+def test_test_sovr_runs_beside_sovr_alone(tmp_path):
+    """The card's copy-paste pair: test_sovr.py needs nothing but sovr.py, torch and pytest (no conftest fixture, no
+    other module): in an empty folder, pytest collects it and sets up every fixture of its tests."""
+    for name in ("sovr.py", "test_sovr.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+    cmd = [sys.executable, "-m", "pytest", "-q", "--setup-only", "-p", "no:cacheprovider", "test_sovr.py"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert p.returncode == 0 and "error" not in p.stdout.splitlines()[-1], p.stdout[-2000:]
+
+
+def test_the_root_holds_the_card_and_what_it_imports():
+    """Every .py at the root is a script of the design card, test_sovr.py, or a module that one of them imports; the
+    other tests are in tests/."""
+    card = {"sovr.py", "test_sovr.py", "train.py", "attack.py", "bench.py", "models.py", "losses.py"}
+    imported = set()
+    for name in card:
+        tree = ast.parse((REPO / name).read_text())
+        imported |= {f"{a.name.split('.')[0]}.py" for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {
+            f"{n.module.split('.')[0]}.py" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+        }
+    assert {p.name for p in REPO.glob("*.py")} - card - imported == set()
+    assert not list(REPO.glob("conftest.py")) and len(list((REPO / "tests").glob("test_*.py"))) > 10
