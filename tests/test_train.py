@@ -853,13 +853,25 @@ def test_ctrl_c_says_what_was_saved(tmp_path: Path, capsys, monkeypatch, resumed
         assert (tmp_path / "curves.png").exists()
 
 
+CUT = [*SMOKE, "--epochs", 1, "--train-limit", 64, "--resume", "auto"]
+
+
+@pytest.fixture(scope="module")
+def uncut(tmp_path_factory) -> Path:
+    """The run that test_resume_auto_redoes_what_a_kill_cut_from_the_end_of_an_epoch's cut runs must equal, once."""
+    out = tmp_path_factory.mktemp("uncut")
+    run(*CUT, "--out", out)
+    return out
+
+
 @pytest.mark.parametrize("cut", ["last.pt", "best.pt", "log", "curves"])
-def test_resume_auto_redoes_what_a_kill_cut_from_the_end_of_an_epoch(tmp_path: Path, monkeypatch, cut: str) -> None:
+def test_resume_auto_redoes_what_a_kill_cut_from_the_end_of_an_epoch(
+    tmp_path: Path, monkeypatch, cut: str, uncut: Path
+) -> None:
     """A run stopped at any write of its first epoch's end, then restarted with the same --resume auto command,
     leaves what an uninterrupted run does: last.pt is written first, and a resume writes best.pt, the log record
     and the curves from it (a refusal of the folder, or a missing best.pt or record, would not)."""
-    flags = [*SMOKE, "--epochs", 1, "--train-limit", 64, "--resume", "auto"]
-    run(*flags, "--out", tmp_path / "a")
+    flags = CUT
 
     def killed(fn, hit):
         return lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if hit(*a) else fn(*a)
@@ -874,10 +886,10 @@ def test_resume_auto_redoes_what_a_kill_cut_from_the_end_of_an_epoch(tmp_path: P
     monkeypatch.undo()
     run(*flags, "--out", tmp_path / "b")
     for name in ("best.pt", "last.pt"):
-        a, b = load(tmp_path / "a" / name), load(tmp_path / "b" / name)
+        a, b = load(uncut / name), load(tmp_path / "b" / name)
         assert a.keys() == b.keys() and a["epoch"] == b["epoch"] == 1
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    a, b = runlog.records(str(tmp_path / "a")), runlog.records(str(tmp_path / "b"))
+    a, b = runlog.records(str(uncut)), runlog.records(str(tmp_path / "b"))
     assert [r.get("val_pgd") for r in a] == [r.get("val_pgd") for r in b] and untimed(a[-1]) == untimed(b[-1])
 
 
