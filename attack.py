@@ -191,8 +191,8 @@ def writable(folder: str, what: str, flag: str) -> None:
 
 
 def evaluate(path: str, e: dict, args) -> dict:
-    """e's evaluation (prepare's): AutoAttack or --margins, its result written and printed; its model is on the
-    device only meanwhile."""
+    """e's evaluation (prepare's): AutoAttack, --margins or --sweep (masking.py), its result written and printed;
+    its model is on the device only meanwhile."""
     model, x, y, s, eps = model_of(path, e, args), e["x"], e["y"], e["settings"], e["eps"]
     t0, clean = time.time(), predict(model, x, args.bs, args.device) == y
     res, earlier, every = dict(settings=s, versions=aa_run.versions()), 0.0, cli.gather(clean.int().tolist())

@@ -1,6 +1,7 @@
 """attack.py on a tiny model trained by train.py: results, equality with a direct AutoAttack call, errors."""
 
 import argparse
+import ast
 import errno
 import json
 import os
@@ -691,6 +692,21 @@ def test_one_model_is_on_the_device_at_a_time(ckpt: Path, tmp_path: Path, monkey
         ckpt, ckpt.parent / "best.pt", "--n", 4, "--bs", 4, "--device", "cpu", "--attacks", "apgd-ce", "--out", tmp_path
     )
     assert len(built) == 2 and alive == [1, 1]
+
+
+def test_attack_py_is_the_evaluation_script_above_the_modules_it_uses() -> None:
+    """attack.py, at most 300 lines, stands above what it shares: aa_run.py (AutoAttack run one attack at a time,
+    resumably, and what names a result) imports neither attack.py nor masking.py, and masking.py (the
+    gradient-masking diagnostics, which run AutoAttack too) not attack.py: no import circle."""
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((HERE / name).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return names | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert len((HERE / "attack.py").read_text().splitlines()) <= 300
+    assert {"aa_run", "masking"} <= imports("attack.py") and "aa_run" in imports("masking.py")
+    assert not {"attack", "masking"} & imports("aa_run.py") and "attack" not in imports("masking.py")
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
