@@ -1,7 +1,8 @@
 """The gradient-masking diagnostics of attack.py: --sweep (APGD-CE then APGD-T at growing radii, PGD-20 against
 PGD-100, its verdict in one line and its picture), and the checks of the AutoAttack package over a whole evaluation
-(every process's messages, and its Square check on the robust accuracy after each attack). A sound defence falls to
-0 as the radius grows and gains nothing from fewer steps; one that masks gradients shows otherwise."""
+(every process's messages, and its Square check on the robust accuracy after each attack). Under a sound defence the
+accuracy falls to 0 as the radius grows and PGD-100 leaves no more points robust than PGD-20; a model that masks its
+gradients shows otherwise."""
 
 import copy
 
