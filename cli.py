@@ -246,3 +246,20 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def figure(flag: str, what: str):
+    """A new figure and axes for `flag`'s picture; ValueError without matplotlib (`what` is in the JSON files)."""
+    plt = pyplot()
+    if plt is None:
+        raise ValueError(f"{flag} draws with matplotlib: pip install matplotlib (the {what} are in the JSON files)")
+    return plt.subplots(figsize=(6, 3.5))
+
+
+def save_figure(fig, ax, path: str):
+    """`fig`, with its legend, written to `path` (runlog.png: whole or not at all, then closed) and said."""
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    runlog.png(fig, path, dpi=120)
+    print(f"wrote {path}")
+    return fig

@@ -368,8 +368,8 @@ def event(r: dict, mark: str) -> str:
 
 def headline(r: dict, k: int) -> str:
     """A finished link's figure: train.py's test of best.pt, an attack's robust accuracy named by what ran
-    (attack.attack_label), the margins' means, the sweep's verdict."""
-    import attack
+    (aa_run.attack_label), the margins' means, the sweep's verdict."""
+    import aa_run
 
     if k == 0:
         best = (runlog.final(str(r["run"])) or {}).get("best", {})
@@ -377,7 +377,7 @@ def headline(r: dict, k: int) -> str:
         return f"test of best.pt (epoch {best.get('epoch')}): clean {clean:.2%}, PGD-{r['eval_steps']} {pgd:.2%}"
     res = result(r["links"][k][0]) or {}
     if "robust_acc" in res:
-        return f"clean {res['clean_acc']:.2%}, {attack.attack_label(res['settings'])} {res['robust_acc']:.2%}"
+        return f"clean {res['clean_acc']:.2%}, {aa_run.attack_label(res['settings'])} {res['robust_acc']:.2%}"
     if "test" in res:
         train, test = statistics.mean(res["train"]), statistics.mean(res["test"])
         return f"mean PGD-20 margin {train:.2f} (training points), {test:.2f} (test points)"

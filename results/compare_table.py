@@ -15,7 +15,7 @@ from pathlib import Path
 
 import runner
 
-import attack
+import aa_run
 import cli
 import runlog
 
@@ -54,7 +54,7 @@ def metrics(r: dict, ce: dict | None) -> dict:
     if aa:
         s = aa["settings"]
         res |= dict(clean=aa["clean_acc"], aa=aa["robust_acc"], n=s["n"], eps=s["eps"], s_aa=aa["time_s"])
-        res |= dict(attacks=attack.attack_label(s), settings=s)
+        res |= dict(attacks=aa_run.attack_label(s), settings=s)
         res["torch"] = aa["versions"]["torch"]
     if aa and last:  # the same attacks on both: last.pt's list, which best.pt's run also went through
         res["last_minus_best"] = last["robust_acc"] - aa["robust_after"].get(list(last["robust_after"])[-1], math.nan)
@@ -138,13 +138,13 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
             lines.append(f"| {pre} - ce, paired | {n} | " + " | ".join(cells) + " |" + " |" * 8)
     lines += warned(found)
     runlog.write(str(out / "table.md"), "\n".join(lines) + "\n")
-    figures(out, groups, attack.attack_label(attacked(grid, found), " accuracy %"))
+    figures(out, groups, aa_run.attack_label(attacked(grid, found), " accuracy %"))
     return "\n".join(lines)
 
 
 def header(grid: dict, found: list[dict], complete: int) -> list[str]:
     """table.md's lines above its rows: what the grid is, how much of it finished, and what each column measured;
-    a robust accuracy is called AutoAttack only when the version's full attack set ran (attack.attack_name)."""
+    a robust accuracy is called AutoAttack only when the version's full attack set ran (aa_run.attack_name)."""
     lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
     if complete < len(found):
         lines += [
@@ -158,9 +158,9 @@ def header(grid: dict, found: list[dict], complete: int) -> list[str]:
         "",
     ]
     s = attacked(grid, found)
-    robust, name = attack.attack_label(s, " %"), attack.attack_name(s)
+    robust, name = aa_run.attack_label(s, " %"), aa_run.attack_name(s)
     if name != "AutoAttack":
-        full = ", ".join(attack.NAMES.get(a, a.capitalize()) for a in attack.VERSION_ATTACKS["standard"])
+        full = ", ".join(aa_run.NAMES.get(a, a.capitalize()) for a in aa_run.VERSION_ATTACKS["standard"])
         lines += [f"{robust}: {name} alone, not AutoAttack (standard AutoAttack runs {full}).", ""]
     head = [h.format(robust=robust, name=name) for h in HEAD]
     return lines + [
@@ -193,7 +193,7 @@ def warned(found: list[dict]) -> list[str]:
 
 
 def figures(out: Path, groups: dict, robust: str) -> None:
-    """aa.png: the robust accuracy (`robust`: attack.attack_label's, AutoAttack only when the full set ran) per loss,
+    """aa.png: the robust accuracy (`robust`: aa_run.attack_label's, AutoAttack only when the full set ran) per loss,
     each seed a point; margins.png: the important points' margins per loss (the first seed), training and test
     points."""
     plt = cli.pyplot()

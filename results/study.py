@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 import runner  # noqa: E402  (the one launcher of results/)
 from compare_table import smallest  # noqa: E402  (the 30% smallest margins, one count for results/)
 
+import aa_run  # noqa: E402  (the name of what an attack ran)
 import attack  # noqa: E402  (its result file names and its histogram)
 import cli  # noqa: E402
 import flags  # noqa: E402
@@ -197,7 +198,7 @@ def table(root: Path, args) -> str:
     first, every = next(iter(groups.values()))[0], [r for rs in groups.values() for r in rs]
     extra = f" | {extra_label(every, args)}" if args.extra_aa else ""
     lines = [
-        f"| loss | ratio | seeds | clean % | PGD-20 % | {attack.attack_label(first['aa_settings'], ' %')}{extra} "
+        f"| loss | ratio | seeds | clean % | PGD-20 % | {aa_run.attack_label(first['aa_settings'], ' %')}{extra} "
         "| PGD-20 minus worst attack "
         "| margin, 30% smallest | mean margin | margin of robust points | share abs(margin) < 0.1 | epochs "
         "| train h, all seeds |",
@@ -226,16 +227,16 @@ def table(root: Path, args) -> str:
             f"{sum(r['hours'] for r in rs):.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"Robust accuracy: {attack.attack_label(first['aa_settings'], threat=True)}."]
+    notes = [f"Robust accuracy: {aa_run.attack_label(first['aa_settings'], threat=True)}."]
     notes += [PGD_SOURCE] + [OLD_MARGINS] * any(r["old_margins"] for r in every)
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
 def extra_label(every: list[dict], args) -> str:
-    """The --extra-aa column's name (attack.attack_label): from its first result, else from the flag (all the test
+    """The --extra-aa column's name (aa_run.attack_label): from its first result, else from the flag (all the test
     points, standard's settings)."""
     s = next((r["extra_settings"] for r in every if r["extra_settings"]), None)
-    return attack.attack_label(s or dict(mode=mode(args.extra_aa), n=TEST_POINTS), " %")
+    return aa_run.attack_label(s or dict(mode=mode(args.extra_aa), n=TEST_POINTS), " %")
 
 
 PGD_SOURCE = (

@@ -1,6 +1,7 @@
 """attack.py on a tiny model trained by train.py: results, equality with a direct AutoAttack call, errors."""
 
 import argparse
+import ast
 import errno
 import json
 import os
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import aa_run
 import attack
 import cli
 import data
+import masking
 import models
 import runlog
 import train
@@ -65,14 +68,14 @@ def run(*argv) -> None:
 def few_steps(monkeypatch) -> None:
     """The package's APGD with 5 steps for 100 (rand's 20 EOT samples each), for tests of files, lines and
     resumes rather than of the attack's strength."""
-    make = attack.make_autoattack
+    make = aa_run.make_autoattack
 
     def quick(*a, **k):
         aa, run = make(*a, **k)
         aa.apgd.n_iter = 5
         return aa, run
 
-    monkeypatch.setattr(attack, "make_autoattack", quick)
+    monkeypatch.setattr(aa_run, "make_autoattack", quick)
 
 
 def result_files(ckpt: Path) -> list[Path]:
@@ -205,7 +208,7 @@ def test_a_finished_evaluation_prints_its_result_and_runs_nothing(ckpt: Path, ca
     line = capsys.readouterr().out.splitlines()[-2]  # "<checkpoint>: clean ..., AutoAttack (...) ..., Ns"
     result = Path(attack.result_path(str(ckpt), "apgd-ce", "Linf", 8, 24, 6, bs=12))
     before = result.read_text()
-    monkeypatch.setattr(attack, "autoattack", no_attack)
+    monkeypatch.setattr(aa_run, "autoattack", no_attack)
     monkeypatch.setattr(attack.losses, "pgd_margins", no_attack)
     run(*flags)
     out = capsys.readouterr().out
@@ -224,7 +227,7 @@ def test_a_finished_evaluation_prints_its_result_and_runs_nothing(ckpt: Path, ca
 
 
 def test_everything_is_checked_before_any_attack(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(attack, "autoattack", no_attack)
+    monkeypatch.setattr(aa_run, "autoattack", no_attack)
     monkeypatch.setattr(attack.losses, "pgd_margins", no_attack)
     expect_error(capsys, [ckpt, tmp_path / "missing.pt", *QUICK], "no such checkpoint")
     torch.save({**torch.load(ckpt, weights_only=True), "dataset": "../elsewhere/x.npz"}, tmp_path / "moved.pt")
@@ -483,9 +486,9 @@ def test_rank_0s_read_says_whether_an_evaluation_is_finished(ckpt: Path, tmp_pat
 def test_a_check_is_printed_once_whatever_numbers_it_holds(capsys) -> None:
     """The zero-gradient count of each batch, and a --sweep's radii sharing what was said: printed once."""
     said: list[str] = []
-    attack.tell(["there are 3 points with zero gradient!", "it seems to be a dynamic defense!"], 0, said)
-    attack.tell(["there are 5 points with zero gradient!"], 0, said)
-    attack.tell(["it seems to be a dynamic defense!"], 1, [])  # another rank: rank 0 says it
+    aa_run.tell(["there are 3 points with zero gradient!", "it seems to be a dynamic defense!"], 0, said)
+    aa_run.tell(["there are 5 points with zero gradient!"], 0, said)
+    aa_run.tell(["it seems to be a dynamic defense!"], 1, [])  # another rank: rank 0 says it
     assert capsys.readouterr().out.splitlines() == [
         "AutoAttack's check: there are 3 points with zero gradient!",
         "AutoAttack's check: it seems to be a dynamic defense!",
@@ -505,17 +508,17 @@ def test_versions_name_the_autoattack_package_imported_from_a_path_without_metad
     copy = types.ModuleType("pyautoattack")
     copy.__path__ = [str(tmp_path / "pyautoattack")]
     monkeypatch.setitem(sys.modules, "pyautoattack", copy)
-    assert attack.versions()["pyautoattack"] == f"unknown ({tmp_path / 'pyautoattack'})"
+    assert aa_run.versions()["pyautoattack"] == f"unknown ({tmp_path / 'pyautoattack'})"
     copy.__version__ = "0.2.0"
-    assert {k: v for k, v in attack.versions().items() if "autoattack" in k} == {"pyautoattack": "0.2.0"}
+    assert {k: v for k, v in aa_run.versions().items() if "autoattack" in k} == {"pyautoattack": "0.2.0"}
 
 
 def test_sweep_writes_its_curve_and_says_whether_it_holds(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """Three radii (8, 16 and 64/255; APGD-CE alone, to keep it quick): the accuracy falls to 0 and never rises,
     PGD-100 <= PGD-20, said in the checkpoint's line; the figures in a JSON of its own, and a PNG."""
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(attack, "SWEEP_SCALES", (1, 2, 8))
-    monkeypatch.setattr(attack, "SWEEP_ATTACKS", "apgd-ce")
+    monkeypatch.setattr(masking, "SWEEP_SCALES", (1, 2, 8))
+    monkeypatch.setattr(masking, "SWEEP_ATTACKS", "apgd-ce")
     run(ckpt, "--n", 8, "--bs", 8, "--device", "cpu", "--sweep", "--out", tmp_path, "--plot", tmp_path / "s.png")
     out = capsys.readouterr().out.splitlines()
     res = json.loads((tmp_path / "last.sweep-Linf-eps8-n8-seed0-bs8.json").read_text())
@@ -534,7 +537,7 @@ def test_sweep_plot_draws_a_line_per_checkpoint_at_its_own_radii() -> None:
     s = dict(checkpoint="/runs/a/last.pt", objective="sovr", norm="Linf")
     sw = dict(radii=["8/255", "16/255"], attacks="apgd-ce,apgd-t", robust_acc={"8/255": 0.4, "16/255": 0.1})
     other = dict(radii=["4/255", "8/255"], attacks="apgd-ce,apgd-t", robust_acc={"4/255": 0.5, "8/255": 0.3})
-    fig = attack.plot_sweep(
+    fig = masking.plot_sweep(
         [dict(settings=s, sweep=sw), dict(settings={**s, "objective": "ce"}, sweep=other)], "/dev/null"
     )
     ax = fig.axes[0]
@@ -557,7 +560,7 @@ def test_sweep_plot_draws_a_line_per_checkpoint_at_its_own_radii() -> None:
     ],
 )
 def test_sweep_verdict_names_what_failed_and_by_how_much(acc: list, pgd: dict, says: str) -> None:
-    holds, verdict = attack.sweep_verdict(dict(zip(["8/255", "16/255", "64/255"], acc)), pgd)
+    holds, verdict = masking.sweep_verdict(dict(zip(["8/255", "16/255", "64/255"], acc)), pgd)
     assert verdict.startswith(f"sweep: {says}") and holds == says.startswith("holds"), verdict
 
 
@@ -616,7 +619,7 @@ def test_a_wrapped_state_dict_is_evaluated_and_says_what_was_assumed(tmp_path: P
 
 
 def test_a_state_dict_is_refused_in_one_line_before_any_attack(ckpt: Path, tmp_path: Path, capsys, monkeypatch):
-    monkeypatch.setattr(attack, "autoattack", no_attack)
+    monkeypatch.setattr(aa_run, "autoattack", no_attack)
     torch.save(plain_net("wrn16").state_dict(), tmp_path / "plain.pt")
     plain = [tmp_path / "plain.pt", "--dataset", "synthetic", *QUICK]
     expect_error(capsys, plain, "holds no model: not a train.py checkpoint (for a state_dict, give --arch and --eps)")
@@ -673,7 +676,7 @@ def test_one_model_is_on_the_device_at_a_time(ckpt: Path, tmp_path: Path, monkey
     is gone."""
     import weakref
 
-    built, alive, loaded, attacks = [], [], models.from_checkpoint, attack.autoattack
+    built, alive, loaded, attacks = [], [], models.from_checkpoint, aa_run.autoattack
 
     def build(*a, **k):
         built.append(weakref.ref(model := loaded(*a, **k)))
@@ -684,11 +687,26 @@ def test_one_model_is_on_the_device_at_a_time(ckpt: Path, tmp_path: Path, monkey
         return attacks(*a, **k)
 
     monkeypatch.setattr(models, "from_checkpoint", build)
-    monkeypatch.setattr(attack, "autoattack", measure)
+    monkeypatch.setattr(aa_run, "autoattack", measure)
     run(
         ckpt, ckpt.parent / "best.pt", "--n", 4, "--bs", 4, "--device", "cpu", "--attacks", "apgd-ce", "--out", tmp_path
     )
     assert len(built) == 2 and alive == [1, 1]
+
+
+def test_attack_py_is_the_evaluation_script_above_the_modules_it_uses() -> None:
+    """attack.py, at most 300 lines, stands above what it shares: aa_run.py (AutoAttack run one attack at a time,
+    resumably, and what names a result) imports neither attack.py nor masking.py, and masking.py (the
+    gradient-masking diagnostics, which run AutoAttack too) not attack.py: no import circle."""
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((HERE / name).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return names | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert len((HERE / "attack.py").read_text().splitlines()) <= 300
+    assert {"aa_run", "masking"} <= imports("attack.py") and "aa_run" in imports("masking.py")
+    assert not {"attack", "masking"} & imports("aa_run.py") and "attack" not in imports("masking.py")
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
@@ -729,11 +747,12 @@ def test_cuda_out_of_memory_is_one_clear_line(ckpt: Path, capsys, cap_gpu_memory
 LATE_RANK = """
 import datetime, os, time
 import torch.distributed.distributed_c10d as c10d
+import aa_run
 import attack
 import cli
 
 c10d.default_pg_timeout = datetime.timedelta(seconds=2)  # torch's default, as short next to the wait as NCCL's 10 min
-attacks = attack.autoattack
+attacks = aa_run.autoattack
 
 
 def late(*a, **k):
@@ -743,7 +762,7 @@ def late(*a, **k):
     return out
 
 
-attack.autoattack = late
+aa_run.autoattack = late
 attack.main()
 """
 
@@ -785,7 +804,7 @@ def test_torchrun_shards_the_points_and_gathers_one_result(ckpt: Path, tmp_path:
     clean = attack.predict(model, x, 6, "cpu") == y
     ref = []
     for half in (slice(0, 12), slice(12, 24)):
-        robust, *_ = attack.autoattack(
+        robust, *_ = aa_run.autoattack(
             model, x[half], y[half], clean[half], 24 / 255, args, str(tmp_path / f"{half.start}.st"), res["settings"]
         )
         ref += robust.int().tolist()

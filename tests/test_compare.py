@@ -158,13 +158,14 @@ def test_the_sweep_column_and_the_checks_marker(grid: Path, here, monkeypatch) -
     link finds (one run for real, APGD-CE at two radii to keep it quick; the others' verdicts set); the table says
     per loss how many runs held, and marks with ! and a footnote the rows whose evaluations raised a check."""
     import attack
+    import masking
 
     shutil.copytree(grid / "a", grid / "d")
     g = json.loads((grid / "d" / "grid.json").read_text())
     runner.write_json({**g, "sweep_points": 8}, grid / "d" / "grid.json")
     found = compare.runs({**g, "sweep_points": 8}, grid / "d", 1)
-    monkeypatch.setattr(attack, "SWEEP_SCALES", (1, 8))
-    monkeypatch.setattr(attack, "SWEEP_ATTACKS", "apgd-ce")
+    monkeypatch.setattr(masking, "SWEEP_SCALES", (1, 8))
+    monkeypatch.setattr(masking, "SWEEP_ATTACKS", "apgd-ce")
     done, cmd = found[0]["links"][4]
     attack.main(cmd[cmd.index(str(REPO / "attack.py")) + 1 :] + ["--device", "cpu"])
     assert cmd[-3:] == ["--sweep", "--points", "8"] and runner.finished(done)
@@ -445,13 +446,13 @@ def test_the_important_points_are_at_least_one_ties_lower_index_first() -> None:
     ],
 )
 def test_a_figure_is_called_autoattack_only_when_the_versions_full_attack_set_ran(mode, version, name) -> None:
-    import attack
+    import aa_run
 
     s = dict(mode=mode, version=version, n=20, norm="Linf", eps="8/255")
-    assert attack.attack_name(s) == name
+    assert aa_run.attack_name(s) == name
     how = f"{version}, n=20" if name == "AutoAttack" else f"n=20, {version}'s settings"
-    assert attack.attack_label(s, " %") == f"{name} % ({how})"
-    assert attack.attack_label(s, threat=True) == f"{name} ({how.replace('n=20', 'Linf 8/255, n=20')})"
+    assert aa_run.attack_label(s, " %") == f"{name} % ({how})"
+    assert aa_run.attack_label(s, threat=True) == f"{name} ({how.replace('n=20', 'Linf 8/255, n=20')})"
 
 
 def finished_by_hand(r: dict, robust: float) -> None:
