@@ -167,7 +167,10 @@ def train_epoch(net, atk, opt, ema, x_tr, y_tr, aux, args, epoch: int, amp: bool
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     net.train()
     stats = torch.zeros(steps, 2, device=x_tr.device)
-    batches = data.batches(x_tr, y_tr, args.batch, args.seed, epoch, rank, world, fmt, aux, args.aux_fraction)
+    crop_flip = args.dataset not in data.UNAUGMENTED
+    batches = data.batches(
+        x_tr, y_tr, args.batch, args.seed, epoch, rank, world, fmt, aux, args.aux_fraction, crop_flip
+    )
     with cli.progress(steps * args.batch, f"epoch {epoch + 1}/{args.epochs}", "img", rank) as bar:
         for s, (x, y) in enumerate(batches):
             stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp, ema, epoch * steps + s + 1)
