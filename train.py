@@ -344,6 +344,9 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
             ),
             *[f"note: --burn-in {args.burn_in} >= --epochs {args.epochs}: {args.loss} never reweights, this run is "
               "plain PGD-AT"] * never,
+            *[f"note: {args.dataset} trains without crops or flips, as robust_overfitting's train_svhn.py"] * (
+                args.dataset in data.UNAUGMENTED
+            ),
         ]
     )  # fmt: skip
 

@@ -377,7 +377,7 @@ def test_svhn_that_cannot_be_had_offline_is_one_line_saying_what_to_do(tmp_path,
         assert said.startswith(f"train.py: error: {folder / 'train_32x32.mat'} is truncated or corrupt")
 
 
-def test_a_smoke_run_on_svhn_trains_uncropped_unflipped_with_svhns_normalization(tmp_path, monkeypatch) -> None:
+def test_a_smoke_run_on_svhn_trains_uncropped_unflipped_with_svhns_normalization(tmp_path, monkeypatch, capsys):
     """One step of train.py on the stand-in: SVHN's statistics inside the model, no crop or flip (robust_overfitting's
     train_svhn.py); attack.py's test points of its checkpoint are SVHN's test images."""
     import attack
@@ -396,6 +396,7 @@ def test_a_smoke_run_on_svhn_trains_uncropped_unflipped_with_svhns_normalization
     model = models.from_checkpoint(ckpt, CPU)
     assert torch.allclose(model.mean.flatten(), torch.tensor(models.STATS["svhn"][0]))
     assert seen == [False]  # one step, its batch neither cropped nor flipped
+    assert "note: svhn trains without crops or flips, as robust_overfitting's train_svhn.py" in capsys.readouterr().out
     args = attack.get_args([str(tmp_path / "run" / "best.pt"), "--data-dir", str(tmp_path / "svhn"), "--points", "8"])
     x, y = attack.test_points(ckpt, args)
     assert torch.equal(x, torch.from_numpy(want["test"][0][:8]).float() / 255) and y.tolist() == [
