@@ -104,12 +104,11 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
     complete = [r for r in found if all(runner.finished(d) for d, _ in r["links"])]
     csv_text = io.StringIO(newline="")
     w = csv.writer(csv_text)
-    w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *EXTRA, *SOUND])
+    w.writerow(["dataset", "norm", "arch", "loss", "seed", "run", *COLS, *EXTRA, *SOUND])
     for r in found:
         m = {**r["m"], "checks": " | ".join(r["m"]["checks"])}
-        w.writerow(
-            [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(m[k] for k in COLS + EXTRA + SOUND)]
-        )
+        row = [r["dataset"], r["norm"], r["arch"], r["loss"], r["seed"], r["run"].name]
+        w.writerow(row + [m[k] for k in COLS + EXTRA + SOUND])
     runlog.write(str(out / "table.csv"), csv_text.getvalue())
     lines = header(grid, found, len(complete))
     groups: dict = {}
@@ -145,7 +144,10 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
 def header(grid: dict, found: list[dict], complete: int) -> list[str]:
     """table.md's lines above its rows: what the grid is, how much of it finished, and what each column measured;
     a robust accuracy is called AutoAttack only when the version's full attack set ran (attack.attack_name)."""
-    lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
+    lines = [
+        f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}{threat(found)}",
+        "",
+    ]
     if complete < len(found):
         lines += [
             f"**Partial grid: {complete} of {len(found)} runs have finished every link**; a cell counts "
@@ -169,12 +171,20 @@ def header(grid: dict, found: list[dict], complete: int) -> list[str]:
     ]
 
 
+def threat(found: list[dict]) -> str:
+    """table.md's title's end: what the runs trained against, "; trained under Linf, eps 8/255" (train.py's --norm
+    and --eps; the eps column is the attack's)."""
+    said = "; ".join(dict.fromkeys(f"{r['norm']}, eps {r['eps']}/255" for r in found))
+    return f"; trained under {said}" if said else ""
+
+
 def attacked(grid: dict, found: list[dict]) -> dict:
     """The settings of the table's robust column: the first finished evaluation's, else the grid's own (its
     --attacks or standard AutoAttack, with standard's settings, on --points test points)."""
     s = next((r["m"]["settings"] for r in found if r["m"].get("settings")), None)
     mode = (grid["attacks"] or "standard").replace(",", "+")
-    return s or dict(mode=mode, version="standard", n=grid["points"] or "all", norm="Linf", eps="?")
+    norm = next((r["norm"] for r in found), "Linf")  # the runs' own: attack.py takes the checkpoint's
+    return s or dict(mode=mode, version="standard", n=grid["points"] or "all", norm=norm, eps="?")
 
 
 def held(sel: list[dict]) -> str:
