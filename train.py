@@ -1,4 +1,4 @@
-"""PGD adversarial training on CIFAR-10/100 with SOVR and its baselines.
+"""PGD adversarial training on CIFAR-10/100 or SVHN with SOVR and its baselines.
 
     python train.py --loss sovr --arch wrn34           # downloads CIFAR-10, trains to the end
     python train.py --dataset ../shared/data/cifar10_subset.npz --arch wrn16 --width 1 --epochs 5
