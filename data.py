@@ -64,6 +64,11 @@ def _torchvision(name: str, data_dir: str) -> dict:
     collective under NCCL's watchdog) and then read what it wrote."""
     import torchvision  # only needed on this path
 
+    if name == "svhn":  # else its ImportError would read as a broken file, and the advice be to delete good ones
+        try:
+            import scipy.io  # noqa: F401
+        except ImportError:
+            raise ValueError("svhn needs scipy, which reads its .mat files: pip install scipy") from None
     kind, key, splits = TORCHVISION[name]
     cls = getattr(torchvision.datasets, kind)
     root = os.path.abspath(os.path.expanduser(data_dir))  # as torchvision reads it

@@ -8,6 +8,7 @@ import io
 import multiprocessing
 import os
 import pickle
+import sys
 import tarfile
 import threading
 import time
@@ -375,6 +376,14 @@ def test_svhn_that_cannot_be_had_offline_is_one_line_saying_what_to_do(tmp_path,
         assert "--dataset file.npz" in said and not folder.exists()
     else:
         assert said.startswith(f"train.py: error: {folder / 'train_32x32.mat'} is truncated or corrupt")
+
+
+def test_svhn_without_scipy_says_so_in_one_line_and_leaves_its_files(tmp_path, monkeypatch) -> None:
+    svhn_standin(tmp_path, monkeypatch, (10, 10))
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(ValueError, match=r"^svhn needs scipy, which reads its .mat files: pip install scipy$"):
+        data.load_data("svhn", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_32x32.mat", "train_32x32.mat"]
 
 
 def test_a_smoke_run_on_svhn_trains_uncropped_unflipped_with_svhns_normalization(tmp_path, monkeypatch, capsys):
