@@ -393,7 +393,7 @@ def test_a_smoke_run_on_svhn_trains_uncropped_unflipped_with_svhns_normalization
     import models
     import train
 
-    want, seen = svhn_standin(tmp_path / "svhn", monkeypatch, (96, 16)), []
+    want, seen = svhn_standin(tmp_path / "svhn", monkeypatch, (96, 8)), []
     augment = data.augment
     monkeypatch.setattr(
         data, "augment", lambda x, g, crop_flip=True: seen.append(crop_flip) or augment(x, g, crop_flip)
