@@ -24,7 +24,7 @@ COLS = ["clean", "pgd20", "aa", "gap", "last_minus_best", "train_imp", "train_re
 TIMES = ("s_epoch", "s_aa")
 # as attack.py's histogram: the margins files hold losses.worst_of's margin
 MARGIN = "logit margin $z_y - \\max_{k \\neq y} z_k$, the lower of clean and PGD-20"
-EXTRA = ["n", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit", "attacks"]  # each row's provenance
+EXTRA = ["n", "norm", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit", "attacks"]  # each row's provenance
 SOUND = ["sweep", "checks"]  # whether best.pt's --sweep held; what AutoAttack's own checks said in its evaluations
 
 
@@ -49,6 +49,7 @@ def metrics(r: dict, ce: dict | None) -> dict:
     aa, last, mg, sweep = ([result(done) if final else None for done, _ in r["links"][1:]] + [None])[:4]
     recs = [x for x in runlog.records(str(r["run"])) if "epoch" in x]
     res = dict.fromkeys([*COLS, *EXTRA]) | dict(s_epoch=statistics.mean(x["time"] for x in recs) if recs else None)
+    res["norm"] = r["norm"]  # train.py's, which attack.py takes from the checkpoint
     res["sweep"] = sweep["sweep_holds"] if sweep else None
     res["checks"] = list(dict.fromkeys(m for x in (aa, last, sweep) if x for m in x.get("checks", [])))
     if aa:
@@ -104,11 +105,12 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
     complete = [r for r in found if all(runner.finished(d) for d, _ in r["links"])]
     csv_text = io.StringIO(newline="")
     w = csv.writer(csv_text)
-    w.writerow(["dataset", "norm", "arch", "loss", "seed", "run", *COLS, *EXTRA, *SOUND])
+    w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *EXTRA, *SOUND])
     for r in found:
         m = {**r["m"], "checks": " | ".join(r["m"]["checks"])}
-        row = [r["dataset"], r["norm"], r["arch"], r["loss"], r["seed"], r["run"].name]
-        w.writerow(row + [m[k] for k in COLS + EXTRA + SOUND])
+        w.writerow(
+            [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(m[k] for k in COLS + EXTRA + SOUND)]
+        )
     runlog.write(str(out / "table.csv"), csv_text.getvalue())
     lines = header(grid, found, len(complete))
     groups: dict = {}
@@ -144,10 +146,8 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
 def header(grid: dict, found: list[dict], complete: int) -> list[str]:
     """table.md's lines above its rows: what the grid is, how much of it finished, and what each column measured;
     a robust accuracy is called AutoAttack only when the version's full attack set ran (attack.attack_name)."""
-    lines = [
-        f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}{threat(found)}",
-        "",
-    ]
+    lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
+    lines[0] += threat(found)
     if complete < len(found):
         lines += [
             f"**Partial grid: {complete} of {len(found)} runs have finished every link**; a cell counts "
