@@ -1,4 +1,4 @@
-"""The data: CIFAR-10/100 (torchvision's download), a synthetic set for checks, or any .npz with x_train,
+"""The data: CIFAR-10/100 or SVHN (torchvision's download), a synthetic set for checks, or any .npz with x_train,
 y_train, x_test, y_test; and the training augmentation as batched tensor ops on the device.
 
 Images stay uint8 NCHW until a batch is used; models normalize inside, so every consumer feeds [0, 1] images.
@@ -18,10 +18,22 @@ import torch.nn.functional as F
 
 import models
 
+# The sets torchvision downloads: its class, and the keyword and values that pick the training and the test split.
+# SVHN's extra split (531,131 more training images) is not read.
+TORCHVISION = {
+    "cifar10": ("CIFAR10", "train", (True, False)),
+    "cifar100": ("CIFAR100", "train", (True, False)),
+    "svhn": ("SVHN", "split", ("train", "test")),
+}
+NAMES = (*TORCHVISION, "synthetic")  # every --dataset but a .npz file
+# Trained without crops and flips: robust_overfitting's train_svhn.py (its transform is ToTensor alone), as SVHN
+# is usually trained; a flipped digit is another digit or none.
+UNAUGMENTED = {"svhn"}
+
 
 def load_data(name: str, data_dir: str) -> dict:
     """uint8 NCHW images and int64 labels; ValueError with a readable message on bad input. Any number of processes
-    may call it at once on one data folder (torchrun's ranks, a grid's runs): CIFAR's download is locked (_cifar)."""
+    may call it at once on one data folder (torchrun's ranks, a grid's runs): a download is locked (_torchvision)."""
     if name == "synthetic":  # learnable: the class sets the mean colour of the image
         g = torch.Generator().manual_seed(0)
         y = torch.randint(0, 10, (1200,), generator=g)
@@ -30,12 +42,12 @@ def load_data(name: str, data_dir: str) -> dict:
         )
         d = dict(x_train=x[:1000], y_train=y[:1000], x_test=x[1000:], y_test=y[1000:])
         d = {k: v.to(torch.uint8) if k[0] == "x" else v for k, v in d.items()}
-    elif name in ("cifar10", "cifar100"):
-        d = _cifar(name, data_dir)
+    elif name in TORCHVISION:
+        d = _torchvision(name, data_dir)
     elif name.endswith(".npz"):
         d = _read_npz(name)
     else:
-        raise ValueError(f"unknown dataset {name!r}: use cifar10, cifar100, synthetic or a .npz file")
+        raise ValueError(f"unknown dataset {name!r}: use {', '.join(NAMES)} or a .npz file")
     d["num_classes"] = 100 if name == "cifar100" else int(max(d["y_train"].max(), d["y_test"].max())) + 1
     if name in models.STATS:
         d["mean"], d["std"] = models.STATS[name]
@@ -45,14 +57,20 @@ def load_data(name: str, data_dir: str) -> dict:
     return d
 
 
-def _cifar(name: str, data_dir: str) -> dict:
-    """torchvision's CIFAR-10/100 from data_dir, downloaded and extracted there first where missing, all under an
-    exclusive lock on data_dir/.<name>.lock: processes started together (a grid's runs, torchrun's ranks, SLURM
-    jobs on one filesystem) download it once, the others wait for it (a file lock has no timeout, unlike a
+def _torchvision(name: str, data_dir: str) -> dict:
+    """torchvision's CIFAR-10/100 or SVHN from data_dir, downloaded (and extracted) there first where missing, all
+    under an exclusive lock on data_dir/.<name>.lock: processes started together (a grid's runs, torchrun's ranks,
+    SLURM jobs on one filesystem) download it once, the others wait for it (a file lock has no timeout, unlike a
     collective under NCCL's watchdog) and then read what it wrote."""
     import torchvision  # only needed on this path
 
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    if name == "svhn":  # else its ImportError would read as a broken file, and the advice be to delete good ones
+        try:
+            import scipy.io  # noqa: F401
+        except ImportError:
+            raise ValueError("svhn needs scipy, which reads its .mat files: pip install scipy") from None
+    kind, key, splits = TORCHVISION[name]
+    cls = getattr(torchvision.datasets, kind)
     root = os.path.abspath(os.path.expanduser(data_dir))  # as torchvision reads it
     made, path = [], root  # made: the folders about to be created, deepest first
     while not os.path.exists(path):
@@ -60,7 +78,7 @@ def _cifar(name: str, data_dir: str) -> dict:
     lock = os.path.join(root, f".{name}.lock")
     with _locked(lock):
         try:
-            sets = [cls(data_dir, train=train, download=True) for train in (True, False)]
+            sets = [cls(data_dir, download=True, **{key: split}) for split in splits]
         except Exception as e:  # urllib's URLError, md5's RuntimeError, gzip's EOFError, tarfile's, pickle's, ...
             error = _fetch_error(name, cls, data_dir, e)
             if made and os.listdir(made[0]) == [os.path.basename(lock)]:
@@ -72,15 +90,16 @@ def _cifar(name: str, data_dir: str) -> dict:
             raise error from None
     d = {}
     for split, ds in zip(("train", "test"), sets):
-        d[f"x_{split}"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        d[f"y_{split}"] = torch.tensor(ds.targets)
+        x = torch.from_numpy(ds.data)  # SVHN's are N x 3 x H x W already (labels 0-9: torchvision maps its 10 to 0)
+        d[f"x_{split}"] = (x if name == "svhn" else x.permute(0, 3, 1, 2)).contiguous()
+        d[f"y_{split}"] = torch.as_tensor(np.asarray(ds.labels if name == "svhn" else ds.targets), dtype=torch.int64)
     return d
 
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
     """Runs the block holding an exclusive flock on the file at path (made, with its folder, where missing). The
-    lock must be on the file that is still there: one removed meanwhile (by a holder, see _cifar) is locked anew.
+    lock must be on the file that is still there: one removed meanwhile (by a holder, see _torchvision) is locked anew.
     Where none can be had (a read-only folder, a filesystem without flock), the block runs unlocked, as before."""
     fd = None
     while fd is None:
@@ -108,16 +127,14 @@ def _locked(path: str) -> Iterator[None]:
 
 
 def _fetch_error(name: str, cls: type, data_dir: str, e: Exception) -> ValueError:
-    """The one line for a failed download, extraction or read of torchvision's CIFAR files: the first of them in
-    data_dir that is not torchvision's (its md5 differs: truncated or corrupt) and what to do; where all that are
-    there are, the download's error and the offline ways, or (an error torchvision's checks let through) the error."""
+    """The one line for a failed download, extraction or read of torchvision's CIFAR or SVHN files: the first of
+    them in data_dir that is not torchvision's (its md5 differs: truncated or corrupt) and what to do; where all that
+    are there are, the download's error and the offline ways, or (an error torchvision's checks let through) the
+    error."""
     from torchvision.datasets.utils import check_integrity
 
-    folder = os.path.join(data_dir, cls.base_folder)
-    parts = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
-    files = [(os.path.join(data_dir, cls.filename), cls.tgz_md5), *((os.path.join(folder, f), m) for f, m in parts)]
+    files, get, delete = _files(name, cls, data_dir)
     bad = next((f for f, md5 in files if os.path.isfile(f) and not check_integrity(f, md5)), None)
-    get = f"put torchvision's {cls.filename} (from {cls.url}) into {data_dir}"
     said = f"{type(e).__name__}: {e}"
     if bad:
         return ValueError(
@@ -130,9 +147,22 @@ def _fetch_error(name: str, cls: type, data_dir: str, e: Exception) -> ValueErro
             "--dataset file.npz with x_train, y_train, x_test, y_test"
         )
     return ValueError(
-        f"could not read {name} from {data_dir} ({said}): delete {files[0][0]} and {folder} to "
-        f"download them again, or {get}"
+        f"could not read {name} from {data_dir} ({said}): delete {delete} to download them again, or {get}"
     )
+
+
+def _files(name: str, cls: type, data_dir: str) -> tuple[list[tuple[str, str]], str, str]:
+    """torchvision's files of the set in data_dir with their md5s, each downloaded one first; how to put them there
+    by hand; and what to delete to download them again."""
+    if name == "svhn":  # a .mat file a split, read as downloaded
+        parts = [cls.split_list[split] for split in TORCHVISION[name][2]]
+        files = [(os.path.join(data_dir, f), md5) for _, f, md5 in parts]
+        get = f"put torchvision's {' and '.join(f for _, f, _ in parts)} (from {os.path.dirname(parts[0][0])}/) into"
+        return files, f"{get} {data_dir}", " and ".join(f for f, _ in files)
+    folder = os.path.join(data_dir, cls.base_folder)
+    parts = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+    files = [(os.path.join(data_dir, cls.filename), cls.tgz_md5), *((os.path.join(folder, f), m) for f, m in parts)]
+    return files, f"put torchvision's {cls.filename} (from {cls.url}) into {data_dir}", f"{files[0][0]} and {folder}"
 
 
 def _read_npz(path: str) -> dict:
@@ -203,8 +233,11 @@ def _check(pre: str, xk: str, x: np.ndarray, yk: str, y: np.ndarray, image: tupl
         raise ValueError(f"{pre}{yk} must hold one label per image ({len(x)} in {xk}), got shape {y.shape}")
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random crop with 4-pixel zero padding and horizontal flip, as batched tensor ops; uint8 -> [0, 1]."""
+def augment(x: torch.Tensor, g: torch.Generator, crop_flip: bool = True) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding and horizontal flip, as batched tensor ops (none without `crop_flip`);
+    uint8 -> [0, 1]."""
+    if not crop_flip:
+        return x.float().div_(255)
     b, _, h, w = x.shape
     pad = F.pad(x.float().div_(255), (4, 4, 4, 4))
     i, j = torch.randint(0, 9, (2, b, 1), device=x.device, generator=g)
@@ -284,10 +317,12 @@ def batches(
     fmt: torch.memory_format = torch.channels_last,
     aux: tuple | None = None,
     aux_fraction: float = 0.0,
+    crop_flip: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of this process's training batches: len(x) // batch global batches, their real images drawn without
     replacement from a permutation seeded by (seed, epoch), so that a resumed run repeats an uninterrupted one;
-    crops and flips are drawn for the global batch, then each of `world` processes takes its share.
+    crops and flips (unless not `crop_flip`: UNAUGMENTED's sets) are drawn for the global batch, then each of
+    `world` processes takes its share.
     With `aux` (images, labels), int(aux_fraction * batch) images of each batch are drawn from it with replacement
     and the rest from x, and the batch is shuffled, as DM-Improves-AT's SemiSupervisedSampler (core/data/semisup.py)
     does; its epoch also counts the batches of one pass over the real set without generated data."""
@@ -307,7 +342,7 @@ def batches(
             xb = torch.cat([xb, _on(aux[0][j], x.device)])[order]
             yb = torch.cat([yb, _on(aux[1][j], x.device)])[order]
         mine = slice(rank * share, (rank + 1) * share)
-        yield augment(xb, g)[mine].contiguous(memory_format=fmt), yb[mine]
+        yield augment(xb, g, crop_flip)[mine].contiguous(memory_format=fmt), yb[mine]
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -77,9 +77,9 @@ def dest(row: tuple) -> str:
 # fmt: off
 TRAIN = [
     "data and model",
-    F("--dataset", None, "cifar10", "", "cifar10 (default) | cifar100 | synthetic | .npz with x_train, y_train, "
-      "x_test, y_test"),
-    F("--data-dir", None, "./data", "", "where torchvision downloads CIFAR (default %(default)s)"),
+    F("--dataset", None, "cifar10", "", "cifar10 (default) | cifar100 | svhn | synthetic | .npz with x_train, "
+      "y_train, x_test, y_test"),
+    F("--data-dir", None, "./data", "", "where torchvision downloads CIFAR and SVHN (default %(default)s)"),
     F("--val", int, None, "", f"training images held out for model selection (default {VAL}; for a set of fewer "
       f"than {2 * VAL}, half of it, leaving at least --batch)"),  # its range needs the data: data.train_val
     F("--train-limit", int, 0, ">= 0", "use only the first N training images, 0 = all (for quick checks)"),
@@ -233,8 +233,8 @@ ATTACK = [
       "settings"),
     F("--seed", int, 0, ">= 0", "AutoAttack's and --margins' seed (default %(default)s)"),
     F("--dataset", None, None, "", "test data (default: the checkpoint's dataset; a state_dict's: cifar10 or "
-      "cifar100 by its class count); cifar10 | cifar100 | .npz"),
-    F("--data-dir", None, "./data", "", "where torchvision downloads CIFAR (default %(default)s)"),
+      "cifar100 by its class count); cifar10 | cifar100 | svhn | .npz"),
+    F("--data-dir", None, "./data", "", "where torchvision downloads CIFAR and SVHN (default %(default)s)"),
     F("--device", None, None, "", "cpu | cuda | cuda:N (default cuda if available)"),
     F("--margins", ON, False, "", "instead of AutoAttack: logit margins of PGD-20 examples and a histogram"),
     F("--sweep", ON, False, "", "instead of AutoAttack: APGD-CE then APGD-T at 1, 2, 4 and 8 x eps, and PGD-20 "

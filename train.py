@@ -1,4 +1,4 @@
-"""PGD adversarial training on CIFAR-10/100 with SOVR and its baselines.
+"""PGD adversarial training on CIFAR-10/100 or SVHN with SOVR and its baselines.
 
     python train.py --loss sovr --arch wrn34           # downloads CIFAR-10, trains to the end
     python train.py --dataset ../shared/data/cifar10_subset.npz --arch wrn16 --width 1 --epochs 5
@@ -167,7 +167,10 @@ def train_epoch(net, atk, opt, ema, x_tr, y_tr, aux, args, epoch: int, amp: bool
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     net.train()
     stats = torch.zeros(steps, 2, device=x_tr.device)
-    batches = data.batches(x_tr, y_tr, args.batch, args.seed, epoch, rank, world, fmt, aux, args.aux_fraction)
+    crop_flip = args.dataset not in data.UNAUGMENTED
+    batches = data.batches(
+        x_tr, y_tr, args.batch, args.seed, epoch, rank, world, fmt, aux, args.aux_fraction, crop_flip
+    )
     with cli.progress(steps * args.batch, f"epoch {epoch + 1}/{args.epochs}", "img", rank) as bar:
         for s, (x, y) in enumerate(batches):
             stats[s] = train_step(net, atk, opt, objective, x, y, args, epoch, amp, ema, epoch * steps + s + 1)
@@ -341,6 +344,9 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
             ),
             *[f"note: --burn-in {args.burn_in} >= --epochs {args.epochs}: {args.loss} never reweights, this run is "
               "plain PGD-AT"] * never,
+            *[f"note: {args.dataset} trains without crops or flips, as robust_overfitting's train_svhn.py"] * (
+                args.dataset in data.UNAUGMENTED
+            ),
         ]
     )  # fmt: skip
 

@@ -144,12 +144,13 @@ def quiet(script: str, parse, argv: list[str]):
 def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     """Every run of the grid with its links [(done, cmd)], each command checked by train.py's or attack.py's own
     parser first."""
+    import data
     import flags as policy
     import train
 
     for d in grid["datasets"]:
-        if d not in ("cifar10", "cifar100", "synthetic") and not (d.endswith(".npz") and os.path.isfile(d)):
-            raise ValueError(f"unknown dataset {d!r}: use cifar10, cifar100, synthetic or an existing .npz file")
+        if d not in data.NAMES and not (d.endswith(".npz") and os.path.isfile(d)):
+            raise ValueError(f"unknown dataset {d!r}: use {', '.join(data.NAMES)} or an existing .npz file")
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
     launch = [sys.executable, *torchrun * (gpus_per_run > 1)]
     found, n = [], str(grid["points"])
@@ -163,19 +164,19 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
         argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch, "--loss", loss]
         argv += ["--seed", seed, *per_loss[loss][0]]
         t = quiet("train.py", train.get_args, argv)
-        run = out / os.path.basename(t.out)  # train.py's own name for it
+        run, norm = out / os.path.basename(t.out), getattr(t, "norm", "Linf")  # train.py's own name; attack.py's norm
         links = [(str(run), [*launch, str(REPO / "train.py"), *argv, "--out", str(run), "--resume", "auto"])]
         for ckpt, attacks in (("best", grid["attacks"]), ("last", grid["attacks"] or LAST_ATTACKS)):
             mode = attacks.replace(",", "+") if attacks else "standard"
-            links.append(evaluation(run / f"{ckpt}.pt", ["--attacks", attacks] * bool(attacks), mode, n, launch))
+            links.append(evaluation(run / f"{ckpt}.pt", ["--attacks", attacks] * bool(attacks), mode, n, launch, norm))
         best = str(run / "best.pt")
         cmd = [sys.executable, runner.ME, "margins", best, "--train-points", str(grid["train_points"]), "--points", n]
         links.append((str(runner.margins_path(best)), cmd))
         if sweep:
-            links.append(evaluation(run / "best.pt", ["--sweep"], "sweep", str(sweep), launch))
+            links.append(evaluation(run / "best.pt", ["--sweep"], "sweep", str(sweep), launch, norm))
         found.append(
             dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, data=t.data_dir, links=links)
-            | dict(eval_steps=t.eval_steps)
+            | dict(eval_steps=t.eval_steps, norm=norm, eps=t.eps)
         )
     names = [r["run"] for r in found]
     if len(set(names)) < len(names):
@@ -185,14 +186,14 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     return found
 
 
-def evaluation(ckpt: Path, flags: list[str], mode: str, n: str, launch: list[str]) -> tuple[str, list[str]]:
+def evaluation(ckpt: Path, flags: list[str], mode: str, n: str, launch: list[str], norm: str) -> tuple[str, list[str]]:
     """An attack.py link of a run, (done, cmd): its result file's glob (any device, any process count) and its
-    command, checked by attack.py's parser."""
+    command, checked by attack.py's parser; attack.py attacks under the checkpoint's `norm` (train.py's)."""
     import attack
 
     argv = [str(ckpt), *flags, "--points", n]
     quiet("attack.py", attack.get_args, argv)
-    done = ckpt.with_name(f"{ckpt.stem}.{mode}-Linf-eps*-n{n if n != '0' else '*'}-seed0*.json")
+    done = ckpt.with_name(f"{ckpt.stem}.{mode}-{norm}-eps*-n{n if n != '0' else '*'}-seed0*.json")
     return str(done), [*launch, str(REPO / "attack.py"), *argv]
 
 
@@ -273,12 +274,13 @@ def refusal(message: str) -> str:
 
 
 def fetch(todo: list[dict], prog: str) -> None:
-    """Each CIFAR dataset of the runs to come downloaded once, before any starts, into the folder they read (train.py's
-    --data-dir, relative to here, where they run), saying so: the runs find it there rather than wait in turn for
-    data.py's lock while one of them downloads it. A failure ends the grid in one line before anything starts."""
+    """Each torchvision dataset (CIFAR, SVHN) of the runs to come downloaded once, before any starts, into the folder
+    they read (train.py's --data-dir, relative to here, where they run), saying so: the runs find it there rather
+    than wait in turn for data.py's lock while one of them downloads it. A failure ends the grid in one line before
+    anything starts."""
     import data
 
-    for name, folder in sorted({(r["dataset"], r["data"]) for r in todo if r["dataset"] in ("cifar10", "cifar100")}):
+    for name, folder in sorted({(r["dataset"], r["data"]) for r in todo if r["dataset"] in data.TORCHVISION}):
         print(f"fetching {name} into {folder} once, before the runs", flush=True)
         try:
             data.load_data(name, folder)

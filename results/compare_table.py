@@ -24,7 +24,7 @@ COLS = ["clean", "pgd20", "aa", "gap", "last_minus_best", "train_imp", "train_re
 TIMES = ("s_epoch", "s_aa")
 # as attack.py's histogram: the margins files hold losses.worst_of's margin
 MARGIN = "logit margin $z_y - \\max_{k \\neq y} z_k$, the lower of clean and PGD-20"
-EXTRA = ["n", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit", "attacks"]  # each row's provenance
+EXTRA = ["n", "norm", "eps", "gpu", "s_epoch", "s_aa", "torch", "commit", "attacks"]  # each row's provenance
 SOUND = ["sweep", "checks"]  # whether best.pt's --sweep held; what AutoAttack's own checks said in its evaluations
 
 
@@ -49,6 +49,7 @@ def metrics(r: dict, ce: dict | None) -> dict:
     aa, last, mg, sweep = ([result(done) if final else None for done, _ in r["links"][1:]] + [None])[:4]
     recs = [x for x in runlog.records(str(r["run"])) if "epoch" in x]
     res = dict.fromkeys([*COLS, *EXTRA]) | dict(s_epoch=statistics.mean(x["time"] for x in recs) if recs else None)
+    res["norm"] = r["norm"]  # train.py's, which attack.py takes from the checkpoint
     res["sweep"] = sweep["sweep_holds"] if sweep else None
     res["checks"] = list(dict.fromkeys(m for x in (aa, last, sweep) if x for m in x.get("checks", [])))
     if aa:
@@ -146,6 +147,7 @@ def header(grid: dict, found: list[dict], complete: int) -> list[str]:
     """table.md's lines above its rows: what the grid is, how much of it finished, and what each column measured;
     a robust accuracy is called AutoAttack only when the version's full attack set ran (aa_run.attack_name)."""
     lines = [f"# {', '.join(grid['losses'])} on {', '.join(grid['datasets'])}, {', '.join(grid['archs'])}", ""]
+    lines[0] += threat(found)
     if complete < len(found):
         lines += [
             f"**Partial grid: {complete} of {len(found)} runs have finished every link**; a cell counts "
@@ -169,12 +171,20 @@ def header(grid: dict, found: list[dict], complete: int) -> list[str]:
     ]
 
 
+def threat(found: list[dict]) -> str:
+    """table.md's title's end: what the runs trained against, "; trained under Linf, eps 8/255" (train.py's --norm
+    and --eps; the eps column is the attack's)."""
+    said = "; ".join(dict.fromkeys(f"{r['norm']}, eps {r['eps']}/255" for r in found))
+    return f"; trained under {said}" if said else ""
+
+
 def attacked(grid: dict, found: list[dict]) -> dict:
     """The settings of the table's robust column: the first finished evaluation's, else the grid's own (its
     --attacks or standard AutoAttack, with standard's settings, on --points test points)."""
     s = next((r["m"]["settings"] for r in found if r["m"].get("settings")), None)
     mode = (grid["attacks"] or "standard").replace(",", "+")
-    return s or dict(mode=mode, version="standard", n=grid["points"] or "all", norm="Linf", eps="?")
+    norm = next((r["norm"] for r in found), "Linf")  # the runs' own: attack.py takes the checkpoint's
+    return s or dict(mode=mode, version="standard", n=grid["points"] or "all", norm=norm, eps="?")
 
 
 def held(sel: list[dict]) -> str:

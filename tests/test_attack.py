@@ -666,7 +666,7 @@ def test_normalize_takes_a_named_set_or_mean_and_std() -> None:
     assert normalization("0.5/0.25")[1:] == ((0.5,) * 3, (0.25,) * 3) and normalization(None) is None
     assert normalization("0.1,0.2,0.3/1,2,3")[1:] == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
     for bad in ("imagenet", "0.5", "0.5/0", "0.5,0.5/1", "0.5/1/1", "a/b"):
-        with pytest.raises(argparse.ArgumentTypeError, match="takes none, cifar10, cifar100 or MEAN/STD"):
+        with pytest.raises(argparse.ArgumentTypeError, match="takes none, cifar10, cifar100, svhn or MEAN/STD"):
             normalization(bad)
 
 

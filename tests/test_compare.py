@@ -593,3 +593,32 @@ def test_every_script_answers_help_and_runs_nothing(script: Path, monkeypatch, c
         runpy.run_path(str(REPO / script), run_name="__main__")
     assert e.value.code in (0, None) and capsys.readouterr().out.startswith("usage: ")
     assert tracked() == before
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_norm_and_dataset_after_the_separator_reach_every_run_and_the_table_says_them(tmp_path: Path, norm) -> None:
+    """`-- --dataset svhn` is the grid's dataset and `-- --norm L2` every run's: train.py gets both, the run folders
+    of the two norms differ, the attack links' results are those of the run's norm, and table.md's title and
+    table.csv's norm column say them (a table of runs that have not finished: nothing trains here)."""
+    import flags
+
+    if norm != "Linf" and "norm" not in flags.DEFAULTS:
+        pytest.skip("train.py has no --norm in this tree")
+    argv = ["--losses", "ce,sovr", "--seeds", "0", "--points", "4", "--attacks", "apgd-ce", "--sweep-points", "0"]
+
+    def grid(*extra: str) -> tuple[dict, list[dict]]:
+        g = compare.grid_of(compare.get_args([*argv, "--", "--dataset", "svhn", *extra])[0])
+        return g, compare.runs(g, tmp_path / norm, 0)
+
+    g, found = grid(*["--norm", norm] * (norm != "Linf"))
+    for r in found:
+        train = r["links"][0][1]
+        assert r["dataset"] == "svhn" and train[train.index("--dataset") + 1] == "svhn" and r["norm"] == norm
+        assert norm == "Linf" or train[train.index("--norm") + 1] == norm
+        assert all(f".apgd-ce-{norm}-eps*-n4-seed0*.json" in done for done, _ in r["links"][1:3])
+        r["run"].mkdir(parents=True)
+    linf = {r["run"] for r in grid()[1]}
+    assert {r["run"] for r in found}.isdisjoint(linf) if norm != "Linf" else {r["run"] for r in found} == linf
+    md, eps = compare_table.table(g, tmp_path / norm, found), 8 if norm == "Linf" else found[0]["eps"]
+    assert md.splitlines()[0] == f"# ce, sovr on svhn, resnet18; trained under {norm}, eps {eps}/255"
+    assert [(r["dataset"], r["norm"]) for r in table_rows(tmp_path / norm)] == [("svhn", norm)] * 2

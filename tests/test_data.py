@@ -6,7 +6,9 @@ import hashlib
 import http.server
 import io
 import multiprocessing
+import os
 import pickle
+import sys
 import tarfile
 import threading
 import time
@@ -316,3 +318,103 @@ def test_a_broken_archive_is_one_line_naming_it(cifar, tmp_path, monkeypatch, kw
     assert str(e.value.code).startswith("train.py: error: " + says.format(dir=folder)), e.value.code
     assert "\n" not in e.value.code and "delete " in e.value.code
     assert f"put torchvision's cifar-10-python.tar.gz (from {cls.url}) into {folder}" in e.value.code
+
+
+def svhn_standin(folder: Path, monkeypatch, sizes: tuple[int, int] = (160, 40)) -> dict:
+    """SVHN's two files as torchvision reads them (train_32x32.mat, test_32x32.mat: X uint8 32 x 32 x 3 x N, y N x 1
+    with labels 1..10, 10 for the digit 0), small, in `folder`, their md5s patched into torchvision's SVHN; the
+    images as N x 3 x 32 x 32 and the labels 0..9 that the loader should give, by split. Image i's labels run
+    i % 10 + 1, so every class is there and 10 stands for 0."""
+    import scipy.io
+    import torchvision
+
+    cls, rng, want, split_list = torchvision.datasets.SVHN, np.random.default_rng(0), {}, {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in zip(("train", "test"), sizes):
+        x, y = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), np.arange(n) % 10 + 1
+        scipy.io.savemat(folder / f"{split}_32x32.mat", dict(X=x, y=y.reshape(-1, 1).astype(np.uint8)))
+        url, name, _ = cls.split_list[split]
+        split_list[split] = [url, name, hashlib.md5((folder / name).read_bytes()).hexdigest()]
+        want[split] = (x.transpose(3, 2, 0, 1), y % 10)
+    monkeypatch.setattr(cls, "split_list", {**cls.split_list, **split_list})
+    return want
+
+
+def test_svhn_loads_both_splits_as_nchw_uint8_with_labels_0_to_9_and_its_own_statistics(tmp_path, monkeypatch):
+    want = svhn_standin(tmp_path / "svhn", monkeypatch)
+    d = data.load_data("svhn", str(tmp_path / "svhn"))
+    for split in ("train", "test"):
+        x, y = d[f"x_{split}"], d[f"y_{split}"]
+        assert x.dtype == torch.uint8 and x.is_contiguous() and y.dtype == torch.int64
+        assert np.array_equal(x.numpy(), want[split][0]) and np.array_equal(y.numpy(), want[split][1])
+    assert tuple(d["x_train"].shape) == (160, 3, 32, 32) and tuple(d["x_test"].shape) == (40, 3, 32, 32)
+    assert d["num_classes"] == 10 and (d["mean"], d["std"]) == data.models.STATS["svhn"]
+    assert (tmp_path / "svhn" / ".svhn.lock").exists()  # the download's lock, as CIFAR's
+
+
+@pytest.mark.parametrize("there", ["nothing", "a truncated train_32x32.mat"])
+def test_svhn_that_cannot_be_had_offline_is_one_line_saying_what_to_do(tmp_path, monkeypatch, there) -> None:
+    """No network: the folder it made is gone again; a file whose md5 is not torchvision's is named."""
+    import torchvision
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    folder = tmp_path / "data"
+    if there != "nothing":
+        svhn_standin(folder, monkeypatch)
+        (folder / "train_32x32.mat").write_bytes((folder / "train_32x32.mat").read_bytes()[:1000])
+    with pytest.raises(SystemExit) as e:
+        cli.run("train.py", lambda: data.load_data("svhn", str(folder)), "", "")
+    url = os.path.dirname(torchvision.datasets.SVHN.split_list["train"][0])
+    get = f"put torchvision's train_32x32.mat and test_32x32.mat (from {url}/) into {folder}"
+    said = str(e.value.code)
+    assert "\n" not in said and get in said, said
+    if there == "nothing":
+        assert said.startswith(f"train.py: error: could not download svhn into {folder} (<urlopen error")
+        assert "--dataset file.npz" in said and not folder.exists()
+    else:
+        assert said.startswith(f"train.py: error: {folder / 'train_32x32.mat'} is truncated or corrupt")
+
+
+def test_svhn_without_scipy_says_so_in_one_line_and_leaves_its_files(tmp_path, monkeypatch) -> None:
+    svhn_standin(tmp_path, monkeypatch, (10, 10))
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(ValueError, match=r"^svhn needs scipy, which reads its .mat files: pip install scipy$"):
+        data.load_data("svhn", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_32x32.mat", "train_32x32.mat"]
+
+
+def test_a_smoke_run_on_svhn_trains_uncropped_unflipped_with_svhns_normalization(tmp_path, monkeypatch, capsys):
+    """One step of train.py on the stand-in: SVHN's statistics inside the model, no crop or flip (robust_overfitting's
+    train_svhn.py); attack.py's test points of its checkpoint are SVHN's test images."""
+    import attack
+    import models
+    import train
+
+    want, seen = svhn_standin(tmp_path / "svhn", monkeypatch, (96, 8)), []
+    augment = data.augment
+    monkeypatch.setattr(
+        data, "augment", lambda x, g, crop_flip=True: seen.append(crop_flip) or augment(x, g, crop_flip)
+    )
+    argv = ["--smoke", "--device", "cpu", "--dataset", "svhn", "--data-dir", tmp_path / "svhn", "--epochs", 1]
+    train.main([str(a) for a in [*argv, "--batch", 32, "--train-limit", 32, "--val", 16, "--out", tmp_path / "run"]])
+    ckpt = models.read(str(tmp_path / "run" / "best.pt"))
+    assert (tuple(ckpt["mean"]), tuple(ckpt["std"])) == models.STATS["svhn"] and ckpt["dataset"] == "svhn"
+    model = models.from_checkpoint(ckpt, CPU)
+    assert torch.allclose(model.mean.flatten(), torch.tensor(models.STATS["svhn"][0]))
+    assert seen == [False]  # one step, its batch neither cropped nor flipped
+    assert "note: svhn trains without crops or flips, as robust_overfitting's train_svhn.py" in capsys.readouterr().out
+    args = attack.get_args([str(tmp_path / "run" / "best.pt"), "--data-dir", str(tmp_path / "svhn"), "--points", "8"])
+    x, y = attack.test_points(ckpt, args)
+    assert torch.equal(x, torch.from_numpy(want["test"][0][:8]).float() / 255) and y.tolist() == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+    ]
