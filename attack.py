@@ -89,12 +89,13 @@ def predict(model, x: torch.Tensor, bs: int, device: str) -> torch.Tensor:
         return torch.cat([model(x[k : k + bs].to(device)).argmax(1).cpu() for k in range(0, len(x), bs)])
 
 
-def make_autoattack(model, eps: float, args):
-    """The package's own AutoAttack: pyautoattack (requirements.txt) or upstream `autoattack` if installed."""
+def make_autoattack(model, eps: float, args, norm: str = "Linf"):
+    """The package's own AutoAttack under `norm`: pyautoattack (requirements.txt) or upstream `autoattack` if
+    installed."""
     try:
         from pyautoattack import AutoAttack
 
-        aa = AutoAttack(model, eps=eps, norm=args.norm, version=args.version, device=args.device, seed=args.seed)
+        aa = AutoAttack(model, eps=eps, norm=norm, version=args.version, device=args.device, seed=args.seed)
         aa.verbose = args.verbose
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, batch_size=args.bs)
     except ImportError:
@@ -102,9 +103,7 @@ def make_autoattack(model, eps: float, args):
             from autoattack import AutoAttack
         except ImportError:
             raise ValueError("AutoAttack is not installed: pip install pyautoattack==0.2.0") from None
-        aa = AutoAttack(
-            model, args.norm, eps, args.seed, verbose=args.verbose, version=args.version, device=args.device
-        )
+        aa = AutoAttack(model, norm, eps, args.seed, verbose=args.verbose, version=args.version, device=args.device)
         return aa, lambda x, y: aa.run_standard_evaluation(x, y, bs=args.bs, return_labels=True)
 
 
@@ -137,7 +136,7 @@ def autoattack(
     run before this one, and what the package's checks said (printed unless in `said`): the version's attacks (or
     --attacks) in order, each on the points still robust, in batches of --bs as the package batches them (it
     reseeds every batch: in one process the flags equal one direct call's); saved after each attack, for a rerun."""
-    t0, (aa, run) = time.time(), make_autoattack(model, eps, args)
+    t0, (aa, run) = time.time(), make_autoattack(model, eps, args, settings["norm"])
     st = saved(state_path, settings) or dict(robust=clean.tolist(), after={})
     robust, after, earlier = torch.tensor(st["robust"], dtype=torch.bool), st["after"], st.get("time_s", 0.0)
     found = st.get("checks", [])  # what the package's checks said before a resume
@@ -265,8 +264,9 @@ def result_path(
     return f"{os.path.splitext(checkpoint)[0]}.{mode}-{norm}-eps{eps_int}-n{n}-seed{seed}{''.join(extra)}.json"
 
 
-def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
-    """Every setting of an evaluation that can change its per-point result, and the training objective's name."""
+def settings_of(path: str, ckpt: dict, n: int, eps: float, args, norm: str = "Linf") -> dict:
+    """Every setting of an evaluation that can change its per-point result (`norm`: its threat model, flags.threat
+    resolves it per checkpoint), and the training objective's name."""
     trained = ckpt.get("args", {})
     return dict(
         checkpoint=os.path.abspath(path),
@@ -275,7 +275,7 @@ def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
         dataset=args.dataset or ckpt["dataset"],
         n=n,
         eps=f"{eps}/255",
-        norm=args.norm,
+        norm=norm,
         mode="margins" if args.margins else "sweep" if args.sweep else (args.attacks or args.version).replace(",", "+"),
         version=args.version,
         bs=args.bs,
@@ -295,16 +295,16 @@ def prepare(path: str, args) -> dict:
     ckpt = checkpoint(path, args)
     models.fits(ckpt, path)
     x, y = test_points(ckpt, args)
-    eps_int = ckpt["eps"] if args.eps is None else args.eps
+    norm, eps_int = flags.threat(ckpt, args, path)  # --norm and --eps, else the checkpoint's
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
-    s = settings_of(path, ckpt, len(y), eps_int, args)
+    s = settings_of(path, ckpt, len(y), eps_int, args, norm)
     if len(y) < args.world:
         raise ValueError(f"{len(y)} points for {args.world} processes: every process needs at least one")
     mine = slice(len(y) * args.rank // args.world, len(y) * (args.rank + 1) // args.world)  # contiguous shards
     other = args.dataset if args.dataset and args.dataset != ckpt["dataset"] else None
     where = os.path.join(args.out, os.path.basename(path)) if args.out else path
     out = result_path(
-        where, s["mode"], args.norm, eps_int, s["n"], args.seed, args.bs, other, args.version, args.world, s["device"]
+        where, s["mode"], norm, eps_int, s["n"], args.seed, args.bs, other, args.version, args.world, s["device"]
     )
     state = out + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
     about = {k: v for k, v in ckpt.items() if k not in ("model", "unaveraged", "optimizer")}
@@ -361,7 +361,7 @@ def evaluate(path: str, e: dict, args) -> dict:
     clean_acc = sum(every) / s["n"]
     if args.margins:
         torch.manual_seed(args.seed)  # PGD's random starts
-        m = torch.tensor(cli.gather(losses.pgd_margins(model, x, y, eps, args.bs).tolist()))
+        m = torch.tensor(cli.gather(losses.pgd_margins(model, x, y, eps, args.bs, s["norm"]).tolist()))
         small = m.sort().values[: max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
     elif args.sweep:
@@ -407,7 +407,7 @@ def sweep(model, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, e: dict,
         hit, left, t, _ = autoattack(model, x, y, clean, e["eps"] * k, run, state, settings, said=found)
         (robust[r], after[r]), earlier = gathered(hit, left, n), earlier + t
         acc[r] = sum(robust[r]) / n
-    pgd = pgd_pair(model, x, y, e["eps"], args) if args.norm == "Linf" else {}
+    pgd = pgd_pair(model, x, y, e["eps"], args) if e["settings"]["norm"] == "Linf" else {}
     holds, verdict = sweep_verdict(acc, pgd)
     figures = dict(sweep=dict(radii=list(acc), attacks=SWEEP_ATTACKS, robust_acc=acc, robust_after=after, **pgd))
     figures.update(sweep_robust=robust, sweep_holds=holds, sweep_verdict=verdict)
@@ -530,7 +530,7 @@ def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
     return dict(
         standard_autoattack_full_test_set=args.version == "standard" and not args.attacks and not args.n,
         dataset=s["dataset"],
-        threat_model=args.norm,
+        threat_model=s["norm"],
         eps=eps,
         eps_str=s["eps"],
         clean_acc=res["clean_acc"],
