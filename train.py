@@ -332,8 +332,8 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
             f"{flags.label(vars(args))} {args.arch} on {args.dataset}: {n_train} train / {n_val} val images"
             + mixed
             + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, "
-            f"{schedule(args)}, {args.norm} eps {args.eps}/255, device {device}, {'bf16 autocast' if amp else 'fp32'} training, "
-            f"{losses.precision(device)} evaluation",
+            f"{schedule(args)}, {args.norm} eps {args.eps}/255, device {device}, "
+            f"{'bf16 autocast' if amp else 'fp32'} training, {losses.precision(device)} evaluation",
             *[flags.recipe(args)] * bool(flags.recipe(args)),
             *["note: this GPU has no bf16 tensor cores (it is older than Ampere): fp32 training; --amp forces bf16 "
               "autocast"] * (device.type == "cuda" and args.amp is None and not amp),
