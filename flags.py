@@ -393,8 +393,8 @@ def threat(ckpt: dict, args: argparse.Namespace, path: str) -> tuple[str, int | 
     norm = args.norm or trained
     if args.eps is None and norm != trained:
         raise ValueError(
-            f"--norm {norm} needs --eps (in 1/255 units, e.g. 127.5 for 0.5): {path} was trained at {trained} "
-            f"{ckpt['eps']}/255"
+            f"--norm {norm} needs --eps (in 1/255 units, e.g. {'127.5 for 0.5' if norm == 'L2' else '8 for 8/255'}): "
+            f"{path} was trained at {trained} {ckpt['eps']}/255"
         )
     eps = ckpt["eps"] if args.eps is None else args.eps
     check(argparse.Namespace(norm=norm, eps=eps), set(), [], [LINF_EPS])
