@@ -23,9 +23,11 @@ VAL = 1000  # training images held out for model selection: our choice
 # src/argument.py, kept by train-MAIL-AT-EMR.sh: 0.1); the other losses take AT's
 EMR_TEMP, EMR_TEMP_AT = {"trades": 1.0, "trades-sovr": 1.0, "mail": 0.1}, 40.0
 SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, batch=64, steps=2, eval_steps=2, width=8)
-# The recipe of a threat model (--norm) and dataset family: --eps and --step in 1/255 units and --lr, where not given,
-# and where each comes from. robust_overfitting (Rice et al. 2020) trained PreAct ResNet-18 with these, its logs'
-# first lines say (experiments/<name>/preactresnet18*/output.log; its train_cifar.py attack_pgd is our L2 PGD).
+# The recipe of a threat model (--norm) and dataset family: --eps and --step in 1/255 units and --lr, filled in where
+# not given, and where each comes from. CIFAR's L-inf values are the Bag of Tricks baseline's, as before --norm; the
+# others are robust_overfitting's (Rice et al. 2020) PreAct ResNet-18 runs, as the first line of each run's log says
+# (experiments/<name>/preactresnet18*/output.log: epsilon, pgd_alpha, lr_max; its train_cifar.py attack_pgd is
+# losses.pgd's L2 start and step). SVHN's L2 run is there too, so no row is ours.
 RECIPES = {
     ("Linf", "cifar"): (8, 2, 0.1, "Bag of Tricks: P2333/Bag-of-Tricks-for-AT's README and train_cifar.py"),
     ("L2", "cifar"): (128, 15, 0.1, "robust_overfitting experiments/cifar10_standard_l2"),
@@ -276,7 +278,7 @@ ATTACK = [
       f"are, as TRADES' and MART's networks take them), {', '.join(models.STATS)}, or MEAN/STD, e.g. "
       "0.5,0.5,0.5/0.25,0.25,0.25 (default: the file's own mean and std where it holds them, else none)"),
 ]
-LINF_EPS = ("norm=Linf", "eps", "<= 255", "the whole pixel range")  # given, or the checkpoint's (threat())
+LINF_EPS = ("norm=Linf", "eps", "<= 255", "the whole pixel range")  # --norm Linf here; a checkpoint's in threat()
 ATTACK_WITH = [
     LINF_EPS,
     ("plot", "margins|sweep", "given", "it draws their figure; or drop --plot"),
@@ -496,8 +498,8 @@ def take(args: argparse.Namespace, state: dict, given: set[str]) -> None:
 # ---- what works instead: the commands that the refusals of a run folder give, each one that runs
 
 MODEL = {"arch", "width", "dataset"}  # what --init's weights fix: a run that changes them is not trained longer
-FILLED = ("milestones", "burn_in", "emr_temp", "aux_fraction", *RECIPE_KEYS)  # fill()'s, compared where a command
-# set them
+# fill()'s, compared only where a command set them
+FILLED = ("milestones", "burn_in", "emr_temp", "aux_fraction", *RECIPE_KEYS)
 
 
 def instead(args: argparse.Namespace, argv: list[str], has_last: bool) -> str:
