@@ -103,8 +103,9 @@ def result_path(
     return f"{os.path.splitext(checkpoint)[0]}.{mode}-{norm}-eps{eps_int}-n{n}-seed{seed}{''.join(extra)}.json"
 
 
-def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
-    """Every setting of an evaluation that can change its per-point result, and the training objective's name."""
+def settings_of(path: str, ckpt: dict, n: int, eps: float, args, norm: str = "Linf") -> dict:
+    """Every setting of an evaluation that can change its per-point result (`norm`: its threat model, flags.threat
+    resolves it per checkpoint), and the training objective's name."""
     trained = ckpt.get("args", {})
     return dict(
         checkpoint=os.path.abspath(path),
@@ -113,7 +114,7 @@ def settings_of(path: str, ckpt: dict, n: int, eps: float, args) -> dict:
         dataset=args.dataset or ckpt["dataset"],
         n=n,
         eps=f"{eps}/255",
-        norm=args.norm,
+        norm=norm,
         mode="margins" if args.margins else "sweep" if args.sweep else (args.attacks or args.version).replace(",", "+"),
         version=args.version,
         bs=args.bs,
@@ -133,16 +134,16 @@ def prepare(path: str, args) -> dict:
     ckpt = checkpoint(path, args)
     models.fits(ckpt, path)
     x, y = test_points(ckpt, args)
-    eps_int = ckpt["eps"] if args.eps is None else args.eps
+    norm, eps_int = flags.threat(ckpt, args, path)  # --norm and --eps, else the checkpoint's
     eps_int = int(eps_int) if float(eps_int).is_integer() else eps_int
-    s = settings_of(path, ckpt, len(y), eps_int, args)
+    s = settings_of(path, ckpt, len(y), eps_int, args, norm)
     if len(y) < args.world:
         raise ValueError(f"{len(y)} points for {args.world} processes: every process needs at least one")
     mine = slice(len(y) * args.rank // args.world, len(y) * (args.rank + 1) // args.world)  # contiguous shards
     other = args.dataset if args.dataset and args.dataset != ckpt["dataset"] else None
     where = os.path.join(args.out, os.path.basename(path)) if args.out else path
     out = result_path(
-        where, s["mode"], args.norm, eps_int, s["n"], args.seed, args.bs, other, args.version, args.world, s["device"]
+        where, s["mode"], norm, eps_int, s["n"], args.seed, args.bs, other, args.version, args.world, s["device"]
     )
     state = out + ".state" + (f".rank{args.rank}-of-{args.world}" if args.world > 1 else "")
     about = {k: v for k, v in ckpt.items() if k not in ("model", "unaveraged", "optimizer")}
@@ -199,7 +200,7 @@ def evaluate(path: str, e: dict, args) -> dict:
     clean_acc = sum(every) / s["n"]  # every: every process's clean flags
     if args.margins:
         torch.manual_seed(args.seed)  # PGD's random starts
-        m = torch.tensor(cli.gather(losses.pgd_margins(model, x, y, eps, args.bs).tolist()))
+        m = torch.tensor(cli.gather(losses.pgd_margins(model, x, y, eps, args.bs, s["norm"]).tolist()))
         small = m.sort().values[: max(1, round(0.3 * len(m)))]
         res.update(margins=m.tolist(), mean_margin=m.mean().item(), mean_margin_smallest30=small.mean().item())
     elif args.sweep:

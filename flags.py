@@ -23,6 +23,27 @@ VAL = 1000  # training images held out for model selection: our choice
 # src/argument.py, kept by train-MAIL-AT-EMR.sh: 0.1); the other losses take AT's
 EMR_TEMP, EMR_TEMP_AT = {"trades": 1.0, "trades-sovr": 1.0, "mail": 0.1}, 40.0
 SMOKE = dict(dataset="synthetic", train_limit=256, val=64, epochs=2, batch=64, steps=2, eval_steps=2, width=8)
+# The recipe of a threat model (--norm) and dataset family: --eps and --step in 1/255 units and --lr, filled in where
+# not given, and where each comes from. CIFAR's L-inf values are the Bag of Tricks baseline's, as before --norm; the
+# others are robust_overfitting's (Rice et al. 2020) PreAct ResNet-18 runs, as the first line of each run's log says
+# (experiments/<name>/preactresnet18*/output.log: epsilon, pgd_alpha, lr_max; its train_cifar.py attack_pgd is
+# losses.pgd's L2 start and step). SVHN's L2 run is there too, so no row is ours.
+RECIPES = {
+    ("Linf", "cifar"): (8, 2, 0.1, "Bag of Tricks: P2333/Bag-of-Tricks-for-AT's README and train_cifar.py"),
+    ("L2", "cifar"): (128, 15, 0.1, "robust_overfitting experiments/cifar10_standard_l2"),
+    ("Linf", "svhn"): (8, 1, 0.01, "robust_overfitting experiments/svhn_standard"),
+    ("L2", "svhn"): (128, 15, 0.01, "robust_overfitting experiments/svhn_standard_l2"),
+}
+RECIPE_KEYS = ("eps", "step", "lr")
+
+
+def by_recipe(key: str) -> str:
+    """A help's list of a recipe value by dataset family and norm: "CIFAR Linf 8, L2 128; SVHN Linf 8, L2 128"."""
+    i = RECIPE_KEYS.index(key)
+    families = dict.fromkeys(f for _, f in RECIPES)
+    return "; ".join(
+        f"{f.upper()} " + ", ".join(f"{n} {RECIPES[n, f][i]:g}" for n, g in RECIPES if g == f) for f in families
+    )
 
 
 def _ints(value: str) -> list[int]:
@@ -88,16 +109,20 @@ TRAIN = [
     F("--arch", None, "resnet18", "", "network (default %(default)s)", choices=sorted(models.ARCHS)),
     F("--width", int, None, ">= 1", "ResNet base channels / WRN widen factor (default: the arch's standard)"),
     "recipe",  # Pang et al.'s Bag of Tricks baseline: P2333/Bag-of-Tricks-for-AT's README and train_cifar.py
+    F("--norm", None, "Linf", "", "threat model of the training attack, validation and test (default %(default)s); "
+      "it chooses the defaults of --eps, --step and --lr", choices=list(losses.NORMS)),
     F("--epochs", int, 110, ">= 1", "epochs (default %(default)s)"),
     F("--milestones", _ints, None, ">= 1 (a drop after epoch 0 would lower the lr from the start)",
       "epochs after which lr and EMR lambda x0.1 (default: 100/110, 105/110 of --epochs)"),
-    F("--lr", float, 0.1, "a positive number", "SGD learning rate for the global batch (default %(default)s)"),
+    F("--lr", float, None, "a positive number", "SGD learning rate for the global batch (default by --norm and "
+      f"dataset: {by_recipe('lr')})"),
     F("--momentum", float, 0.9, "[0, 1)", "SGD momentum (default %(default)s)"),
     F("--wd", float, 5e-4, ">= 0", "weight decay (default %(default)s)"),
     F("--batch", int, 128, ">= 1", "global batch size (default %(default)s)"),
-    F("--eps", radius, 8, (">= 0", UNITS, "<= 255 (it is in 1/255 units)"), "L-inf radius in 1/255 units: 8 or 8/255, "
-      "not 0.031 (default 8)"),
-    F("--step", radius, 2, (">= 0", UNITS), "PGD step in 1/255 units (default %(default)s)"),
+    F("--eps", radius, None, (">= 0", UNITS, "<= 255 (it is in 1/255 units)"), "radius of the --norm ball in 1/255 "
+      f"units: 8 or 8/255, not 0.031 (default by --norm and dataset: {by_recipe('eps')})"),
+    F("--step", radius, None, (">= 0", UNITS), "PGD step in 1/255 units (default by --norm and dataset: "
+      f"{by_recipe('step')})"),
     F("--steps", int, 10, ">= 1", "PGD steps in training (default %(default)s)"),
     F("--eval-steps", int, 20, ">= 1", "PGD steps for validation and test (default %(default)s)"),
     F("--eval-batch", int, 500, ">= 1", "validation and test batch (default %(default)s; fp32 PGD keeps WRN-34-10's "
@@ -225,8 +250,9 @@ ATTACK = [
       "parser also passes on (it takes --n for an abbreviation of its own options)", dest="n"),
     F("--bs", int, 500, ">= 1", "batch size (default %(default)s)"),
     F("--eps", radius, None, ("> 0 (in 1/255 units)", UNITS), "radius in 1/255 units: 8 or 8/255, not 0.031 "
-      "(default: the training eps; L2 needs it, e.g. 127.5 for 0.5)"),
-    F("--norm", None, "Linf", "", "threat model (default %(default)s)", choices=["Linf", "L2"]),
+      "(default: the training eps; another --norm than the training one needs it, e.g. 127.5 for L2's 0.5)"),
+    F("--norm", None, None, "", "threat model (default: the checkpoint's; Linf for a state_dict)",
+      choices=list(losses.NORMS)),
     F("--version", None, "standard", "", "AutoAttack version (default %(default)s, as RobustBench)",
       choices=["standard", "plus", "rand"]),
     F("--attacks", _attacks, None, "", "comma-separated custom subset, e.g. apgd-ce,apgd-t, with the version's "
@@ -252,10 +278,9 @@ ATTACK = [
       f"are, as TRADES' and MART's networks take them), {', '.join(models.STATS)}, or MEAN/STD, e.g. "
       "0.5,0.5,0.5/0.25,0.25,0.25 (default: the file's own mean and std where it holds them, else none)"),
 ]
+LINF_EPS = ("norm=Linf", "eps", "<= 255", "the whole pixel range")  # --norm Linf here; a checkpoint's in threat()
 ATTACK_WITH = [
-    ("norm=Linf", "eps", "<= 255", "the whole pixel range"),
-    ("norm=L2", "eps", "given", "in 1/255 units, e.g. 127.5 for 0.5"),
-    ("margins", "norm", "=Linf", "it uses L-inf PGD"),
+    LINF_EPS,
     ("plot", "margins|sweep", "given", "it draws their figure; or drop --plot"),
     ("sweep", "margins", "absent", "two modes: choose one"),
     ("sweep", "attacks", "absent", "it runs its own, APGD-CE then APGD-T"),
@@ -330,8 +355,26 @@ def attack_args(argv: list[str] | None = None, doc: str = "") -> argparse.Namesp
     return args
 
 
+def family(dataset: str) -> str:
+    """The dataset family whose recipe a run takes: "svhn" for SVHN, "cifar" for every other set."""
+    return "svhn" if dataset == "svhn" else "cifar"
+
+
+def recipe(args: argparse.Namespace) -> str:
+    """The header's line of the run's recipe: which it is and the values of it the run takes, e.g. "recipe: L2
+    (robust_overfitting experiments/cifar10_standard_l2): eps 128/255, step 15/255, lr 0.1"; "" for none."""
+    *values, source = RECIPES[args.norm, family(args.dataset)]
+    unit = dict(eps="/255", step="/255", lr="")
+    taken = [f"{k} {v:g}{unit[k]}" for k, v in zip(RECIPE_KEYS, values) if getattr(args, k) == v]
+    return f"recipe: {args.norm} ({source}): {', '.join(taken)}" if taken else ""
+
+
 def fill(args: argparse.Namespace) -> argparse.Namespace:
-    """The defaults that depend on other flags: the schedule's (scaled to --epochs), EMR's temperature by loss."""
+    """The defaults that depend on other flags: --eps, --step and --lr by --norm and dataset (RECIPES), the
+    schedule's (scaled to --epochs), EMR's temperature by loss."""
+    for k, v in zip(RECIPE_KEYS, RECIPES[args.norm, family(args.dataset)]):
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.milestones is None:  # the recipe's 100 and 105 of 110 epochs, scaled, each before the last epoch
         args.milestones = sorted({min(round(args.epochs * f / 110), args.epochs - 1) for f in (100, 105)} - {0})
     if args.burn_in is None:
@@ -341,6 +384,23 @@ def fill(args: argparse.Namespace) -> argparse.Namespace:
     if args.aux_data and args.aux_fraction is None:
         args.aux_fraction = AUX_FRACTION
     return args
+
+
+def threat(ckpt: dict, args: argparse.Namespace, path: str) -> tuple[str, int | float]:
+    """attack.py's threat model and radius (1/255 units) for a checkpoint: --norm, else the norm it was trained
+    under (models.read: L-inf for a file older than --norm; L-inf for a state_dict); --eps, else its training eps.
+    ValueError for another norm than the training one without --eps (the training radius is another norm's), and
+    for an L-inf radius over the pixel range."""
+    trained = ckpt.get("norm") or "Linf"
+    norm = args.norm or trained
+    if args.eps is None and norm != trained:
+        raise ValueError(
+            f"--norm {norm} needs --eps (in 1/255 units, e.g. {'127.5 for 0.5' if norm == 'L2' else '8 for 8/255'}): "
+            f"{path} was trained at {trained} {ckpt['eps']}/255"
+        )
+    eps = ckpt["eps"] if args.eps is None else args.eps
+    check(argparse.Namespace(norm=norm, eps=eps), set(), [], [LINF_EPS])
+    return norm, eps
 
 
 def check(args: argparse.Namespace, given: set[str], table: list = TRAIN, relations: list = TRAIN_WITH) -> None:
@@ -438,7 +498,8 @@ def take(args: argparse.Namespace, state: dict, given: set[str]) -> None:
 # ---- what works instead: the commands that the refusals of a run folder give, each one that runs
 
 MODEL = {"arch", "width", "dataset"}  # what --init's weights fix: a run that changes them is not trained longer
-FILLED = ("milestones", "burn_in", "emr_temp", "aux_fraction")  # fill()'s, compared only where a command set them
+# fill()'s, compared only where a command set them
+FILLED = ("milestones", "burn_in", "emr_temp", "aux_fraction", *RECIPE_KEYS)
 
 
 def instead(args: argparse.Namespace, argv: list[str], has_last: bool) -> str:
@@ -549,14 +610,15 @@ def readers(k: str) -> str:
 
 def label(a: dict) -> str:
     """A run's objective as a name: --loss, then every flag it reads that differs from its default for the run (None
-    is the default), e.g. sovr, sovr-r0.2, trades-b1-emr3, then -ema for weight averaging and -aux for generated
-    data; so that runs of different objectives never share a name."""
+    is the default), e.g. sovr, sovr-r0.2, trades-b1-emr3, then the norm but L-inf (-l2), -ema for weight averaging
+    and -aux for generated data; so that runs of different objectives never share a name."""
     d = vars(fill(argparse.Namespace(**{**DEFAULTS, "loss": a["loss"], "epochs": a["epochs"]})))
     ema = "" if a.get("ema") is None else "-ema" + (f"{a['ema']:g}" if a["ema"] != EMA_DECAY else "")
     aux = "" if not a.get("aux_data") else "-aux"
     aux += f"{a['aux_fraction']:g}" if aux and a.get("aux_fraction") not in (None, AUX_FRACTION) else ""
     tags = [f"-{TAGS[k]}{a[k]:g}" for k in reads(a["loss"], a.get("emr")) if a.get(k) not in (None, d[k])]
-    return a["loss"] + "".join(tags) + ema + aux
+    norm = "" if a.get("norm", "Linf") == "Linf" else "-" + a["norm"].lower()  # a run older than --norm: L-inf
+    return a["loss"] + "".join(tags) + norm + ema + aux
 
 
 DEFAULTS = {dest(row): row[1] for row in TRAIN if not isinstance(row, str)}

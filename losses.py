@@ -62,20 +62,16 @@ def pgd(
     objective: Callable = ce_sum,
     bn: str = "eval",
     start: str = "uniform",
+    norm: str = "Linf",
     z_clean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L-inf PGD ascent on objective(model(x_adv), y, z_clean); returns (x_adv, kappa).
+    """PGD ascent on objective(model(x_adv), y, z_clean) in the `norm` ball of radius eps ("Linf" or "L2") and the
+    [0, 1] box; returns (x_adv, kappa).
 
     kappa counts the steps at which x_adv was still classified correctly (GAIRAT's statistic).
     Only the input gradient is taken (the parameters are frozen), so no weight gradients are computed in attack steps.
     """
-    if start == "uniform":
-        delta = torch.empty_like(x).uniform_(-eps, eps)
-    elif start == "normal":  # TRADES' start: 0.001 * N(0, 1)
-        delta = 0.001 * torch.randn_like(x)
-    else:
-        delta = torch.zeros_like(x)
-    x_adv = (x + delta).clamp(0, 1)
+    x_adv = (x + first_delta(x, eps, start, norm)).clamp(0, 1)
     kappa = torch.zeros_like(y)
     with bn_mode(model, bn), frozen(model):
         for _ in range(steps):
@@ -83,9 +79,42 @@ def pgd(
             z = model(x_adv)
             kappa += (z.argmax(1) == y).long()
             (grad,) = torch.autograd.grad(objective(z, y, z_clean), x_adv)
-            x_adv = x_adv.detach() + step * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+            x_adv = ascend(x, x_adv.detach(), grad, eps, step, norm)
     return x_adv.detach(), kappa
+
+
+NORMS = ("Linf", "L2")  # the threat models of train.py --norm and attack.py --norm
+
+
+def _l2(v: torch.Tensor) -> torch.Tensor:
+    """Each example's L2 norm of v, [B, 1, 1, 1] for images: it broadcasts over each example."""
+    return v.flatten(1).norm(p=2, dim=1).view(-1, *[1] * (v.dim() - 1))
+
+
+def first_delta(x: torch.Tensor, eps: float, start: str, norm: str) -> torch.Tensor:
+    """PGD's start: "uniform" in the ball (L2: robust_overfitting's train_cifar.py attack_pgd, a normal direction
+    at a radius uniform in [0, eps]), "normal" TRADES' 0.001 N(0, 1) under either norm (TRADES' trades.py starts its
+    l_2 attack there too), else zero; the caller clamps x + delta into the box."""
+    if start == "normal":
+        return 0.001 * torch.randn_like(x)
+    if start != "uniform":
+        return torch.zeros_like(x)
+    if norm == "Linf":
+        return torch.empty_like(x).uniform_(-eps, eps)
+    d = torch.randn_like(x)
+    n = _l2(d)
+    return d * torch.rand_like(n) / n * eps  # drawn in attack_pgd's order: the direction, then the radius
+
+
+def ascend(x: torch.Tensor, x_adv: torch.Tensor, g: torch.Tensor, eps: float, step: float, norm: str) -> torch.Tensor:
+    """One PGD step from x_adv along the gradient g, back into the ball around x and the [0, 1] box, per example:
+    L-inf the sign step; L2 (robust_overfitting's attack_pgd) step * g / (||g||_2 + 1e-10), then renorm onto the ball,
+    then the box (a clamp towards x in [0, 1] only shortens delta: it stays in the ball)."""
+    if norm == "Linf":
+        x_adv = x_adv + step * g.sign()
+        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    delta = x_adv - x + step * g / (_l2(g) + 1e-10)
+    return (x + delta.renorm(p=2, dim=0, maxnorm=eps)).clamp(0, 1)
 
 
 def pgd_logits(
@@ -97,15 +126,16 @@ def pgd_logits(
     steps: int,
     bs: int = 500,
     tick: Callable[[int], object] | None = None,
+    norm: str = "Linf",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the clean and of the PGD images, in fp32 batches of bs moved to the model's device; x in [0, 1]
-    or uint8 (divided by 255 per batch); tick(n) after each batch of n points (a progress line). An empty x (a rank
-    without points) gives [0, classes] logits."""
+    """Logits of the clean and of the PGD images (in the `norm` ball), in fp32 batches of bs moved to the model's
+    device; x in [0, 1] or uint8 (divided by 255 per batch); tick(n) after each batch of n points (a progress line).
+    An empty x (a rank without points) gives [0, classes] logits."""
     device, out = next(model.parameters()).device, []
     for k in range(0, max(len(x), 1), bs):
         xb, yb = x[k : k + bs].to(device), y[k : k + bs].to(device)
         xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
-        x_adv, _ = pgd(model, xb, yb, eps, step, steps)
+        x_adv, _ = pgd(model, xb, yb, eps, step, steps, norm=norm)
         with torch.no_grad():
             out.append((model(xb), model(x_adv)))
         if tick:
@@ -131,15 +161,16 @@ def pgd_accuracy(
     seed: int,
     bs: int = 500,
     tick: Callable[[int], object] | None = None,
+    norm: str = "Linf",
 ) -> tuple[float, float]:
-    """Clean and PGD accuracy (worst_of) in eval mode, train.py's validation and test figures; random starts
-    seeded, so the same weights give the same figures; under torchrun each rank's counts (of none) are summed.
-    tick(n) after each batch of this rank's n points."""
+    """Clean and PGD accuracy (worst_of, PGD in the `norm` ball) in eval mode, train.py's validation and test
+    figures; random starts seeded, so the same weights give the same figures; under torchrun each rank's counts (of
+    none) are summed. tick(n) after each batch of this rank's n points."""
     model.eval()
     torch.manual_seed(seed)  # train.py reseeds every epoch, so this draws nothing away from training
     r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     x, y = x[r::w], y[r::w]
-    z, z_adv = pgd_logits(model, x, y, eps, step, steps, bs, tick)
+    z, z_adv = pgd_logits(model, x, y, eps, step, steps, bs, tick, norm)
     y = y.to(z.device)
     robust = worst_of(z, z_adv, y)[0]
     counts = torch.stack([(z.argmax(1) == y).sum(), robust.sum(), y.new_tensor(len(y))]).float()
@@ -150,10 +181,12 @@ def pgd_accuracy(
     return (counts[0] / counts[2]).item(), (counts[1] / counts[2]).item()
 
 
-def pgd_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int = 500) -> torch.Tensor:
-    """Each point's margin (worst_of: the smaller of its clean and its PGD-20 image's, step eps/4, CE), on the
-    CPU: the margin diagnostic of attack.py --margins and results/."""
-    z, z_adv = pgd_logits(model, x, y, eps, eps / 4, 20, bs)
+def pgd_margins(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, bs: int = 500, norm: str = "Linf"
+) -> torch.Tensor:
+    """Each point's margin (worst_of: the smaller of its clean and its PGD-20 image's, step eps/4, CE, in the `norm`
+    ball), on the CPU: the margin diagnostic of attack.py --margins and results/."""
+    z, z_adv = pgd_logits(model, x, y, eps, eps / 4, 20, bs, norm=norm)
     return worst_of(z.cpu(), z_adv.cpu(), y.cpu())[1]
 
 
@@ -281,8 +314,11 @@ def emr_lambda(args, epoch: int) -> float:
 
 
 def attack(atk: nn.Module, x: torch.Tensor, y: torch.Tensor, args, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training attack: PGD --steps at --eps, step --step, BatchNorm in --attack-bn mode; (x', kappa)."""
-    return pgd(atk, x, y, args.eps / 255, args.step / 255, args.steps, bn=args.attack_bn, **kw)
+    """The training attack: PGD --steps in the --norm ball of --eps, step --step, BatchNorm in --attack-bn mode;
+    (x', kappa). Every objective's attack is this one, so every inner attack (TRADES' KL ascent included) follows
+    --norm. Under L2, TRADES' own trades.py steps eps / steps * 2 and clamps into the box before the ball, with a
+    random direction where the gradient is 0; here every objective takes --step and robust_overfitting's step."""
+    return pgd(atk, x, y, args.eps / 255, args.step / 255, args.steps, bn=args.attack_bn, norm=args.norm, **kw)
 
 
 def attack_from_clean(atk, x, y, args, distance: Callable, start: str) -> torch.Tensor:

@@ -194,7 +194,7 @@ def read(path: str, flag: str | None = None, plain: str = "") -> dict:
     """A train.py checkpoint as a dict of CPU tensors and primitives (torch.load with weights_only=True);
     ValueError with a readable message (after "--flag: " where a flag named the file) for a missing file, a folder,
     a file that is no checkpoint, or any other dict; `plain` (a program's way to read a state_dict) is added to the
-    refusal of a state_dict."""
+    refusal of a state_dict. A checkpoint older than train.py --norm was trained under L-inf: its norm says so."""
     said, no = f"{flag}: " if flag else "", "not a train.py checkpoint"
     ckpt = _torch_load(path, said)
     if not isinstance(ckpt, dict):
@@ -205,6 +205,9 @@ def read(path: str, flag: str | None = None, plain: str = "") -> dict:
         raise ValueError(
             f"{said}{path} {'holds no model' if 'model' in lacks else 'lacks ' + ', '.join(lacks)}: {no}{hint}"
         )
+    ckpt.setdefault("norm", "Linf")
+    if isinstance(ckpt.get("args"), dict):
+        ckpt["args"].setdefault("norm", "Linf")  # what --resume takes and compares
     return ckpt
 
 
@@ -255,7 +258,7 @@ def read_state_dict(
     mean, std = list(mean), list(std)  # as train.py writes them, and JSON reads them back
     assumed = dict(arch=arch, width=width, num_classes=rows[-1], normalization=name, mean=mean, std=std)
     return dict(model=weights, arch=arch, width=width, num_classes=rows[-1], mean=mean, std=std, eps=None,
-                dataset=DATASETS.get(rows[-1]), assumed=assumed)  # fmt: skip
+                norm=None, dataset=DATASETS.get(rows[-1]), assumed=assumed)  # fmt: skip
 
 
 def _unread(net: nn.Module) -> dict:

@@ -135,6 +135,7 @@ def checkpoint(model, args, d: dict, epoch: int, metrics: dict) -> dict:
         mean=list(d["mean"]),
         std=list(d["std"]),
         eps=args.eps,
+        norm=args.norm,
         epoch=epoch,
         metrics=metrics,
         args=vars(args),

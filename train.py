@@ -214,12 +214,11 @@ def stop_if_not_finite(stats: torch.Tensor, args, epoch: int, world: int) -> Non
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, tick=None) -> tuple[float, float]:
-    """Clean and PGD-<--eval-steps> accuracy as attack.py computes (losses.precision), seeded, summed over ranks,
-    in batches of --eval-batch; tick(n) after each batch of n points."""
+    """Clean and PGD-<--eval-steps> accuracy under --norm as attack.py computes (losses.precision), seeded, summed
+    over ranks, in batches of --eval-batch; tick(n) after each batch of n points."""
     PHASE[0] = "eval"
-    return losses.pgd_accuracy(
-        model, x, y, args.eps / 255, args.step / 255, args.eval_steps, args.seed, args.eval_batch, tick=tick
-    )
+    eps, step = args.eps / 255, args.step / 255
+    return losses.pgd_accuracy(model, x, y, eps, step, args.eval_steps, args.seed, args.eval_batch, tick, args.norm)
 
 
 def validate(model, atk, ema, x_val, y_val, args, world: int, epoch: int, stats, lr: float, t0: float) -> dict:
@@ -321,8 +320,9 @@ def schedule(args) -> str:
 
 
 def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, world: int, device, amp: bool) -> str:
-    """The run in a few lines: where it writes, what it starts from, what it trains, and what a combination of
-    flags means that their names do not say (a schedule that never takes effect)."""
+    """The run in a few lines: where it writes, what it starts from, what it trains, the recipe its --eps, --step
+    and --lr are (flags.recipe), and what a combination of flags means that their names do not say (a schedule that
+    never takes effect)."""
     late = ",".join(str(m) for m in args.milestones if m >= args.epochs)
     never = args.loss in ("mail", "gairat") and args.burn_in >= args.epochs
     origin = f", resumed after epoch {start}" if start else ""
@@ -335,8 +335,9 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
             f"{flags.label(vars(args))} {args.arch} on {args.dataset}: {n_train} train / {n_val} val images"
             + mixed
             + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, "
-            f"{schedule(args)}, eps {args.eps}/255, device {device}, {'bf16 autocast' if amp else 'fp32'} training, "
-            f"{losses.precision(device)} evaluation",
+            f"{schedule(args)}, {args.norm} eps {args.eps}/255, device {device}, "
+            f"{'bf16 autocast' if amp else 'fp32'} training, {losses.precision(device)} evaluation",
+            *[flags.recipe(args)] * bool(flags.recipe(args)),
             *["note: this GPU has no bf16 tensor cores (it is older than Ampere): fp32 training; --amp forces bf16 "
               "autocast"] * (device.type == "cuda" and args.amp is None and not amp),
             *[f"note: the lr drops after epochs {late} (--milestones) never happen in --epochs {args.epochs}"] * (

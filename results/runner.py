@@ -342,10 +342,11 @@ def margins(ckpt: str | Path, train_points: int = 0, points: int = 0, device: st
         ("train", data["x_train"][tr], data["y_train"][tr]),
         ("test", data["x_test"][test], data["y_test"][test]),
     ):
-        m = pgd_margins(model, x.float() / 255, y, c["eps"] / 255)
+        m = pgd_margins(model, x.float() / 255, y, c["eps"] / 255, norm=c["norm"])  # the training norm
         out[part] = [round(v, 5) for v in m.tolist()]
     x, y = data["x_train"][tr], data["y_train"][tr]
-    z, z_adv = pgd_logits(model, x, y, c["eps"] / 255, a.get("step", 2) / 255, a.get("steps", 10))
+    eps, step = c["eps"] / 255, a.get("step", 2) / 255
+    z, z_adv = pgd_logits(model, x, y, eps, step, a.get("steps", 10), norm=c["norm"])
     out["train_pgd10_acc"] = int(worst_of(z, z_adv, y.to(z.device))[0].sum()) / len(x)
     out["precision"] = precision(str(dev))
     out["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

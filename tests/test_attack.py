@@ -346,9 +346,6 @@ def test_bad_input(ckpt: Path, tmp_path: Path, capsys) -> None:
     expect_error(capsys, [ckpt, "--dataset", "cifar100", "--device", "cpu"], "trained on synthetic")
     expect_error(capsys, [ckpt, "--device", "cuda:7"], "no such CUDA device")
     expect_error(capsys, [ckpt, "--attacks", "apgd-ce,apgd-xx"], "unknown attack(s) apgd-xx")
-    expect_error(
-        capsys, [ckpt, "--margins", "--norm", "L2", "--eps", "127.5"], "--margins needs --norm Linf (it uses L-inf PGD)"
-    )
     expect_error(capsys, [ckpt, "--eps", "-1"], "--eps must be > 0 (in 1/255 units), got -1")
     expect_error(
         capsys, [ckpt, "--eps", "256"], "--eps must be <= 255 with --norm Linf (the whole pixel range), got 256"

@@ -523,3 +523,74 @@ def test_trains_without_nan_and_writes_checkpoints(
     assert 0 <= res["robust_acc"] <= res["clean_acc"] and res["settings"]["loss"] == name
     precision = losses.precision(device)  # recorded by the test report and by attack.py: "fp32" on the CPU
     assert log[-1]["final"]["best"]["precision"] == res["settings"]["precision"] == precision
+
+
+# ---- L2 PGD (train.py --norm L2) ----
+
+
+def reference_l2_pgd(model: nn.Module, X: torch.Tensor, y: torch.Tensor, epsilon: float, alpha: float, iters: int):
+    """robust_overfitting's train_cifar.py attack_pgd with norm "l_2" and one restart, as written there (its model
+    normalizes inside; images in [0, 1]): a normal direction at a radius uniform in [0, eps], clamped into the box;
+    each step alpha * g / (||g|| + 1e-10), renorm onto the ball, clamp into the box."""
+    delta = torch.zeros_like(X)
+    delta.normal_()
+    n = delta.view(delta.size(0), -1).norm(p=2, dim=1).view(delta.size(0), 1, 1, 1)
+    r = torch.zeros_like(n).uniform_(0, 1)
+    delta *= r / n * epsilon
+    delta = torch.max(torch.min(delta, 1 - X), 0 - X)
+    delta.requires_grad = True
+    for _ in range(iters):
+        F.cross_entropy(model(X + delta), y).backward()
+        g = delta.grad.detach()
+        g_norm = torch.norm(g.view(g.shape[0], -1), dim=1).view(-1, 1, 1, 1)
+        d = (delta + g / (g_norm + 1e-10) * alpha).view(delta.size(0), -1).renorm(p=2, dim=0, maxnorm=epsilon)
+        delta.data = torch.max(torch.min(d.view_as(delta), 1 - X), 0 - X)
+        delta.grad.zero_()
+    return (X + delta).detach()
+
+
+def test_l2_pgd_is_robust_overfittings_attack_pgd() -> None:
+    """The same random start (the same seed: the same draws in the same order), the same steps, the same x'."""
+    model, (x, y) = tiny().eval(), data()
+    torch.manual_seed(3)
+    want = reference_l2_pgd(model, x, y, 0.5, 0.1, 5)
+    torch.manual_seed(3)
+    got, _ = losses.pgd(model, x, y, 0.5, 0.1, 5, norm="L2")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - x).flatten(1).norm(dim=1).min() > 0.1  # it moved: the comparison is not of two clean images
+
+
+def test_l2_pgd_stays_in_the_ball_and_the_box() -> None:
+    """Every example's start lies in the ball (at radii spread over it), and every step's x' in the ball and the box,
+    where steps far longer than the radius and pixels at 0 and 1 push it out of both."""
+    model, (x, y) = tiny().eval(), data(b=32)
+    x, eps = torch.cat([x[:16], x[16:].round()]), 0.5
+    torch.manual_seed(0)
+    start, _ = losses.pgd(model, x, y, eps, 0.1, 0, norm="L2")
+    r = (start - x).flatten(1).norm(dim=1)
+    assert (r <= eps + 1e-6).all() and r.max() - r.min() > 0.1 and start.min() >= 0 and start.max() <= 1
+    x_adv, _ = losses.pgd(model, x, y, eps, 2.0, 3, norm="L2")
+    r = (x_adv - x).flatten(1).norm(dim=1)
+    assert (r <= eps + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (r[:16] > 0.9 * eps).all()  # steps of 2 taken back to the sphere (the box shortens them a little)
+
+
+def test_every_objectives_attack_follows_the_norm(monkeypatch) -> None:
+    """Under --norm L2 every objective's x' (TRADES', MART's and comp-sum's from their own start and distance
+    included) lies in the L2 ball of --eps; at 8/255 an L-inf attack's lies far outside it (its start alone: about
+    8/255 * sqrt(192 / 3) for these 192 pixels)."""
+    model, (x, y) = tiny(), data()
+    seen, original = [], losses.attack
+
+    def spy(atk, x_, y_, a, **kw):
+        out = original(atk, x_, y_, a, **kw)
+        seen.append((a.norm, out[0]))
+        return out
+
+    monkeypatch.setattr(losses, "attack", spy)
+    for name in sorted(OBJECTIVES):
+        run(name, args("--loss", name, "--norm", "L2", "--eps", "8", "--step", "2", *burn_in(name, 0)), model, x, y)
+    assert len(seen) == len(OBJECTIVES) and {n for n, _ in seen} == {"L2"}
+    assert max((x_adv - x).flatten(1).norm(dim=1).max().item() for _, x_adv in seen) <= 8 / 255 + 1e-6
+    run("ce", args("--loss", "ce", "--eps", "8", "--step", "2"), model, x, y)
+    assert (seen[-1][1] - x).flatten(1).norm(dim=1).min() > 4 * 8 / 255

@@ -467,6 +467,65 @@ def test_run_folder_and_labels_carry_the_objective(tmp_path: Path, capsys) -> No
     assert f"run folder {tmp_path}" in capsys.readouterr().out
 
 
+L2_RECIPE = "recipe: L2 (robust_overfitting experiments/cifar10_standard_l2)"
+
+
+def test_the_recipe_fills_what_the_command_line_leaves_out() -> None:
+    """--eps, --step and --lr come from the recipe of --norm and the dataset's family where not given, and the
+    header says which recipe gave which; an L2 run's name and label say L2."""
+    get = lambda *argv: train.get_args([*SMOKE, *argv])  # noqa: E731
+    a = get("--norm", "L2")
+    assert (a.eps, a.step, a.lr) == (128, 15, 0.1)
+    assert policy.recipe(a) == f"{L2_RECIPE}: eps 128/255, step 15/255, lr 0.1"
+    assert f"\n{policy.recipe(a)}" in train.describe(a, 256, 64, None, 0, 1, torch.device("cpu"), False)
+    a = get("--norm", "L2", "--eps", "64", "--lr", "0.05")  # given: they win, and the header leaves them out
+    assert (a.eps, a.step, a.lr) == (64, 15, 0.05) and policy.recipe(a) == f"{L2_RECIPE}: step 15/255"
+    a = get()
+    assert (a.eps, a.step, a.lr) == (8, 2, 0.1) and policy.recipe(a).startswith("recipe: Linf (Bag of Tricks")
+    svhn = lambda norm: policy.fill(argparse.Namespace(**{**policy.DEFAULTS, "dataset": "svhn", "norm": norm}))  # noqa: E731
+    assert [(s.eps, s.step, s.lr) for s in (svhn("Linf"), svhn("L2"))] == [(8, 1, 0.01), (128, 15, 0.01)]
+    name = train.get_args(["--dataset", "x.npz", "--arch", "wrn16", "--norm", "L2", "--ratio", "0.2"]).out
+    assert name == os.path.join("runs", "x-wrn16-sovr-r0.2-l2-s0")
+
+
+def test_a_run_older_than_norm_was_linf_and_resumes_so(tmp_path: Path, capsys) -> None:
+    """A last.pt written before --norm (no norm in it or its args) is an L-inf run: --resume keeps L-inf and its
+    radius, and refuses --norm L2 as it refuses any other change."""
+    old = {k: v for k, v in vars(train.get_args([*SMOKE, "--out", str(tmp_path)])).items() if k != "norm"}
+    ckpt = dict(model={}, arch="resnet18", num_classes=10, mean=[0.0] * 3, std=[1.0] * 3, eps=8, dataset="synthetic")
+    models.save({**ckpt, "epoch": 1, "optimizer": {}, "args": old}, str(tmp_path / "last.pt"))
+    assert models.read(str(tmp_path / "last.pt"))["norm"] == "Linf"
+    a = train.get_args(["--out", str(tmp_path), "--resume"])
+    assert (a.norm, a.eps, a.step) == ("Linf", 8, 2)
+    said = refusal(capsys, ["--out", tmp_path, "--resume", "--norm", "L2"])
+    assert "was trained with --norm Linf, not --norm L2 (leave them out to continue it)" in said
+
+
+def test_an_l2_run_trains_resumes_and_is_attacked_under_l2(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The smallest L2 run, stopped after its first epoch and resumed with no flag but --resume, records L2 and
+    its recipe; attack.py without --norm or --eps attacks it with L2 AutoAttack at its radius."""
+    import aa_run
+    import attack
+
+    run(*SMOKE, "--norm", "L2", "--train-limit", 128, "--stop-after", 1, "--out", tmp_path)
+    assert L2_RECIPE in capsys.readouterr().out
+    run("--out", tmp_path, "--resume", "--device", "cpu")
+    best = load(tmp_path / "best.pt")
+    assert (best["norm"], best["eps"], best["args"]["step"], load(tmp_path / "last.pt")["epoch"]) == ("L2", 128, 15, 2)
+    make = aa_run.make_autoattack
+
+    def quick(*a, **k):  # 5 APGD steps: this checks which attack runs, not its strength
+        aa, go = make(*a, **k)
+        aa.apgd.n_iter = 5
+        return aa, go
+
+    monkeypatch.setattr(aa_run, "make_autoattack", quick)
+    attack.main([str(tmp_path / "best.pt"), "--points", "8", "--attacks", "apgd-ce", "--device", "cpu"])
+    (result,) = tmp_path.glob("best.apgd-ce-L2-eps128-*.json")
+    assert json.loads(result.read_text())["settings"]["norm"] == "L2"
+    assert "APGD-CE (L2 128/255, n=8, standard's settings)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "epochs, milestones, burn_in", [(110, [100, 105], 60), (11, [10], 6), (30, [27, 29], 16), (5, [4], 3), (1, [], 1)]
 )
