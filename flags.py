@@ -35,6 +35,9 @@ RECIPES = {
     ("L2", "svhn"): (128, 15, 0.01, "robust_overfitting experiments/svhn_standard_l2"),
 }
 RECIPE_KEYS = ("eps", "step", "lr")
+# Each family's lr drops (x0.1 each) as fractions of the run, scaled to --epochs: Bag of Tricks' 100 and 105 of 110
+# epochs; robust_overfitting's train_svhn.py's piecewise schedule, at a half and three quarters of its 200 epochs
+DROPS = {"cifar": ((100, 110), (105, 110)), "svhn": ((1, 2), (3, 4))}
 
 
 def by_recipe(key: str) -> str:
@@ -113,7 +116,7 @@ TRAIN = [
       "it chooses the defaults of --eps, --step and --lr", choices=list(losses.NORMS)),
     F("--epochs", int, 110, ">= 1", "epochs (default %(default)s)"),
     F("--milestones", _ints, None, ">= 1 (a drop after epoch 0 would lower the lr from the start)",
-      "epochs after which lr and EMR lambda x0.1 (default: 100/110, 105/110 of --epochs)"),
+      "epochs after which lr and EMR lambda x0.1 (default: 100/110, 105/110 of --epochs; SVHN 1/2, 3/4)"),
     F("--lr", float, None, "a positive number", "SGD learning rate for the global batch (default by --norm and "
       f"dataset: {by_recipe('lr')})"),
     F("--momentum", float, 0.9, "[0, 1)", "SGD momentum (default %(default)s)"),
@@ -371,12 +374,13 @@ def recipe(args: argparse.Namespace) -> str:
 
 def fill(args: argparse.Namespace) -> argparse.Namespace:
     """The defaults that depend on other flags: --eps, --step and --lr by --norm and dataset (RECIPES), the
-    schedule's (scaled to --epochs), EMR's temperature by loss."""
+    schedule's by dataset (DROPS, scaled to --epochs), EMR's temperature by loss."""
     for k, v in zip(RECIPE_KEYS, RECIPES[args.norm, family(args.dataset)]):
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.milestones is None:  # the recipe's 100 and 105 of 110 epochs, scaled, each before the last epoch
-        args.milestones = sorted({min(round(args.epochs * f / 110), args.epochs - 1) for f in (100, 105)} - {0})
+    if args.milestones is None:  # the recipe's drops, scaled, each before the last epoch
+        drops = DROPS[family(args.dataset)]
+        args.milestones = sorted({min(round(args.epochs * a / b), args.epochs - 1) for a, b in drops} - {0})
     if args.burn_in is None:
         args.burn_in = round(args.epochs * 60 / 110)
     if args.emr_temp is None:

@@ -484,6 +484,7 @@ def test_the_recipe_fills_what_the_command_line_leaves_out() -> None:
     assert (a.eps, a.step, a.lr) == (8, 2, 0.1) and policy.recipe(a).startswith("recipe: Linf (Bag of Tricks")
     svhn = lambda norm: policy.fill(argparse.Namespace(**{**policy.DEFAULTS, "dataset": "svhn", "norm": norm}))  # noqa: E731
     assert [(s.eps, s.step, s.lr) for s in (svhn("Linf"), svhn("L2"))] == [(8, 1, 0.01), (128, 15, 0.01)]
+    assert svhn("Linf").milestones == [55, 82] and get("--dataset", "svhn", "--epochs", "20").milestones == [10, 15]
     name = train.get_args(["--dataset", "x.npz", "--arch", "wrn16", "--norm", "L2", "--ratio", "0.2"]).out
     assert name == os.path.join("runs", "x-wrn16-sovr-r0.2-l2-s0")
 
