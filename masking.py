@@ -24,7 +24,7 @@ def sweep(
     """--sweep's figures with what the package's checks said (`checks`: once each, over every radius), and the
     seconds of the parts of a resumed run before this one: APGD-CE then APGD-T through aa_run.autoattack (the
     package's attacks, each radius resumable from a state file of its own) at each SWEEP_SCALES multiple of the
-    radius, then PGD-20 and PGD-100 at the radius (L-inf) on the same points; the verdict."""
+    radius, then PGD-20 and PGD-100 at the radius, in the evaluation's norm, on the same points; the verdict."""
     run, n, found, earlier = copy.copy(args), e["settings"]["n"], [], 0.0  # found: every radius's, printed once
     run.attacks = SWEEP_ATTACKS
     acc, after, robust = {}, {}, {}
@@ -37,20 +37,21 @@ def sweep(
         hit, left, t, _ = aa_run.autoattack(model, x, y, clean, e["eps"] * k, run, state, settings, said=found)
         (robust[r], after[r]), earlier = aa_run.gathered(hit, left, n), earlier + t
         acc[r] = sum(robust[r]) / n
-    pgd = pgd_pair(model, x, y, e["eps"], args) if e["settings"]["norm"] == "Linf" else {}
+    pgd = pgd_pair(model, x, y, e["eps"], e["settings"]["norm"], args)
     holds, verdict = sweep_verdict(acc, pgd)
     figures = dict(sweep=dict(radii=list(acc), attacks=SWEEP_ATTACKS, robust_acc=acc, robust_after=after, **pgd))
     figures.update(sweep_robust=robust, sweep_holds=holds, sweep_verdict=verdict)
     return {**figures, "checks": checks(found, clean_acc, {}, args)}, earlier
 
 
-def pgd_pair(model, x: torch.Tensor, y: torch.Tensor, eps: float, args) -> dict:
-    """PGD-20 and PGD-100 accuracy (losses.worst_of: the clean image counts too) at `eps`, step eps/4 (as
-    --margins' PGD-20), from the same random starts (seeded from --seed): they differ only in the 80 more steps."""
+def pgd_pair(model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, args) -> dict:
+    """PGD-20 and PGD-100 accuracy (losses.worst_of: the clean image counts too) in the `norm` ball of `eps`, step
+    eps/4 (as --margins' PGD-20), from the same random starts (seeded from --seed): they differ only in the 80 more
+    steps."""
     out = {}
     for steps in (20, 100):
         torch.manual_seed(args.seed)
-        z, z_adv = losses.pgd_logits(model, x, y, eps, eps / 4, steps, args.bs)
+        z, z_adv = losses.pgd_logits(model, x, y, eps, eps / 4, steps, args.bs, norm=norm)
         robust = losses.worst_of(z.cpu(), z_adv.cpu(), y.cpu())[0]
         out[f"pgd{steps}"] = sum(cli.gather(robust.int().tolist())) / sum(cli.gather([len(y)]))
     return dict(**out, pgd_step=f"{round(eps * 255 / 4, 4):g}/255")
@@ -58,18 +59,18 @@ def pgd_pair(model, x: torch.Tensor, y: torch.Tensor, eps: float, args) -> dict:
 
 def sweep_verdict(acc: dict[str, float], pgd: dict) -> tuple[bool, str]:
     """Whether the sweep holds, in one line: the accuracy never rises with the radius and is at most SWEEP_FLOOR at
-    the largest, and PGD-100's is at most PGD-20's (L-inf only: losses.pgd is L-inf PGD)."""
+    the largest, and PGD-100's is at most PGD-20's."""
     radii, why = list(acc), []
     rises = [(a, b) for a, b in zip(radii, radii[1:]) if acc[b] > acc[a]]
     why += [f"acc rises from {acc[a]:.1%} at {a} to {acc[b]:.1%} at {b}" for a, b in rises]
     last = radii[-1]
     if acc[last] > SWEEP_FLOOR:
         why.append(f"acc stays at {acc[last]:.1%} at {last} (more than {SWEEP_FLOOR:.0%})")
-    if pgd and pgd["pgd100"] > pgd["pgd20"]:
+    if pgd["pgd100"] > pgd["pgd20"]:
         why.append(f"PGD-100 {pgd['pgd100']:.1%} > PGD-20 {pgd['pgd20']:.1%} by {pgd['pgd100'] - pgd['pgd20']:.1%}")
     if why:
         return False, f"sweep: fails ({'; '.join(why)})"
-    steps = f"PGD-100 {pgd['pgd100']:.1%} <= PGD-20 {pgd['pgd20']:.1%}" if pgd else "no PGD pair under L2"
+    steps = f"PGD-100 {pgd['pgd100']:.1%} <= PGD-20 {pgd['pgd20']:.1%}"
     return True, f"sweep: holds (acc falls to {acc[last]:.1%} at {last}; {steps})"
 
 

@@ -164,7 +164,7 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
         argv = ["--dataset", os.path.abspath(d) if d.endswith(".npz") else d, "--arch", arch, "--loss", loss]
         argv += ["--seed", seed, *per_loss[loss][0]]
         t = quiet("train.py", train.get_args, argv)
-        run, norm = out / os.path.basename(t.out), getattr(t, "norm", "Linf")  # train.py's own name; attack.py's norm
+        run, norm = out / os.path.basename(t.out), t.norm  # train.py's own name; attack.py's norm
         links = [(str(run), [*launch, str(REPO / "train.py"), *argv, "--out", str(run), "--resume", "auto"])]
         for ckpt, attacks in (("best", grid["attacks"]), ("last", grid["attacks"] or LAST_ATTACKS)):
             mode = attacks.replace(",", "+") if attacks else "standard"

@@ -553,12 +553,25 @@ def test_sweep_plot_draws_a_line_per_checkpoint_at_its_own_radii() -> None:
         ([0.3, 0.35, 0.0], dict(pgd20=0.4, pgd100=0.4), "fails (acc rises from 30.0% at 8/255 to 35.0% at 16/255)"),
         ([0.3, 0.2, 0.1], dict(pgd20=0.4, pgd100=0.4), "fails (acc stays at 10.0% at 64/255 (more than 1%))"),
         ([0.3, 0.1, 0.0], dict(pgd20=0.4, pgd100=0.45), "fails (PGD-100 45.0% > PGD-20 40.0% by 5.0%)"),
-        ([0.3, 0.1, 0.0], {}, "holds (acc falls to 0.0% at 64/255; no PGD pair under L2)"),
     ],
 )
 def test_sweep_verdict_names_what_failed_and_by_how_much(acc: list, pgd: dict, says: str) -> None:
     holds, verdict = masking.sweep_verdict(dict(zip(["8/255", "16/255", "64/255"], acc)), pgd)
     assert verdict.startswith(f"sweep: {says}") and holds == says.startswith("holds"), verdict
+
+
+def test_the_sweeps_pgd_pair_attacks_in_the_evaluations_norm(monkeypatch) -> None:
+    """--sweep's PGD-20 and PGD-100 run in the ball of the evaluation's norm (L2 as L-inf), at step eps/4."""
+    calls = []
+
+    def logits(model, x, y, eps, step, steps, bs, norm):
+        calls.append((eps, step, steps, norm))
+        return torch.eye(2)[y], torch.eye(2)[y]  # every point robust
+
+    monkeypatch.setattr(masking.losses, "pgd_logits", logits)
+    y, args = torch.tensor([0, 1]), argparse.Namespace(seed=0, bs=500)
+    pair = masking.pgd_pair(None, torch.zeros(2, 3), y, 0.5, "L2", args)
+    assert calls == [(0.5, 0.125, 20, "L2"), (0.5, 0.125, 100, "L2")] and (pair["pgd20"], pair["pgd100"]) == (1, 1)
 
 
 def plain_net(arch: str, classes: int = 10) -> torch.nn.Module:
