@@ -61,13 +61,25 @@ EPOCH_IMAGES, EPOCHS = 50_000 - 1_000, 110  # CIFAR-10 less train.py's validatio
 
 
 def get_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, parsed and checked: counts >= 1, sizes and threads >= 0."""
+    p = parser()
+    args = p.parse_args(argv)
+    for name in ("batch", "repeats", "warmup"):
+        if getattr(args, name) < 1:
+            cli.refuse(p, f"--{name} must be >= 1")
+    for name in ("eval_batch", "workers", "threads"):
+        if (getattr(args, name) or 0) < 0:
+            cli.refuse(p, f"--{name.replace('_', '-')} must be >= 0")
+    return args
+
+
+def parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__, prog="bench.py")
     a = p.add_argument
     a("--arch", default="preact18", choices=sorted(models.ARCHS), help="network (default preact18)")
     a(
         "--width",
         type=int,
-        default=None,
         help="ResNet base channels / WRN widen factor (default: the arch's "
         "standard on CUDA, 16 on CPU, which keeps the default CPU run short)",
     )
@@ -100,14 +112,7 @@ def get_args(argv: list[str]) -> argparse.Namespace:
     a("--ema", type=float, default=None, help="the project's step with train.py --ema DECAY's update (default off)")
     a("--quick", action="store_true", help="tiny counts for tests (APGD 2 iterations, 3 loss calls); no benchmark")
     a("--out", default="bench.json", help="JSON file for the figures (default bench.json)")
-    args = p.parse_args(argv)
-    for name in ("batch", "repeats", "warmup"):
-        if getattr(args, name) < 1:
-            cli.refuse(p, f"--{name} must be >= 1")
-    for name in ("eval_batch", "workers", "threads"):
-        if (getattr(args, name) or 0) < 0:
-            cli.refuse(p, f"--{name.replace('_', '-')} must be >= 0")
-    return args
+    return p
 
 
 def sync(device: torch.device) -> None:
@@ -332,30 +337,16 @@ def sgd(model: torch.nn.Module, targs) -> torch.optim.SGD:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
-    try:
-        device = cli.pick_device(args.device)
-    except ValueError as e:
-        sys.exit(f"bench.py: error: {e}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cuda = device.type == "cuda"
+    device = setup(args)
     targs = train.get_args(
         ["--loss", args.loss, "--arch", args.arch, "--batch", str(args.batch)]
         + (["--ema", str(args.ema)] if args.ema else [])
     )  # train.py's defaults
-    width = args.width or (None if cuda else 16)
-    torch.backends.cudnn.benchmark = cuda  # as train.py sets it; the textbook loop gets it too
-    model = models.build(args.arch, 10, width=width).to(device).to(memory_format=torch.channels_last).train()
-    net = torch.compile(model) if args.compile else model
-    n_pool = 4 * max(args.batch, args.eval_batch or args.batch)  # synthetic CIFAR-sized uint8 images on the device
-    pool = (
-        torch.randint(0, 256, (n_pool, 3, 32, 32), dtype=torch.uint8).to(device),
-        torch.randint(0, 10, (n_pool,)).to(device),
-    )
+    width = args.width or (None if device.type == "cuda" else 16)
+    model, net, pool = workload(args, width, device)
     result, memory = time_training(args, targs, model, net, pool, width, device)
     result.update(loss_cost=time_loss(args, targs, device), eval=time_eval(args, targs, model, net, pool[0], device))
-    if cuda:
+    if device.type == "cuda":
         result["cuda"] = cuda_figures(result, memory, targs, model, pool, device)
     report = dict(
         device=str(device),
@@ -363,26 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch=torch.__version__,
         command=shlex.join(["python", "bench.py", *argv]),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        settings=dict(
-            arch=args.arch,
-            width=width or "standard",
-            params=sum(p.numel() for p in model.parameters()),
-            loss=args.loss,
-            ratio=targs.ratio,
-            ema=targs.ema,
-            batch=args.batch,
-            eval_batch=args.eval_batch or args.batch,
-            compile=args.compile,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            workers=args.workers,
-            threads=torch.get_num_threads(),
-            amp_bf16=cli.bf16_default(device),
-            eps=targs.eps,
-            pgd_steps=targs.steps,
-            eval_steps=targs.eval_steps,
-            quick=args.quick,
-        ),
+        settings=settings(args, targs, width, model, device),
         **result,
     )
     print_table(report)
@@ -390,9 +362,70 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def setup(args: argparse.Namespace) -> torch.device:
+    """The device (one line and exit 1 for one this machine lacks), torch's threads and the seed."""
+    try:
+        device = cli.pick_device(args.device)
+    except ValueError as e:
+        sys.exit(f"bench.py: error: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return device
+
+
+def workload(args: argparse.Namespace, width: int | None, device: torch.device) -> tuple:
+    """The project's model (channels_last; `net` compiled under --compile) and a pool of synthetic CIFAR-sized uint8
+    images and labels on the device, enough for 4 batches of training or evaluation."""
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.py sets it; the textbook loop gets it too
+    model = models.build(args.arch, 10, width=width).to(device).to(memory_format=torch.channels_last).train()
+    net = torch.compile(model) if args.compile else model
+    n_pool = 4 * max(args.batch, args.eval_batch or args.batch)
+    pool = (
+        torch.randint(0, 256, (n_pool, 3, 32, 32), dtype=torch.uint8).to(device),
+        torch.randint(0, 10, (n_pool,)).to(device),
+    )
+    return model, net, pool
+
+
+def settings(args: argparse.Namespace, targs: argparse.Namespace, width, model, device: torch.device) -> dict:
+    """What was measured and how: the report's settings."""
+    return dict(
+        arch=args.arch,
+        width=width or "standard",
+        params=sum(p.numel() for p in model.parameters()),
+        loss=args.loss,
+        ratio=targs.ratio,
+        ema=targs.ema,
+        batch=args.batch,
+        eval_batch=args.eval_batch or args.batch,
+        compile=args.compile,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        workers=args.workers,
+        threads=torch.get_num_threads(),
+        amp_bf16=cli.bf16_default(device),
+        eps=targs.eps,
+        pgd_steps=targs.steps,
+        eval_steps=targs.eval_steps,
+        quick=args.quick,
+    )
+
+
 def print_table(r: dict) -> None:
-    s, c = r["settings"], r.get("cuda")
-    rows = [
+    s, table = r["settings"], rows(r) + (cuda_rows(r["cuda"]) if r.get("cuda") else [])
+    print(
+        f"{r['device_name']} | torch {r['torch']} | {s['arch']} width {s['width']} ({s['params'] / 1e6:.2f}M "
+        f"params) | batch {s['batch']} | median of {s['repeats']}"
+    )
+    for name, value, note in table:
+        print(f"  {name:<44} {value:<20} {note}")
+
+
+def rows(r: dict) -> list[tuple[str, str, str]]:
+    """The table's rows of every device: (figure, value, note)."""
+    s = r["settings"]
+    return [
         (
             f"train step, project (PGD-{s['pgd_steps']}, {s['loss']}{', compiled' * s['compile']})",
             f"{r['train']['img_s']:10.2f} img/s",
@@ -419,26 +452,23 @@ def print_table(r: dict) -> None:
             "",
         ),
     ]
-    if c:
-        rows += [
-            (
-                "peak memory, project (textbook)",
-                f"{c['train_peak_mem_gib']:10.2f} GiB",
-                f"({c['textbook_peak_mem_gib']:.2f} GiB)",
-            ),
-            (
-                "train step, achieved",
-                f"{c['train_tflops']:10.1f} TFLOP/s",
-                f"{c['mfu']:.1%} of the {c['bf16_peak_tflops']} bf16 peak" if "mfu" in c else "bf16 peak unknown",
-            ),
-            ("110-epoch CIFAR-10 run", f"{c['hours_110_epochs']:10.2f} h", "training only"),
-        ]
-    print(
-        f"{r['device_name']} | torch {r['torch']} | {s['arch']} width {s['width']} ({s['params'] / 1e6:.2f}M "
-        f"params) | batch {s['batch']} | median of {s['repeats']}"
-    )
-    for name, value, note in rows:
-        print(f"  {name:<44} {value:<20} {note}")
+
+
+def cuda_rows(c: dict) -> list[tuple[str, str, str]]:
+    """The rows of the CUDA figures: peak memory, achieved TFLOP/s, hours of a 110-epoch run."""
+    return [
+        (
+            "peak memory, project (textbook)",
+            f"{c['train_peak_mem_gib']:10.2f} GiB",
+            f"({c['textbook_peak_mem_gib']:.2f} GiB)",
+        ),
+        (
+            "train step, achieved",
+            f"{c['train_tflops']:10.1f} TFLOP/s",
+            f"{c['mfu']:.1%} of the {c['bf16_peak_tflops']} bf16 peak" if "mfu" in c else "bf16 peak unknown",
+        ),
+        ("110-epoch CIFAR-10 run", f"{c['hours_110_epochs']:10.2f} h", "training only"),
+    ]
 
 
 if __name__ == "__main__":  # cli.run: one line and the exit codes of every script (Ctrl-C 130, SIGTERM 143)

@@ -62,11 +62,7 @@ def train(args: argparse.Namespace, state: dict | None = None) -> dict:
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} must be divisible by the {world} processes")
     torch.manual_seed(args.seed)
-    d = data.load_data(args.dataset, args.data_dir)  # a file lock keeps concurrent downloads apart
-    if args.val is None:  # a default that needs the data: a small set (synthetic: 1,000) keeps a batch to train on
-        args.val = max(1, min(flags.VAL, len(d["x_train"]) // 2, len(d["x_train"]) - args.batch))
-    (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
-    aux = data.load_aux(args.aux_data, d, device) if args.aux_data else None  # validation stays on real images
+    d, (x_tr, y_tr), (x_val, y_val), aux = make_data(args, device)
     model, ema, opt, sched, start, best = make_model(args, d, device, world, len(x_tr) // args.batch, state)
     final = runlog.final(args.out) if start >= args.epochs else None
     same_run(rank, start=start, epochs=args.epochs, train=len(x_tr), val=len(x_val), finished=final is not None)
@@ -110,6 +106,16 @@ def same_run(rank: int, **plan) -> None:
             f"process {rank} read another run than process 0: {differ}; a stale last.pt, log.jsonl or data file on "
             "its node? Run again once every node sees the same files"
         )
+
+
+def make_data(args, device: torch.device) -> tuple:
+    """The dataset, its training and validation points on the device, and --aux-data's images (None without)."""
+    d = data.load_data(args.dataset, args.data_dir)  # a file lock keeps concurrent downloads apart
+    if args.val is None:  # a default that needs the data: a small set (synthetic: 1,000) keeps a batch to train on
+        args.val = max(1, min(flags.VAL, len(d["x_train"]) // 2, len(d["x_train"]) - args.batch))
+    (x_tr, y_tr), (x_val, y_val) = data.train_val(d, args.val, args.train_limit, args.batch, device)
+    aux = data.load_aux(args.aux_data, d, device) if args.aux_data else None  # validation stays on real images
+    return d, (x_tr, y_tr), (x_val, y_val), aux
 
 
 def make_model(args, d: dict, device: torch.device, world: int, steps: int, state: dict | None) -> tuple:

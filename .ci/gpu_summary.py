@@ -68,17 +68,7 @@ def bench(d: str) -> list[str]:
         "APGD-CE img/s | sovr_loss / CE, 512x10 |",
         "|" + "---|" * 14,
     ]
-    for r in runs:
-        s, c, t = r["settings"], r.get("cuda", {}), r["train"]
-        lines.append(
-            f"| {s['arch']} ({s['params'] / 1e6:.1f}M) | {'yes' if s.get('compile') else 'no'} | {t['img_s']:.0f} | "
-            f"{r['textbook']['img_s']:.0f} | {r['speedup']:.2f}x | {EPOCH_IMAGES / t['img_s']:.1f} | "
-            f"{c.get('hours_110_epochs', float('nan')):.2f} | {c.get('train_tflops', float('nan')):.0f} | "
-            f"{c.get('mfu', float('nan')):.1%} | {c.get('train_peak_mem_gib', float('nan')):.2f} "
-            f"({c.get('textbook_peak_mem_gib', float('nan')):.2f}) | {t.get('first_step_s', float('nan')):.1f} | "
-            f"{r['eval']['pgd20_img_s']:.0f} | {r['eval']['apgd_ce_img_s']:.0f} | "
-            f"{r['loss_cost']['512x10']['ratio']:.1f}x |"
-        )
+    lines += [bench_row(r) for r in runs]
     first = runs[0]["settings"]
     lines += [
         "",
@@ -99,6 +89,21 @@ def bench(d: str) -> list[str]:
             f"{best.get('cuda', {}).get('train_tflops', float('nan')):.0f} TFLOP/s).",
         ]
     return lines
+
+
+def bench_row(r: dict) -> str:
+    """One bench-*.json's row; a figure it lacks (the CUDA ones on a CPU, the first step's before bench.py timed
+    it) is nan."""
+    s, c, t = r["settings"], r.get("cuda", {}), r["train"]
+    return (
+        f"| {s['arch']} ({s['params'] / 1e6:.1f}M) | {'yes' if s.get('compile') else 'no'} | {t['img_s']:.0f} | "
+        f"{r['textbook']['img_s']:.0f} | {r['speedup']:.2f}x | {EPOCH_IMAGES / t['img_s']:.1f} | "
+        f"{c.get('hours_110_epochs', float('nan')):.2f} | {c.get('train_tflops', float('nan')):.0f} | "
+        f"{c.get('mfu', float('nan')):.1%} | {c.get('train_peak_mem_gib', float('nan')):.2f} "
+        f"({c.get('textbook_peak_mem_gib', float('nan')):.2f}) | {t.get('first_step_s', float('nan')):.1f} | "
+        f"{r['eval']['pgd20_img_s']:.0f} | {r['eval']['apgd_ce_img_s']:.0f} | "
+        f"{r['loss_cost']['512x10']['ratio']:.1f}x |"
+    )
 
 
 def precision(runs: list[dict]) -> str:

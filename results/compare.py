@@ -22,6 +22,7 @@ same seed's ce run's best.pt: the same points for every loss of a seed. Running 
 a killed grid and never repeats a finished link (results/runner.py). The grid's definition is kept in grid.json.
 """
 
+import argparse
 import contextlib
 import importlib.util
 import io
@@ -62,6 +63,19 @@ MODES = {  # compare.py's switches, as --help says them
 
 def get_args(argv: list[str]):
     own, flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    p = parser()
+    args = p.parse_args(own)
+    args.flags, args.prog = grid_flags(p, args, flags), p.prog
+    if min(args.points, args.train_points, args.sweep_points, args.gpus_per_run) < 0 or args.jobs < 1:
+        p.error("--points, --train-points, --sweep-points and --gpus-per-run must be >= 0, --jobs >= 1")
+    try:
+        args.minutes = minutes(args.time)
+    except (ValueError, KeyError):
+        p.error(f"--time {args.time}: use SLURM's MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    return args, p
+
+
+def parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__, prog="compare.py", usage="%(prog)s [options] [-- train.py flags]")
     a = p.add_argument
     a("--losses", default=LOSSES, help=f"comma-separated train.py --loss values (default {LOSSES})")
@@ -81,29 +95,27 @@ def get_args(argv: list[str]):
     s("--partition"), s("--time", default="24:00:00", help="per job, HH:MM:SS (default 24:00:00)")
     s("--cpus-per-run", type=int, default=8), s("--mem", default=None, help="per job, e.g. 64G")
     s("--account"), s("--constraint"), s("--max-parallel", type=int, default=0, help="jobs at a time (0 = all)")
-    args = p.parse_args(own)
+    return p
+
+
+def grid_flags(p: argparse.ArgumentParser, args, flags: list[str]) -> list[str]:
+    """The flags after -- that every train.py command gets: a --dataset or --arch among them sets the grid's axis to
+    its one value instead (the last one wins, as in train.py); the flags the runner sets itself are refused."""
     if "--smoke" in flags and not any(f.split("=")[0] == "--dataset" for f in flags):
         flags += ["--dataset", "synthetic"]  # --smoke's own data: the grid's dataset would win over its default
-    for flag, axis in (("--dataset", "datasets"), ("--arch", "archs")):  # after --: the grid's axis, one value
+    for flag, axis in (("--dataset", "datasets"), ("--arch", "archs")):
         keep, rest = [], iter(flags)
         for f in rest:
             if f.split("=")[0] != flag:
                 keep.append(f)
-            else:  # the last one wins, as in train.py; none stays in the flags
+            else:
                 value = f.split("=", 1)[1] if "=" in f else next(rest, "")
                 setattr(args, axis, value or p.error(f"{flag} after -- needs a value"))
         flags = keep
-    args.flags, args.prog = flags, p.prog
     for bad in ("--out", "--resume", "--loss", "--seed", "--init"):
         if any(f == bad or f.startswith(bad + "=") for f in flags):
             p.error(f"{bad} after -- is the grid's own: the runner sets it for every run")
-    if min(args.points, args.train_points, args.sweep_points, args.gpus_per_run) < 0 or args.jobs < 1:
-        p.error("--points, --train-points, --sweep-points and --gpus-per-run must be >= 0, --jobs >= 1")
-    try:
-        args.minutes = minutes(args.time)
-    except (ValueError, KeyError):
-        p.error(f"--time {args.time}: use SLURM's MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
-    return args, p
+    return flags
 
 
 def minutes(t: str) -> int:
@@ -144,13 +156,10 @@ def quiet(script: str, parse, argv: list[str]):
 def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
     """Every run of the grid with its links [(done, cmd)], each command checked by train.py's or attack.py's own
     parser first."""
-    import data
     import flags as policy
     import train
 
-    for d in grid["datasets"]:
-        if d not in data.NAMES and not (d.endswith(".npz") and os.path.isfile(d)):
-            raise ValueError(f"unknown dataset {d!r}: use {', '.join(data.NAMES)} or an existing .npz file")
+    check_datasets(grid["datasets"])
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}"]
     launch = [sys.executable, *torchrun * (gpus_per_run > 1)]
     found, n = [], str(grid["points"])
@@ -178,12 +187,25 @@ def runs(grid: dict, out: Path, gpus_per_run: int) -> list[dict]:
             dict(run=run, loss=loss, seed=t.seed, dataset=t.dataset, arch=t.arch, data=t.data_dir, links=links)
             | dict(eval_steps=t.eval_steps, norm=norm, eps=t.eps)
         )
-    names = [r["run"] for r in found]
+    check_folders([r["run"] for r in found])
+    return found
+
+
+def check_datasets(datasets: list[str]) -> None:
+    """ValueError for a dataset train.py does not know, or an .npz file that is not there."""
+    import data
+
+    for d in datasets:
+        if d not in data.NAMES and not (d.endswith(".npz") and os.path.isfile(d)):
+            raise ValueError(f"unknown dataset {d!r}: use {', '.join(data.NAMES)} or an existing .npz file")
+
+
+def check_folders(names: list[Path]) -> None:
+    """ValueError where two runs of the grid would share a folder: train.py names them alike."""
     if len(set(names)) < len(names):
         raise ValueError(
             f"two runs of the grid share the folder {max(names, key=names.count)} (see the flags after --)"
         )
-    return found
 
 
 def evaluation(ckpt: Path, flags: list[str], mode: str, n: str, launch: list[str], norm: str) -> tuple[str, list[str]]:

@@ -103,15 +103,7 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
     for r in found:
         r["m"] = metrics(r, ce.get((r["dataset"], r["arch"], r["seed"])))
     complete = [r for r in found if all(runner.finished(d) for d, _ in r["links"])]
-    csv_text = io.StringIO(newline="")
-    w = csv.writer(csv_text)
-    w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *EXTRA, *SOUND])
-    for r in found:
-        m = {**r["m"], "checks": " | ".join(r["m"]["checks"])}
-        w.writerow(
-            [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(m[k] for k in COLS + EXTRA + SOUND)]
-        )
-    runlog.write(str(out / "table.csv"), csv_text.getvalue())
+    runlog.write(str(out / "table.csv"), csv_rows(found))
     lines = header(grid, found, len(complete))
     groups: dict = {}
     for r in found:
@@ -119,18 +111,8 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
     for (d, arch, loss), rs in groups.items():
         have = [r for r in rs if r["m"]["aa"] is not None or r["m"]["clean"] is not None]
         pre = f"{loss}" + (f" ({d}, {arch})" if len(groups) > len(grid["losses"]) else "")
-        rows = [(f"**{pre}**", f"{len(have)} of {len(rs)}", have)] + [
-            (f"{pre}, seed {r['seed']}", "1", [r]) for r in have
-        ]
-        for name, seeds, sel in rows:
-            cells = [fmt([r["m"][k] for r in sel], k) for k in COLS] + [held(sel)]
-            name += " !" * any(r["m"]["checks"] for r in sel)
-            first = sel[0]["m"] if sel else {}
-            env = [first.get(k) for k in ("n", "eps", "gpu")] + [fmt([r["m"][k] for r in sel], k) for k in TIMES]
-            env += [first.get("torch"), ",".join(sorted({str(r["m"].get("commit")) for r in sel}))]
-            lines.append(
-                f"| {name} | {seeds} | " + " | ".join(cells + [str(v if v is not None else "-") for v in env]) + " |"
-            )
+        lines.append(row(f"**{pre}**", f"{len(have)} of {len(rs)}", have))
+        lines += [row(f"{pre}, seed {r['seed']}", "1", [r]) for r in have]
         if loss != "ce":
             base = {r["seed"]: r for r in found if (r["dataset"], r["arch"], r["loss"]) == (d, arch, "ce")}
             pairs = [(r["m"], base[r["seed"]]["m"]) for r in rs if r["seed"] in base]
@@ -141,6 +123,30 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
     runlog.write(str(out / "table.md"), "\n".join(lines) + "\n")
     figures(out, groups, aa_run.attack_label(attacked(grid, found), " accuracy %"))
     return "\n".join(lines)
+
+
+def csv_rows(found: list[dict]) -> str:
+    """table.csv's text: one row per run, its figures and their provenance."""
+    csv_text = io.StringIO(newline="")
+    w = csv.writer(csv_text)
+    w.writerow(["dataset", "arch", "loss", "seed", "run", *COLS, *EXTRA, *SOUND])
+    for r in found:
+        m = {**r["m"], "checks": " | ".join(r["m"]["checks"])}
+        w.writerow(
+            [r["dataset"], r["arch"], r["loss"], r["seed"], r["run"].name, *(m[k] for k in COLS + EXTRA + SOUND)]
+        )
+    return csv_text.getvalue()
+
+
+def row(name: str, seeds: str, sel: list[dict]) -> str:
+    """table.md's row of the runs `sel` (a loss's seeds, or one seed): their figures, then where and how they were
+    measured; " !" after the name where AutoAttack's own checks warned."""
+    cells = [fmt([r["m"][k] for r in sel], k) for k in COLS] + [held(sel)]
+    name += " !" * any(r["m"]["checks"] for r in sel)
+    first = sel[0]["m"] if sel else {}
+    env = [first.get(k) for k in ("n", "eps", "gpu")] + [fmt([r["m"][k] for r in sel], k) for k in TIMES]
+    env += [first.get("torch"), ",".join(sorted({str(r["m"].get("commit")) for r in sel}))]
+    return f"| {name} | {seeds} | " + " | ".join(cells + [str(v if v is not None else "-") for v in env]) + " |"
 
 
 def header(grid: dict, found: list[dict], complete: int) -> list[str]:

@@ -339,19 +339,7 @@ def table() -> str | None:
     """The text of late/table.md, None before the start's margins exist."""
     if not margins_result(ROOT / "start" / "last.pt").exists():
         return None
-    rows = [(loss, s, None, False) for loss in MAIN for s in SEEDS] + EXTRA
-    found = {}
-    for r in rows:
-        out = ROOT / name(*r)
-        if runner.finished(str(out)):
-            for which in ("last", "best"):
-                ckpt = out / f"{which}.pt"
-                if which == "best" and out / "best.pt" not in checkpoints(out):
-                    ckpt = out / "last.pt"  # best is the last epoch
-                mt = metrics(ckpt)
-                if mt:
-                    mt["gap"] = mt["pgd20"] - mt["aa"]
-                    found[(r, which)] = mt
+    found = measured()
     start = json.loads(margins_result(ROOT / "start" / "last.pt").read_text())
     lines = [
         f"Start (pre-trained CE): training points' PGD-10 accuracy {start['train_pgd10_acc']:.1%} (eval-mode BN), "
@@ -364,38 +352,65 @@ def table() -> str | None:
             "",
             "| loss | ratio | ema | seeds | " + " | ".join(c[1] for c in COLS) + " | standard AA % (n=500) |",
             "|" + "---|" * (len(COLS) + 5),
-        ]
-        groups = {}
-        for (r, w), mt in found.items():
-            if w == which:
-                groups.setdefault((r[0], r[2], r[3]), []).append((r[1], mt))
-        for (loss, ratio, ema), items in groups.items():
-            cells = [fmt([mt[k] for _, mt in items], sc) for k, _, sc in COLS]
-            std = [mt["standard"] for _, mt in items if "standard" in mt]
-            lines.append(
-                f"| {loss} | {'-' if ratio_of(loss, ratio) is None else ratio_of(loss, ratio)} "
-                f"| {'yes' if ema else '-'} "
-                f"| {len(items)} | " + " | ".join(cells) + f" | {fmt(std, 100)} |"
-            )
-        lines += [
+            *variant_rows(found, which),
             "",
             "Paired differences (same seed, same start and data order), mean ± std over seeds:",
             "",
             "| loss | seeds | " + " | ".join(c[1] for c in COLS) + " |",
             "|" + "---|" * (len(COLS) + 2),
+            *paired_rows(found, which),
+            "",
         ]
-        for a, b in PAIRS:
-            pairs = [
-                (found.get(((a[0], s, a[1], a[2]), which)), found.get(((b[0], s, b[1], b[2]), which))) for s in SEEDS
-            ]
-            pairs = [(x, y) for x, y in pairs if x and y]
-            if pairs:
-                cells = [fmt([x[k] - y[k] for x, y in pairs], sc) for k, _, sc in COLS]
-                lines.append(f"| {label(a)} - {label(b)} | {len(pairs)} | " + " | ".join(cells) + " |")
-        lines.append("")
     every = found.values()
     lines += [OLD_PGD, ""] * any(m["old_pgd"] for m in every) + [OLD_MARGINS, ""] * any(m["old_margins"] for m in every)
     return "\n".join(lines)
+
+
+def measured() -> dict:
+    """The figures of each finished run's last.pt and best.pt (its last.pt where the best is the last epoch), by
+    (run, "last" or "best"); a checkpoint not yet evaluated has none."""
+    found = {}
+    for r in [(loss, s, None, False) for loss in MAIN for s in SEEDS] + EXTRA:
+        out = ROOT / name(*r)
+        if runner.finished(str(out)):
+            for which in ("last", "best"):
+                ckpt = out / f"{which}.pt"
+                if which == "best" and out / "best.pt" not in checkpoints(out):
+                    ckpt = out / "last.pt"  # best is the last epoch
+                mt = metrics(ckpt)
+                if mt:
+                    mt["gap"] = mt["pgd20"] - mt["aa"]
+                    found[(r, which)] = mt
+    return found
+
+
+def variant_rows(found: dict, which: str) -> list[str]:
+    """A row per variant (loss, ratio, ema): mean ± std over its seeds."""
+    groups, lines = {}, []
+    for (r, w), mt in found.items():
+        if w == which:
+            groups.setdefault((r[0], r[2], r[3]), []).append((r[1], mt))
+    for (loss, ratio, ema), items in groups.items():
+        cells = [fmt([mt[k] for _, mt in items], sc) for k, _, sc in COLS]
+        std = [mt["standard"] for _, mt in items if "standard" in mt]
+        lines.append(
+            f"| {loss} | {'-' if ratio_of(loss, ratio) is None else ratio_of(loss, ratio)} "
+            f"| {'yes' if ema else '-'} "
+            f"| {len(items)} | " + " | ".join(cells) + f" | {fmt(std, 100)} |"
+        )
+    return lines
+
+
+def paired_rows(found: dict, which: str) -> list[str]:
+    """A row per pair of PAIRS with a seed that both have: the mean ± std of their differences over those seeds."""
+    lines = []
+    for a, b in PAIRS:
+        pairs = [(found.get(((a[0], s, a[1], a[2]), which)), found.get(((b[0], s, b[1], b[2]), which))) for s in SEEDS]
+        pairs = [(x, y) for x, y in pairs if x and y]
+        if pairs:
+            cells = [fmt([x[k] - y[k] for x, y in pairs], sc) for k, _, sc in COLS]
+            lines.append(f"| {label(a)} - {label(b)} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # what the table says of files written before a robust point had to be classified correctly clean too (worst_of)

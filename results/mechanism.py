@@ -79,26 +79,38 @@ def main(argv: list[str] | None = None) -> None:
     W = torch.zeros(K, D, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
     for _ in range(PRETRAIN):  # the common start: adversarial CE training, as the study's pre-training
-        gw, gb = torch.autograd.grad(loss_fn("ce", W, b, x, y), (W, b))
-        W, b = (W - LR * gw).detach().requires_grad_(), (b - LR * gb).detach().requires_grad_()
+        W, b = descend("ce", W, b, x, y)
     with torch.no_grad():
         m0 = margin(adv_logits(W, b, x, y), y)
     important = torch.zeros(N, dtype=torch.bool)
     important[m0.argsort()[: round(0.3 * N)]] = True
-    curves = {}
-    for name in ("ce", "mail", "gairat", "ovr", "sovr"):
-        w, c, rec = W.clone().requires_grad_(), b.clone().requires_grad_(), []
-        for step in range(STEPS + 1):
-            if step % 20 == 0:
-                with torch.no_grad():
-                    m = margin(adv_logits(w, c, x, y), y)
-                rec.append(
-                    [step, m[important].mean().item(), m[~important].mean().item(), (m > 0).double().mean().item()]
-                )
-            gw, gb = torch.autograd.grad(loss_fn(name, w, c, x, y), (w, c))
-            w, c = (w - LR * gw).detach().requires_grad_(), (c - LR * gb).detach().requires_grad_()
-        curves[name] = rec
-    out = dict(
+    curves = {name: curve(name, W, b, x, y, important) for name in ("ce", "mail", "gairat", "ovr", "sovr")}
+    report(summary(curves, m0, important), out_dir)
+    plot(curves, out_dir)
+
+
+def descend(name: str, W, b, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full-batch gradient step of the loss `name`."""
+    gw, gb = torch.autograd.grad(loss_fn(name, W, b, x, y), (W, b))
+    return (W - LR * gw).detach().requires_grad_(), (b - LR * gb).detach().requires_grad_()
+
+
+def curve(name: str, W, b, x, y, important: torch.Tensor) -> list[list[float]]:
+    """Training from the common start under the loss `name`: every 20 steps [step, mean margin of the important
+    points, of the others, robust share]."""
+    w, c, rec = W.clone().requires_grad_(), b.clone().requires_grad_(), []
+    for step in range(STEPS + 1):
+        if step % 20 == 0:
+            with torch.no_grad():
+                m = margin(adv_logits(w, c, x, y), y)
+            rec.append([step, m[important].mean().item(), m[~important].mean().item(), (m > 0).double().mean().item()])
+        w, c = descend(name, w, c, x, y)
+    return rec
+
+
+def summary(curves: dict, m0: torch.Tensor, important: torch.Tensor) -> dict:
+    """mechanism.json's contents: the settings, the start's margins, each loss's final figures and its curve."""
+    return dict(
         settings=dict(
             K=K,
             D=D,
@@ -114,8 +126,6 @@ def main(argv: list[str] | None = None) -> None:
         final={k: dict(important=v[-1][1], rest=v[-1][2], robust_share=v[-1][3]) for k, v in curves.items()},
         curves=curves,
     )
-    report(out, out_dir)
-    plot(curves, out_dir)
 
 
 def report(out: dict, out_dir: str) -> None:

@@ -185,14 +185,8 @@ def fmt(vals: list[float], n: int) -> str:
 
 
 def table(root: Path, args) -> str:
-    groups: dict = {}
-    for r in runs(args):
-        if runlog.final(str(root / name(r))):
-            try:
-                found = row(root / name(r), args)
-            except AttributeError:
-                continue  # trained, not yet evaluated
-            groups.setdefault((r["loss"], r["ratio"]), []).append(found)
+    """table.md's text: a row per (loss, ratio) over its seeds, then its notes; "" before a run is evaluated."""
+    groups = evaluated(root, args)
     if not groups:
         return ""
     first, every = next(iter(groups.values()))[0], [r for rs in groups.values() for r in rs]
@@ -206,30 +200,47 @@ def table(root: Path, args) -> str:
     ]
     # the main rows in --losses order, then the ratio sweep in increasing ratio
     for (loss, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0)):
-        strong = [r["extra"] for r in rs if r["extra"] is not None]
-        partial = "" if len(strong) == len(rs) else f" ({len(strong)} of {len(rs)} seeds)"
-        cells = [
-            loss,
-            (f"{STUDY_RATIO:g}" if "sovr" in loss else "-") if ratio is None else f"{ratio:g}",
-            str(len(rs)),
-            fmt([r["clean"] for r in rs], TEST_POINTS),
-            fmt([r["pgd"] for r in rs], TEST_POINTS),
-            fmt([r["aa"] for r in rs], rs[0]["n_aa"]),
-        ]
-        cells += [fmt(strong, TEST_POINTS) + partial if strong else "-"] if extra else []
-        cells += [
-            f"{100 * statistics.mean(r['pgd'] - r['worst'] for r in rs):.1f}",
-            f"{statistics.mean(r['margin30'] for r in rs):.2f}",
-            f"{statistics.mean(r['margin'] for r in rs):.2f}",
-            f"{statistics.mean(r['robust_margin'] for r in rs):.2f}",
-            f"{100 * statistics.mean(r['near0'] for r in rs):.0f}%",
-            str(rs[0]["epochs"]),
-            f"{sum(r['hours'] for r in rs):.2f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells(loss, ratio, rs, bool(extra))) + " |")
     notes = [f"Robust accuracy: {aa_run.attack_label(first['aa_settings'], threat=True)}."]
     notes += [PGD_SOURCE] + [OLD_MARGINS] * any(r["old_margins"] for r in every)
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def evaluated(root: Path, args) -> dict:
+    """The figures of each finished and evaluated run, grouped by (loss, ratio)."""
+    groups: dict = {}
+    for r in runs(args):
+        if runlog.final(str(root / name(r))):
+            try:
+                found = row(root / name(r), args)
+            except AttributeError:
+                continue  # trained, not yet evaluated
+            groups.setdefault((r["loss"], r["ratio"]), []).append(found)
+    return groups
+
+
+def cells(loss: str, ratio: float | None, rs: list[dict], extra: bool) -> list[str]:
+    """The table's cells of one (loss, ratio) over its seeds `rs`; extra: the --extra-aa column is there."""
+    strong = [r["extra"] for r in rs if r["extra"] is not None]
+    partial = "" if len(strong) == len(rs) else f" ({len(strong)} of {len(rs)} seeds)"
+    out = [
+        loss,
+        (f"{STUDY_RATIO:g}" if "sovr" in loss else "-") if ratio is None else f"{ratio:g}",
+        str(len(rs)),
+        fmt([r["clean"] for r in rs], TEST_POINTS),
+        fmt([r["pgd"] for r in rs], TEST_POINTS),
+        fmt([r["aa"] for r in rs], rs[0]["n_aa"]),
+    ]
+    out += [fmt(strong, TEST_POINTS) + partial if strong else "-"] if extra else []
+    return out + [
+        f"{100 * statistics.mean(r['pgd'] - r['worst'] for r in rs):.1f}",
+        f"{statistics.mean(r['margin30'] for r in rs):.2f}",
+        f"{statistics.mean(r['margin'] for r in rs):.2f}",
+        f"{statistics.mean(r['robust_margin'] for r in rs):.2f}",
+        f"{100 * statistics.mean(r['near0'] for r in rs):.0f}%",
+        str(rs[0]["epochs"]),
+        f"{sum(r['hours'] for r in rs):.2f}",
+    ]
 
 
 def extra_label(every: list[dict], args) -> str:

@@ -140,3 +140,16 @@ def test_the_root_holds_the_card_and_what_it_imports():
         }
     assert {p.name for p in REPO.glob("*.py")} - card - imported == set()
     assert not list(REPO.glob("conftest.py")) and len(list((REPO / "tests").glob("test_*.py"))) > 10
+
+
+def test_no_function_outside_tests_is_over_40_lines():
+    """Every function of the project's own code (the root, results/, .ci/) fits on a screen: 40 lines at most,
+    from its def line to its last, the defs nested in it included."""
+    files = [*REPO.glob("*.py"), *(REPO / "results").rglob("*.py"), *(REPO / ".ci").glob("*.py")]
+    long = [
+        f"{p.relative_to(REPO)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+        for p in sorted(files)
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 40
+    ]
+    assert not long, "functions over 40 lines: " + ", ".join(long)
