@@ -224,7 +224,9 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, args, tick=None) -> tuple[
     over ranks, in batches of --eval-batch; tick(n) after each batch of n points."""
     PHASE[0] = "eval"
     eps, step = args.eps / 255, args.step / 255
-    return losses.pgd_accuracy(model, x, y, eps, step, args.eval_steps, args.seed, args.eval_batch, tick, args.norm)
+    return losses.pgd_accuracy(
+        model, x, y, eps, step, args.eval_steps, args.seed, args.eval_batch, tick=tick, norm=args.norm
+    )
 
 
 def validate(model, atk, ema, x_val, y_val, args, world: int, epoch: int, stats, lr: float, t0: float) -> dict:

@@ -392,6 +392,7 @@ def test_an_empty_shard_gives_empty_logits() -> None:
 
 SHARDS = """
 import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])  # tests/, where test_losses is
 import losses, test_losses
 dist.init_process_group("gloo")
 x, y = test_losses.data(b=int(sys.argv[1]))
@@ -409,7 +410,16 @@ def test_more_processes_than_points(tmp_path: Path) -> None:
     outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in outer}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=child_pythonpath())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "shards.py", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=3",
+        "shards.py",
+        "2",
+        str(Path(__file__).parent),
+    ]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     x, y = data(b=2)

@@ -22,13 +22,13 @@ import compare  # noqa: E402
 
 def _executor(cluster, folder: Path) -> "submitit.AutoExecutor":
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    # chdir: the job unpickles this module's classes by reference, so it imports them from here.
+    # chdir: the job unpickles this module's classes by reference, so it imports them from its folder.
     executor.update_parameters(
         slurm_partition=cluster.partition,
         timeout_min=10,
         cpus_per_task=1,
         mem_gb=1,
-        slurm_additional_parameters={"chdir": str(HERE)},
+        slurm_additional_parameters={"chdir": str(Path(__file__).resolve().parent)},
     )
     return executor
 
