@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         png = args.plot or os.path.join(args.out or os.path.dirname(args.checkpoints[0]) or ".", png)
         if args.margins or args.sweep:
             writable(os.path.dirname(png) or ".", "the plot", "--plot")
+            if len(norms := sorted({e["settings"]["norm"] for e in todo})) > 1:  # one picture has one radius axis
+                raise ValueError(f"the checkpoints were trained under {' and '.join(norms)}: give --norm and --eps")
         os.makedirs(args.out or ".", exist_ok=True)
         results = []
         for p, e in zip(args.checkpoints, todo):

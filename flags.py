@@ -122,7 +122,7 @@ TRAIN = [
     F("--momentum", float, 0.9, "[0, 1)", "SGD momentum (default %(default)s)"),
     F("--wd", float, 5e-4, ">= 0", "weight decay (default %(default)s)"),
     F("--batch", int, 128, ">= 1", "global batch size (default %(default)s)"),
-    F("--eps", radius, None, (">= 0", UNITS, "<= 255 (it is in 1/255 units)"), "radius of the --norm ball in 1/255 "
+    F("--eps", radius, None, (">= 0", UNITS), "radius of the --norm ball in 1/255 "
       f"units: 8 or 8/255, not 0.031 (default by --norm and dataset: {by_recipe('eps')})"),
     F("--step", radius, None, (">= 0", UNITS), "PGD step in 1/255 units (default by --norm and dataset: "
       f"{by_recipe('step')})"),
@@ -173,7 +173,8 @@ TRAIN = [
     F("--smoke", ON, False, "", f"defaults for a seconds-long CPU check: {SMOKE}"),
 ]
 # fmt: on
-TRAIN_WITH = [("aux_fraction", "aux_data", "given", "")]
+LINF_EPS = ("norm=Linf", "eps", "<= 255", "the whole pixel range")  # --norm Linf (attack.py: a checkpoint's, threat())
+TRAIN_WITH = [LINF_EPS, ("aux_fraction", "aux_data", "given", "")]
 
 # The objective flags each loss reads (the others are refused: they would do nothing), and their tags in run names.
 READS = {
@@ -281,7 +282,6 @@ ATTACK = [
       f"are, as TRADES' and MART's networks take them), {', '.join(models.STATS)}, or MEAN/STD, e.g. "
       "0.5,0.5,0.5/0.25,0.25,0.25 (default: the file's own mean and std where it holds them, else none)"),
 ]
-LINF_EPS = ("norm=Linf", "eps", "<= 255", "the whole pixel range")  # --norm Linf here; a checkpoint's in threat()
 ATTACK_WITH = [
     LINF_EPS,
     ("plot", "margins|sweep", "given", "it draws their figure; or drop --plot"),

@@ -121,7 +121,7 @@ def table(grid: dict, out: Path, found: list[dict]) -> str:
             lines.append(f"| {pre} - ce, paired | {n} | " + " | ".join(cells) + " |" + " |" * 8)
     lines += warned(found)
     runlog.write(str(out / "table.md"), "\n".join(lines) + "\n")
-    figures(out, groups, aa_run.attack_label(attacked(grid, found), " accuracy %"))
+    figures(out, groups, aa_run.attack_label(attacked(grid, found), " accuracy %", threat=True))
     return "\n".join(lines)
 
 

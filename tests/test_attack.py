@@ -412,7 +412,7 @@ def test_model_card_has_what_robustbench_asks(ckpt: Path, few_steps) -> None:
         architecture="wrn16 width 1",
         params=sum(p.numel() for p in model.parameters()),
         training_loss="sovr",
-        eps_training="8/255",
+        eps_training="Linf 8/255",
     )
 
 
@@ -558,6 +558,16 @@ def test_sweep_plot_draws_a_line_per_checkpoint_at_its_own_radii() -> None:
 def test_sweep_verdict_names_what_failed_and_by_how_much(acc: list, pgd: dict, says: str) -> None:
     holds, verdict = masking.sweep_verdict(dict(zip(["8/255", "16/255", "64/255"], acc)), pgd)
     assert verdict.startswith(f"sweep: {says}") and holds == says.startswith("holds"), verdict
+
+
+def test_one_picture_takes_one_norm(ckpt: Path, tmp_path: Path, capsys) -> None:
+    """--margins (and --sweep) of checkpoints trained under different norms draws no picture of mixed radii: refused
+    in one line before any attack, unless --norm and --eps put them under one."""
+    l2 = tmp_path / "l2.pt"
+    torch.save({**torch.load(ckpt, weights_only=True), "norm": "L2"}, l2)
+    argv = [ckpt, l2, "--margins", "--points", "4", "--out", tmp_path, "--device", "cpu"]
+    expect_error(capsys, argv, "the checkpoints were trained under L2 and Linf: give --norm and --eps")
+    assert not list(tmp_path.glob("*.json"))
 
 
 def test_the_sweeps_pgd_pair_attacks_in_the_evaluations_norm(monkeypatch) -> None:

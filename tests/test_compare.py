@@ -89,7 +89,10 @@ def test_grid_end_to_end_writes_table_and_figures(grid: Path, here, monkeypatch)
     drawn = []
     monkeypatch.setattr(plt, "close", drawn.append)
     here(grid, "--table", "--out", "a")  # the same table again, its figures kept to look at
-    assert [f.axes[0].get_ylabel() for f in drawn] == ["APGD-CE accuracy % (n=8, standard's settings)", "points"]
+    assert [f.axes[0].get_ylabel() for f in drawn] == [
+        "APGD-CE accuracy % (Linf 8/255, n=8, standard's settings)",
+        "points",
+    ]
     assert all(float(t).is_integer() for ax in drawn[1].axes for t in ax.get_yticks())  # points counted whole
 
 
@@ -489,7 +492,7 @@ def test_a_table_of_apgd_ce_results_says_apgd_ce_not_autoattack(tmp_path: Path, 
     assert f"{label}: APGD-CE alone, not AutoAttack (standard AutoAttack runs APGD-CE, APGD-T, FAB-T, Square)." in md
     assert "AA" not in md and "| **sovr** | 1 of 1 | 50.0 | 25.0 | 0.0 |" in md
     assert [r["attacks"] for r in table_rows(tmp_path)] == ["APGD-CE (n=4, standard's settings)"] * 2
-    assert drawn[0].axes[0].get_ylabel() == "APGD-CE accuracy % (n=4, standard's settings)"
+    assert drawn[0].axes[0].get_ylabel() == "APGD-CE accuracy % (Linf 8/255, n=4, standard's settings)"
 
 
 FAKE_ATTACK = """import json, sys

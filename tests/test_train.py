@@ -302,7 +302,7 @@ def expect_error(capsys, argv: list, match: str) -> None:
         (["--ema", "1.5"], "--ema must lie in (0, 1), got 1.5"),
         (["--device", "cuda:7"], "no such CUDA device"),
         (["--stop-after", "-1"], "--stop-after must be >= 0"),
-        (["--eps", "256"], "--eps must be <= 255 (it is in 1/255 units), got 256"),
+        (["--eps", "256"], "--eps must be <= 255 with --norm Linf (the whole pixel range), got 256"),
         (["--momentum", "1"], "--momentum must lie in [0, 1), got 1.0"),
         (["--momentum", "-0.1"], "--momentum must lie in [0, 1), got -0.1"),
         (["--loss", "trades", "--beta", "-1"], "--beta must be >= 0, got -1"),
@@ -480,6 +480,7 @@ def test_the_recipe_fills_what_the_command_line_leaves_out() -> None:
     assert f"\n{policy.recipe(a)}" in train.describe(a, 256, 64, None, 0, 1, torch.device("cpu"), False)
     a = get("--norm", "L2", "--eps", "64", "--lr", "0.05")  # given: they win, and the header leaves them out
     assert (a.eps, a.step, a.lr) == (64, 15, 0.05) and policy.recipe(a) == f"{L2_RECIPE}: step 15/255"
+    assert get("--norm", "L2", "--eps", "383").eps == 383  # an L2 radius of 1.5: the pixel range bounds L-inf's alone
     a = get()
     assert (a.eps, a.step, a.lr) == (8, 2, 0.1) and policy.recipe(a).startswith("recipe: Linf (Bag of Tricks")
     svhn = lambda norm: policy.fill(argparse.Namespace(**{**policy.DEFAULTS, "dataset": "svhn", "norm": norm}))  # noqa: E731
