@@ -210,9 +210,8 @@ def model_card(ckpt: dict, model, res: dict, eps: float, args) -> dict:
         architecture=ckpt["arch"] + (f" width {ckpt['width']}" if ckpt.get("width") else ""),
         params=sum(p.numel() for p in model.parameters()),
         training_loss=s["objective"],
-        eps_training=None
-        if ckpt["eps"] is None
-        else f"{ckpt.get('norm') or 'Linf'} {ckpt['eps']}/255",  # a state_dict has none
+        # a state_dict has none; models.read gives every train.py checkpoint its norm (L-inf before --norm)
+        eps_training=None if ckpt["eps"] is None else f"{ckpt['norm']} {ckpt['eps']}/255",
     )
 
 

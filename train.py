@@ -333,6 +333,7 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
     never takes effect)."""
     late = ",".join(str(m) for m in args.milestones if m >= args.epochs)
     never = args.loss in ("mail", "gairat") and args.burn_in >= args.epochs
+    recipe = flags.recipe(args)  # "" where every value of it was given otherwise
     origin = f", resumed after epoch {start}" if start else ""
     origin += f", starting from the weights of {args.init}" if args.init and not start else ""
     share = f"{args.aux_fraction:g} of each batch, on {aux[0].device}" if aux else ""
@@ -345,7 +346,7 @@ def describe(args, n_train: int, n_val: int, aux: tuple | None, start: int, worl
             + f", {n_train // args.batch} steps/epoch, global batch {args.batch} = {world} x {args.batch // world}, "
             f"{schedule(args)}, {args.norm} eps {args.eps}/255, device {device}, "
             f"{'bf16 autocast' if amp else 'fp32'} training, {losses.precision(device)} evaluation",
-            *[flags.recipe(args)] * bool(flags.recipe(args)),
+            *[recipe] * bool(recipe),
             *["note: this GPU has no bf16 tensor cores (it is older than Ampere): fp32 training; --amp forces bf16 "
               "autocast"] * (device.type == "cuda" and args.amp is None and not amp),
             *[f"note: the lr drops after epochs {late} (--milestones) never happen in --epochs {args.epochs}"] * (
